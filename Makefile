@@ -1,0 +1,63 @@
+# lmforge: two commands on a fresh machine — `make quickstart` and `make test`.
+# Each target creates or updates .venv itself; nothing needs installing by hand.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+# Which torch build to install. The default is the CPU build where the local index has one
+# (a CPU-only machine must not pull a multi-GB CUDA build). On a GPU machine choose, e.g.:
+#   make setup TORCH_SPEC='torch==2.13.0' TORCH_INDEX_URL=<the PyTorch wheel index for your CUDA>
+TORCH_SPEC      ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+PYTEST_ARGS     ?=
+
+.PHONY: help setup dev quickstart test test-fast lint format docs bench clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/bin/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "lmforge needs Python >= 3.11, found " + sys.version.split()[0]'
+	$(PYTHON) -m venv $(VENV)
+
+# The stamp files re-run the install whenever pyproject.toml changes.
+$(VENV)/.torch: | $(VENV)/bin/python
+	$(PIP) install $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
+	@touch $@
+
+$(VENV)/.runtime: pyproject.toml $(VENV)/.torch
+	$(PIP) install -e .
+	@touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.runtime
+	$(PIP) install -e ".[dev]"
+	@touch $@
+
+setup: $(VENV)/.runtime  ## create .venv and install lmforge
+
+dev: $(VENV)/.dev  ## setup plus the dev tools (pytest, ruff)
+
+quickstart: $(VENV)/.runtime  ## run the built-in end-to-end pipeline on an embedded local Ray
+	$(VENV)/bin/lmforge quickstart
+
+test: $(VENV)/.dev  ## the whole suite (what CI runs): lint, then every test a CPU machine can run
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.dev  ## quick edit-test loop: no slow or Ray-cluster tests
+	$(PY) -m pytest -m "not slow and not ray" -x -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev  ## ruff
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.dev
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+docs: $(VENV)/.runtime  ## regenerate docs/config-reference.md from the config field descriptions
+	$(VENV)/bin/lmforge config reference --out docs/config-reference.md
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,107 @@
+"""The `lmforge` command. Subcommands import their module only when run, so `--help` is instant."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import NamedTuple
+
+
+class Command(NamedTuple):
+    target: str  # "module:function(argv, prog) -> int", or "stage:<name>" for a stage command
+    help: str
+
+
+# Each later issue adds its command here: one line of help, one lazily imported target.
+COMMANDS: dict[str, Command] = {
+    "quickstart": Command(
+        "lmforge.pipeline:quickstart_command",
+        "run the built-in end-to-end pipeline on an embedded local Ray",
+    ),
+    "init": Command(
+        "lmforge.scaffold:init_command",
+        "write a ready pipeline and one config per stage for a new model project",
+    ),
+    "pipeline": Command(
+        "lmforge.pipeline:pipeline_command",
+        "run (or plan) a pipeline of stages, skipping finished ones",
+    ),
+    "check": Command(
+        "stage:check",
+        "check a Ray cluster and its storage before spending (nodes, CPUs, GPUs, probes)",
+    ),
+    "submit": Command(
+        "lmforge.cluster:submit_command",
+        "submit a stage to a Ray cluster as a Ray job and follow it",
+    ),
+    "cluster": Command(
+        "lmforge.cluster:cluster_command",
+        "start, inspect or stop a local Ray head (up / status / down)",
+    ),
+    "config": Command(
+        "lmforge.config_command:config_command",
+        "show a stage's resolved config, or write the config reference",
+    ),
+}
+
+
+def usage() -> str:
+    from lmforge import __version__
+
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {cmd.help}" for name, cmd in COMMANDS.items())
+    return (
+        f"usage: lmforge [--version] <command> [args]\n\n"
+        f"lmforge {__version__}: build a language model end to end on Ray.\n\n"
+        f"commands:\n{rows}\n\n"
+        "Run `lmforge <command> --help` for a command's options and config fields.\n"
+        "Ray address: --address or RAY_ADDRESS; none means an embedded local Ray.\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage(), end="")
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from lmforge import __version__
+
+        print(f"lmforge {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(
+            f"lmforge: error: unknown command '{name}'{hint}; `lmforge --help` lists them",
+            file=sys.stderr,
+        )
+        return 2
+    return run_command(name, rest)
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    from lmforge import LmforgeError
+
+    target = COMMANDS[name].target
+    prog = f"lmforge {name}"
+    try:
+        if target.startswith("stage:"):
+            from lmforge.stage import stage_main
+
+            return stage_main(target.split(":", 1)[1], argv, prog)
+        module, _, func = target.partition(":")
+        return getattr(importlib.import_module(module), func)(argv, prog)
+    except LmforgeError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

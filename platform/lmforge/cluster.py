@@ -1,0 +1,462 @@
+"""Local Ray clusters (up / status / down), connecting drivers, and submitting stages as Ray jobs.
+
+`lmforge cluster up` starts a Ray head on this machine with token authentication on
+(`RAY_AUTH_MODE=token`) and the dashboard bound to 127.0.0.1, and records it in
+`$LMFORGE_HOME/cluster.json` (default `~/.lmforge`). `lmforge submit` sends a stage's
+`jobs/<stage>.py` to any Ray cluster through the Ray Jobs SDK, streams its logs and exits with
+the job's status: exactly what `ray job submit` or a KubeRay RayJob runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lmforge import LmforgeError, StageFailed
+
+DEFAULT_GCS_PORT = 6379
+DEFAULT_DASHBOARD_PORT = 8265
+SUBMIT_EXCLUDES = [
+    ".venv",
+    "runs",
+    ".git",
+    "**/__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+]
+
+
+def lmforge_home() -> Path:
+    return Path(os.environ.get("LMFORGE_HOME", Path.home() / ".lmforge"))
+
+
+def token_path() -> Path:
+    """Where Ray reads the cluster token from (RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token)."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+
+
+def ensure_token() -> str:
+    """The Ray auth token: RAY_AUTH_TOKEN, else the token file, generated (mode 0600) if missing."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"]
+    path = token_path()
+    if path.exists() and path.read_text().strip():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(32)  # the same 256-bit form as `ray get-auth-token --generate`
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    print(f"generated a Ray auth token in {path}", flush=True)
+    return token
+
+
+@dataclass
+class LocalCluster:
+    address: str  # GCS address, host:port
+    dashboard_url: str
+    temp_dir: str
+    token_path: str
+    num_cpus: float | None
+
+    @staticmethod
+    def state_file() -> Path:
+        return lmforge_home() / "cluster.json"
+
+    @classmethod
+    def load(cls) -> LocalCluster | None:
+        try:
+            return cls(**json.loads(cls.state_file().read_text()))
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return None
+
+    def save(self) -> None:
+        self.state_file().parent.mkdir(parents=True, exist_ok=True)
+        self.state_file().write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    def is_alive(self) -> bool:
+        return (
+            dashboard_get(self.dashboard_url, "/api/version", token=read_token(self.token_path))
+            is not None
+        )
+
+
+def read_token(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def dashboard_get(url: str, route: str, token: str | None, timeout: float = 3.0) -> dict | None:
+    """GET a dashboard JSON route with the bearer token; None when nothing answers."""
+    request = urllib.request.Request(url.rstrip("/") + route)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read() or b"{}")
+    except (urllib.error.URLError, OSError, json.JSONDecodeError):
+        return None
+
+
+def _ray_env(token_file: str) -> dict[str, str]:
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=token_file,
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def up(
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    port: int = DEFAULT_GCS_PORT,
+    dashboard_port: int = DEFAULT_DASHBOARD_PORT,
+    temp_dir: str | None = None,
+) -> LocalCluster:
+    """Start a local Ray head with token auth, or return the one already running."""
+    current = LocalCluster.load()
+    if current and current.is_alive():
+        print(
+            f"a local Ray head is already running at {current.address} (dashboard {current.dashboard_url})"
+        )
+        _print_how_to_use(current)
+        return current
+    ensure_token()
+    tokfile = str(token_path())
+    # Ray's Unix sockets live under the temp dir, whose path must stay short (~107 bytes).
+    temp_dir = temp_dir or os.path.join(tempfile.gettempdir(), f"lmforge-ray-{os.getuid()}")
+    cmd = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--head",
+        f"--port={port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        "--include-dashboard=true",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus:g}")
+    if num_gpus is not None:
+        cmd.append(f"--num-gpus={num_gpus:g}")
+    proc = subprocess.run(cmd, env=_ray_env(tokfile), capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise LmforgeError(
+            f"`ray start --head` failed (exit {proc.returncode}): {tail[0]}; is port {port} or {dashboard_port} in use? Try --port / --dashboard-port"
+        )
+    cluster = LocalCluster(
+        f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", temp_dir, tokfile, num_cpus
+    )
+    deadline = time.monotonic() + 60
+    while not cluster.is_alive():
+        if time.monotonic() > deadline:
+            raise LmforgeError(
+                f"the Ray head started but its dashboard at {cluster.dashboard_url} did not answer within 60s; logs: {temp_dir}/session_latest/logs"
+            )
+        time.sleep(0.5)
+    cluster.save()
+    print(
+        f"started a local Ray head (token auth on)\n  address:   {cluster.address}\n  dashboard: {cluster.dashboard_url}"
+    )
+    _print_how_to_use(cluster)
+    return cluster
+
+
+def _print_how_to_use(cluster: LocalCluster) -> None:
+    print(
+        "submit a stage:\n"
+        "  lmforge submit check -c CONFIG.yaml\n"
+        "or with Ray's own CLI:\n"
+        f"  export RAY_ADDRESS={cluster.dashboard_url} RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={cluster.token_path}\n"
+        "  ray job submit --working-dir . -- python jobs/check.py -c CONFIG.yaml"
+    )
+
+
+def status() -> int:
+    cluster = LocalCluster.load()
+    if cluster is None or not cluster.is_alive():
+        print("no local Ray head is running (start one with `lmforge cluster up`)")
+        return 1
+    nodes = (
+        dashboard_get(
+            cluster.dashboard_url, "/nodes?view=summary", token=read_token(cluster.token_path)
+        )
+        or {}
+    )
+    summary = (nodes.get("data") or {}).get("summary") or []
+    alive = [n for n in summary if (n.get("raylet") or {}).get("state") == "ALIVE"]
+    print(
+        f"local Ray head running\n  address:   {cluster.address}\n  dashboard: {cluster.dashboard_url}\n"
+        f"  nodes:     {len(alive)} alive\n  temp dir:  {cluster.temp_dir}"
+    )
+    return 0
+
+
+def down(timeout: float = 30.0) -> int:
+    """Stop the local head this tool started: only the Ray processes of its temp dir."""
+    cluster = LocalCluster.load()
+    if cluster is None:
+        print("no local Ray head is recorded; nothing to stop")
+        return 0
+    pids = _processes_using(cluster.temp_dir)
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while (left := [p for p in pids if _pid_alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        _signal(pid, signal.SIGKILL)
+    LocalCluster.state_file().unlink(missing_ok=True)
+    print(f"stopped the local Ray head at {cluster.address} ({len(pids)} processes)")
+    return 0
+
+
+def _processes_using(temp_dir: str) -> list[int]:
+    """PIDs whose command line mentions the cluster's temp dir: every process of that head."""
+    import psutil  # a Ray dependency
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info.get("cmdline") or [])
+        if temp_dir in cmdline and proc.info["pid"] != os.getpid():
+            found.append(proc.info["pid"])
+    return found
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _pid_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def connect(address: str | None = None) -> None:
+    """Connect this process to Ray: `address`, else RAY_ADDRESS, else start an embedded local Ray.
+
+    An embedded local Ray gets token auth too (Ray generates the token if none exists) and no
+    dashboard; inside a Ray job, RAY_ADDRESS points at the job's cluster.
+    """
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return
+    embedded = not (address or os.environ.get("RAY_ADDRESS"))
+    if embedded and os.environ.get("RAY_AUTH_MODE", "token") == "token":
+        # Ray reads the auth mode when it is imported and its processes need the token at
+        # start, so both are settled before `import ray`.
+        os.environ["RAY_AUTH_MODE"] = "token"
+        ensure_token()
+        if "ray" in sys.modules:
+            from ray._raylet import Config  # refresh a config read before the mode was set
+
+            Config.initialize("")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if embedded:
+        ray.init(include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(address=address or None, log_to_driver=True)
+
+
+# ---------------------------------------------------------------- job submission
+
+
+def submit(
+    stage_name: str,
+    config: str | None,
+    overrides: list[str],
+    address: str | None,
+    working_dir: str = ".",
+    wait: bool = True,
+) -> int:
+    """Submit `jobs/<stage>.py` as a Ray job; stream its logs; return 0 if it succeeded."""
+    from lmforge.config import load_config
+    from lmforge.stage import get_stage
+
+    stage = get_stage(stage_name)
+    wd = Path(working_dir).resolve()
+    entry = wd / stage.job_script
+    if not entry.exists():
+        raise LmforgeError(
+            f"{entry} not found: --working-dir must be an lmforge checkout or a project with {stage.job_script}"
+        )
+    load_config(stage.config_cls, config, overrides)  # validate before spending
+    args = [stage.job_script]
+    if config:
+        cfg_path = Path(config).resolve()
+        if not cfg_path.is_relative_to(wd):
+            raise LmforgeError(
+                f"config {config} is outside the working dir {wd} that is shipped to the cluster; move it under {wd} or pass --working-dir"
+            )
+        args += ["-c", str(cfg_path.relative_to(wd))]
+    for o in overrides:
+        args += ["--set", o]
+    entrypoint = "python " + shlex.join(args)
+    client = _job_client(address)
+    job_id = client.submit_job(
+        entrypoint=entrypoint, runtime_env={"working_dir": str(wd), "excludes": SUBMIT_EXCLUDES}
+    )
+    print(f"submitted job {job_id}: {entrypoint}", flush=True)
+    if not wait:
+        print(f"follow it with: ray job logs --follow {job_id}")
+        return 0
+    _stream_logs(client, job_id)
+    final = _wait_final(client, job_id)
+    info = client.get_job_info(job_id)
+    print(
+        f"job {job_id} {final}"
+        + (f": {info.message}" if final != "SUCCEEDED" and info.message else ""),
+        flush=True,
+    )
+    return 0 if final == "SUCCEEDED" else 1
+
+
+def _job_client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    local = LocalCluster.load()
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address and local and local.is_alive():
+        address = local.dashboard_url
+        os.environ.setdefault("RAY_AUTH_TOKEN_PATH", local.token_path)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if not address:
+        raise LmforgeError(
+            "no Ray cluster to submit to: pass --address URL, set RAY_ADDRESS, or start one with `lmforge cluster up`"
+        )
+    if local and address.rstrip("/") == local.dashboard_url:
+        os.environ.setdefault("RAY_AUTH_TOKEN_PATH", local.token_path)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # the SDK raises plain RuntimeError/ConnectionError with long texts
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = (
+            "; the cluster wants a token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token)"
+            if "401" in str(e) or "uthenticat" in str(e)
+            else ""
+        )
+        raise LmforgeError(f"cannot reach the Ray cluster at {address}: {first}{hint}") from None
+
+
+def _stream_logs(client, job_id: str) -> None:
+    import asyncio
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+
+
+def _wait_final(client, job_id: str, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED") or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def cluster_command(argv: list[str], prog: str) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Start, inspect and stop a local Ray head (token auth on, dashboard on 127.0.0.1).",
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    p_up = sub.add_parser("up", help="start a local Ray head (no-op if one is running)")
+    p_up.add_argument("--num-cpus", type=float, help="CPUs the head offers (default: all)")
+    p_up.add_argument("--num-gpus", type=float, help="GPUs the head offers (default: all detected)")
+    p_up.add_argument(
+        "--port", type=int, default=DEFAULT_GCS_PORT, help="GCS port (default %(default)s)"
+    )
+    p_up.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=DEFAULT_DASHBOARD_PORT,
+        help="dashboard / jobs API port (default %(default)s)",
+    )
+    p_up.add_argument(
+        "--temp-dir",
+        help="Ray's session and log dir (default: a short path under the system temp dir)",
+    )
+    sub.add_parser("status", help="show the local head's address, dashboard and nodes")
+    sub.add_parser("down", help="stop the local head started by `cluster up`")
+    args = parser.parse_args(argv)
+    if args.action == "up":
+        up(args.num_cpus, args.num_gpus, args.port, args.dashboard_port, args.temp_dir)
+        return 0
+    return status() if args.action == "status" else down()
+
+
+def submit_command(argv: list[str], prog: str) -> int:
+    import argparse
+
+    from lmforge.stage import add_config_arguments
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Submit a stage (jobs/<stage>.py) to a Ray cluster as a Ray job, stream its logs, and exit with its status. "
+        "Equivalent to: ray job submit --working-dir . -- python jobs/<stage>.py -c CONFIG",
+    )
+    parser.add_argument("stage", help="stage name, e.g. check")
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--address",
+        help="Ray dashboard URL (default: RAY_ADDRESS, else the `lmforge cluster up` head)",
+    )
+    parser.add_argument(
+        "--working-dir",
+        default=".",
+        help="directory shipped to the cluster (default: .; .venv, runs and .git are left out)",
+    )
+    parser.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="return after submitting instead of following the logs",
+    )
+    args = parser.parse_args(argv)
+    code = submit(
+        args.stage,
+        args.config,
+        args.overrides,
+        args.address,
+        args.working_dir,
+        wait=not args.no_wait,
+    )
+    if code != 0:
+        raise StageFailed(f"the {args.stage} job did not succeed (see its logs above)")
+    return 0

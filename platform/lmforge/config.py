@@ -1,0 +1,294 @@
+"""Strict configs: pydantic models loaded from YAML, `--set a.b=c` overrides, a stable hash.
+
+Every config in lmforge derives from `StrictModel`: an unknown or misspelled key is an error
+that names the key (with a suggestion), values are validated and keep their types, and every
+field carries a description that CLI help and docs/config-reference.md are generated from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from lmforge import ConfigError
+
+T = TypeVar("T", bound="StrictModel")
+
+# Fields whose value says where or how verbosely to run, not what to compute: they stay out of
+# the config hash, so moving the runs directory does not invalidate finished stages.
+NOT_HASHED = {"hash": False}
+
+
+class StrictModel(BaseModel):
+    """Base of every lmforge config: unknown keys are errors; assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML mapping from a local path or URI; a missing file or bad YAML is a ConfigError."""
+    from lmforge import storage
+
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of config keys at the top level, got {type(data).__name__}"
+        )
+    return data
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """Split `a.b=value` into its dotted key and raw value."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(
+            f"bad override {text!r}: expected KEY.PATH=VALUE, e.g. --set optim.lr=3e-4"
+        )
+    return key, value
+
+
+def apply_overrides(
+    cls: type[BaseModel], data: dict[str, Any], overrides: list[str]
+) -> dict[str, Any]:
+    """Return a copy of `data` with each `a.b=value` override applied.
+
+    The value is read as YAML (numbers, booleans, lists, mappings), except where the field is a
+    string, so `--set name=007` stays the string "007". Unknown keys are refused here, naming
+    the key, before any type checking.
+    """
+    data = json.loads(json.dumps(data, default=str)) if data else {}
+    for text in overrides:
+        key, raw = parse_override(text)
+        annotation = _field_annotation(cls, key)
+        value: Any = raw if _is_str_annotation(annotation) else _yaml_scalar(key, raw)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def build_config(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
+    """Validate `data` as `cls`; the first problem becomes a one-line ConfigError."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {format_validation_error(cls, e)}") from None
+
+
+def load_config(cls: type[T], path: str | None, overrides: list[str] | None = None) -> T:
+    """Load `cls` from a YAML file (or from defaults when `path` is None) plus overrides."""
+    data = read_yaml(path) if path else {}
+    data = apply_overrides(cls, data, list(overrides or []))
+    return build_config(cls, data, source=path or "config")
+
+
+def format_validation_error(cls: type[BaseModel], error: ValidationError) -> str:
+    errors = error.errors()
+    first = errors[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    more = (
+        f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        if len(errors) > 1
+        else ""
+    )
+    if first["type"] == "extra_forbidden":
+        hint = _suggest(cls, loc)
+        return f"unknown key '{loc}'{hint}{more}"
+    if first["type"] == "missing":
+        return f"missing required key '{loc}'{more}"
+    expected = _type_name(_field_annotation(cls, loc, strict=False))
+    got = first.get("input")
+    got_text = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+    exp_text = f"; expected {expected}" if expected else ""
+    return f"'{loc}': {first['msg']}{got_text}{exp_text}{more}"
+
+
+def _yaml_scalar(key: str, raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML") from None
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel inside an annotation like `Sub`, `Sub | None`, or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
+    return None
+
+
+def _field_annotation(cls: type[BaseModel], dotted: str, strict: bool = True) -> Any:
+    """The annotation of a dotted field path; an unknown key raises a ConfigError (if strict)."""
+    model: type[BaseModel] | None = cls
+    annotation: Any = None
+    for part in dotted.split("."):
+        if model is None:
+            # Inside a free-form dict (e.g. dict[str, Any]): no further type information.
+            return None
+        fields = model.model_fields
+        if part not in fields:
+            if not strict:
+                return None
+            raise ConfigError(f"unknown key '{dotted}'{_suggest(cls, dotted)}")
+        annotation = fields[part].annotation
+        model = _model_of(annotation)
+    return annotation
+
+
+def _is_str_annotation(annotation: Any) -> bool:
+    if annotation is str:
+        return True
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        return non_none == [str]
+    return False
+
+
+def _type_name(annotation: Any) -> str:
+    if annotation is None:
+        return ""
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _suggest(cls: type[BaseModel], dotted: str) -> str:
+    keys = [f.key for f in describe_fields(cls)]
+    close = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    parent = dotted.rpartition(".")[0]
+    siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]
+    return f"; valid keys here: {', '.join(siblings)}" if siblings else ""
+
+
+# ---------------------------------------------------------------- resolved config and hash
+
+
+def config_dict(cfg: BaseModel) -> dict[str, Any]:
+    """The resolved config as plain JSON-able data, every default filled in."""
+    return cfg.model_dump(mode="json")
+
+
+def config_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(config_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def config_hash(cfg: BaseModel, length: int = 12) -> str:
+    """sha256 of the canonical JSON of the config, fields marked NOT_HASHED left out.
+
+    Canonical: keys sorted, no whitespace, every default filled in, so the hash is the same
+    across runs and machines and changes with any value that changes what a stage computes.
+    """
+    data = _hashed_part(cfg)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:length]
+
+
+def _hashed_part(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        out = {}
+        for name, field in type(value).model_fields.items():
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            if extra.get("hash", True):
+                out[name] = _hashed_part(getattr(value, name))
+        return out
+    if isinstance(value, dict):
+        return {str(k): _hashed_part(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_hashed_part(v) for v in value]
+    return json.loads(json.dumps(value, default=str))
+
+
+# ---------------------------------------------------------------- documentation
+
+
+@dataclass(frozen=True)
+class FieldDoc:
+    key: str
+    type: str
+    default: str
+    description: str
+
+
+def describe_fields(cls: type[BaseModel], prefix: str = "") -> list[FieldDoc]:
+    """Every leaf field of a config, dotted, with type, default and description."""
+    docs: list[FieldDoc] = []
+    for name, field in cls.model_fields.items():
+        key = f"{prefix}{name}"
+        sub = _model_of(field.annotation)
+        if sub is not None:
+            docs.append(FieldDoc(key, sub.__name__, "", field.description or ""))
+            docs.extend(describe_fields(sub, prefix=f"{key}."))
+            continue
+        if field.is_required():
+            default = "(required)"
+        else:
+            value = field.get_default(call_default_factory=True)
+            default = json.dumps(
+                value.model_dump(mode="json") if isinstance(value, BaseModel) else value,
+                default=str,
+            )
+        docs.append(FieldDoc(key, _type_name(field.annotation), default, field.description or ""))
+    return docs
+
+
+def fields_help(cls: type[BaseModel]) -> str:
+    """The config fields as text for `--help`: one entry per field, from its description."""
+    lines = []
+    for doc in describe_fields(cls):
+        if doc.default == "" and doc.type[:1].isupper():
+            lines.append(f"  {doc.key}: {doc.description}")
+            continue
+        lines.append(f"  {doc.key} ({doc.type}, default {doc.default})")
+        if doc.description:
+            lines.append(f"      {doc.description}")
+    return "\n".join(lines)
+
+
+def fields_markdown(cls: type[BaseModel]) -> str:
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+    for doc in describe_fields(cls):
+        cells = [
+            f"`{doc.key}`",
+            f"`{doc.type}`",
+            f"`{doc.default}`" if doc.default else "",
+            doc.description,
+        ]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows)

@@ -1,0 +1,221 @@
+"""Stages: the unit of work that `lmforge <stage>`, `jobs/<stage>.py` and pipelines run.
+
+A stage is a config class plus a `run(cfg, ctx)` function. Running one always goes through
+`run_stage`: resolve and print the config, hash it, put the hash in the output path, skip the
+stage when that output is already complete, write `resolved_config.yaml`, run, and write the
+`_SUCCESS` marker last. So a rerun of a finished stage is a no-op and a RayJob retry is safe.
+
+Stages are looked up by name in `STAGES` (imported lazily), or given as `module:attribute`
+for stages that live outside lmforge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import Field
+
+from lmforge import ConfigError, LmforgeError, storage
+from lmforge.config import (
+    NOT_HASHED,
+    StrictModel,
+    config_hash,
+    config_yaml,
+    fields_help,
+    load_config,
+)
+
+# name -> "module:attribute" of its Stage; each stage issue adds its line.
+STAGES: dict[str, str] = {
+    "check": "lmforge.check:STAGE",
+}
+
+# The stages of a model project in order: `lmforge init` writes one config each.
+DEFAULT_PIPELINE: list[str] = ["check"]
+
+RESOLVED_CONFIG = "resolved_config.yaml"
+
+
+class StageConfig(StrictModel):
+    """Fields every stage config has."""
+
+    name: str = Field(
+        "default",
+        description="Run name. The output goes to <runs_dir>/<stage>/<name>-<config hash>.",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+    )
+    runs_dir: str = Field(
+        "runs",
+        description="Root of all outputs: a local path or a URI (s3://, gs://, file://). Not part of the config hash.",
+        json_schema_extra=NOT_HASHED,
+    )
+
+
+@dataclass(frozen=True)
+class StageContext:
+    output: str  # this run's output directory (path or URI)
+    address: str | None  # Ray address, None for RAY_ADDRESS or an embedded local Ray
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config_cls: type[StageConfig]
+    run: Callable[[Any, StageContext], dict[str, Any] | None]
+    help: str
+    # Dotted config key that a pipeline fills with the previous stage's output directory.
+    input_field: str | None = None
+    uses_ray: bool = True
+    # False for stages whose value is the state of the world now (e.g. a cluster check).
+    cacheable: bool = True
+    # `lmforge init` calls this with the preset name for the config it writes.
+    scaffold: Callable[[str], dict[str, Any]] | None = None
+    # The RayJob entry point is jobs/<job>.py (default: the stage name).
+    job: str | None = None
+
+    @property
+    def job_script(self) -> str:
+        return f"jobs/{self.job or self.name}.py"
+
+
+@dataclass
+class StageResult:
+    stage: str
+    output: str
+    status: str  # "ran" or "skipped"
+    seconds: float = 0.0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def get_stage(name: str) -> Stage:
+    """A registered stage by name, or any Stage object given as `module:attribute`."""
+    target = STAGES.get(name, name if ":" in name else None)
+    if target is None:
+        raise ConfigError(
+            f"unknown stage '{name}'; known stages: {', '.join(STAGES)} (or give module:attribute)"
+        )
+    module_name, _, attr = target.partition(":")
+    try:
+        stage = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"cannot load stage '{name}' from {target}: {e}") from None
+    if not isinstance(stage, Stage):
+        raise ConfigError(f"{target} is a {type(stage).__name__}, not an lmforge Stage")
+    return stage
+
+
+def output_dir(stage: Stage, cfg: StageConfig) -> str:
+    return storage.join(cfg.runs_dir, stage.name, f"{cfg.name}-{config_hash(cfg)}")
+
+
+def run_stage(
+    stage: Stage,
+    cfg: StageConfig,
+    address: str | None = None,
+    force: bool = False,
+    quiet: bool = False,
+) -> StageResult:
+    """Run one stage end to end (see the module docstring); returns what happened."""
+    out = output_dir(stage, cfg)
+    if stage.cacheable and not force and storage.is_complete(out):
+        if not quiet:
+            print(f"[{stage.name}] output is complete, skipping: {out}", flush=True)
+        return StageResult(stage.name, out, "skipped")
+    if not quiet:
+        print(f"[{stage.name}] resolved config (hash {config_hash(cfg)}):", flush=True)
+        print("  " + config_yaml(cfg).rstrip().replace("\n", "\n  "), flush=True)
+        print(f"[{stage.name}] output: {out}", flush=True)
+    storage.makedirs(out)
+    storage.remove(storage.join(out, storage.SUCCESS))  # a forced rerun is incomplete until it ends
+    storage.write_text(storage.join(out, RESOLVED_CONFIG), config_yaml(cfg))
+    if stage.uses_ray:
+        from lmforge.cluster import connect
+
+        connect(address)
+    start = time.perf_counter()
+    summary = stage.run(cfg, StageContext(output=out, address=address)) or {}
+    seconds = time.perf_counter() - start
+    storage.mark_success(
+        out,
+        {
+            "stage": stage.name,
+            "config_hash": config_hash(cfg),
+            "seconds": round(seconds, 3),
+            "summary": summary,
+        },
+    )
+    if not quiet:
+        print(f"[{stage.name}] done in {seconds:.1f}s: {out}", flush=True)
+    return StageResult(stage.name, out, "ran", seconds, summary)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="CONFIG.yaml",
+        help="YAML config (path or URI); defaults apply where omitted",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override one config value (repeatable), e.g. --set optim.lr=3e-4",
+    )
+
+
+def stage_parser(stage: Stage, prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=stage.help,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config fields (in the YAML file, or with --set KEY=VALUE):\n"
+        + fields_help(stage.config_cls),
+    )
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="run even if the output is already complete"
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config and output path, then exit",
+    )
+    return parser
+
+
+def stage_main(name: str, argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`lmforge <stage>` and `python jobs/<stage>.py`: parse, validate, run."""
+    stage = get_stage(name)
+    args = stage_parser(stage, prog or f"lmforge {name}").parse_args(argv)
+    cfg = load_config(stage.config_cls, args.config, args.overrides)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        print(f"# config hash: {config_hash(cfg)}\n# output: {output_dir(stage, cfg)}")
+        return 0
+    run_stage(stage, cfg, address=args.address, force=args.force)
+    return 0
+
+
+def job_main(name: str) -> None:
+    """Entry point of `jobs/<stage>.py`: user errors are one line on stderr, not a traceback."""
+    try:
+        code = stage_main(name, sys.argv[1:], prog=sys.argv[0])
+    except LmforgeError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        code = e.exit_code
+    sys.exit(code)

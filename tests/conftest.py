@@ -1,0 +1,57 @@
+"""Shared fixtures. Tests never touch the user's ~/.ray or ~/.lmforge: both are redirected to a
+temp dir for the whole session, before Ray is imported anywhere."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="lmforge-tests-"))
+os.environ["LMFORGE_HOME"] = str(_SESSION_HOME / "lmforge-home")
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(_SESSION_HOME / "ray_auth_token")
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ.pop("RAY_ADDRESS", None)
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded local Ray (token auth on) for every test that needs Ray in-process."""
+    from lmforge.cluster import ensure_token
+
+    ensure_token()
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=500 * 2**20,
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the lmforge CLI in-process: returns (exit code, stdout, stderr)."""
+    from lmforge.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
