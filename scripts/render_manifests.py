@@ -1,0 +1,119 @@
+"""Render manifests/ (plain YAML for `kubectl apply`) from the Helm chart: `make manifests`.
+
+`helm template` with helm/lmforge/ci/manifests.yaml, split into one file per stage
+(`rayjob.<stage>.yaml`: the stage's config ConfigMap and its RayJob) plus `base.yaml` (what
+every stage shares: ServiceAccount, NetworkPolicy, storage claim). Helm's bookkeeping labels
+and `# Source:` lines are dropped; the templates' comments stay. tests/k8s fails when the files
+differ from a fresh render, so edit the chart and re-render, never the files.
+
+    python scripts/render_manifests.py [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+CHART = REPO / "helm" / "lmforge"
+VALUES = CHART / "ci" / "manifests.yaml"
+OUT = REPO / "manifests"
+RELEASE = "lmforge"
+# Lines that only make sense for a Helm release.
+HELM_ONLY = re.compile(
+    r"^\s*(helm\.sh/chart|app\.kubernetes\.io/managed-by): .*\n|^# Source: .*\n", re.M
+)
+
+HEADER = """\
+# {title}
+# Rendered from the Helm chart helm/lmforge by `make manifests` (values: helm/lmforge/ci/manifests.yaml).
+# Do not edit: change the chart or its values and re-render (tests/k8s checks these files match).
+# Needs the KubeRay operator v1.7 and, once per namespace, the Ray token Secret:
+#   kubectl create secret generic lmforge-ray-auth --from-literal=auth_token="$(openssl rand -hex 32)"
+#   kubectl apply -f manifests/base.yaml
+{usage}"""
+
+
+def helm_binary() -> str:
+    local = Path(sys.prefix) / "bin" / "helm"
+    found = str(local) if local.exists() else shutil.which("helm")
+    if not found:
+        raise SystemExit(
+            "helm not found: run `python scripts/install_k8s_tools.py` (or `make dev`)"
+        )
+    return found
+
+
+def helm_template(values: Path = VALUES) -> str:
+    cmd = [helm_binary(), "template", RELEASE, str(CHART), "-f", str(values)]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+def render(values: Path = VALUES) -> dict[str, str]:
+    """File name -> text of every file manifests/ should hold."""
+    groups: dict[str, list[str]] = {}
+    for chunk in helm_template(values).split("\n---\n"):
+        chunk = HELM_ONLY.sub("", chunk.removeprefix("---\n")).strip("\n")
+        doc = yaml.safe_load(chunk)
+        if not doc:
+            continue
+        stage = (doc["metadata"].get("labels") or {}).get("lmforge.dev/stage")
+        name = f"rayjob.{stage}.yaml" if stage else "base.yaml"
+        groups.setdefault(name, []).append(chunk + "\n")
+    files = {}
+    for name, chunks in sorted(groups.items()):
+        if name == "base.yaml":
+            title = "What every lmforge stage shares: ServiceAccount, NetworkPolicy, storage."
+            usage = ""
+        else:
+            stage = name.split(".")[1]
+            title = f"The {stage} stage: its job config (ConfigMap) and its RayJob."
+            usage = (
+                f"#   kubectl apply -f manifests/{name}\n"
+                f"#   kubectl get rayjob lmforge-{stage} -w; kubectl logs -f job/lmforge-{stage}\n"
+            )
+        files[name] = HEADER.format(title=title, usage=usage) + "---\n" + "---\n".join(chunks)
+    return files
+
+
+def stale_or_missing(files: dict[str, str], out: Path = OUT) -> list[str]:
+    """Names that differ between `files` and what is in `out` (missing, different, or extra)."""
+    on_disk = {p.name for p in out.glob("*.yaml")}
+    differ = [
+        n for n, text in files.items() if not (out / n).exists() or (out / n).read_text() != text
+    ]
+    return sorted(differ + sorted(on_disk - files.keys()))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if manifests/ is out of date; write nothing"
+    )
+    args = parser.parse_args()
+    files = render()
+    differ = stale_or_missing(files)
+    if args.check:
+        if differ:
+            print(f"manifests/ is out of date ({', '.join(differ)}): run `make manifests`")
+            return 1
+        print("manifests/ is up to date")
+        return 0
+    OUT.mkdir(exist_ok=True)
+    for name in differ:
+        if name in files:
+            (OUT / name).write_text(files[name])
+        else:
+            (OUT / name).unlink()
+    print(f"manifests/: {len(files)} files, {len(differ)} rewritten or removed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
