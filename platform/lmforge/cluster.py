@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -121,6 +120,8 @@ def _ray_env(token_file: str) -> dict[str, str]:
         RAY_USAGE_STATS_ENABLED="0",
     )
     env.pop("RAY_ADDRESS", None)
+    # Job entrypoints say `python ...`: make that this environment's python (the venv's).
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     return env
 
 
@@ -214,28 +215,38 @@ def status() -> int:
     return 0
 
 
-def down(timeout: float = 30.0) -> int:
-    """Stop the local head this tool started: only the Ray processes of its temp dir."""
+def down(grace_period: float = 10.0) -> int:
+    """Stop the local head this tool started: only the Ray processes of its temp dir.
+
+    Like `ray stop`: SIGTERM, then SIGKILL what is still alive after the grace period. Unlike
+    `ray stop`, other Ray clusters on this machine are left alone.
+    """
+    import psutil
+
     cluster = LocalCluster.load()
     if cluster is None:
         print("no local Ray head is recorded; nothing to stop")
         return 0
-    pids = _processes_using(cluster.temp_dir)
-    for pid in pids:
-        _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while (left := [p for p in pids if _pid_alive(p)]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in left:
-        _signal(pid, signal.SIGKILL)
+    procs = []
+    for pid in _processes_using(cluster.temp_dir):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs.append(psutil.Process(pid))
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_period)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
     LocalCluster.state_file().unlink(missing_ok=True)
-    print(f"stopped the local Ray head at {cluster.address} ({len(pids)} processes)")
+    print(f"stopped the local Ray head at {cluster.address} ({len(procs)} processes)")
     return 0
 
 
 def _processes_using(temp_dir: str) -> list[int]:
     """PIDs whose command line mentions the cluster's temp dir: every process of that head."""
-    import psutil  # a Ray dependency
+    import psutil
 
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
@@ -243,20 +254,6 @@ def _processes_using(temp_dir: str) -> list[int]:
         if temp_dir in cmdline and proc.info["pid"] != os.getpid():
             found.append(proc.info["pid"])
     return found
-
-
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def _pid_alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def connect(address: str | None = None) -> None:
@@ -321,9 +318,8 @@ def submit(
         args += ["--set", o]
     entrypoint = "python " + shlex.join(args)
     client = _job_client(address)
-    job_id = client.submit_job(
-        entrypoint=entrypoint, runtime_env={"working_dir": str(wd), "excludes": SUBMIT_EXCLUDES}
-    )
+    runtime_env = {"working_dir": str(wd), "excludes": SUBMIT_EXCLUDES}
+    job_id = _submit_with_retry(client, entrypoint, runtime_env)
     print(f"submitted job {job_id}: {entrypoint}", flush=True)
     if not wait:
         print(f"follow it with: ray job logs --follow {job_id}")
@@ -337,6 +333,18 @@ def submit(
         flush=True,
     )
     return 0 if final == "SUCCEEDED" else 1
+
+
+def _submit_with_retry(client, entrypoint: str, runtime_env: dict, timeout: float = 60.0) -> str:
+    """Submit, retrying while a just-started head has no job agent yet (as KubeRay's submitter does)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def _job_client(address: str | None):

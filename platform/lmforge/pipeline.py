@@ -126,8 +126,12 @@ def plan(
         overrides += [
             o.split(":", 1)[1] for o in extra_overrides or [] if o.split(":", 1)[0] == step.step_id
         ]
-        data = apply_overrides(stage.config_cls, data, overrides)
-        cfg = build_config(stage.config_cls, data, source=f"{pipeline_file} step '{step.step_id}'")
+        where = f"{pipeline_file} step '{step.step_id}'"
+        try:
+            data = apply_overrides(stage.config_cls, data, overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        cfg = build_config(stage.config_cls, data, source=where)
         out = output_dir(stage, cfg)
         outputs[step.step_id] = out
         planned.append(PlannedStep(step.step_id, stage, cfg, out))

@@ -34,9 +34,14 @@ def commented_yaml(cfg: BaseModel, indent: int = 0) -> str:
             lines.append(f"{pad}{name}:")
             lines.append(commented_yaml(value, indent + 1).rstrip("\n"))
             continue
-        dumped = yaml.safe_dump(
-            {name: values[name]}, default_flow_style=None, sort_keys=False, width=100
-        ).rstrip("\n")
+        value = values[name]
+        if isinstance(value, dict | list) and value:
+            dumped = yaml.safe_dump({name: value}, sort_keys=False, width=100).rstrip("\n")
+        else:  # a scalar (or empty list/dict) on one line, e.g. `name: proj`
+            dumped = (
+                f"{name}: "
+                + yaml.safe_dump(value, default_flow_style=True).split("\n...")[0].strip()
+            )
         lines.extend(pad + line for line in dumped.splitlines())
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,66 @@
+import subprocess
+import sys
+
+from lmforge.cli import COMMANDS
+
+
+def test_help_lists_every_command_without_importing_heavy_modules():
+    code = (
+        "import sys; from lmforge.cli import main; main(['--help']);"
+        "print('HEAVY', sorted(m for m in ('ray', 'torch', 'pydantic', 'yaml', 'pyarrow') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    for name, cmd in COMMANDS.items():
+        assert f"  {name}" in out and cmd.help in out
+    assert "HEAVY []" in out
+
+
+def test_version(cli):
+    from lmforge import __version__
+
+    assert cli("--version") == (0, f"lmforge {__version__}\n", "")
+
+
+def test_unknown_command_suggests(cli):
+    code, _, err = cli("pipline")
+    assert code == 2 and "did you mean 'pipeline'" in err
+
+
+def test_stage_help_shows_config_fields_from_descriptions(cli, capsys):
+    from lmforge.check import CheckConfig
+
+    try:
+        cli("check", "--help")
+    except SystemExit as e:
+        assert e.code == 0
+    out = capsys.readouterr().out
+    for name, field in CheckConfig.model_fields.items():
+        assert name in out and field.description.split("(")[0].strip() in out
+
+
+def test_user_errors_are_one_line_exit_2(cli, tmp_path):
+    code, _, err = cli("check", "--set", "min_cpus=lots")
+    assert code == 2 and err.count("\n") == 1 and "'min_cpus'" in err and "Traceback" not in err
+    code, _, err = cli("check", "-c", tmp_path / "missing.yaml")
+    assert code == 2 and "config file not found" in err
+
+
+def test_print_config_shows_hash_and_output(cli):
+    code, out, _ = cli("check", "--set", "name=x", "--set", "runs_dir=/data/runs", "--print-config")
+    assert code == 0 and "name: x" in out and "# output: /data/runs/check/x-" in out
+    code2, out2, _ = cli(
+        "config", "show", "check", "--set", "name=x", "--set", "runs_dir=/data/runs"
+    )
+    assert out2 == out
+
+
+def test_config_reference_lists_every_stage(cli):
+    from lmforge.stage import STAGES
+
+    code, out, _ = cli("config", "reference")
+    assert code == 0
+    for name in STAGES:
+        assert f"## `{name}`" in out
+    assert "| `min_gpus` | `float` | `0` |" in out

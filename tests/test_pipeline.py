@@ -1,0 +1,113 @@
+import pytest
+
+from lmforge import ConfigError, StageFailed, storage
+from lmforge.pipeline import plan, run_pipeline
+from tests import stages_for_tests as fake
+
+PIPELINE = """
+name: twostep
+runs_dir: {runs}
+stages:
+  - stage: tests.stages_for_tests:WRITE
+    id: write
+    config: write.yaml
+  - stage: tests.stages_for_tests:DOUBLE
+    id: double
+    set: {{fail: {fail}}}
+"""
+
+
+@pytest.fixture
+def project(tmp_path):
+    fake.RUNS.clear()
+
+    def make(value=3, fail="false"):
+        (tmp_path / "write.yaml").write_text(f"value: {value}\n")
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(PIPELINE.format(runs=tmp_path / "runs", fail=fail))
+        return str(path)
+
+    return make
+
+
+def test_runs_in_order_and_passes_outputs(project):
+    results = run_pipeline(project(value=3))
+    assert fake.RUNS == ["write", "double"]
+    assert [r.status for r in results] == ["ran", "ran"]
+    assert storage.read_text(storage.join(results[1].output, "value.txt")) == "6"
+    assert all(storage.is_complete(r.output) for r in results)
+    assert storage.exists(storage.join(results[0].output, "resolved_config.yaml"))
+
+
+def test_skips_completed_stages_and_reruns_changed_ones(project):
+    first = run_pipeline(project(value=3))
+    fake.RUNS.clear()
+    again = run_pipeline(project(value=3))
+    assert fake.RUNS == [] and [r.status for r in again] == ["skipped", "skipped"]
+    assert [r.output for r in again] == [r.output for r in first]
+    # a changed first stage changes its hash, its output path, and so the second stage's input
+    changed = run_pipeline(project(value=5))
+    assert fake.RUNS == ["write", "double"]
+    assert changed[0].output != first[0].output and changed[1].output != first[1].output
+    assert storage.read_text(storage.join(changed[1].output, "value.txt")) == "10"
+    # the earlier outputs are untouched
+    assert storage.read_text(storage.join(first[1].output, "value.txt")) == "6"
+
+
+def test_stops_at_first_failure_naming_the_stage(project, capsys):
+    with pytest.raises(StageFailed, match=r"stopped at step 'double' \(double\): asked to fail"):
+        run_pipeline(project(fail="true"))
+    assert fake.RUNS == ["write", "double"]
+    _, steps = plan(project(fail="true"))
+    assert storage.is_complete(steps[0].output) and not storage.is_complete(steps[1].output)
+    # after fixing it, only the failed stage runs
+    fake.RUNS.clear()
+    run_pipeline(project(fail="false"))
+    assert fake.RUNS == ["double"]
+
+
+def test_every_config_is_validated_before_anything_runs(project, tmp_path):
+    path = project()
+    (tmp_path / "pipeline.yaml").write_text(
+        (tmp_path / "pipeline.yaml").read_text().replace("fail: false", "fial: false")
+    )
+    with pytest.raises(ConfigError, match=r"step 'double'.*unknown key 'fial'"):
+        run_pipeline(path)
+    assert fake.RUNS == []
+
+
+def test_step_overrides_from_the_command_line(project):
+    results = run_pipeline(project(value=3), extra_overrides=["write:value=4"])
+    assert storage.read_text(storage.join(results[1].output, "value.txt")) == "8"
+
+
+def test_bad_pipeline_files(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("stages: []\n")
+    with pytest.raises(ConfigError, match="stages"):
+        plan(str(bad))
+    bad.write_text("stages:\n  - stage: nosuchstage\n")
+    with pytest.raises(ConfigError, match="unknown stage 'nosuchstage'"):
+        plan(str(bad))
+    bad.write_text(
+        "stages:\n  - stage: tests.stages_for_tests:WRITE\n  - stage: tests.stages_for_tests:WRITE\n"
+    )
+    with pytest.raises(ConfigError, match="repeated: tests.stages_for_tests:WRITE"):
+        plan(str(bad))
+    bad.write_text(
+        "stages:\n  - stage: tests.stages_for_tests:DOUBLE\n    inputs: {source: later}\n"
+    )
+    with pytest.raises(ConfigError, match="not an earlier step"):
+        plan(str(bad))
+
+
+def test_pipeline_cli_plan_and_run(project, cli):
+    path = project()
+    code, out, _ = cli("pipeline", "plan", path)
+    assert code == 0 and out.count("to run") == 2
+    code, out, _ = cli("pipeline", "run", path)
+    assert code == 0 and "summary" in out
+    code, out, _ = cli("pipeline", "plan", path)
+    assert out.count("complete") == 2
+    code, _, err = cli("pipeline", "run", path, "--set", "value=3")
+    assert code == 2 and "name the step" in err
