@@ -1,0 +1,179 @@
+"""Deduplication across the whole dataset: exact (normalised-text hash) and near (MinHash LSH).
+
+Both run as Ray Data shuffles, never by collecting documents on the driver:
+
+- exact: `groupby(hash)`; in each group the document with the smallest id survives.
+- near: each survivor's MinHash signature is cut into `bands` bands of `rows` values; every
+  (band, band hash) is a bucket key. `groupby(bucket)` meets the documents that share a bucket;
+  in each bucket the smallest id is compared with the others by estimated Jaccard (the fraction
+  of equal signature values) and an edge is emitted where it reaches `threshold`. Only these
+  edges (one per duplicate candidate, far fewer than documents) reach the driver, where
+  union-find resolves connected components; the smallest id of each component survives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import zlib
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+_MERSENNE = np.uint64((1 << 61) - 1)
+_MAX32 = np.uint64(0xFFFFFFFF)
+_WS = re.compile(r"\s+")
+_WORD = re.compile(r"\w+")
+
+
+def exact_hash(text: str) -> int:
+    """Hash of the normalised text (lowercased, whitespace collapsed), as an int64."""
+    norm = _WS.sub(" ", text.lower()).strip()
+    return int.from_bytes(
+        hashlib.blake2b(norm.encode(), digest_size=8).digest(), "little", signed=True
+    )
+
+
+def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) minimising false-positive + false-negative probability mass at
+    `threshold`, as datasketch's MinHashLSH chooses them (equal weights)."""
+
+    def area(f, a, b, n=200):
+        xs = np.linspace(a, b, n)
+        return float(np.trapezoid(f(xs), xs))
+
+    best, best_err = (1, 1), float("inf")
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            fp = area(lambda s, b=b, r=r: 1 - (1 - s**r) ** b, 0.0, threshold)
+            fn = area(lambda s, b=b, r=r: 1 - (1 - (1 - s**r) ** b), threshold, 1.0)
+            if fp + fn < best_err:
+                best, best_err = (b, r), fp + fn
+    return best
+
+
+class MinHasher:
+    """MinHash signatures with datasketch's permutation scheme: (a * h + b) mod (2^61 - 1),
+    truncated to 32 bits, over crc32 hashes of word or character n-gram shingles."""
+
+    def __init__(self, num_perm: int, ngram: int, unit: str, seed: int) -> None:
+        rng = np.random.RandomState(seed)
+        self.a = rng.randint(1, (1 << 61) - 1, size=num_perm, dtype=np.uint64)
+        self.b = rng.randint(0, (1 << 61) - 1, size=num_perm, dtype=np.uint64)
+        self.ngram, self.unit = ngram, unit
+
+    def shingles(self, text: str) -> set[bytes]:
+        if self.unit == "char":
+            t = _WS.sub(" ", text.lower())
+            return {t[i : i + self.ngram].encode() for i in range(max(1, len(t) - self.ngram + 1))}
+        words = _WORD.findall(text.lower())
+        n = self.ngram
+        return {" ".join(words[i : i + n]).encode() for i in range(max(1, len(words) - n + 1))}
+
+    def signature(self, text: str) -> np.ndarray:
+        hv = np.fromiter((zlib.crc32(s) for s in self.shingles(text)), dtype=np.uint64)
+        if hv.size == 0:
+            hv = np.zeros(1, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            ph = ((hv[:, None] * self.a[None, :] + self.b[None, :]) % _MERSENNE) & _MAX32
+        return ph.min(axis=0).astype(np.uint32)
+
+
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> list[int]:
+    """One int64 bucket key per band: a hash of (band index, the band's values)."""
+    keys = []
+    for b in range(bands):
+        h = hashlib.blake2b(
+            sig[b * rows : (b + 1) * rows].tobytes(), digest_size=8, salt=b.to_bytes(8, "little")
+        )
+        keys.append(int.from_bytes(h.digest(), "little", signed=True))
+    return keys
+
+
+# ---------------------------------------------------------------- Ray Data partition functions
+# Each runs on one whole block of a `repartition(n, keys=[key], sort=True)`: every row of a key
+# is in the same block, sorted by key (what GroupedData.map_groups relies on too), so all groups
+# of a partition are handled with a few vectorised operations instead of one call per group.
+
+
+def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For keys sorted ascending: the index of each row's run start, and each run's length per row."""
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    lengths = np.diff(np.r_[starts, len(keys)])
+    return np.repeat(starts, lengths), np.repeat(lengths, lengths)
+
+
+def mark_exact(block: pa.Table) -> pa.Table:
+    """Rows sharing a hash: the smallest id survives, the others are duplicate_exact rejects."""
+    if len(block) == 0:
+        return block.append_column("duplicate_of", pa.array([], pa.int64()))
+    block = block.sort_by([("hash", "ascending"), ("id", "ascending")])
+    start, _ = _runs(block.column("hash").to_numpy())
+    ids = block.column("id").to_numpy()
+    dup = start != np.arange(len(block))
+    block = block.set_column(
+        block.schema.get_field_index("reject"),
+        "reject",
+        pa.array(np.where(dup, "duplicate_exact", ""), pa.string()),
+    )
+    block = block.set_column(
+        block.schema.get_field_index("step"),
+        "step",
+        pa.array(np.where(dup, "dedup_exact", ""), pa.string()),
+    )
+    return block.append_column("duplicate_of", pa.array(np.where(dup, ids[start], 0), pa.int64()))
+
+
+def explode_bands(batch: pa.Table) -> pa.Table:
+    """(id, sig, bands) rows -> one (bucket, id, sig) row per band."""
+    bands = batch.column("bands")
+    n = pc.list_value_length(bands).to_numpy()
+    return pa.table(
+        {
+            "bucket": pc.list_flatten(bands),
+            "id": np.repeat(batch.column("id").to_numpy(), n),
+            "sig": batch.column("sig").take(pa.array(np.repeat(np.arange(len(batch)), n))),
+        }
+    )
+
+
+def bucket_edges(block: pa.Table, threshold: float) -> pa.Table:
+    """Per LSH bucket: an edge from its smallest id to each other id whose estimated Jaccard
+    (fraction of equal MinHash values) reaches `threshold`."""
+    empty = pa.table({"src": pa.array([], pa.int64()), "dst": pa.array([], pa.int64())})
+    if len(block) < 2:
+        return empty
+    block = block.sort_by([("bucket", "ascending"), ("id", "ascending")])
+    start, length = _runs(block.column("bucket").to_numpy())
+    rows = np.flatnonzero((length > 1) & (start != np.arange(len(block))))
+    if len(rows) == 0:
+        return empty
+    sig = block.column("sig").combine_chunks()
+    width = len(sig[0])
+    values = sig.flatten().to_numpy().reshape(-1, width)
+    sim = (values[rows] == values[start[rows]]).mean(axis=1)
+    ids = block.column("id").to_numpy()
+    hit = rows[sim >= threshold]
+    return pa.table({"src": ids[start[hit]], "dst": ids[hit]})
+
+
+def components(edges: Iterator[tuple[np.ndarray, np.ndarray]]) -> dict[int, int]:
+    """Union-find over edge batches: every non-root id -> the smallest id of its component."""
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        root = x
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while parent.get(x, x) != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    for src, dst in edges:
+        for a, b in zip(src.tolist(), dst.tolist(), strict=True):
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    return {x: find(x) for x in list(parent) if find(x) != x}

@@ -1,0 +1,498 @@
+"""The `data` stage on Ray Data: read -> steps -> dedup -> tokenizer -> tokenize + pack.
+
+Output (the data contract): train/*.parquet and val/*.parquet (column `tokens`, fixed-size
+lists of seq_len + 1 uint16/int32), tokenizer.json, rejects/ (JSON lines: every dropped or
+unreadable record with its step, reason, source, path and line), manifest.json; the stage
+runner writes _SUCCESS last. Every input document is accounted for:
+documents_in = documents_out + sum(rejected) + duplicates_exact + duplicates_near.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lmforge import storage
+from lmforge.config import config_hash
+from lmforge.data import dedup, pack, sources, tokenizer
+from lmforge.data.config import DataConfig
+from lmforge.data.steps import build_steps, step_labels
+from lmforge.stage import Stage, StageContext
+
+PII_KINDS = ("email", "ipv4", "ipv6", "phone")
+REJECT_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("path", pa.string()),
+        ("line", pa.int64()),
+        ("id", pa.int64()),
+        ("step", pa.string()),
+        ("reason", pa.string()),
+        ("duplicate_of", pa.int64()),
+        ("snippet", pa.large_string()),
+    ]
+)
+
+
+class StepRunner:
+    """Actor: applies the steps to each document of a batch, then adds what dedup needs."""
+
+    def __init__(self, cfg: DataConfig, bands: int, rows: int) -> None:
+        self.steps = list(zip(step_labels(cfg.steps), build_steps(cfg.steps), strict=True))
+        d = cfg.dedup
+        self.hasher = dedup.MinHasher(d.num_perm, d.ngram, d.ngram_unit, d.seed) if d.near else None
+        self.bands, self.rows = bands, rows
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = batch.column("text").to_pylist()
+        reject = batch.column("reject").to_pylist()
+        step = batch.column("step").to_pylist()
+        pii = {k: np.zeros(len(texts), dtype=np.int32) for k in PII_KINDS}
+        hashes = np.zeros(len(texts), dtype=np.int64)
+        sigs: list[Any] = []
+        bands: list[Any] = []
+        for i, text in enumerate(texts):
+            if not reject[i]:
+                for label, s in self.steps:
+                    out = s.process(text)
+                    for k, v in (out.counts or {}).items():
+                        if k.startswith("pii_"):
+                            pii[k[4:]][i] += v
+                    if out.reason:
+                        reject[i], step[i], text = out.reason, label, text[: sources.SNIPPET_CHARS]
+                        break
+                    text = out.text
+                texts[i] = text
+            if reject[i] or self.hasher is None:
+                sigs.append([])
+                bands.append([])
+            else:
+                sig = self.hasher.signature(text)
+                sigs.append(sig)
+                bands.append(dedup.band_keys(sig, self.bands, self.rows))
+            if not reject[i]:
+                hashes[i] = dedup.exact_hash(text)
+        cols = {
+            **{n: batch.column(n) for n in ("id", "source", "path", "line", "copies")},
+            "text": pa.array(texts, pa.large_string()),
+            "reject": pa.array(reject, pa.string()),
+            "step": pa.array(step, pa.string()),
+            "hash": hashes,
+            "n_bytes": np.array([len(t.encode()) for t in texts], dtype=np.int64),
+            "sig": pa.array(sigs, pa.list_(pa.uint32())),
+            "bands": pa.array(bands, pa.list_(pa.int64())),
+        }
+        return pa.table({**cols, **{f"pii_{k}": v for k, v in pii.items()}})
+
+
+def _rows(ds, rejected: bool):
+    def keep(t: pa.Table) -> pa.Table:
+        mask = pc.equal(t["reject"], "")
+        return t.filter(pc.invert(mask) if rejected else mask)
+
+    return ds.map_batches(keep, batch_format="pyarrow", batch_size=None)
+
+
+def _block_stats(t: pa.Table) -> pa.Table:
+    """One row of counts per block; the driver adds the rows up (an aggregation without a shuffle)."""
+    rejected = t.filter(pc.not_equal(t["reject"], ""))
+    pairs = Counter(zip(rejected["step"].to_pylist(), rejected["reject"].to_pylist(), strict=True))
+    stats = {
+        "docs": len(t),
+        "kept": len(t) - len(rejected),
+        "kept_bytes": int(pc.sum(t.filter(pc.equal(t["reject"], ""))["n_bytes"]).as_py() or 0),
+        "rejected": [[a, b, n] for (a, b), n in sorted(pairs.items())],
+        **{f"pii_{k}": int(pc.sum(t[f"pii_{k}"]).as_py() or 0) for k in PII_KINDS},
+    }
+    return pa.table({"stats": [json.dumps(stats)]})
+
+
+def _stats(ds) -> dict[str, Any]:
+    total: dict[str, Any] = defaultdict(int)
+    by_step: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for row in ds.map_batches(_block_stats, batch_format="pyarrow", batch_size=None).take_all():
+        part = json.loads(row["stats"])
+        for step, reason, n in part.pop("rejected"):
+            by_step[step][reason] += n
+        for k, v in part.items():
+            total[k] += v
+    total["rejected"] = {k: dict(v) for k, v in by_step.items()}
+    return total
+
+
+def _as_rejects(t: pa.Table) -> pa.Table:
+    dup = t["duplicate_of"] if "duplicate_of" in t.column_names else pa.nulls(len(t), pa.int64())
+    snippet = pc.utf8_slice_codeunits(t["text"].cast(pa.large_string()), 0, sources.SNIPPET_CHARS)
+    cols = [t["source"], t["path"], t["line"], t["id"], t["step"], t["reject"], dup, snippet]
+    return pa.Table.from_arrays(cols, schema=REJECT_SCHEMA)
+
+
+def _mark_near(t: pa.Table, dropped: np.ndarray, roots: np.ndarray) -> pa.Table:
+    ids = t["id"].to_numpy()
+    pos = np.searchsorted(dropped, ids).clip(0, len(dropped) - 1)
+    hit = dropped[pos] == ids
+    col = t.schema.get_field_index
+    t = t.set_column(
+        col("reject"), "reject", pa.array(np.where(hit, "duplicate_near", ""), pa.string())
+    )
+    t = t.set_column(col("step"), "step", pa.array(np.where(hit, "dedup_near", ""), pa.string()))
+    dup_of = pa.array(np.where(hit, roots[pos], 0), pa.int64())
+    if "duplicate_of" in t.column_names:
+        return t.set_column(col("duplicate_of"), "duplicate_of", dup_of)
+    return t.append_column("duplicate_of", dup_of)
+
+
+def _partitions(total_bytes: int, workers: int) -> int:
+    # enough partitions to keep every worker busy, and none much above 256 MB
+    return max(2 * workers, math.ceil(total_bytes / 2**28))
+
+
+def run(cfg: DataConfig, ctx: StageContext) -> dict[str, Any]:
+    start = time.perf_counter()
+    # validate before spending: every source, step resource and the given tokenizer
+    files = sources.resolve_sources(cfg.sources)
+    build_steps(cfg.steps)
+    given_tok = tokenizer.load_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path else None
+    import ray
+    from ray.data import DataContext
+
+    # source limits take the first records in file order
+    DataContext.get_current().execution_options.preserve_order = True
+    workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    for sub in ("train", "val", "rejects"):
+        storage.remove(storage.join(ctx.output, sub))
+
+    docs = _read_and_clean(cfg, files, workers)
+    read = _stats(docs)
+    parts = max(1, _partitions(read["kept_bytes"], workers))
+    reject_parts = [_rows(docs, rejected=True)]
+    kept = _rows(docs, rejected=False)
+    duplicates_exact = duplicates_near = 0
+    if cfg.dedup.exact:
+        kept, dups, duplicates_exact = _dedup_exact(kept, parts)
+        reject_parts.append(dups)
+    if cfg.dedup.near:
+        kept, dups, duplicates_near = _dedup_near(kept, parts, cfg.dedup.threshold)
+        reject_parts.append(dups)
+    kept = kept.materialize()
+    final = _stats(kept)
+    _write_rejects(ctx.output, reject_parts)
+
+    tok, sample = _tokenizer(cfg, kept, final["kept_bytes"], given_tok)
+    tok_json = tok.to_str()
+    storage.write_text(storage.join(ctx.output, "tokenizer.json"), tok_json)
+    dtype = tokenizer.token_dtype(tok.get_vocab_size())
+    shards = _shard_counts(cfg, tok, sample, final["kept_bytes"], 2 if dtype == "uint16" else 4)
+    stats = (
+        _tokenize_and_pack(cfg, kept, tok, tok_json, shards, dtype, ctx.output, workers)
+        if final["kept"]
+        else []
+    )
+
+    manifest = _manifest(
+        cfg,
+        stats,
+        start,
+        read,
+        final["kept"],
+        duplicates_exact,
+        duplicates_near,
+        tok.get_vocab_size(),
+        dtype,
+        tok_json,
+        _bands_rows(cfg),
+    )
+    storage.write_json(storage.join(ctx.output, "manifest.json"), manifest)
+    _print_summary(cfg, manifest)
+    keys = ("documents_in", "documents_out", "tokens_train", "tokens_val", "vocab_size")
+    return {k: manifest[k] for k in keys}
+
+
+def _bands_rows(cfg: DataConfig) -> tuple[int, int]:
+    d = cfg.dedup
+    return (d.bands, d.rows) if d.bands and d.rows else dedup.optimal_bands(d.threshold, d.num_perm)
+
+
+def _read_and_clean(cfg: DataConfig, files: list[list[dict[str, Any]]], workers: int):
+    """Every source read file by file, the steps applied, hashes and band keys added."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    parts = []
+    limit = int(cfg.max_record_mb * 2**20)
+    for src, items in zip(cfg.sources, files, strict=True):
+        ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * workers))
+        ds = ds.map_batches(
+            _read_batch,
+            fn_kwargs={"src": src, "limit": limit, "batch_size": cfg.batch_size},
+            batch_size=1,
+            batch_format="pyarrow",
+        )
+        parts.append(ds.limit(src.limit) if src.limit else ds)
+    docs = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    bands, rows = _bands_rows(cfg)
+    return docs.map_batches(
+        StepRunner,
+        fn_constructor_kwargs={"cfg": cfg, "bands": bands, "rows": rows},
+        compute=ActorPoolStrategy(min_size=1, max_size=workers),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+    ).materialize()
+
+
+def _dedup_exact(kept, parts: int):
+    marked = (
+        kept.repartition(parts, keys=["hash"], sort=True)
+        .map_batches(dedup.mark_exact, batch_size=None, batch_format="pyarrow")
+        .materialize()
+    )
+    dups = _rows(marked, rejected=True).materialize()
+    return _rows(marked, rejected=False), dups, dups.count()
+
+
+def _dedup_near(kept, parts: int, threshold: float):
+    kept = kept.materialize()
+    edges = (
+        kept.select_columns(["id", "sig", "bands"])
+        .map_batches(dedup.explode_bands, batch_format="pyarrow")
+        .repartition(parts, keys=["bucket"], sort=True)
+        .map_batches(
+            dedup.bucket_edges,
+            fn_kwargs={"threshold": threshold},
+            batch_size=None,
+            batch_format="pyarrow",
+        )
+    )
+    roots = dedup.components((b["src"], b["dst"]) for b in edges.iter_batches(batch_format="numpy"))
+    if not roots:
+        return kept, _rows(kept, rejected=True), 0
+    dropped = np.array(sorted(roots), dtype=np.int64)
+    root_of = np.array([roots[i] for i in dropped.tolist()], dtype=np.int64)
+    marked = kept.map_batches(
+        _mark_near, fn_kwargs={"dropped": dropped, "roots": root_of}, batch_format="pyarrow"
+    ).materialize()
+    return _rows(marked, rejected=False), _rows(marked, rejected=True), len(dropped)
+
+
+def _tokenize_and_pack(cfg, kept, tok, tok_json, shards, dtype, out, workers) -> list[dict]:
+    from ray.data import ActorPoolStrategy
+
+    tokenized = kept.select_columns(["id", "text", "copies"]).map_batches(
+        pack.Tokenize,
+        fn_constructor_kwargs={
+            "tokenizer_json": tok_json,
+            "eos": tok.token_to_id(tokenizer.EOS),
+            "val_fraction": cfg.val_fraction,
+            "shards": shards,
+        },
+        compute=ActorPoolStrategy(min_size=1, max_size=workers),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+    )
+    return (
+        tokenized.groupby("key", num_partitions=shards["train"] + shards["val"])
+        .map_groups(
+            pack.pack_shard,
+            fn_kwargs={"out": out, "seq_len": cfg.seq_len, "dtype": dtype},
+            batch_format="pyarrow",
+        )
+        .take_all()
+    )
+
+
+def _read_batch(batch: pa.Table, src, limit: int, batch_size: int):
+    for item in batch.to_pylist():
+        yield from sources.read_file(src, item, limit, batch_size)
+
+
+def _write_rejects(out: str, parts: list) -> None:
+    rejects = storage.join(out, "rejects")
+    storage.makedirs(rejects)
+    parts = [p.map_batches(_as_rejects, batch_format="pyarrow", batch_size=None) for p in parts]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    if ds.count():
+        ds.write_json(rejects, force_ascii=False)
+
+
+def _tokenizer(cfg: DataConfig, kept, total_bytes: int, given):
+    """The tokenizer, and a small sample of documents (sorted by id) for estimating sizes."""
+    rate = min(1.0, cfg.tokenizer.sample_mb * 2**20 / max(1, total_bytes))
+    cut = int(rate * 2**20)
+
+    def sample_rows(t: pa.Table) -> pa.Table:
+        return t.filter(pc.less(pc.bit_wise_and(pc.shift_right(t["id"], 20), 2**20 - 1), cut))
+
+    rows = (
+        kept.select_columns(["id", "text"])
+        .map_batches(sample_rows, batch_format="pyarrow", batch_size=None)
+        .take_all()
+        if total_bytes
+        else []
+    )
+    texts = [r["text"] for r in sorted(rows, key=lambda r: r["id"])]
+    if given is not None:
+        return given, texts
+    if not texts:
+        texts = [""]
+    return tokenizer.train_bpe(
+        texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, length=len(texts)
+    ), texts
+
+
+def _shard_counts(
+    cfg: DataConfig, tok, sample: list[str], total_bytes: int, token_bytes: int
+) -> dict[str, int]:
+    """Shards per split so that each holds about shard_size_mb of tokens (estimated from a
+    slice of the sample: the count is fixed before packing, so file names are too)."""
+    probe = sample[:2000]
+    probe_bytes = sum(len(t.encode()) for t in probe)
+    probe_tokens = (
+        sum(len(e.ids) + 1 for e in tok.encode_batch(probe, add_special_tokens=False))
+        if probe_bytes
+        else 1
+    )
+    est_tokens = total_bytes * probe_tokens / max(1, probe_bytes)
+    per_shard = cfg.shard_size_mb * 2**20 / token_bytes
+    return {
+        "train": max(1, math.ceil(est_tokens * (1 - cfg.val_fraction) / per_shard)),
+        "val": max(1, math.ceil(est_tokens * cfg.val_fraction / per_shard)),
+    }
+
+
+def _manifest(
+    cfg,
+    stats,
+    start,
+    read,
+    documents_out,
+    duplicates_exact,
+    duplicates_near,
+    vocab_size,
+    dtype,
+    tok_json,
+    bands_rows,
+) -> dict[str, Any]:
+    def total(split: str, key: str) -> int:
+        return int(sum(s[key] for s in stats if s["split"] == split))
+
+    documents_in = read["docs"]
+    rejected_by_step = read["rejected"]
+    pii = {k: read[f"pii_{k}"] for k in PII_KINDS}
+    rejected: dict[str, int] = defaultdict(int)
+    for reasons in rejected_by_step.values():
+        for reason, n in reasons.items():
+            rejected[reason] += n
+    steps, remaining = [], documents_in
+    labels = ["read", *step_labels(cfg.steps)]
+    labels += [
+        x for x, on in (("dedup_exact", cfg.dedup.exact), ("dedup_near", cfg.dedup.near)) if on
+    ]
+    dups = {
+        "dedup_exact": {"duplicate_exact": duplicates_exact},
+        "dedup_near": {"duplicate_near": duplicates_near},
+    }
+    for label in labels:
+        dropped = rejected_by_step.get(label) or dups.get(label, {})
+        n = sum(dropped.values())
+        steps.append(
+            {
+                "step": label,
+                "docs_in": remaining,
+                "docs_out": remaining - n,
+                "dropped": dict(sorted(dropped.items())),
+            }
+        )
+        remaining -= n
+    seconds = time.perf_counter() - start
+    tokens = total("train", "tokens") + total("val", "tokens")
+    return {
+        "documents_in": documents_in,
+        "documents_out": documents_out,
+        "rejected": dict(sorted(rejected.items())),
+        "duplicates_exact": duplicates_exact,
+        "duplicates_near": duplicates_near,
+        "pii_redactions": sum(pii.values()),
+        "pii_redactions_by_kind": pii,
+        "tokens_train": total("train", "tokens"),
+        "tokens_val": total("val", "tokens"),
+        "blocks_train": total("train", "blocks"),
+        "blocks_val": total("val", "blocks"),
+        "bytes_train": total("train", "bytes"),
+        "bytes_val": total("val", "bytes"),
+        "tokens_dropped_remainder": total("train", "remainder") + total("val", "remainder"),
+        "seq_len": cfg.seq_len,
+        "vocab_size": vocab_size,
+        "token_dtype": dtype,
+        "special_tokens": tokenizer.special_token_ids(),
+        "shards": {
+            split: sorted(s["file"] for s in stats if s["split"] == split and s["file"])
+            for split in ("train", "val")
+        },
+        "tokenizer_sha256": tokenizer.sha256_text(tok_json),
+        "config_sha256": config_hash(cfg, length=64),
+        "dedup_bands": bands_rows[0],
+        "dedup_rows": bands_rows[1],
+        "steps": steps,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(tokens / seconds, 1) if seconds else 0.0,
+        "documents_per_second": round(documents_in / seconds, 1) if seconds else 0.0,
+    }
+
+
+def _print_summary(cfg: DataConfig, m: dict[str, Any]) -> None:
+    buf = io.StringIO()
+    width = max(len(s["step"]) for s in m["steps"])
+    buf.write(f"[data] {'step':<{width}}  {'docs in':>9}  {'docs out':>9}  dropped\n")
+    for s in m["steps"]:
+        dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items() if v) or "-"
+        buf.write(
+            f"[data] {s['step']:<{width}}  {s['docs_in']:>9}  {s['docs_out']:>9}  {dropped}\n"
+        )
+    buf.write(
+        f"[data] {m['documents_out']} documents -> {m['tokens_train']:,} train + {m['tokens_val']:,} val tokens "
+        f"({m['blocks_train']} + {m['blocks_val']} blocks of {cfg.seq_len + 1}), vocab {m['vocab_size']}, "
+        f"{m['pii_redactions']} PII redactions; {m['seconds']:.1f}s, {m['documents_per_second']:,.0f} docs/s, "
+        f"{m['tokens_per_second']:,.0f} tokens/s\n"
+    )
+    print(buf.getvalue(), end="", flush=True)
+
+
+def scaffold(preset: str) -> dict[str, Any]:
+    vocab = {"tiny": 4096, "small": 16384, "1b": 32768, "8b": 65535}.get(preset, 8192)
+    seq = {"tiny": 256, "small": 1024, "1b": 2048, "8b": 4096}.get(preset, 1024)
+    return {"tokenizer": {"vocab_size": vocab}, "seq_len": seq}
+
+
+STAGE = Stage(
+    name="data",
+    config_cls=DataConfig,
+    run=run,
+    help="Prepare training data on Ray Data: read sources, clean, filter, redact PII, dedup "
+    "(exact + MinHash LSH), train a BPE tokenizer, tokenize and pack into Parquet shards.",
+    job="prepare_data",
+    scaffold=scaffold,
+)
+
+
+def data_command(argv: list[str], prog: str) -> int:
+    """`lmforge data prepare -c CONFIG [--set ...]`: run the data stage."""
+    import argparse
+
+    from lmforge.stage import stage_main
+
+    if argv[:1] == ["prepare"]:
+        return stage_main("data", argv[1:], f"{prog} prepare")
+    parser = argparse.ArgumentParser(prog=prog, description=STAGE.help)
+    parser.add_argument(
+        "action", choices=["prepare"], help="prepare: run the data stage (see `prepare --help`)"
+    )
+    parser.parse_args(argv or ["--help"])
+    return 2
