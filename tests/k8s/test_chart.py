@@ -1,0 +1,286 @@
+"""helm lint, helm template and schema validation of every object the chart renders."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.k8s.conftest import (
+    CHART,
+    CI_VALUES,
+    VALUE_SETS,
+    crd_validator,
+    helm,
+    pod_specs,
+    ray_cluster_specs,
+    render,
+    render_error,
+)
+
+KUBERNETES_VERSION = "1.35.0"
+# Kinds of optional add-ons whose CRDs are not in ../shared: checked by apiVersion only.
+ADDON_KINDS = {
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+}
+
+
+@pytest.mark.parametrize(
+    "values", [None, *CI_VALUES], ids=["default", *[p.stem for p in CI_VALUES]]
+)
+def test_helm_lint_strict(values):
+    args = ["lint", "--strict", str(CHART)] + (["-f", str(values)] if values else [])
+    result = helm(*args, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize(("values", "sets"), VALUE_SETS)
+def test_every_object_validates(values, sets):
+    objects = render(*values, sets=sets)
+    kinds = {o["kind"] for o in objects}
+    assert {"ServiceAccount", "NetworkPolicy", "ConfigMap", "RayJob"} <= kinds | {"RayJob"}
+    for obj in objects:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["apiVersion"] == "ray.io/v1":
+            error = jsonschema.exceptions.best_match(crd_validator(obj["kind"]).iter_errors(obj))
+            if error is not None:
+                pytest.fail(
+                    f"{where} is not a valid KubeRay v1.7.0 {obj['kind']}: "
+                    f"{error.message} at {list(error.absolute_path)}"
+                )
+        elif (obj["apiVersion"], obj["kind"]) in ADDON_KINDS:
+            assert obj["spec"], where
+        else:
+            try:
+                kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                pytest.fail(
+                    f"{where} is not valid Kubernetes {KUBERNETES_VERSION}: {e.message} at {list(e.path)}"
+                )
+
+
+def test_crd_validation_catches_a_typo():
+    """The strict CRD schema is what makes the test above worth having: a typo fails."""
+    job = next(o for o in render() if o["kind"] == "RayJob")
+    job["spec"]["shutdownAfterJobFinish"] = True
+    errors = [e.message for e in crd_validator("RayJob").iter_errors(job)]
+    assert len(errors) == 1 and "'shutdownAfterJobFinish' was unexpected" in errors[0]
+
+
+@pytest.mark.parametrize(
+    ("sets", "named"),
+    [
+        (("ray.workerGroups.cpu.replicas=-1",), "/ray/workerGroups/cpu/replicas"),
+        (("stages.check.enabeld=true",), "enabeld"),
+        (("storage.type=nfs",), "/storage/type"),
+        (("image.flavor=tpu",), "/image/flavor"),
+        (("storage.type=objectStore",), "storage.objectStore.uri"),
+        (
+            ("ray.workerGroups.gpu.enabled=true",),
+            "ray.workerGroups.gpu.gpus is 8 but image.flavor is cpu",
+        ),
+        (
+            ("ray.workerGroups.cpu.minReplicas=5",),
+            "ray.workerGroups.cpu.minReplicas (5) is greater than maxReplicas (4)",
+        ),
+        (("ray.version=2.40.0",), "ray.version is 2.40.0"),
+        (("rayCluster.enabled=true", "jobs.kueue.queueName=q"), "jobs.kueue.queueName"),
+        (
+            ("rayCluster.enabled=true", "jobs.clusterName=other"),
+            "jobs.clusterName and rayCluster.enabled",
+        ),
+        (("stages.check.job=../evil",), "/stages/check/job"),
+        (("image.repository=",), "/image/repository"),
+    ],
+    ids=lambda v: v[0] if isinstance(v, tuple) else None,
+)
+def test_invalid_value_fails_naming_it(sets, named):
+    assert named in render_error(*sets)
+
+
+def test_bad_override_fails_naming_it():
+    err = render_error("stages.check.overrides[0]=name=it's")
+    assert "stages/check/overrides/0" in err or "stages.check.overrides[0]" in err
+
+
+def test_every_value_is_documented():
+    """values.yaml is the chart's API: every key has a `# --` comment, or sits under one that has."""
+    undocumented = []
+    documented_at: list[int] = []  # indents of documented ancestors
+    comment = False
+    for line in (CHART / "values.yaml").read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# --"):
+            comment = True
+            continue
+        if not stripped or stripped.startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip())
+        documented_at = [i for i in documented_at if i < indent]
+        key = re.match(r"^\s*([A-Za-z0-9_.\-/]+):", line)
+        if key and not stripped.startswith("- "):
+            if comment:
+                documented_at.append(indent)
+            elif not documented_at and not _is_group(line):
+                undocumented.append(key.group(1))
+        comment = False
+    assert not undocumented, f"values without a `# --` comment: {undocumented}"
+
+
+def _is_group(line: str) -> bool:
+    """A key that only groups others (`image:` with nothing after it): its children carry the docs."""
+    return line.rstrip().endswith(":")
+
+
+def test_ray_version_is_the_one_pin():
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    ray_pin = next(p for p in pins if p.startswith("ray[")).split("==")[1]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert values["ray"]["version"] == ray_pin
+    assert chart["annotations"]["lmforge.dev/ray-version"] == ray_pin
+    assert f"ARG RAY_VERSION={ray_pin}" in (REPO / "Dockerfile").read_text()
+    for obj in render():
+        for _, cluster in ray_cluster_specs(obj):
+            assert cluster["rayVersion"] == ray_pin
+
+
+def test_one_ray_pod_template_for_head_and_workers():
+    """The pod spec is written once (lmforge.rayPodTemplate); head and workers differ only where they must."""
+    templates = "".join(p.read_text() for p in (CHART / "templates").iterdir())
+    assert templates.count('define "lmforge.rayPodTemplate"') == 1
+    assert templates.count("containers:") == 2  # the Ray pod template and the job submitter
+    job = next(
+        o
+        for o in render(sets=("stages.pretrain.enabled=true",))
+        if o["metadata"]["name"] == "lmforge-pretrain"
+    )
+    cluster = job["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    (gpu,) = cluster["workerGroupSpecs"]
+    worker = gpu["template"]["spec"]
+    assert head["securityContext"] == worker["securityContext"]
+    assert head["containers"][0]["securityContext"] == worker["containers"][0]["securityContext"]
+    assert {v["name"] for v in head["volumes"]} - {v["name"] for v in worker["volumes"]} == {
+        "job-configs"
+    }
+
+
+def test_stage_cluster_and_image_overrides():
+    objects = render(sets=("stages.pretrain.enabled=true",))
+    jobs = {o["metadata"]["name"]: o for o in objects if o["kind"] == "RayJob"}
+    check = jobs["lmforge-check"]["spec"]["rayClusterSpec"]
+    pretrain = jobs["lmforge-pretrain"]["spec"]["rayClusterSpec"]
+    assert [g["groupName"] for g in check["workerGroupSpecs"]] == ["cpu"]
+    assert [g["groupName"] for g in pretrain["workerGroupSpecs"]] == ["gpu"]
+    gpu_pod = pretrain["workerGroupSpecs"][0]["template"]["spec"]
+    assert gpu_pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert gpu_pod["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == 8
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu_pod[
+        "tolerations"
+    ]
+    assert gpu_pod["containers"][0]["image"].endswith("-gpu")
+    assert check["headGroupSpec"]["template"]["spec"]["containers"][0]["image"].endswith("-cpu")
+    shm = next(v for v in gpu_pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
+
+
+def test_rayjob_lifecycle_fields():
+    (job,) = [o for o in render() if o["kind"] == "RayJob"]
+    spec = job["spec"]
+    assert spec["entrypoint"] == "python jobs/check.py -c job-configs/check.yaml"
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] == 600
+    assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] == 900  # the check's own
+    assert "suspend" not in spec and "clusterSelector" not in spec
+    assert yaml.safe_load(spec["runtimeEnvYAML"]) == {
+        "env_vars": {"PYTHONUNBUFFERED": "1", "LMFORGE_STAGE": "check"}
+    }
+
+
+def test_overrides_are_quoted_into_the_entrypoint():
+    objects = render(sets=("stages.check.overrides={min_cpus=3,name=a b}",))
+    (job,) = [o for o in objects if o["kind"] == "RayJob"]
+    assert job["spec"]["entrypoint"].endswith("--set 'min_cpus=3' --set 'name=a b'")
+
+
+def test_kueue_suspends_and_labels():
+    objects = render(str(CHART / "ci" / "gpu-multinode.yaml"))
+    jobs = [o for o in objects if o["kind"] == "RayJob"]
+    assert len(jobs) == 3
+    for job in jobs:
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+        assert job["spec"]["suspend"] is True
+        assert job["spec"]["activeDeadlineSeconds"] == (
+            900 if job["metadata"]["name"] == "lmforge-check" else 259200
+        )
+
+
+def test_existing_cluster_uses_cluster_selector():
+    objects = render(str(CHART / "ci" / "existing-cluster.yaml"))
+    (cluster,) = [o for o in objects if o["kind"] == "RayCluster"]
+    jobs = [o for o in objects if o["kind"] == "RayJob"]
+    assert len(jobs) == 2
+    for job in jobs:
+        assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+        assert "rayClusterSpec" not in job["spec"]
+        assert job["spec"]["shutdownAfterJobFinishes"] is False
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    (configs,) = [v for v in head["volumes"] if v["name"] == "job-configs"]
+    paths = [s["configMap"]["items"][0]["path"] for s in configs["projected"]["sources"]]
+    assert paths == ["check.yaml", "prepare-data.yaml"]
+    assert cluster["spec"]["authOptions"] == {"mode": "token", "secretName": "team-ray-token"}
+    assert not [o for o in objects if o["kind"] == "Secret"]  # the existing one is used
+
+
+def test_storage_choices():
+    obj_store = render(str(CHART / "ci" / "gpu-multinode.yaml"))
+    cm = next(o for o in obj_store if o["metadata"]["name"] == "lmforge-pretrain-config")
+    assert yaml.safe_load(cm["data"]["config.yaml"])["runs_dir"] == "s3://lmforge-runs/team-a"
+    assert not [o for o in obj_store if o["kind"] == "PersistentVolumeClaim"]
+    for obj in obj_store:
+        for where, pod in pod_specs(obj):
+            if "submitter" not in where:
+                assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "lmforge-s3"}}], (
+                    where
+                )
+    default = render()
+    (pvc,) = [o for o in default if o["kind"] == "PersistentVolumeClaim"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    cm = next(o for o in default if o["kind"] == "ConfigMap")
+    assert yaml.safe_load(cm["data"]["config.yaml"])["runs_dir"] == "/mnt/lmforge/runs"
+    user_set = render(sets=("stages.check.config.runs_dir=/elsewhere",))
+    cm = next(o for o in user_set if o["kind"] == "ConfigMap")
+    assert yaml.safe_load(cm["data"]["config.yaml"])["runs_dir"] == "/elsewhere"
+
+
+def test_generated_token_secret():
+    (secret,) = [o for o in render() if o["kind"] == "Secret"]
+    import base64
+
+    token = base64.b64decode(secret["data"]["auth_token"]).decode()
+    assert len(token) == 64 and token.isalnum()
+
+
+def test_monitoring_objects():
+    objects = render(
+        sets=("monitoring.podMonitor.enabled=true", "monitoring.grafanaDashboard.enabled=true")
+    )
+    (monitor,) = [o for o in objects if o["kind"] == "PodMonitor"]
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    dashboard = next(o for o in objects if o["metadata"]["name"].endswith("grafana-dashboard"))
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    import json
+
+    panels = json.loads(dashboard["data"]["lmforge.json"])["panels"]
+    rows = [p["title"] for p in panels if p["type"] == "row"]
+    assert rows == ["Training", "Serving"]
+    exprs = " ".join(t["expr"] for p in panels for t in p.get("targets", []))
+    assert "lmforge_train_loss" in exprs and "lmforge_serve_requests_total" in exprs
