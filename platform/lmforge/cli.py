@@ -38,6 +38,10 @@ COMMANDS: dict[str, Command] = {
         "lmforge.cluster:cluster_command",
         "start, inspect or stop a local Ray head (up / status / down)",
     ),
+    "train": Command(
+        "stage:train",
+        "pretrain a model with Ray Train + FSDP2 on the data stage's shards (resumes automatically)",
+    ),
     "config": Command(
         "lmforge.config_command:config_command",
         "show a stage's resolved config, or write the config reference",

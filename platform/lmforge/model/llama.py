@@ -1,0 +1,247 @@
+"""A Llama-style decoder on one device: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention.
+
+Read it top to bottom. Nothing here knows about distribution: FSDP2, activation checkpointing,
+torch.compile and mixed precision are applied from outside, in `lmforge.train.parallelize`.
+Only torch is imported, so a GPU box without Ray or pydantic can run the model (bench/gpu_train.sh).
+
+Shapes: B batch, T sequence, D model width, H query heads, K key/value heads, E head dim (D / H),
+V vocabulary, F MLP hidden width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class LlamaConfig:
+    """The architecture. Plain data (JSON in `config.json`), so every stage can rebuild the model."""
+
+    vocab_size: int = 8192
+    dim: int = 384  # D
+    n_layers: int = 6
+    n_heads: int = 6  # H
+    n_kv_heads: int = 2  # K; H % K == 0 (K == H: multi-head, K == 1: multi-query)
+    ffn_dim: int = 1024  # F, the SwiGLU hidden width
+    max_seq_len: int = 512  # longest sequence the rotary table is built for
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # share the token embedding with the output head
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}"
+            )
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(
+                f"head dim {self.dim // self.n_heads} must be even for rotary embeddings"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LlamaConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+# ---------------------------------------------------------------- size and cost
+
+
+def num_params(cfg: LlamaConfig, embeddings: bool = True) -> int:
+    """Parameter count from the config (equals `sum(p.numel())` of the built model)."""
+    D, F_, E = cfg.dim, cfg.ffn_dim, cfg.head_dim
+    attn = D * cfg.n_heads * E * 2 + D * cfg.n_kv_heads * E * 2  # wq, wo, wk, wv
+    mlp = 3 * D * F_  # w1 (gate), w3 (up), w2 (down)
+    per_layer = attn + mlp + 2 * D  # + two RMSNorm weights
+    body = cfg.n_layers * per_layer + D  # + final norm
+    emb = cfg.vocab_size * D
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * D
+    return body + head + (emb if embeddings else 0)
+
+
+def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 * N_matmul + 12 * L * D * T.
+
+    N_matmul counts the weights every token multiplies with: the blocks' linear layers and the
+    output head (the embedding lookup and the norms do no matmul). 6 = 2 FLOPs per
+    multiply-add x (1 forward + 2 backward). The second term is attention's two T x T matmuls
+    (QK^T and AV: 2 * 2 * T * D per token per layer forward, x3 for training), counted for the
+    full square as in the PaLM paper's MFU definition, not halved for the causal mask.
+    """
+    n_matmul = num_params(cfg, embeddings=False) - (2 * cfg.n_layers + 1) * cfg.dim
+    if cfg.tie_embeddings:
+        n_matmul += cfg.vocab_size * cfg.dim  # the tied head still does its matmul
+    return 6.0 * n_matmul + 12.0 * cfg.n_layers * cfg.dim * seq_len
+
+
+# ---------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the activation dtype: the mean of squares underflows in bf16.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_table(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
+    """cos and sin of each position x frequency, stacked: (T, E/2, 2), fp32."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)  # (T, E/2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate each (even, odd) pair of x: (B, T, heads, E) by its position's angle."""
+    T = x.shape[1]
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, heads, E/2, 2)
+    cos = table[:T, None, :, 0]  # (T, 1, E/2), broadcast over batch and heads
+    sin = table[:T, None, :, 1]
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, E)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, E)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, E)
+        # Grouped-query attention: each group of H/K query heads shares one key/value head.
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+        )  # (B, H, T, E)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, F) -> (B, T, D)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope)  # pre-norm residual
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# ---------------------------------------------------------------- the model
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # A ModuleDict keyed "0", "1", ...: FSDP2 wraps each block, and names stay stable.
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Not a parameter and not saved: rebuilt from the config, in fp32 whatever the model dtype.
+        self.register_buffer("rope", torch.empty(0), persistent=False)
+        if self.tok_embeddings.weight.device.type != "meta":
+            self.init_weights()
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """(Re)initialise every weight in place; also after a meta-device build and `to_empty`.
+
+        Normal(0, 0.02) for the inputs of each residual branch and the embeddings; the outputs
+        of each branch (wo, w2) scaled by 1/sqrt(2 * n_layers) so the residual stream's variance
+        stays flat with depth (GPT-2 / OLMo). An untied head gets std 1/sqrt(D), so the initial
+        logits have unit scale at every width and the first loss sits near ln(V) at every preset.
+        """
+        if seed is not None:
+            torch.manual_seed(seed)
+        std, depth_std = 0.02, 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for block in self.layers.values():
+            for lin in (block.attn.wq, block.attn.wk, block.attn.wv, block.mlp.w1, block.mlp.w3):
+                nn.init.trunc_normal_(lin.weight, std=std, a=-3 * std, b=3 * std)
+            for lin in (block.attn.wo, block.mlp.w2):
+                nn.init.trunc_normal_(lin.weight, std=depth_std, a=-3 * depth_std, b=3 * depth_std)
+            block.attn_norm.reset_parameters()
+            block.mlp_norm.reset_parameters()
+        self.norm.reset_parameters()
+        if not self.cfg.tie_embeddings:
+            head_std = self.cfg.dim**-0.5
+            nn.init.trunc_normal_(self.output.weight, std=head_std, a=-3 * head_std, b=3 * head_std)
+        self.reset_rope()
+
+    def reset_rope(self) -> None:
+        device = self.tok_embeddings.weight.device
+        self.rope = rope_table(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta).to(
+            device
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int -> logits (B, T, V)."""
+        T = tokens.shape[1]
+        if self.cfg.max_seq_len < T:
+            raise ValueError(
+                f"sequence of {T} tokens is longer than max_seq_len {self.cfg.max_seq_len}"
+            )
+        x = self.tok_embeddings(tokens)  # (B, T, D)
+        for block in self.layers.values():
+            x = block(x, self.rope)
+        return self.output(self.norm(x))  # (B, T, V)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss in nats, computed in fp32; targets equal to -100 are ignored."""
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(0, 1).long(), ignore_index=-100
+    )

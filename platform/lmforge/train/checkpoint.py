@@ -1,0 +1,185 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP), resume, and the final artifact.
+
+Layout, under `<run>/checkpoints/` (Ray Train's run directory when run by Ray):
+
+    step_00000050/  __0_0.distcp, __1_0.distcp, .metadata   model + optimizer shards (DCP)
+                    train_state.json                           step, rows consumed, world size
+                    rng_<rank>.pt                              each worker's RNG state
+                    _COMPLETE                                  written last, after every worker's files
+
+Saving: every worker writes its own shard into a local temp dir; `ray.train.report(checkpoint=...)`
+uploads and merges them into one checkpoint directory (without Ray: copied there directly);
+after a barrier, rank 0 writes `_COMPLETE`. A checkpoint without the marker (a crash mid-save)
+is never loaded: resume takes the newest complete one. DCP stores each tensor with its global
+shape, so a checkpoint saved by W workers loads into W' workers (or into one plain process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from lmforge import storage
+
+MARKER = "_COMPLETE"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(root: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint under `root`, oldest first."""
+    found = []
+    for marker in storage.list_files(root, suffix=MARKER):
+        parent = marker[: -len(MARKER) - 1]
+        match = STEP_DIR.match(parent.rstrip("/").rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1])
+        if match:
+            found.append((int(match.group(1)), parent))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str) -> tuple[int, str] | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+@dataclass
+class Checkpointer:
+    root: str  # <run>/checkpoints
+    keep_last: int
+    rank: int
+    world_size: int
+    in_ray: bool
+
+    def save(self, step: int, rows: int, model, optimizer, metrics: dict[str, Any]) -> str:
+        """Save a sharded checkpoint of step `step` (every worker calls this); returns its path."""
+        name = step_dir_name(step)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with _local_dir(f"lmforge-ckpt-{name}-r{self.rank}-") as local:
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=local)
+            torch.save(_rng_state(), os.path.join(local, f"rng_{self.rank}.pt"))
+            if self.rank == 0:
+                state = {"step": step, "rows": rows, "world_size": self.world_size}
+                with open(os.path.join(local, "train_state.json"), "w") as f:
+                    json.dump(state, f)
+            if self.in_ray:
+                import ray.train
+
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(local),
+                    checkpoint_dir_name=name,
+                )
+            else:
+                _upload(local, storage.join(self.root, name))
+        _barrier()  # every worker's files are in place before the marker says so
+        path = storage.join(self.root, name)
+        if self.rank == 0:
+            storage.write_text(storage.join(path, MARKER), f"step {step}\n")
+            if not self.in_ray:  # Ray Train prunes its own (CheckpointConfig.num_to_keep)
+                for _, old in complete_checkpoints(self.root)[: -self.keep_last]:
+                    storage.remove(old)
+        return path
+
+    def restore(self, model, optimizer) -> dict[str, Any] | None:
+        """Load the newest complete checkpoint into model and optimizer; its train state, or None."""
+        found = _broadcast(latest_checkpoint(self.root) if self.rank == 0 else None)
+        if found is None:
+            return None
+        step, path = found
+        with _readable(path) as local:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=local)
+            set_state_dict(
+                model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            )
+            with open(os.path.join(local, "train_state.json")) as f:
+                train_state = json.load(f)
+            rng = os.path.join(local, f"rng_{self.rank}.pt")
+            if train_state["world_size"] == self.world_size and os.path.exists(rng):
+                _set_rng_state(torch.load(rng, weights_only=False))
+        train_state["path"] = path
+        return train_state
+
+
+def full_model_state(model) -> dict[str, torch.Tensor]:
+    """The unsharded model state on CPU; a collective (every worker calls it), rank 0 gets it all."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _local_dir(prefix: str) -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _readable(path: str) -> Iterator[str]:
+    """A local directory holding the checkpoint at `path` (downloaded when it is a URI)."""
+    if storage.is_local(path):
+        yield storage.local_path(path)
+        return
+    with _local_dir("lmforge-restore-") as local:
+        fs, inner = storage.resolve(path)
+        pafs.copy_files(inner, local, source_filesystem=fs)
+        yield local
+
+
+def _upload(local: str, dest: str) -> None:
+    fs, inner = storage.resolve(dest)
+    fs.create_dir(inner, recursive=True)
+    pafs.copy_files(local, inner, destination_filesystem=fs)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast(obj: Any) -> Any:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

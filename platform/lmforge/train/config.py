@@ -1,0 +1,243 @@
+"""The pretraining config: one strict pydantic model made of small sub-configs.
+
+Each helper takes only the sub-config it needs (`build_optimizer(cfg.optim, ...)`), so nothing
+downstream sees the whole job config. The model's architecture is a plain dataclass
+(`lmforge.model.LlamaConfig`); `ModelConfig.to_llama` converts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from lmforge.config import NOT_HASHED, StrictModel
+from lmforge.model.llama import LlamaConfig
+from lmforge.model.presets import PRESETS, model_config
+from lmforge.stage import StageConfig
+
+PresetName = Literal["debug", "tiny", "small", "1b", "8b"]
+
+
+class ModelConfig(StrictModel):
+    preset: PresetName | None = Field(
+        "tiny",
+        description="Model size preset (debug, tiny ~10M, small ~125M, 1b, 8b); the fields below override it. None: the LlamaConfig defaults.",
+    )
+    vocab_size: int | None = Field(
+        None, ge=2, description="Vocabulary size. None: the tokenizer's size, from the data."
+    )
+    dim: int | None = Field(None, ge=8, description="Model width D. None: the preset's.")
+    n_layers: int | None = Field(None, ge=1, description="Transformer blocks. None: the preset's.")
+    n_heads: int | None = Field(None, ge=1, description="Query heads. None: the preset's.")
+    n_kv_heads: int | None = Field(
+        None, ge=1, description="Key/value heads (grouped-query attention). None: the preset's."
+    )
+    ffn_dim: int | None = Field(None, ge=1, description="SwiGLU hidden width. None: the preset's.")
+    max_seq_len: int | None = Field(
+        None,
+        ge=1,
+        description="Longest sequence the model supports. None: the preset's, raised to the data's seq_len if shorter.",
+    )
+    rope_theta: float | None = Field(None, gt=0, description="RoPE base. None: the preset's.")
+    tie_embeddings: bool | None = Field(
+        None, description="Share the input embedding with the output head. None: the preset's."
+    )
+
+    def to_llama(self, vocab_size: int | None = None, seq_len: int | None = None) -> LlamaConfig:
+        """The architecture; `vocab_size`/`seq_len` from the data fill what the config leaves open."""
+        fields = self.model_dump(exclude={"preset"})
+        fields["vocab_size"] = fields["vocab_size"] or vocab_size
+        cfg = model_config(self.preset, **fields)
+        if self.max_seq_len is None and seq_len and seq_len > cfg.max_seq_len:
+            cfg.max_seq_len = seq_len
+        return cfg
+
+    @model_validator(mode="after")
+    def _valid_shape(self) -> ModelConfig:
+        try:
+            self.to_llama()
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+
+class DataConfig(StrictModel):
+    path: str | None = Field(
+        None,
+        description="The data stage's output directory (train/, val/, tokenizer.json, manifest.json). A pipeline fills it in.",
+    )
+    shuffle: bool = Field(
+        True, description="Visit the training row groups in a new seeded order each epoch."
+    )
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak."
+    )
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW beta1, beta2.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    weight_decay: float = Field(
+        0.1,
+        ge=0,
+        description="Decoupled weight decay, on weight matrices only (not on norms, biases or embeddings).",
+    )
+    grad_clip: float | None = Field(
+        1.0, gt=0, description="Clip the global gradient norm to this value. None: no clipping."
+    )
+    schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine",
+        description="Learning-rate schedule after warmup: cosine decay, WSD (warmup-stable-decay: constant, then a linear decay over the last decay_fraction), or constant.",
+    )
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps from 0 to the peak.")
+    decay_fraction: float = Field(
+        0.2, gt=0, le=1, description="WSD only: the fraction of steps spent decaying at the end."
+    )
+
+
+class LoopConfig(StrictModel):
+    global_batch_tokens: int = Field(
+        16384,
+        ge=1,
+        description="Tokens per optimizer step over all workers; must be a multiple of seq_len x micro_batch_size x num_workers (the rest is gradient accumulation).",
+    )
+    micro_batch_size: int = Field(
+        4, ge=1, description="Sequences per worker per forward/backward pass."
+    )
+    max_steps: int | None = Field(
+        100, ge=1, description="Optimizer steps to train. None: from max_tokens."
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="Token budget, used when max_steps is None."
+    )
+    seed: int = Field(0, description="Seed of the weight init and the data order.")
+    precision: Literal["bf16", "fp32"] = Field(
+        "bf16",
+        description="bf16: bf16 compute with fp32 master weights (autocast on CPU; FSDP2 MixedPrecisionPolicy, bf16 params and fp32 reduce, on GPU). fp32: everything fp32.",
+    )
+    log_every: int = Field(
+        10, ge=1, description="Steps between metric lines (metrics.jsonl, Ray Train report)."
+    )
+    eval_every: int = Field(
+        50,
+        ge=0,
+        description="Steps between validation passes (and one at the end); 0: only at the end.",
+    )
+    eval_sequences: int = Field(
+        64,
+        ge=1,
+        description="Validation sequences per pass (the first ones of val/, split over the workers; the same set at any worker count).",
+    )
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="Peak TFLOP/s per device for MFU. None: a table by GPU name, or on CPU a short matmul probe in the training dtype.",
+        json_schema_extra=NOT_HASHED,
+    )
+    fault_at_step: int | None = Field(
+        None,
+        ge=1,
+        description="Testing fault tolerance: the last worker crashes once when it reaches this step.",
+    )
+
+
+class CheckpointConfig(StrictModel):
+    every_steps: int = Field(
+        50,
+        ge=0,
+        description="Steps between sharded checkpoints (and one at the end); 0: only at the end.",
+    )
+    keep_last: int = Field(2, ge=1, description="Keep the newest K checkpoints.")
+    resume: bool = Field(
+        True,
+        description="Continue from the newest complete checkpoint in this run's output when there is one.",
+    )
+
+
+class ParallelConfig(StrictModel):
+    fsdp: bool = Field(
+        True,
+        description="Shard params, grads and optimizer state with FSDP2 (per block, then the root).",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute each block's activations in backward (less memory, ~30% more compute).",
+    )
+    compile: bool = Field(False, description="torch.compile each transformer block.")
+    meta_init: bool | None = Field(
+        None,
+        description="Build on the meta device and materialise sharded (no full copy on any worker). None: for models over 500M parameters.",
+    )
+
+
+class ResourcesConfig(StrictModel):
+    num_workers: int = Field(
+        2, ge=1, description="Ray Train workers (one per GPU on GPU clusters)."
+    )
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker reserves.")
+    gpus_per_worker: float = Field(
+        0, ge=0, description="GPUs each worker reserves (0: train on CPU)."
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers across nodes."
+    )
+    accelerator_type: str | None = Field(
+        None,
+        description="Ray accelerator type the workers need (e.g. H100); also the GPU that `lmforge plan` assumes.",
+    )
+    max_failures: int = Field(
+        0,
+        ge=-1,
+        description="Worker-group restarts from the last checkpoint before giving up (-1: unlimited).",
+    )
+
+
+class PlanConfig(StrictModel):
+    assumed_mfu: float = Field(
+        0.4, gt=0, le=1, description="Model FLOPs utilisation `lmforge plan` assumes for wall time."
+    )
+    gpu_type: str = Field(
+        "H100",
+        description="GPU assumed by `lmforge plan` when resources.accelerator_type is unset.",
+    )
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="Memory per GPU for the fit check. None: from the GPU table."
+    )
+
+
+class TrainConfig(StageConfig):
+    name: str = Field(
+        "pretrain", description="Run name (output goes to <runs_dir>/train/<name>-<hash>)."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model architecture.")
+    data: DataConfig = Field(default_factory=DataConfig, description="The packed token shards.")
+    optim: OptimConfig = Field(
+        default_factory=OptimConfig, description="AdamW and the LR schedule."
+    )
+    train: LoopConfig = Field(
+        default_factory=LoopConfig, description="Batch, steps, precision, logging, eval."
+    )
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Sharded checkpoints and resume."
+    )
+    parallel: ParallelConfig = Field(
+        default_factory=ParallelConfig, description="FSDP2, activation checkpointing, compile."
+    )
+    resources: ResourcesConfig = Field(
+        default_factory=ResourcesConfig, description="Ray Train workers and what each reserves."
+    )
+    plan: PlanConfig = Field(
+        default_factory=PlanConfig, description="Assumptions of `lmforge plan`."
+    )
+
+
+def scaffold(preset: str) -> dict:
+    """Values `lmforge init --preset` writes into configs/train.yaml."""
+    big = preset in ("1b", "8b")
+    return {
+        "model": {"preset": preset if preset in PRESETS else "tiny"},
+        "train": {"global_batch_tokens": 524288 if big else 16384, "micro_batch_size": 4},
+        "resources": {"num_workers": 8 if big else 2, "gpus_per_worker": 1 if big else 0},
+    }

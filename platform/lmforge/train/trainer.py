@@ -1,0 +1,139 @@
+"""The `train` stage: validate, then run the per-worker loop on Ray Train's TorchTrainer.
+
+Ray Train runs `ray_train_worker` on `resources.num_workers` workers (gloo process group on
+CPU, NCCL on GPUs), keeps Ray's run directory at `<run>/checkpoints` (so the checkpoints and
+Ray's own record of them live with the run), restarts the worker group from the newest
+checkpoint up to `resources.max_failures` times, and keeps the last `checkpoint.keep_last`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lmforge import LmforgeError, StageFailed, storage
+from lmforge.config import config_dict
+from lmforge.stage import Stage, StageContext
+from lmforge.train.config import ResourcesConfig, TrainConfig, scaffold
+from lmforge.train.data import PackedShards, batch_plan, read_manifest
+
+
+def validate_inputs(cfg: TrainConfig) -> dict[str, Any]:
+    """Everything that can be checked before workers start: data, shapes, batch split."""
+    manifest = read_manifest(cfg.data.path or "")
+    train = PackedShards(storage.join(cfg.data.path, "train"))
+    batch_plan(
+        cfg.train.global_batch_tokens,
+        cfg.train.micro_batch_size,
+        cfg.resources.num_workers,
+        train.seq_len,
+    )
+    if cfg.resources.num_workers > 1 and not cfg.parallel.fsdp:
+        raise LmforgeError(
+            "parallel.fsdp=false trains on one worker only: set resources.num_workers=1"
+        )
+    return manifest
+
+
+def worker_slots(resources: ResourcesConfig, nodes: list[dict[str, Any]]) -> list[int]:
+    """How many workers fit on each alive node, by its total CPUs, GPUs and accelerator type."""
+    slots = []
+    for node in nodes:
+        have = node.get("Resources", {})
+        if resources.accelerator_type and not have.get(
+            f"accelerator_type:{resources.accelerator_type}"
+        ):
+            slots.append(0)
+            continue
+        fits = math.floor(have.get("CPU", 0) / resources.cpus_per_worker + 1e-9)
+        if resources.gpus_per_worker:
+            fits = min(fits, math.floor(have.get("GPU", 0) / resources.gpus_per_worker + 1e-9))
+        slots.append(fits)
+    return slots
+
+
+def validate_resources(resources: ResourcesConfig, nodes: list[dict[str, Any]]) -> None:
+    """Refuse, in one line, a worker group that this cluster can never place (instead of a hang)."""
+    alive = [n for n in nodes if n.get("Alive", True)]
+    slots = worker_slots(resources, alive)
+    n = resources.num_workers
+    fits = {
+        "PACK": sum(slots) >= n,
+        "SPREAD": sum(slots) >= n,
+        "STRICT_PACK": max(slots, default=0) >= n,
+        "STRICT_SPREAD": sum(1 for s in slots if s >= 1) >= n,
+    }[resources.placement_strategy]
+    if fits:
+        return
+    cpus = sum(nd.get("Resources", {}).get("CPU", 0) for nd in alive)
+    gpus = sum(nd.get("Resources", {}).get("GPU", 0) for nd in alive)
+    want = f"{n} worker(s) x ({resources.cpus_per_worker:g} CPU"
+    want += f", {resources.gpus_per_worker:g} GPU" if resources.gpus_per_worker else ""
+    want += f"{', ' + resources.accelerator_type if resources.accelerator_type else ''})"
+    raise LmforgeError(
+        f"resources: {want} with placement {resources.placement_strategy} do not fit this cluster "
+        f"({len(alive)} node(s), {cpus:g} CPU, {gpus:g} GPU in total; at most {sum(slots)} such "
+        "worker(s)): lower resources.num_workers / cpus_per_worker / gpus_per_worker, or add nodes"
+    )
+
+
+def build_trainer(cfg: TrainConfig, output: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from lmforge.train.loop import ray_train_worker
+
+    res = cfg.resources
+    storage_path = storage.local_path(output) if storage.is_local(output) else output
+    return TorchTrainer(
+        ray_train_worker,
+        train_loop_config={"config": config_dict(cfg), "output": output},
+        torch_config=TorchConfig(backend="nccl" if res.gpus_per_worker else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=res.num_workers,
+            use_gpu=res.gpus_per_worker > 0,
+            resources_per_worker={
+                "CPU": res.cpus_per_worker,
+                **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {}),
+            },
+            placement_strategy=res.placement_strategy,
+            accelerator_type=res.accelerator_type,
+        ),
+        run_config=RunConfig(
+            name="checkpoints",
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=res.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+        ),
+    )
+
+
+def run(cfg: TrainConfig, ctx: StageContext) -> dict[str, Any]:
+    import ray
+
+    validate_inputs(cfg)
+    validate_resources(cfg.resources, ray.nodes())
+    trainer = build_trainer(cfg, ctx.output)
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps the worker's error; one line names it
+        cause = getattr(e, "cause", None) or e.__cause__ or e
+        raise StageFailed(
+            f"training failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1:]}"
+            f" (logs: the Ray dashboard; checkpoints: {storage.join(ctx.output, 'checkpoints')})"
+        ) from e
+    summary = storage.read_json(storage.join(ctx.output, "train_summary.json"))
+    summary["model"] = storage.join(ctx.output, "model")
+    return summary
+
+
+STAGE = Stage(
+    name="train",
+    config_cls=TrainConfig,
+    run=run,
+    help="Pretrain a Llama-style model on the data stage's packed shards with Ray Train and FSDP2: "
+    "sharded checkpoints, automatic resume, MFU; the model artifact goes to <run>/model/.",
+    input_field="data.path",
+    scaffold=scaffold,
+    job="pretrain",
+)
