@@ -1,6 +1,7 @@
 """RayJob entry point of the `check` stage: python jobs/check.py -c CONFIG [--set k=v ...]"""
 
 import _bootstrap  # noqa: F401  (puts the shipped lmforge source on sys.path)
+
 from lmforge.stage import job_main
 
 if __name__ == "__main__":
