@@ -6,7 +6,8 @@ Both run as Ray Data shuffles, never by collecting documents on the driver:
 - near: each survivor's MinHash signature is cut into `bands` bands of `rows` values; every
   (band, band hash) is a bucket key. `groupby(bucket)` meets the documents that share a bucket;
   in each bucket the smallest id is compared with the others by estimated Jaccard (the fraction
-  of equal signature values) and an edge is emitted where it reaches `threshold`. Only these
+  of equal signature values) and an edge is emitted where it reaches `threshold` (less two
+  standard errors of the estimate). Only these
   edges (one per duplicate candidate, far fewer than documents) reach the driver, where
   union-find resolves connected components; the smallest id of each component survives.
 """
@@ -36,9 +37,13 @@ def exact_hash(text: str) -> int:
     )
 
 
-def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows) minimising false-positive + false-negative probability mass at
-    `threshold`, as datasketch's MinHashLSH chooses them (equal weights)."""
+def optimal_bands(
+    threshold: float, num_perm: int, fp_weight: float = 0.2, fn_weight: float = 0.8
+) -> tuple[int, int]:
+    """(bands, rows) minimising the weighted false-positive + false-negative probability mass
+    at `threshold`, as datasketch's MinHashLSH chooses them. Its default weights are equal;
+    ours favour recall (0.2 / 0.8) because every candidate pair is verified afterwards, so a
+    false positive costs a comparison, not a wrongly dropped document."""
 
     def area(f, a, b, n=200):
         xs = np.linspace(a, b, n)
@@ -49,8 +54,9 @@ def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
         for r in range(1, num_perm // b + 1):
             fp = area(lambda s, b=b, r=r: 1 - (1 - s**r) ** b, 0.0, threshold)
             fn = area(lambda s, b=b, r=r: 1 - (1 - (1 - s**r) ** b), threshold, 1.0)
-            if fp + fn < best_err:
-                best, best_err = (b, r), fp + fn
+            err = fp_weight * fp + fn_weight * fn
+            if err < best_err:
+                best, best_err = (b, r), err
     return best
 
 
@@ -139,9 +145,15 @@ def explode_bands(batch: pa.Table) -> pa.Table:
     )
 
 
+def verify_cutoff(threshold: float, num_perm: int) -> float:
+    """The estimated Jaccard a candidate pair needs: `threshold` less two standard errors of
+    the estimate, so pairs truly at the threshold are not lost to estimation noise."""
+    return threshold - 2 * (threshold * (1 - threshold) / num_perm) ** 0.5
+
+
 def bucket_edges(block: pa.Table, threshold: float) -> pa.Table:
     """Per LSH bucket: an edge from its smallest id to each other id whose estimated Jaccard
-    (fraction of equal MinHash values) reaches `threshold`."""
+    (fraction of equal MinHash values) reaches `verify_cutoff(threshold, num_perm)`."""
     empty = pa.table({"src": pa.array([], pa.int64()), "dst": pa.array([], pa.int64())})
     if len(block) < 2:
         return empty
@@ -155,7 +167,7 @@ def bucket_edges(block: pa.Table, threshold: float) -> pa.Table:
     values = sig.flatten().to_numpy().reshape(-1, width)
     sim = (values[rows] == values[start[rows]]).mean(axis=1)
     ids = block.column("id").to_numpy()
-    hit = rows[sim >= threshold]
+    hit = rows[sim >= verify_cutoff(threshold, width)]
     return pa.table({"src": ids[start[hit]], "dst": ids[hit]})
 
 

@@ -266,6 +266,16 @@ def _valid_ip(text: str, keep_private: bool) -> bool:
     return not (keep_private and (ip.is_private or ip.is_loopback or ip.is_unspecified))
 
 
+def _ipv6_shape(keep_private: bool):
+    # `a::b` and `1::2` are valid IPv6 but far more often slices or C++ scopes in text: ask for
+    # at least three colons and a digit (the loopback ::1 aside)
+    def check(s: str) -> bool:
+        shaped = s == "::1" or (s.count(":") >= 3 and any(ch.isdigit() for ch in s))
+        return shaped and _valid_ip(s, keep_private)
+
+    return check
+
+
 class Pii(Step):
     """Emails, then IPv4/IPv6 (validated by `ipaddress`), then phone numbers (with separators,
     e.g. +1 (555) 123-4567, 020 7946 0958); counts replacements per kind."""
@@ -295,7 +305,7 @@ class Pii(Step):
                 "ipv6",
                 _IPV6,
                 c.ip,
-                lambda s: s.count(":") >= 2 and _valid_ip(s, c.keep_private_ips),
+                _ipv6_shape(c.keep_private_ips),
             )
         if c.phone is not None:
             sub("phone", _PHONE, c.phone, lambda s: 7 <= sum(ch.isdigit() for ch in s) <= 15)

@@ -1,0 +1,116 @@
+"""Reading sources: every format, record-level rejects with line numbers, errors up front."""
+
+from __future__ import annotations
+
+import gzip
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lmforge import LmforgeError
+from lmforge.data import builtin
+from lmforge.data.config import SourceConfig
+from lmforge.data.sources import doc_id, read_file, resolve_sources
+
+from .corpus import write_poisoned
+
+LIMIT = 8 * 2**20
+
+
+def read_all(src: SourceConfig) -> pa.Table:
+    items = [item for files in resolve_sources([src]) for item in files]
+    return pa.concat_tables(t for item in items for t in read_file(src, item, LIMIT, 4))
+
+
+def test_poisoned_jsonl_exact_counts_and_no_valid_doc_lost(tmp_path):
+    expected = write_poisoned(tmp_path / "poison.jsonl", random.Random(1))
+    table = read_all(SourceConfig(path=str(tmp_path / "poison.jsonl")))
+    kept = table.filter(pa.compute.equal(table["reject"], ""))
+    assert kept["text"].to_pylist() == expected["valid"]
+    rejected = table.filter(pa.compute.not_equal(table["reject"], "")).to_pylist()
+    got: dict[str, list[int]] = {}
+    for row in rejected:
+        got.setdefault(row["reject"], []).append(row["line"])
+        assert row["step"] == "read" and len(row["text"]) <= 200  # a snippet, not the 20 MB
+    assert got == expected["rejects"]
+    # line numbers: the valid document after the bad UTF-8 line is line 5
+    assert kept.to_pylist()[2]["line"] == 5
+
+
+def test_ids_are_stable_and_distinct(tmp_path):
+    (tmp_path / "a.txt").write_text("one line\nanother line\n")
+    src = SourceConfig(path=str(tmp_path), txt_mode="line", name="mine")
+    first = read_all(src)["id"].to_pylist()
+    assert first == read_all(src)["id"].to_pylist()
+    assert first == [doc_id("mine", "a.txt", 1), doc_id("mine", "a.txt", 2)]
+    assert len(set(first)) == 2
+
+
+def test_txt_modes_and_gzip(tmp_path):
+    text = "para one line a\npara one line b\n\n\npara two\n"
+    (tmp_path / "doc.txt").write_text(text)
+    with gzip.open(tmp_path / "more.jsonl.gz", "wt") as f:
+        f.write('{"content": "zipped doc"}\n')
+    whole = read_all(SourceConfig(path=str(tmp_path / "doc.txt")))
+    assert whole["text"].to_pylist() == [text] and whole["line"].to_pylist() == [1]
+    paras = read_all(SourceConfig(path=str(tmp_path / "doc.txt"), txt_mode="paragraph"))
+    assert paras["text"].to_pylist() == ["para one line a\npara one line b", "para two"]
+    assert paras["line"].to_pylist() == [1, 5]
+    lines = read_all(SourceConfig(path=str(tmp_path / "doc.txt"), txt_mode="line"))
+    assert lines["line"].to_pylist() == [1, 2, 5]
+    zipped = read_all(SourceConfig(path=str(tmp_path / "*.gz"), text_field="content"))
+    assert zipped["text"].to_pylist() == ["zipped doc"]
+
+
+def test_parquet_csv_and_json_array(tmp_path):
+    pq.write_table(
+        pa.table({"text": ["a doc", None, "b doc"], "n": [1, 2, 3]}), tmp_path / "t.parquet"
+    )
+    (tmp_path / "t.csv").write_text('id,text\n1,"first, with comma"\n2,second\n')
+    (tmp_path / "t.json").write_text('[{"text": "in array"}, {"text": 5}]')
+    pqt = read_all(SourceConfig(path=str(tmp_path / "t.parquet")))
+    assert pqt["reject"].to_pylist() == ["", "missing_field", ""]
+    assert pqt["line"].to_pylist() == [1, 2, 3]
+    csvt = read_all(SourceConfig(path=str(tmp_path / "t.csv")))
+    assert csvt["text"].to_pylist() == ["first, with comma", "second"]
+    js = read_all(SourceConfig(path=str(tmp_path / "t.json")))
+    assert js["reject"].to_pylist() == ["", "non_string_field"]
+    numbers = read_all(SourceConfig(path=str(tmp_path / "t.parquet"), text_field="n"))
+    assert set(numbers["reject"].to_pylist()) == {"non_string_field"}
+
+
+def test_weight_downsamples_deterministically(tmp_path):
+    (tmp_path / "a.txt").write_text("".join(f"line {i}\n" for i in range(400)))
+    half = read_all(SourceConfig(path=str(tmp_path), txt_mode="line", weight=0.5))
+    sampled = half["reject"].to_pylist().count("sampled_out")
+    assert 140 < sampled < 260
+    assert (
+        half["reject"].to_pylist()
+        == read_all(SourceConfig(path=str(tmp_path), txt_mode="line", weight=0.5))[
+            "reject"
+        ].to_pylist()
+    )
+    double = read_all(SourceConfig(path=str(tmp_path), txt_mode="line", weight=2))
+    assert set(double["copies"].to_pylist()) == {2}
+
+
+def test_bad_paths_are_one_line_errors(tmp_path):
+    with pytest.raises(LmforgeError, match="no such file"):
+        resolve_sources([SourceConfig(path=str(tmp_path / "missing.jsonl"))])
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(LmforgeError, match="no readable input files"):
+        resolve_sources([SourceConfig(path=str(tmp_path))])
+    with pytest.raises(LmforgeError, match="builtin:python-docs"):
+        resolve_sources([SourceConfig(path="builtin:nope")])
+
+
+def test_builtin_python_docs():
+    files = builtin.python_docs_files()
+    assert builtin.TOPICS in files and "json/__init__.py" in files
+    docs = dict(builtin.python_docs_records("json/__init__.py"))
+    assert docs[1].startswith("Module json\n\nJSON (JavaScript Object Notation)")
+    assert any(t.startswith("json.dumps(") for t in docs.values())
+    topics = list(builtin.python_docs_records(builtin.TOPICS))
+    assert len(topics) > 50 and any(t.startswith("if\n\n") for _, t in topics)
