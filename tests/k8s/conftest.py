@@ -157,3 +157,49 @@ def _strict(node: Any) -> Any:
 
 def manifest_docs(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def rayjob_entrypoint_config(docs: list[dict], job: dict) -> tuple[str, str, str, list[str]]:
+    """Follow a RayJob's entrypoint to the config file its head pod would read.
+
+    Returns (job script, config path relative to the working directory, the file's text as the
+    pod sees it, the --set overrides). The path resolves through the head container's
+    workingDir and volumeMounts to a projected ConfigMap item, and the ConfigMap is looked up
+    among `docs` (the objects applied together with the RayJob).
+    """
+    import shlex
+
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:1] == ["python"] and argv[2] == "-c", argv
+    script, config, rest = argv[1], argv[3], argv[4:]
+    overrides = [rest[i + 1] for i in range(0, len(rest), 2) if rest[i] == "--set"]
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    container = head["containers"][0]
+    full = f"{container['workingDir']}/{config}"
+    volumes = {v["name"]: v for v in head["volumes"]}
+    configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    for mount in container["volumeMounts"]:
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        if not full.startswith(prefix):
+            continue
+        for source in volumes[mount["name"]]["projected"]["sources"]:
+            for item in source["configMap"]["items"]:
+                if item["path"] == full[len(prefix) :]:
+                    data = configmaps[source["configMap"]["name"]]["data"]
+                    return script, config, data[item["key"]], overrides
+    raise AssertionError(f"{job['metadata']['name']}: no mounted ConfigMap provides {full}")
+
+
+def stage_for_job(script: str):
+    """The registered lmforge Stage whose RayJob entry point is `script`, or None."""
+    from lmforge import ConfigError
+    from lmforge.stage import STAGES, get_stage
+
+    for name in STAGES:
+        try:
+            stage = get_stage(name)
+        except ConfigError:
+            continue  # a stage being written by someone else that does not import yet
+        if stage.job_script == script:
+            return stage
+    return None
