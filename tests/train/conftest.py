@@ -78,6 +78,17 @@ def make_packed_data(
     return out
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: deterministic, and no OpenMP spinning on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def packed_data(tmp_path_factory) -> Path:
     return make_packed_data(tmp_path_factory.mktemp("data") / "data-fixture")

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -76,7 +77,8 @@ class Checkpointer:
         name = step_dir_name(step)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         with _local_dir(f"lmforge-ckpt-{name}-r{self.rank}-") as local:
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=local)
+            with _single_process_ok():
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=local)
             torch.save(_rng_state(), os.path.join(local, f"rng_{self.rank}.pt"))
             if self.rank == 0:
                 state = {"step": step, "rows": rows, "world_size": self.world_size}
@@ -110,7 +112,8 @@ class Checkpointer:
         with _readable(path) as local:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
-            dcp.load(state, checkpoint_id=local)
+            with _single_process_ok():
+                dcp.load(state, checkpoint_id=local)
             set_state_dict(
                 model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
             )
@@ -157,6 +160,15 @@ def _upload(local: str, dest: str) -> None:
     fs, inner = storage.resolve(dest)
     fs.create_dir(inner, recursive=True)
     pafs.copy_files(local, inner, destination_filesystem=fs)
+
+
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """DCP warns when it runs without a process group; for a 1-process run that is the intent."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _barrier() -> None:

@@ -1,0 +1,131 @@
+"""The train stage on Ray Train: 2 CPU workers with FSDP2 against 1 process, an injected worker
+fault with recovery, resharding 2 -> 1, resource validation. Two Ray Train runs are shared by
+the tests (each ~30 s on a 2-core machine)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge import LmforgeError, storage
+from lmforge.model.artifact import load_model
+from lmforge.stage import get_stage, run_stage
+from lmforge.train.checkpoint import Checkpointer, latest_checkpoint
+from lmforge.train.config import TrainConfig
+from lmforge.train.loop import run_local
+from lmforge.train.optim import build_optimizer
+from lmforge.train.parallelize import build_model
+from tests.train.conftest import tiny_train_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+# Ray reports cost a controller round trip: log every 2 steps, checkpoints at 4 and 8.
+RAY_TRAIN = {"log_every": 2}
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def curve(out) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(out) if "loss" in m}
+
+
+@pytest.fixture(scope="module")
+def ray_runs(ray_local, packed_data, tmp_path_factory):
+    """An uninterrupted 2-worker run, and one whose last worker crashes at step 6."""
+    runs = tmp_path_factory.mktemp("runs")
+    stage = get_stage("train")
+    clean = TrainConfig.model_validate(tiny_train_config(packed_data, runs, train=RAY_TRAIN))
+    faulty = TrainConfig.model_validate(
+        tiny_train_config(
+            packed_data,
+            runs,
+            name="faulty",
+            train={**RAY_TRAIN, "fault_at_step": 6},
+            resources={"num_workers": 2, "max_failures": 1},
+        )
+    )
+    return {
+        "clean": run_stage(stage, clean, quiet=True),
+        "faulty": run_stage(stage, faulty, quiet=True),
+        "config": clean,
+        "runs": runs,
+    }
+
+
+def test_two_fsdp_workers_match_one_process_of_the_same_global_batch(ray_runs, tmp_path):
+    """Tolerance: 1e-5 absolute on the loss (fp32; FSDP's reduce-scatter sums in another order)."""
+    ray_out = ray_runs["clean"].output
+    single = ray_runs["config"].model_copy(
+        update={
+            "resources": ray_runs["config"].resources.model_copy(update={"num_workers": 1}),
+            "parallel": ray_runs["config"].parallel.model_copy(update={"fsdp": False}),
+        }
+    )
+    run_local(single, str(tmp_path / "single"))
+    two, one = curve(Path(ray_out)), curve(tmp_path / "single")
+    assert list(two) == [2, 4, 6, 8] and set(two) <= set(one)
+    for step, loss in two.items():
+        assert loss == pytest.approx(one[step], abs=1e-5), step
+    final_val = [m["val_loss"] for m in metrics(tmp_path / "single") if "val_loss" in m][-1]
+    assert ray_runs["clean"].summary["val_loss"] == pytest.approx(final_val, abs=1e-5)
+    summary = ray_runs["clean"].summary
+    assert summary["steps"] == 8 and summary["tokens"] == 8 * 512
+    assert summary["tokens_per_s"] > 0 and 0 < summary["mfu"] < 1
+
+
+def test_injected_worker_fault_recovers_from_the_last_checkpoint(ray_runs):
+    clean, faulty = Path(ray_runs["clean"].output), Path(ray_runs["faulty"].output)
+    assert (faulty / "fault_injected_at_6").exists()
+    assert ray_runs["faulty"].summary["steps_this_run"] == 4  # the restarted group began at 4
+    after = {s: v for s, v in curve(faulty).items() if s > 4}
+    assert after == {s: v for s, v in curve(clean).items() if s > 4}  # the same curve, exactly
+    assert sorted(curve(faulty)) == [2, 4, 6, 8]  # no duplicate lines from the lost attempt
+    assert (faulty / "model" / "model.safetensors").exists()
+
+
+def test_checkpoint_of_two_workers_loads_into_one_process(ray_runs):
+    """Resharding 2 -> 1: the FSDP2 checkpoint loads into a plain model and optimizer."""
+    out = ray_runs["clean"].output
+    root = storage.join(out, "checkpoints")
+    step, _ = latest_checkpoint(root)
+    assert step == 8
+    cfg = ray_runs["config"]
+    artifact = load_model(storage.join(out, "model"))
+    model = build_model(artifact.cfg, torch.device("cpu"), seed=123, fsdp=False)
+    optimizer = build_optimizer(cfg.optim, model, torch.device("cpu"))
+    state = Checkpointer(root, 2, rank=0, world_size=1, in_ray=False).restore(model, optimizer)
+    assert state["step"] == 8 and state["world_size"] == 2 and state["rows"] == 8 * 8
+    for name, tensor in artifact.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    adam = optimizer.state[model.layers["0"].attn.wq.weight]
+    assert int(adam["step"]) == 8 and adam["exp_avg_sq"].abs().sum() > 0
+    # Ray Train kept the last checkpoint.keep_last=2 checkpoints
+    assert [p.name for p in sorted(Path(root).glob("step_*"))] == [
+        "step_00000004",
+        "step_00000008",
+    ]
+
+
+def test_rerunning_a_finished_run_is_a_no_op(ray_runs):
+    result = run_stage(get_stage("train"), ray_runs["config"], quiet=True)
+    assert result.status == "skipped" and result.output == ray_runs["clean"].output
+
+
+def test_asking_for_more_than_the_cluster_has_fails_before_training(
+    ray_local, packed_data, tmp_path
+):
+    cfg = TrainConfig.model_validate(
+        tiny_train_config(packed_data, tmp_path, resources={"num_workers": 4})
+    )
+    with pytest.raises(LmforgeError, match=r"4 worker\(s\) x \(1 CPU\).*do not fit this cluster"):
+        run_stage(get_stage("train"), cfg, quiet=True)
+    gpu = TrainConfig.model_validate(
+        tiny_train_config(packed_data, tmp_path, resources={"num_workers": 2, "gpus_per_worker": 1})
+    )
+    with pytest.raises(LmforgeError, match=r"1 GPU.*0 GPU in total"):
+        run_stage(get_stage("train"), gpu, quiet=True)
