@@ -45,7 +45,7 @@ def test_helm_lint_strict(values):
 def test_every_object_validates(values, sets):
     objects = render(*values, sets=sets)
     kinds = {o["kind"] for o in objects}
-    assert {"ServiceAccount", "NetworkPolicy", "ConfigMap", "RayJob"} <= kinds | {"RayJob"}
+    assert {"ServiceAccount", "NetworkPolicy", "ConfigMap", "RayJob"} <= kinds
     for obj in objects:
         where = f"{obj['kind']}/{obj['metadata']['name']}"
         if obj["apiVersion"] == "ray.io/v1":
@@ -64,6 +64,21 @@ def test_every_object_validates(values, sets):
                 pytest.fail(
                     f"{where} is not valid Kubernetes {KUBERNETES_VERSION}: {e.message} at {list(e.path)}"
                 )
+
+
+@pytest.mark.parametrize(("values", "sets"), VALUE_SETS)
+def test_rayjobs_keep_kuberays_own_rules(values, sets):
+    """Rules the KubeRay controller enforces beyond its CRD schema (a violation fails the RayJob)."""
+    for job in [o for o in render(*values, sets=sets) if o["kind"] == "RayJob"]:
+        spec, name = job["spec"], job["metadata"]["name"]
+        assert bool(spec.get("clusterSelector")) != bool(spec.get("rayClusterSpec")), name
+        if not spec["shutdownAfterJobFinishes"]:
+            assert spec.get("ttlSecondsAfterFinished", 0) == 0, f"{name}: a TTL needs shutdown"
+        if spec.get("clusterSelector"):
+            assert not spec.get("suspend") and not spec["shutdownAfterJobFinishes"], name
+        assert spec["submissionMode"] == "K8sJobMode" and spec["entrypoint"].startswith(
+            "python jobs/"
+        )
 
 
 def test_crd_validation_catches_a_typo():
@@ -98,6 +113,7 @@ def test_crd_validation_catches_a_typo():
         ),
         (("stages.check.job=../evil",), "/stages/check/job"),
         (("image.repository=",), "/image/repository"),
+        (("rayCluster.enabled=true", "jobs.suspend=true"), "stages.check: suspend"),
     ],
     ids=lambda v: v[0] if isinstance(v, tuple) else None,
 )
@@ -110,33 +126,59 @@ def test_bad_override_fails_naming_it():
     assert "stages/check/overrides/0" in err or "stages.check.overrides[0]" in err
 
 
-def test_every_value_is_documented():
-    """values.yaml is the chart's API: every key has a `# --` comment, or sits under one that has."""
-    undocumented = []
-    documented_at: list[int] = []  # indents of documented ancestors
-    comment = False
-    for line in (CHART / "values.yaml").read_text().splitlines():
+def undocumented_keys(values_yaml: str) -> list[str]:
+    """Values without a `# --` comment (dotted paths).
+
+    A key with a comment and no commented key below it is documented as a whole (e.g. a
+    `resources:` block); a key with commented keys below it is a group, and each of its
+    children must be documented in turn, like helm-docs lists them.
+    """
+    root: dict = {"children": [], "comment": False, "indent": -1, "key": ""}
+    stack, comment = [root], False
+    for line in values_yaml.splitlines():
         stripped = line.strip()
         if stripped.startswith("# --"):
             comment = True
             continue
-        if not stripped or stripped.startswith("#"):
+        key = re.match(r"^(\s*)([A-Za-z0-9_.\-/]+):", line)
+        if not key:  # a blank line, another comment, a list item: not a key of its own
             continue
-        indent = len(line) - len(line.lstrip())
-        documented_at = [i for i in documented_at if i < indent]
-        key = re.match(r"^\s*([A-Za-z0-9_.\-/]+):", line)
-        if key and not stripped.startswith("- "):
-            if comment:
-                documented_at.append(indent)
-            elif not documented_at and not _is_group(line):
-                undocumented.append(key.group(1))
+        node = {
+            "children": [],
+            "comment": comment,
+            "indent": len(key.group(1)),
+            "key": key.group(2),
+        }
         comment = False
-    assert not undocumented, f"values without a `# --` comment: {undocumented}"
+        while stack[-1]["indent"] >= node["indent"]:
+            stack.pop()
+        stack[-1]["children"].append(node)
+        stack.append(node)
+
+    def has_docs(node: dict) -> bool:
+        return any(c["comment"] or has_docs(c) for c in node["children"])
+
+    missing: list[str] = []
+
+    def walk(node: dict, path: str) -> None:
+        for child in node["children"]:
+            dotted = f"{path}{child['key']}"
+            if not has_docs(child):
+                if not child["comment"]:
+                    missing.append(dotted)
+            else:
+                walk(child, dotted + ".")
+
+    walk(root, "")
+    return missing
 
 
-def _is_group(line: str) -> bool:
-    """A key that only groups others (`image:` with nothing after it): its children carry the docs."""
-    return line.rstrip().endswith(":")
+def test_every_value_is_documented():
+    """values.yaml is the chart's API: every value has a `# --` comment, or sits under one that has."""
+    text = (CHART / "values.yaml").read_text()
+    assert undocumented_keys(text) == []
+    without_one = re.sub(r"^ *# -- Pods at start\.\n", "", text, count=1, flags=re.M)
+    assert undocumented_keys(without_one) == ["ray.workerGroups.cpu.replicas"]
 
 
 def test_ray_version_is_the_one_pin():
