@@ -42,6 +42,10 @@ COMMANDS: dict[str, Command] = {
         "stage:train",
         "pretrain a model with Ray Train + FSDP2 on the data stage's shards (resumes automatically)",
     ),
+    "data": Command(
+        "lmforge.data.prepare:data_command",
+        "prepare training data: clean, dedup, tokenize, pack (`lmforge data prepare -c CONFIG`)",
+    ),
     "config": Command(
         "lmforge.config_command:config_command",
         "show a stage's resolved config, or write the config reference",

@@ -34,11 +34,12 @@ from lmforge.config import (
 # name -> "module:attribute" of its Stage; each stage issue adds its line.
 STAGES: dict[str, str] = {
     "check": "lmforge.check:STAGE",
+    "data": "lmforge.data.prepare:STAGE",
     "train": "lmforge.train.trainer:STAGE",
 }
 
 # The stages of a model project in order: `lmforge init` writes one config each.
-DEFAULT_PIPELINE: list[str] = ["check", "train"]
+DEFAULT_PIPELINE: list[str] = ["check", "data", "train"]
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 
