@@ -36,10 +36,11 @@ STAGES: dict[str, str] = {
     "check": "lmforge.check:STAGE",
     "data": "lmforge.data.prepare:STAGE",
     "train": "lmforge.train.trainer:STAGE",
+    "eval": "lmforge.eval.evaluate:STAGE",
 }
 
 # The stages of a model project in order: `lmforge init` writes one config each.
-DEFAULT_PIPELINE: list[str] = ["check", "data", "train"]
+DEFAULT_PIPELINE: list[str] = ["check", "data", "train", "eval"]
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 

@@ -1,0 +1,173 @@
+"""Built-in tasks that need no download, derived at run time from the built-in corpus.
+
+They are built only from the stdlib modules that `lmforge.eval.heldout.is_held_out` holds out
+of `builtin:python-docs` (the data stage skips those documents), read with `ast` as the corpus
+itself is, never imported. The items are sorted, and a seeded sample keeps a spread of modules
+when a limit applies, so the same Python version always gives the same items.
+
+- `stdlib-module-mc`: "which module documents this function?" given its signature and the first
+  sentence of its docstring. Four choices: the function's module and one module from each of
+  three other held-out packages, in a seeded order.
+- `stdlib-docstring-gen`: "what does `module.function` do?" The prompt is the corpus's own
+  header of a function document, `module.function(args)` and a blank line; the generated text up
+  to the first sentence end is scored with F1 (and exact match) against the first sentence of
+  the docstring.
+- `stdlib-heldout-text`: perplexity and bits-per-byte of the held-out documents, exactly as the
+  corpus renders them (module, class and function documents).
+- `bias-pairs`: a small CrowS-Pairs-style probe set written for lmforge
+  (resources/eval/bias_pairs.jsonl).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import random
+import re
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from lmforge import ConfigError
+from lmforge.eval.heldout import is_held_out_path, module_of_path
+from lmforge.eval.tasks import TaskSpec
+
+SAMPLE_SEED = 20240611
+MAX_ITEMS = 400  # per built-in task, before a task's `limit`
+
+BUILTIN_TASKS: dict[str, dict[str, Any]] = {
+    "stdlib-module-mc": {
+        "type": "multiple_choice",
+        "prompt": "Function: {function}\nDescription: {summary}\n"
+        "Question: Which Python standard library module documents this function?\nAnswer:",
+    },
+    "stdlib-docstring-gen": {
+        "type": "generation",
+        "stop": ["\n\n", ". ", ".\n"],
+        "max_new_tokens": 32,
+    },
+    "stdlib-heldout-text": {"type": "perplexity"},
+    "bias-pairs": {"type": "bias_pairs"},
+}
+
+
+def builtin_task(name: str) -> TaskSpec:
+    if name not in BUILTIN_TASKS:
+        raise ConfigError(
+            f"unknown built-in task 'builtin:{name}'; built in: "
+            + ", ".join(f"builtin:{n}" for n in BUILTIN_TASKS)
+        )
+    return TaskSpec(name=name, file=f"builtin:{name}", **BUILTIN_TASKS[name])
+
+
+def builtin_items(name: str) -> list[dict[str, Any]]:
+    if name == "bias-pairs":
+        path = resources.files("lmforge") / "resources" / "eval" / "bias_pairs.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if name == "stdlib-heldout-text":
+        return _sample(heldout_documents())
+    functions = heldout_functions()
+    if name == "stdlib-module-mc":
+        return _sample(module_choice_items(functions))
+    if name == "stdlib-docstring-gen":
+        return _sample(
+            [
+                {
+                    "prompt": f"{f['module']}.{f['name']}({f['args']})\n\n",
+                    "references": [f["summary"]],
+                }
+                for f in functions
+            ]
+        )
+    raise ConfigError(f"unknown built-in task 'builtin:{name}'")
+
+
+def _sample(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """At most MAX_ITEMS rows in a seeded random order, so any first k (a task's limit) are a
+    random sample across modules rather than the alphabetically first ones."""
+    order = list(range(len(rows)))
+    random.Random(SAMPLE_SEED).shuffle(order)
+    return [rows[i] for i in order[:MAX_ITEMS]]
+
+
+@lru_cache(maxsize=1)
+def heldout_files() -> tuple[str, ...]:
+    from lmforge.data.builtin import python_docs_files
+
+    return tuple(f for f in python_docs_files() if is_held_out_path(f))
+
+
+@lru_cache(maxsize=1)
+def heldout_documents() -> list[dict[str, Any]]:
+    from lmforge.data.builtin import python_docs_records
+
+    return [{"text": text} for f in heldout_files() for _, text in python_docs_records(f)]
+
+
+def first_sentence(doc: str) -> str:
+    """The docstring's first sentence: its first paragraph up to '. ' (or the paragraph's end)."""
+    para = " ".join(doc.strip().split("\n\n", 1)[0].split())
+    match = re.search(r"(?<=[.!?])\s", para)
+    return para[: match.start()] if match else para
+
+
+@lru_cache(maxsize=1)
+def heldout_functions() -> list[dict[str, Any]]:
+    """Public top-level functions of the held-out modules with a usable first sentence."""
+    from lmforge.data.builtin import stdlib_dir
+
+    found = []
+    for relpath in heldout_files():
+        module = module_of_path(relpath)
+        if any(part.startswith("_") for part in module.split(".")):
+            continue
+        try:
+            with open(os.path.join(stdlib_dir(), relpath), "rb") as f:
+                tree = ast.parse(f.read())
+        except (SyntaxError, ValueError, OSError):
+            continue
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            doc = ast.get_docstring(node)
+            if node.name.startswith("_") or not doc:
+                continue
+            summary = first_sentence(doc)
+            if 3 <= len(summary.split()) <= 40:
+                found.append(
+                    {
+                        "module": module,
+                        "name": node.name,
+                        "args": ast.unparse(node.args),
+                        "summary": summary,
+                    }
+                )
+    return sorted(found, key=lambda f: (f["module"], f["name"]))
+
+
+def module_choice_items(functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Four-way "which module?" items; distractors come from other top-level packages."""
+    by_package: dict[str, list[str]] = {}
+    for module in sorted({f["module"] for f in functions}):
+        by_package.setdefault(module.split(".")[0], []).append(module)
+    items = []
+    for f in functions:
+        # one distractor from each of three other packages: a big package (idlelib) does not
+        # crowd the choices, and no two choices are siblings
+        others = [p for p in by_package if p != f["module"].split(".")[0]]
+        if len(others) < 3:
+            continue
+        rng = random.Random(f"{SAMPLE_SEED}-{f['module']}.{f['name']}")
+        choices = [f["module"], *(rng.choice(by_package[p]) for p in rng.sample(others, 3))]
+        rng.shuffle(choices)
+        items.append(
+            {
+                "function": f"{f['name']}({f['args']})",
+                "summary": f["summary"],
+                "context": f"{f['name']}",
+                "choices": choices,
+                "answer": choices.index(f["module"]),
+            }
+        )
+    return items

@@ -1,0 +1,220 @@
+"""The `eval` stage: score a model artifact on tasks with a Ray Data actor pool, write reports.
+
+Everything that can fail on the user's side (the model path, task files, the val split) is
+resolved before any actor starts. Malformed task lines are reported and skipped. Then, per
+model, all requests of all tasks go through one actor pool, and the metrics, `report.json`,
+`report.md`, `samples/<task>.jsonl` and (with several checkpoints) a plot are written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from lmforge import ConfigError, storage
+from lmforge.eval.config import EvalConfig, scaffold
+from lmforge.eval.report import plot_over_steps, text_table, write_report
+from lmforge.eval.tasks import Items, TaskSpec, load_items, resolve_task
+from lmforge.stage import Stage, StageContext
+
+
+def resolve_artifact(path: str) -> str:
+    """The artifact dir of an artifact or a training run dir (`<run>/model`)."""
+    for candidate in (path, storage.join(path, "model")):
+        if storage.exists(storage.join(candidate, "config.json")) and storage.exists(
+            storage.join(candidate, "model.safetensors")
+        ):
+            return _absolute(candidate)
+    raise ConfigError(
+        f"model: {path} is neither a model artifact (model.safetensors, config.json) "
+        "nor a training run directory with one under model/"
+    )
+
+
+def _absolute(path: str) -> str:
+    # actors may run with another working directory
+    return path if storage.is_uri(path) else storage.resolve(path)[1]
+
+
+def artifact_step(artifact: str, index: int) -> int:
+    """The training step an artifact was saved at, if anything says so; else its position."""
+    parent = artifact.rstrip("/").rsplit("/", 1)[0]
+    summary = storage.join(parent, "train_summary.json")
+    if storage.exists(summary):
+        data = json.loads(storage.read_text(summary))
+        for key in ("step", "steps", "total_steps"):
+            if isinstance(data.get(key), int):
+                return data[key]
+    match = re.search(r"step[-_]?(\d+)", artifact)
+    return int(match.group(1)) if match else index
+
+
+@dataclass
+class Task:
+    spec: TaskSpec
+    items: Items
+    bytes_per_token: float | None = None
+
+
+def val_task(cfg: EvalConfig, artifact: str) -> Task | None:
+    """Task `val`: the packed val blocks of the data the model was trained on (or `val_data`)."""
+    data = cfg.val_data
+    if data == "auto":
+        resolved = storage.join(artifact, "resolved_config.yaml")
+        if not storage.exists(resolved):
+            return None
+        data = ((yaml.safe_load(storage.read_text(resolved)) or {}).get("data") or {}).get("path")
+    if not data:
+        return None
+    manifest_path = storage.join(data, "manifest.json")
+    if not storage.exists(manifest_path):
+        if cfg.val_data == "auto":
+            return None
+        raise ConfigError(f"val_data: no data stage output at {data} (manifest.json missing)")
+    manifest = json.loads(storage.read_text(manifest_path))
+    spec = TaskSpec(name="val", type="perplexity", file=storage.join(data, "val"))
+    spec = spec.model_copy(
+        update={"metrics": ["loss", "perplexity", "bits_per_byte", "byte_perplexity"]}
+    )
+    items = Items()
+    tok_sha = manifest.get("tokenizer_sha256")
+    from lmforge.data.tokenizer import sha256_text
+
+    if tok_sha and tok_sha != sha256_text(
+        storage.read_text(storage.join(artifact, "tokenizer.json"))
+    ):
+        items.problems.append(
+            f"{data}: the val split was tokenized with another tokenizer; skipped"
+        )
+        return Task(spec, items)
+    import pyarrow.parquet as pq
+
+    for path in storage.list_files(storage.join(data, "val"), suffix=".parquet"):
+        fs, inner = storage.resolve(path)
+        for block in pq.read_table(fs.open_input_file(inner), columns=["tokens"])[
+            "tokens"
+        ].to_pylist():
+            if cfg.val_blocks is not None and len(items.rows) >= cfg.val_blocks:
+                break
+            items.rows.append({"tokens": block})
+            items.lines.append(len(items.rows))
+    tokens, n_bytes = manifest.get("tokens_val"), manifest.get("bytes_val")
+    per_token = n_bytes / tokens if tokens and n_bytes else None
+    if per_token is None:
+        spec = spec.model_copy(update={"metrics": ["loss", "perplexity"]})
+    return Task(spec, items, per_token)
+
+
+def load_tasks(cfg: EvalConfig) -> list[Task]:
+    tasks = []
+    for ref in cfg.tasks:
+        spec = resolve_task(ref)
+        if spec.limit is None and cfg.limit is not None:
+            spec = spec.model_copy(update={"limit": cfg.limit})
+        tasks.append(Task(spec, load_items(spec)))
+    names = [t.spec.name for t in tasks]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"tasks: names must be unique, repeated: {', '.join(dupes)}")
+    return tasks
+
+
+def evaluate_model(cfg: EvalConfig, artifact: str, tasks: list[Task], output: str | None):
+    """task -> metric -> {value, stderr, n} of one model; samples go under `output`/samples."""
+    from tokenizers import Tokenizer
+
+    from lmforge.eval.runner import score_distributed
+    from lmforge.eval.scoring import build_requests, task_metrics
+    from lmforge.model.artifact import load_config
+
+    tokenizer = Tokenizer.from_str(storage.read_text(storage.join(artifact, "tokenizer.json")))
+    max_length = min(cfg.max_length or 1 << 30, load_config(artifact).max_seq_len)
+    gen = cfg.generation.model_dump()
+    per_task = [build_requests(t.spec, t.items, tokenizer, max_length, gen) for t in tasks]
+    flat = [r for reqs in per_task for r in reqs]
+    print(f"[eval] {artifact}: {len(flat)} requests over {len(tasks)} task(s)", flush=True)
+    res = cfg.resources
+    results = score_distributed(
+        artifact, flat, cfg.batch_size, res.num_actors, res.cpus_per_actor,
+        res.gpus_per_actor, max_length,
+    )  # fmt: skip
+    report: dict[str, dict[str, Any]] = {}
+    start = 0
+    for task, reqs in zip(tasks, per_task, strict=True):
+        part = results[start : start + len(reqs)]
+        start += len(reqs)
+        metrics, samples = task_metrics(task.spec, task.items, reqs, part, task.bytes_per_token)
+        report[task.spec.name] = {k: m.to_dict() for k, m in metrics.items()}
+        if output is not None:
+            lines = "".join(json.dumps(s) + "\n" for s in samples)
+            storage.write_text(storage.join(output, "samples", f"{task.spec.name}.jsonl"), lines)
+    return report
+
+
+def run(cfg: EvalConfig, ctx: StageContext) -> dict[str, Any]:
+    if not cfg.model:
+        raise ConfigError("model: give the model artifact or training run directory to evaluate")
+    models = [resolve_artifact(m) for m in [cfg.model, *cfg.checkpoints]]
+    tasks = load_tasks(cfg)
+    problems = {t.spec.name: t.items.problems for t in tasks}
+    for name, found in problems.items():
+        for p in found[:5]:
+            print(f"[eval] {name}: skipped {p}", file=sys.stderr, flush=True)
+        if len(found) > 5:
+            print(f"[eval] {name}: ... {len(found) - 5} more skipped", file=sys.stderr)
+    checkpoints = []
+    for i, artifact in enumerate(models):
+        model_tasks = list(tasks)
+        val = val_task(cfg, artifact)
+        if val is not None:
+            model_tasks.insert(0, val)
+            problems.setdefault("val", val.items.problems)
+        out = ctx.output if i == 0 else storage.join(ctx.output, "checkpoints", str(i))
+        results = evaluate_model(cfg, artifact, [t for t in model_tasks if t.items.rows], out)
+        checkpoints.append(
+            {"model": artifact, "step": artifact_step(artifact, i), "tasks": results}
+        )
+    report = {
+        "model": models[0],
+        "tasks": checkpoints[0]["tasks"],
+        "problems": problems,
+        "checkpoints": checkpoints if len(checkpoints) > 1 else [],
+    }
+    report["plot"] = plot_over_steps(ctx.output, checkpoints) if len(checkpoints) > 1 else None
+    write_report(ctx.output, report)
+    print(f"\n[eval] {models[0]}\n" + text_table(report["tasks"]), flush=True)
+    return {
+        "report": storage.join(ctx.output, "report.json"),
+        "tasks": {t: {m: v["value"] for m, v in ms.items()} for t, ms in report["tasks"].items()},
+        "skipped_items": sum(len(p) for p in problems.values()),
+    }
+
+
+def eval_command(argv: list[str], prog: str) -> int:
+    """`lmforge eval -c CONFIG` runs the stage; `lmforge eval compare A B` is the gate."""
+    if argv and argv[0] == "compare":
+        from lmforge.eval.compare import compare_command
+
+        return compare_command(argv[1:], f"{prog} compare")
+    from lmforge.stage import stage_main
+
+    return stage_main("eval", argv, prog)
+
+
+STAGE = Stage(
+    name="eval",
+    config_cls=EvalConfig,
+    run=run,
+    help="Evaluate a model artifact with a Ray Data actor pool: loss, perplexity and "
+    "bits-per-byte, multiple-choice, generation, classification and bias-probe tasks; "
+    "writes report.json / report.md. `lmforge eval compare BASELINE CANDIDATE "
+    "--max-regression X` is the promotion gate.",
+    input_field="model",
+    scaffold=scaffold,
+    job="evaluate",
+)

@@ -1,0 +1,110 @@
+"""Distributing requests over a Ray Data actor pool; each actor loads the model once.
+
+The driver cuts the requests into batches before anything is distributed: requests sorted by
+length (longest first, so padding is small and memory peaks early), `batch_size` per batch,
+generation requests apart. A batch is one row of a Ray Data dataset, and an actor scores a whole
+row in one call. So what each forward pass computes does not depend on how many actors there
+are or which actor gets which row, and 1 actor and N actors give identical numbers (every actor
+also uses the same number of torch threads).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from lmforge.eval.lm import Scorer
+
+
+def make_batches(requests: list[dict[str, Any]], batch_size: int) -> list[list[int]]:
+    """Indices of the requests, grouped into batches (a pure function of the requests)."""
+
+    def length(i: int) -> int:
+        r = requests[i]
+        if r["kind"] == "generate":
+            return len(r["prompt"])
+        return len(r["context"]) + len(r["continuation"])
+
+    batches: list[list[int]] = []
+    for kind in ("loglikelihood", "generate"):
+        idx = [i for i, r in enumerate(requests) if r["kind"] == kind]
+        idx.sort(key=lambda i: (-length(i), i))
+        batches += [idx[k : k + batch_size] for k in range(0, len(idx), batch_size)]
+    return batches
+
+
+class ScoringActor:
+    """A Ray Data actor: loads the model once, then scores one batch of requests per row."""
+
+    def __init__(self, model_dir: str, max_length: int | None, device: str, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.scorer = Scorer.from_artifact(model_dir, max_length, device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = [
+            json.dumps(self.scorer.score(json.loads(payload))) for payload in batch["payload"]
+        ]
+        return {"batch": batch["batch"], "result": np.array(results, dtype=object)}
+
+
+def _strip(request: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in request.items() if k not in ("item", "slot")}
+
+
+def score_local(scorer, requests: list[dict[str, Any]], batch_size: int) -> list[dict[str, Any]]:
+    """The same batches scored in this process (tests, and runs without Ray)."""
+    results: list[dict[str, Any] | None] = [None] * len(requests)
+    for idx in make_batches(requests, batch_size):
+        for i, res in zip(idx, scorer.score([requests[i] for i in idx]), strict=True):
+            results[i] = res
+    return results  # type: ignore[return-value]
+
+
+def score_distributed(
+    model_dir: str,
+    requests: list[dict[str, Any]],
+    batch_size: int,
+    num_actors: int,
+    cpus_per_actor: float = 1,
+    gpus_per_actor: float = 0,
+    max_length: int | None = None,
+) -> list[dict[str, Any]]:
+    """Results of every request, in order, scored by `num_actors` actors of a Ray Data pool."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    if not requests:
+        return []
+    batches = make_batches(requests, batch_size)
+    rows = [
+        {"batch": b, "payload": json.dumps([_strip(requests[i]) for i in idx])}
+        for b, idx in enumerate(batches)
+    ]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ds.map_batches(
+        ScoringActor,
+        batch_size=1,
+        compute=ActorPoolStrategy(size=num_actors),
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor,
+        fn_constructor_kwargs={
+            "model_dir": model_dir,
+            "max_length": max_length,
+            "device": "cuda" if gpus_per_actor else "cpu",
+            "threads": max(1, int(cpus_per_actor)),
+        },
+    )
+    results: list[dict[str, Any] | None] = [None] * len(requests)
+    for row in ds.take_all():
+        for i, res in zip(batches[int(row["batch"])], json.loads(row["result"]), strict=True):
+            results[i] = res
+    missing = sum(r is None for r in results)
+    if missing:
+        raise RuntimeError(f"{missing} of {len(requests)} eval requests came back without a result")
+    return results  # type: ignore[return-value]

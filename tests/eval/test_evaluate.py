@@ -1,0 +1,119 @@
+"""The eval stage end to end, the CLI, and the compare gate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmforge import ConfigError
+from lmforge.eval.compare import compare
+from lmforge.eval.evaluate import resolve_artifact
+from tests.eval.conftest import make_artifact, make_val_split
+
+
+def report(tasks: dict) -> dict:
+    return {
+        "model": "m",
+        "tasks": {
+            t: {m: {"value": v, "stderr": None, "n": 10} for m, v in ms.items()}
+            for t, ms in tasks.items()
+        },
+    }
+
+
+def test_compare_gates_in_each_metrics_direction():
+    base = report(
+        {"val": {"bits_per_byte": 1.00, "perplexity": 20.0}, "mc": {"acc": 0.50, "acc_norm": 0.4}}
+    )
+    same = compare(base, base, 0.0)
+    assert len(same) == 4 and not any(c.failed for c in same)
+    worse = report(
+        {"val": {"bits_per_byte": 1.03, "perplexity": 19.0}, "mc": {"acc": 0.49, "acc_norm": 0.5}}
+    )
+    checks = {(c.task, c.metric): c for c in compare(base, worse, 0.02)}
+    assert checks[("val", "bits_per_byte")].failed  # higher is worse, by 0.03 > 0.02
+    assert checks[("val", "bits_per_byte")].regression == pytest.approx(0.03)
+    assert not checks[("val", "perplexity")].failed  # lower is better
+    assert not checks[("mc", "acc")].failed  # worse by 0.01 <= 0.02
+    assert checks[("mc", "acc_norm")].regression == pytest.approx(-0.1)
+    relative = {(c.task, c.metric): c for c in compare(base, worse, 0.05, relative=True)}
+    assert not relative[("val", "bits_per_byte")].failed  # 3% <= 5%
+    assert relative[("mc", "acc")].regression == pytest.approx(0.02)
+    # named gates only; a gated metric missing from the candidate fails
+    missing = report({"val": {"bits_per_byte": 1.0}})
+    only = compare(base, missing, 0.0, gates={("mc", "acc"): 0.1})
+    assert [(c.task, c.metric, c.failed) for c in only] == [("mc", "acc", True)]
+
+
+def test_compare_command_exit_codes(tmp_path, cli):
+    base = report({"mc": {"acc": 0.6}})
+    (tmp_path / "a.json").write_text(json.dumps(base))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "report.json").write_text(json.dumps(report({"mc": {"acc": 0.5}})))
+    code, out, _ = cli(
+        "eval", "compare", tmp_path / "a.json", tmp_path / "b", "--max-regression", "0.05"
+    )
+    assert code == 1 and "FAIL" in out and "gate FAILED: 1 of 1" in out
+    code, out, _ = cli(
+        "eval", "compare", tmp_path / "a.json", tmp_path / "b", "--max-regression", "0.2"
+    )
+    assert code == 0 and "gate passed" in out
+    code, out, _ = cli(
+        "eval", "compare", tmp_path / "a.json", tmp_path / "b", "--metric", "mc/acc=0.1"
+    )
+    assert code == 0
+    code, _, err = cli("eval", "compare", tmp_path / "a.json", tmp_path / "nope.json")
+    assert code == 2 and "no eval report" in err
+
+
+def test_model_path_is_an_artifact_or_a_training_run(tmp_path, artifact):
+    assert resolve_artifact(str(artifact)) == str(artifact)
+    assert resolve_artifact(str(artifact.parent)) == str(artifact)  # <run>/model
+    with pytest.raises(ConfigError, match="neither a model artifact"):
+        resolve_artifact(str(tmp_path))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_eval_stage_end_to_end(tmp_path, ray_local, cli):
+    run = tmp_path / "train" / "run"
+    art = make_artifact(run / "model")
+    data = make_val_split(tmp_path / "data", art)
+    (art / "resolved_config.yaml").write_text(f"data:\n  path: {data}\n")
+    early = make_artifact(tmp_path / "step_2" / "model", seed=1)
+    (tmp_path / "mine.jsonl").write_text(
+        '{"context": "1 + 1 =", "choices": ["2", "3"], "answer": 0}\n{"context": oops}\n'
+    )
+    (tmp_path / "eval.yaml").write_text(
+        f"model: {run}\nruns_dir: {tmp_path / 'runs'}\nlimit: 3\nval_blocks: 2\n"
+        f"checkpoints: [{early}]\n"
+        "tasks:\n  - builtin:stdlib-module-mc\n  - builtin:bias-pairs\n"
+        f"  - {{name: mine, type: multiple_choice, file: {tmp_path / 'mine.jsonl'}}}\n"
+    )
+    code, out, _ = cli("eval", "-c", tmp_path / "eval.yaml")
+    assert code == 0
+    [out_dir] = (tmp_path / "runs" / "eval").iterdir()
+    rep = json.loads((out_dir / "report.json").read_text())
+    assert list(rep["tasks"]) == ["val", "stdlib-module-mc", "bias-pairs", "mine"]
+    assert rep["tasks"]["val"]["bits_per_byte"]["n"] == 2
+    assert rep["tasks"]["stdlib-module-mc"]["acc"]["n"] == 3
+    assert rep["tasks"]["mine"]["acc"]["n"] == 1
+    assert rep["problems"]["mine"] == [
+        f"{tmp_path / 'mine.jsonl'}:2: " + rep["problems"]["mine"][0].split(":2: ")[1]
+    ]
+    assert len(rep["problems"]["mine"]) == 1
+    assert (
+        "pct_stereotype" in rep["tasks"]["bias-pairs"]
+        and len(rep["tasks"]["bias-pairs"]["pct_stereotype"]["ci"]) == 2
+    )
+    # the table is printed and written; per-item samples; the two models' plot
+    assert "stdlib-module-mc" in out and "bits_per_byte" in out
+    assert "| val | bits_per_byte |" in (out_dir / "report.md").read_text()
+    assert len((out_dir / "samples" / "stdlib-module-mc.jsonl").read_text().splitlines()) == 3
+    assert [c["step"] for c in rep["checkpoints"]] == [0, 2]
+    pytest.importorskip("matplotlib")
+    assert (out_dir / "bits_per_byte_over_steps.png").read_bytes()[:4] == b"\x89PNG"
+    # the same report compares equal to itself through the gate
+    code, _, _ = cli("eval", "compare", out_dir, out_dir / "report.json")
+    assert code == 0
