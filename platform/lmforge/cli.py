@@ -46,6 +46,10 @@ COMMANDS: dict[str, Command] = {
         "lmforge.data.prepare:data_command",
         "prepare training data: clean, dedup, tokenize, pack (`lmforge data prepare -c CONFIG`)",
     ),
+    "eval": Command(
+        "lmforge.eval.evaluate:eval_command",
+        "evaluate a model (`lmforge eval -c CONFIG`); gate a candidate (`lmforge eval compare A B`)",
+    ),
     "config": Command(
         "lmforge.config_command:config_command",
         "show a stage's resolved config, or write the config reference",
