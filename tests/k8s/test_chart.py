@@ -326,3 +326,27 @@ def test_monitoring_objects():
     assert rows == ["Training", "Serving"]
     exprs = " ".join(t["expr"] for p in panels for t in p.get("targets", []))
     assert "lmforge_train_loss" in exprs and "lmforge_serve_requests_total" in exprs
+
+
+def test_dockerfile_matches_the_chart():
+    """The image is built the way the chart runs it: non-root, jobs/ and job-configs/ in the workdir."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    instructions = [
+        line.split(None, 1) for line in dockerfile.splitlines() if line and not line.startswith("#")
+    ]
+    keywords = [i[0] for i in instructions if i[0].isupper()]
+    assert "FROM rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-${FLAVOR}" in dockerfile
+    assert [i[1] for i in instructions if i[0] == "USER"] == [
+        "ray"
+    ]  # uid 1000, the chart's runAsUser
+    assert keywords.index("USER") < keywords.index("RUN")  # nothing is installed as root
+    assert f"WORKDIR {values['image']['workdir']}" in dockerfile
+    assert (
+        "COPY --chown=ray:users jobs ./jobs" in dockerfile and "mkdir -p job-configs" in dockerfile
+    )
+    assert not re.search(
+        r"(?i)^(ENV|ARG)\s+\S*(TOKEN|SECRET|PASSWORD|ACCESS_KEY)", dockerfile, re.M
+    )
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "runs"} <= set(ignored)

@@ -5,8 +5,8 @@ directory, token auth from authOptions), then its submitter runs
 `ray job submit --runtime-env-json <runtimeEnvYAML as JSON> -- <entrypoint>` against the head's
 dashboard and follows the job. Here:
 
-- the cluster: a local head plus one node per enabled worker group (`ray start`, 1 CPU each,
-  RAY_AUTH_MODE=token), started in a directory laid out like the image's working directory;
+- the cluster: a local head plus one node per enabled worker group (`ray start`,
+  RAY_AUTH_MODE=token, 2 logical CPUs each), started in a directory laid out like the image's working directory;
   RayJobs whose clusters have the same shape share one emulated cluster (to save the starts);
 - the pod's files, mapped onto local ones:
     <workdir>/jobs/                 -> the repository's jobs/ (the image COPYs it there)
@@ -94,7 +94,7 @@ class EmulatedRayCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def _ray_start(self, *args: str) -> None:
-        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--num-cpus=1", "--disable-usage-stats",
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--num-cpus=2", "--disable-usage-stats",
                f"--dashboard-agent-listen-port={_free_port()}", "--object-store-memory=100000000", *args]  # fmt: skip
         # cwd: the pod's workingDir, inherited by the raylet and so by the job's driver.
         proc = subprocess.run(
