@@ -225,8 +225,12 @@ spec:
         {{- end }}
         - {containerPort: 8080, name: metrics}
       env:
+        # The root filesystem is read-only: caches go to the ~/.cache emptyDir or /tmp.
         - {name: HOME, value: /home/ray}
         - {name: LMFORGE_HOME, value: /tmp/lmforge}
+        - {name: TRITON_CACHE_DIR, value: /home/ray/.cache/triton}
+        - {name: CUDA_CACHE_PATH, value: /home/ray/.cache/nv}
+        - {name: MPLCONFIGDIR, value: /tmp/matplotlib}
         - {name: RAY_USAGE_STATS_ENABLED, value: "0"}
         {{- with $g.env }}
         {{- toYaml . | nindent 8 }}
