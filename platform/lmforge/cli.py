@@ -42,6 +42,10 @@ COMMANDS: dict[str, Command] = {
         "stage:train",
         "pretrain a model with Ray Train + FSDP2 on the data stage's shards (resumes automatically)",
     ),
+    "plan": Command(
+        "lmforge.plan:plan_command",
+        "estimate a training config before running it: params, FLOPs, memory per GPU, wall time",
+    ),
     "data": Command(
         "lmforge.data.prepare:data_command",
         "prepare training data: clean, dedup, tokenize, pack (`lmforge data prepare -c CONFIG`)",

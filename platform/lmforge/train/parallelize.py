@@ -59,7 +59,8 @@ def build_model(
         with torch.device("meta"):
             model = Llama(cfg)
     else:
-        model = Llama(cfg).to(device)
+        with torch.device(device):  # initialise where it will train (no host copy of a big model)
+            model = Llama(cfg)
     model = parallelize(
         model,
         fsdp=fsdp,
