@@ -10,12 +10,12 @@ from lmforge.eval.tasks import resolve_task
 
 
 def mixed_requests(tokenizer, max_length: int) -> list[dict]:
-    gen = {"max_new_tokens": 4, "temperature": 0.0, "top_k": None, "seed": 0}
+    gen = {"max_new_tokens": 3, "temperature": 0.0, "top_k": None, "seed": 0}
     requests = []
     for name, limit in (
-        ("stdlib-module-mc", 6),
-        ("stdlib-heldout-text", 3),
-        ("stdlib-docstring-gen", 3),
+        ("stdlib-module-mc", 4),
+        ("stdlib-heldout-text", 2),
+        ("stdlib-docstring-gen", 2),
     ):
         spec = resolve_task(f"builtin:{name}").model_copy(update={"limit": limit})
         from lmforge.eval.tasks import load_items

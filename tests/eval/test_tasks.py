@@ -142,3 +142,13 @@ def _tokenizer():
     from tests.eval.conftest import make_tokenizer
 
     return make_tokenizer()
+
+
+def test_the_shipped_example_task_loads():
+    from importlib import resources
+
+    path = resources.files("lmforge") / "resources" / "eval" / "examples" / "capitals.yaml"
+    spec = resolve_task(str(path))
+    items = load_items(spec)
+    assert (spec.type, len(items.rows), items.problems) == ("multiple_choice", 6, [])
+    assert render_prompt(spec, items, 0).endswith("Question: The capital of France is?\nAnswer:")

@@ -7,7 +7,8 @@ when a limit applies, so the same Python version always gives the same items.
 
 - `stdlib-module-mc`: "which module documents this function?" given its signature and the first
   sentence of its docstring. Four choices: the function's module and one module from each of
-  three other held-out packages, in a seeded order.
+  three other held-out packages (drawn as the modules of random other functions, so a module is
+  as likely to be a distractor as an answer), in a seeded order.
 - `stdlib-docstring-gen`: "what does `module.function` do?" The prompt is the corpus's own
   header of a function document, `module.function(args)` and a blank line; the generated text up
   to the first sentence end is scored with F1 (and exact match) against the first sentence of
@@ -147,19 +148,26 @@ def heldout_functions() -> list[dict[str, Any]]:
 
 
 def module_choice_items(functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Four-way "which module?" items; distractors come from other top-level packages."""
-    by_package: dict[str, list[str]] = {}
-    for module in sorted({f["module"] for f in functions}):
-        by_package.setdefault(module.split(".")[0], []).append(module)
+    """Four-way "which module?" items: the answer and one module from each of three other
+    packages. A distractor is the module of a random function of another package, so every
+    module is as likely to be a distractor as to be an answer, and a model that only prefers
+    short (or long) module names scores chance, not better or worse."""
+
+    def package(module: str) -> str:
+        return module.split(".")[0]
+
     items = []
     for f in functions:
-        # one distractor from each of three other packages: a big package (idlelib) does not
-        # crowd the choices, and no two choices are siblings
-        others = [p for p in by_package if p != f["module"].split(".")[0]]
-        if len(others) < 3:
+        pool = [g["module"] for g in functions if package(g["module"]) != package(f["module"])]
+        if len({package(m) for m in pool}) < 3:
             continue
         rng = random.Random(f"{SAMPLE_SEED}-{f['module']}.{f['name']}")
-        choices = [f["module"], *(rng.choice(by_package[p]) for p in rng.sample(others, 3))]
+        choices, seen = [f["module"]], {package(f["module"])}
+        while len(choices) < 4:
+            module = rng.choice(pool)
+            if package(module) not in seen:
+                choices.append(module)
+                seen.add(package(module))
         rng.shuffle(choices)
         items.append(
             {
