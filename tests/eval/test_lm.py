@@ -108,3 +108,32 @@ def test_greedy_generation_stops_at_a_stop_sequence(scorer):
     # the token limit
     assert len(encode(tok, fake.generate({**request, "max_new_tokens": 2}))) == 2
     assert cut_at_stop("a. b\n\nc", ["\n\n", ". "]) == "a"
+
+
+def test_bits_per_byte_of_text_split_into_documents_differently(scorer):
+    from lmforge.eval.metrics import count_bytes, language_modelling
+
+    tok = scorer.tokenizer
+    whole = "Return the index where to insert item x in list a. Serialize obj to a JSON string."
+    parts = [
+        "Return the index where to insert item x in list a.",
+        " Serialize obj to a JSON string.",
+    ]
+    assert encode(tok, whole) == encode(tok, parts[0]) + encode(tok, parts[1])
+
+    def bpb(s: Scorer, docs: list[str]) -> float:
+        lls, toks = [], []
+        for i, doc in enumerate(docs):
+            res = s.score(document_requests(encode(tok, doc), s.max_length, i, 0))
+            lls.append(sum(r["loglikelihood"] for r in res))
+            toks.append(sum(r["tokens"] for r in res))
+        return language_modelling(lls, toks, [count_bytes(d) for d in docs])["bits_per_byte"].value
+
+    # A model that ignores context: the same tokens, the same bytes, the same bits-per-byte.
+    probs = torch.softmax(
+        torch.randn(tok.get_vocab_size(), generator=torch.Generator().manual_seed(0)), 0
+    )
+    context_free = Scorer(FixedDistribution(probs.tolist()), tok)
+    assert bpb(context_free, parts) == pytest.approx(bpb(context_free, [whole]), rel=1e-6)  # fp32
+    # A model that uses context scores the second part without the first: a different value.
+    assert bpb(scorer, parts) != pytest.approx(bpb(scorer, [whole]), rel=1e-4)

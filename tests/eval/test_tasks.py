@@ -152,3 +152,17 @@ def test_the_shipped_example_task_loads():
     items = load_items(spec)
     assert (spec.type, len(items.rows), items.problems) == ("multiple_choice", 6, [])
     assert render_prompt(spec, items, 0).endswith("Question: The capital of France is?\nAnswer:")
+
+
+def test_perplexity_documents_from_data_stage_sources(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_bytes(b"first line\n\xff\xfe bad\nthird line\n")
+    spec = TaskSpec(
+        name="ppl",
+        type="perplexity",
+        sources=[{"path": str(tmp_path / "docs"), "txt_mode": "line"}],
+    )
+    items = load_items(spec)
+    assert [r["text"] for r in items.rows] == ["first line", "third line"]
+    assert items.lines == [1, 3]
+    assert len(items.problems) == 1 and items.problems[0].endswith("a.txt:2: invalid_utf8")
