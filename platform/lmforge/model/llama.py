@@ -117,12 +117,17 @@ def rope_table(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate each (even, odd) pair of x: (B, T, heads, E) by its position's angle."""
+def apply_rope(
+    x: torch.Tensor, table: torch.Tensor, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rotate each (even, odd) pair of x: (B, T, heads, E) by its position's angle.
+
+    Positions are 0..T-1 unless `positions` (B, T) gives each row its own (incremental decoding).
+    """
     T = x.shape[1]
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, heads, E/2, 2)
-    cos = table[:T, None, :, 0]  # (T, 1, E/2), broadcast over batch and heads
-    sin = table[:T, None, :, 1]
+    angles = table[:T, None] if positions is None else table[positions].unsqueeze(2)
+    cos, sin = angles[..., 0], angles[..., 1]  # (T or B x T, 1, E/2), broadcast over heads
     x0, x1 = pairs[..., 0], pairs[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).type_as(x)
@@ -137,16 +142,28 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, positions=None, cache=None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, E)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, E)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = apply_rope(q, rope, positions), apply_rope(k, rope, positions)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, E)
+        mask = None
+        if cache is not None:
+            # Incremental decoding (lmforge.model.generate): the cache stores this step's keys
+            # and values and returns every cached one (B, K, S, E) with a (B, 1, T, S) mask.
+            k, v, mask = cache.update(k, v, positions)
         # Grouped-query attention: each group of H/K query heads shares one key/value head.
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, T, E)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
@@ -172,8 +189,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope)  # pre-norm residual
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, positions=None, cache=None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, positions, cache)  # pre-norm residual
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -227,16 +246,22 @@ class Llama(nn.Module):
             device
         )
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) int -> logits (B, T, V)."""
-        T = tokens.shape[1]
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, kv_cache=None
+    ) -> torch.Tensor:
+        """tokens (B, T) int -> logits (B, T, V).
+
+        For incremental decoding, `positions` (B, T) are each row's positions and `kv_cache[i]`
+        is layer i's cache (see lmforge.model.generate.KVCache); both default to a plain pass.
+        """
+        T = tokens.shape[1] if positions is None else int(positions.max()) + 1
         if self.cfg.max_seq_len < T:
             raise ValueError(
                 f"sequence of {T} tokens is longer than max_seq_len {self.cfg.max_seq_len}"
             )
         x = self.tok_embeddings(tokens)  # (B, T, D)
-        for block in self.layers.values():
-            x = block(x, self.rope)
+        for i, block in enumerate(self.layers.values()):
+            x = block(x, self.rope, positions, None if kv_cache is None else kv_cache[i])
         return self.output(self.norm(x))  # (B, T, V)
 
 
