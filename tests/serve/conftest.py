@@ -3,6 +3,10 @@ and a small byte-level BPE, saved as a real artifact."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+
 import pytest
 import torch
 
@@ -44,3 +48,24 @@ def make_artifact(path, seed: int = 0, max_seq_len: int = 128) -> str:
 @pytest.fixture(scope="session")
 def artifact(tmp_path_factory):
     return make_artifact(tmp_path_factory.mktemp("served") / "model")
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """Serve an ASGI app with uvicorn on a free local port in a thread; yield its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -1,0 +1,1 @@
+"""Serving: a continuous-batching engine behind an OpenAI-compatible API on Ray Serve."""

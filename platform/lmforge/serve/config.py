@@ -1,0 +1,119 @@
+"""The serving config: which models, how many replicas, what limits, which keys.
+
+`lmforge serve -c CONFIG`, `serve deploy jobs/serve_config.yaml` and the Helm chart's
+RayService all build the same `ServeArgs` (the `args:` of the Serve config file).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from lmforge import ConfigError, storage
+from lmforge.config import StrictModel
+
+
+class AutoscalingConfig(StrictModel):
+    min_replicas: int = Field(1, ge=0, description="fewest replicas (0 scales to zero when idle)")
+    max_replicas: int = Field(1, ge=1, description="most replicas")
+    initial_replicas: int | None = Field(None, ge=0, description="replicas at start (None: min)")
+    target_ongoing_requests: float = Field(
+        8, gt=0, description="requests per replica the autoscaler aims for"
+    )
+    upscale_delay_s: float = Field(10, ge=0, description="load must persist this long to add one")
+    downscale_delay_s: float = Field(300, ge=0, description="idle this long before removing one")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}"
+            )
+        return self
+
+
+class ReplicaResources(StrictModel):
+    num_cpus: float = Field(1, ge=0, description="CPUs each replica reserves")
+    num_gpus: float = Field(0, ge=0, description="GPUs each replica reserves (fractions allowed)")
+    memory_gb: float | None = Field(None, gt=0, description="memory each replica reserves")
+
+
+class ModelServeConfig(StrictModel):
+    name: str = Field(..., min_length=1, description="model id clients send as `model`")
+    artifact: str = Field(
+        ..., description="model artifact dir or training run dir (local path or URI)"
+    )
+    device: str = Field(
+        "auto", description="torch device: auto (cuda if the replica has a GPU), cpu, cuda"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16",
+    )
+    max_batch_size: int = Field(
+        16, ge=1, description="sequences decoded together (KV cache slots); 1 turns batching off"
+    )
+    max_waiting: int = Field(
+        256, ge=0, description="requests queued for a slot; beyond it the replica answers 503"
+    )
+    autoscaling: AutoscalingConfig = Field(
+        default_factory=AutoscalingConfig, description="Serve autoscaling of this model"
+    )
+    resources: ReplicaResources = Field(
+        default_factory=ReplicaResources, description="resources of each replica"
+    )
+
+
+class LimitsConfig(StrictModel):
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="longest prompt accepted (None: the model's context length)"
+    )
+    max_tokens: int = Field(1024, ge=0, description="largest max_tokens a request may ask")
+    max_n: int = Field(8, ge=1, description="most choices (`n`) per request")
+    max_prompts: int = Field(64, ge=1, description="most prompts in one completions request")
+    max_concurrent_requests: int = Field(
+        64, ge=1, description="requests in flight per API replica; beyond it 429 + Retry-After"
+    )
+    request_timeout_s: float = Field(
+        120, gt=0, description="a request still generating after this answers 504"
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503")
+
+
+class ServeArgs(StrictModel):
+    """What `build_app` takes: the models, the API's limits and keys, and where to listen."""
+
+    models: list[ModelServeConfig] = Field(..., min_length=1, description="the served models")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="request limits")
+    api_key_env: str = Field(
+        "LMFORGE_API_KEYS",
+        description="env var holding API keys (comma separated); keys from both sources count",
+    )
+    api_key_file: str | None = Field(
+        None, description="file of API keys, one per line (e.g. a mounted Kubernetes Secret)"
+    )
+    host: str = Field("127.0.0.1", description="HTTP host (`lmforge serve`)")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    route_prefix: str = Field("/", description="HTTP route prefix of the app")
+    api_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress (router)")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ServeArgs:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def api_keys(self) -> set[str]:
+        """Configured keys; empty means the API is open."""
+        keys = {k.strip() for k in os.environ.get(self.api_key_env, "").split(",") if k.strip()}
+        if self.api_key_file:
+            try:
+                text = storage.read_text(self.api_key_file)
+            except FileNotFoundError:
+                raise ConfigError(f"api_key_file not found: {self.api_key_file}") from None
+            keys |= {line.strip() for line in text.splitlines() if line.strip()}
+        return keys
