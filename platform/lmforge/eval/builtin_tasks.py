@@ -46,7 +46,6 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
     "stdlib-docstring-gen": {
         "type": "generation",
         "stop": ["\n\n", ". ", ".\n"],
-        "max_new_tokens": 32,
     },
     "stdlib-heldout-text": {"type": "perplexity"},
     "bias-pairs": {"type": "bias_pairs"},
