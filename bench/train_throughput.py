@@ -1,0 +1,224 @@
+"""Training throughput on CPU: `lmforge train` on Ray Train against a plain PyTorch loop.
+
+Same model (default: the tiny preset), same global batch, same packed data, in one run:
+
+  plain fp32        a single-process loop (model, AdamW, accumulation, clipping), all cores
+  plain bf16        the same with bf16 autocast
+  ray 2w fsdp bf16  `lmforge train`: 2 Ray Train workers x 1 CPU, FSDP2 over gloo, bf16 autocast
+  ray 1w bf16       `lmforge train`: 1 Ray Train worker x 2 CPUs, no FSDP (isolates Ray's cost)
+
+Tokens/s count optimizer steps only (every step, the first included, for every row); Ray's
+start-up is reported apart as wall time. MFU is against a matmul probe of the same threads in
+the same dtype. Also compares `lmforge plan`'s wall-time estimate with the measured run.
+Writes bench/results/train_throughput.json and prints a table.
+
+    .venv/bin/python bench/train_throughput.py [--steps 10] [--data RUNS/data/NAME-HASH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from lmforge.model.llama import Llama, cross_entropy, flops_per_token  # noqa: E402
+from lmforge.train.config import TrainConfig  # noqa: E402
+from lmforge.train.data import PackedShards, batch_plan, read_manifest  # noqa: E402
+from lmforge.train.mfu import cpu_matmul_tflops, mfu  # noqa: E402
+from lmforge.train.optim import lr_at, param_groups  # noqa: E402
+
+
+def train_config(data: str, runs: str, args, **sections) -> TrainConfig:
+    cfg = {
+        "name": "bench",
+        "runs_dir": runs,
+        "model": {"preset": args.preset},
+        "data": {"path": data},
+        "optim": {"lr": 2e-3, "warmup_steps": 2},
+        "train": {
+            "global_batch_tokens": args.global_batch_tokens,
+            "micro_batch_size": args.micro_batch,
+            "max_steps": args.steps,
+            "log_every": args.steps,
+            "eval_every": 0,
+            "eval_sequences": 8,
+            "precision": "bf16",
+        },
+        "checkpoint": {"every_steps": 0},
+        "resources": {"num_workers": 2},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg[key], **value}
+    return TrainConfig.model_validate(cfg)
+
+
+def plain_loop(cfg: TrainConfig, bf16: bool, threads: int) -> dict:
+    """The baseline: the simplest correct single-process loop over the same rows."""
+    torch.set_num_threads(threads)
+    manifest = read_manifest(cfg.data.path)
+    train = PackedShards(os.path.join(cfg.data.path, "train"), cfg.train.seed, cfg.data.shuffle)
+    arch = cfg.model.to_llama(vocab_size=manifest["vocab_size"], seq_len=train.seq_len)
+    plan = batch_plan(cfg.train.global_batch_tokens, cfg.train.micro_batch_size, 1, train.seq_len)
+    torch.manual_seed(cfg.train.seed)
+    model = Llama(arch)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=cfg.optim.lr, betas=(0.9, 0.95))
+    seconds, losses = 0.0, []
+    for step in range(cfg.train.max_steps):
+        start = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg.optim, step, cfg.train.max_steps)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(plan.accum_steps):
+            first, count = plan.micro_rows(step, 0, micro)
+            rows = torch.from_numpy(train.rows(first, count))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(rows[:, :-1])
+            loss = cross_entropy(logits, rows[:, 1:]) / plan.accum_steps
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        seconds += time.perf_counter() - start
+        losses.append(total)
+    tokens = cfg.train.max_steps * plan.global_batch_tokens
+    return {
+        "tokens_per_s": tokens / seconds,
+        "train_seconds": seconds,
+        "final_loss": losses[-1],
+        "flops_per_token": flops_per_token(arch, train.seq_len),
+    }
+
+
+def ray_run(cfg: TrainConfig) -> dict:
+    from lmforge.stage import get_stage, run_stage
+
+    start = time.perf_counter()
+    result = run_stage(get_stage("train"), cfg, force=True, quiet=True)
+    s = result.summary
+    return {
+        "tokens_per_s": s["tokens_per_s"],
+        "train_seconds": s["train_seconds"],
+        "wall_seconds": time.perf_counter() - start,
+        "final_loss": s["loss"],
+        "mfu_reported": s["mfu"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--global-batch-tokens", type=int, default=8192)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--data", help="a data stage output (default: a generated one, seq 256)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train_throughput.json"))
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="lmforge-bench-train-"))
+    os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(work / "ray_auth_token"))
+    if args.data:
+        data = args.data
+    else:
+        from tests.train.conftest import make_packed_data
+
+        data = str(make_packed_data(work / "data", seq_len=256, vocab_size=2048, rows_per_group=64))
+    cores = os.cpu_count() or 2
+    probe = {
+        (dtype, t): cpu_matmul_tflops(getattr(torch, dtype), seconds=1.0)
+        for dtype in ("float32", "bfloat16")
+        for t in sorted({1, cores})
+        if torch.set_num_threads(t) is None
+    }
+    print("matmul probe TFLOP/s:", {f"{d}/{t}thr": round(v, 4) for (d, t), v in probe.items()})
+    base = train_config(data, str(work / "runs"), args)
+    rows: dict[str, dict] = {}
+    for name, bf16 in (("plain fp32", False), ("plain bf16", True)):
+        print(f"[bench] {name} ...", flush=True)
+        r = plain_loop(base, bf16, cores)
+        r["mfu"] = mfu(
+            r["tokens_per_s"],
+            r["flops_per_token"],
+            probe[("bfloat16" if bf16 else "float32", cores)],
+        )
+        rows[name] = r
+    fpt = rows["plain bf16"]["flops_per_token"]
+    torch.set_num_threads(cores)
+    from lmforge.cluster import connect
+
+    connect(None)
+    print("[bench] ray 2w fsdp bf16 ...", flush=True)
+    rows["ray 2w fsdp bf16"] = ray_run(base)
+    rows["ray 2w fsdp bf16"]["mfu"] = mfu(
+        rows["ray 2w fsdp bf16"]["tokens_per_s"], fpt, 2 * probe[("bfloat16", 1)]
+    )
+    print("[bench] ray 1w bf16 ...", flush=True)
+    one = train_config(data, str(work / "runs"), args, resources={"num_workers": 1, "cpus_per_worker": cores},
+                       parallel={"fsdp": False}, train={"peak_tflops": probe[("bfloat16", cores)]})  # fmt: skip
+    rows["ray 1w bf16"] = ray_run(one)
+    rows["ray 1w bf16"]["mfu"] = mfu(
+        rows["ray 1w bf16"]["tokens_per_s"], fpt, probe[("bfloat16", cores)]
+    )
+    ref = rows["plain bf16"]["tokens_per_s"]
+    for r in rows.values():
+        r["ratio_to_plain_bf16"] = r["tokens_per_s"] / ref
+    from lmforge.plan import make_plan
+
+    plan = make_plan(
+        base.model_copy(
+            update={"train": base.train.model_copy(update={"peak_tflops": probe[("bfloat16", 1)]})}
+        )
+    )
+    measured = rows["ray 2w fsdp bf16"]
+    estimate = {
+        "plan_train_seconds_at_assumed_mfu": plan.wall_hours * 3600,
+        "assumed_mfu": plan.assumed_mfu,
+        "measured_train_seconds": measured["train_seconds"],
+        "measured_mfu": measured["mfu"],
+        "plan_train_seconds_at_measured_mfu": plan.wall_hours
+        * 3600
+        * plan.assumed_mfu
+        / measured["mfu"],
+    }
+    print(
+        f"\n{args.preset} preset, seq 256, {args.global_batch_tokens} tokens/step, {args.steps} steps, {cores} cores"
+    )
+    print("| run | tokens/s | MFU | x plain bf16 | train s | wall s | final loss |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        wall = f"{r['wall_seconds']:.1f}" if "wall_seconds" in r else "-"
+        print(f"| {name} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {r['ratio_to_plain_bf16']:.2f} "
+              f"| {r['train_seconds']:.1f} | {wall} | {r['final_loss']:.4f} |")  # fmt: skip
+    print(
+        f"plan: {estimate['plan_train_seconds_at_assumed_mfu']:.1f} s at the assumed "
+        f"{100 * plan.assumed_mfu:.0f}% MFU; measured {measured['train_seconds']:.1f} s at "
+        f"{100 * measured['mfu']:.1f}% MFU (plan at the measured MFU: "
+        f"{estimate['plan_train_seconds_at_measured_mfu']:.1f} s)"
+    )
+    report = {
+        "preset": args.preset,
+        "steps": args.steps,
+        "global_batch_tokens": args.global_batch_tokens,
+        "micro_batch_size": args.micro_batch,
+        "cores": cores,
+        "torch": torch.__version__,
+        "matmul_probe_tflops": {f"{d}/{t}": v for (d, t), v in probe.items()},
+        "runs": rows,
+        "plan": estimate,
+        "load_average": os.getloadavg(),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
