@@ -1,0 +1,143 @@
+"""The Ray Serve application: one autoscaled deployment per model behind one HTTP router.
+
+    build_app(ServeArgs)  ->  Router (FastAPI ingress: auth, validation, limits, metrics)
+                                 -> ModelServer "model-<name>" (an Engine per replica)
+
+`serve run lmforge.serve.app:build_app`, `serve deploy jobs/serve_config.yaml`, the Helm
+chart's RayService and `lmforge serve` all deploy this same builder. Serve calls it with the
+`args:` mapping of the config file and validates it as `ServeArgs` (a typed builder).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from lmforge.model.generate import SamplingParams
+from lmforge.serve.config import ModelServeConfig, ServeArgs
+from lmforge.serve.engine import EngineOverloaded, Output, load_engine
+
+log = logging.getLogger(__name__)
+DRAIN_S = 30.0  # a stopping replica lets running requests finish for this long
+
+
+class ModelServer:
+    """One replica of one model: an Engine whose thread decodes every request it holds."""
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = ModelServeConfig.model_validate(cfg)
+        self.engine = load_engine(self.cfg).start()
+
+    async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Output]:
+        async for out in self.engine.stream(prompt, params):
+            yield out
+
+    def check_health(self) -> None:
+        if not self.engine.healthy():
+            raise RuntimeError(f"engine of {self.cfg.name} is down: {self.engine.last_error}")
+
+    def __del__(self) -> None:
+        # Serve first stops routing here and waits for ongoing requests (graceful shutdown);
+        # whatever is left gets DRAIN_S more, then is cancelled.
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown(drain_s=DRAIN_S)
+
+
+class ServeBackend:
+    """A model deployment as the API's Backend: streamed calls through its handle."""
+
+    def __init__(self, cfg: ModelServeConfig, handle: DeploymentHandle) -> None:
+        from tokenizers import Tokenizer
+
+        from lmforge import storage
+        from lmforge.model.artifact import TOKENIZER, load_config
+        from lmforge.model.hf import resolve_artifact
+
+        directory = resolve_artifact(cfg.artifact)
+        self.name, self.handle = cfg.name, handle.options(stream=True)
+        self.tokenizer = Tokenizer.from_str(storage.read_text(storage.join(directory, TOKENIZER)))
+        self.max_seq_len = load_config(directory).max_seq_len
+
+    async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Output]:
+        from ray.serve.exceptions import BackPressureError
+
+        response = self.handle.generate.remote(prompt, params)
+        finished = False
+        try:
+            async for out in response:
+                finished = out.finish_reason is not None
+                yield out
+        except BackPressureError as e:
+            raise EngineOverloaded(str(e)) from None
+        except Exception as e:
+            if isinstance(e, EngineOverloaded) or "EngineOverloaded" in str(e):
+                raise EngineOverloaded(str(e).splitlines()[-1]) from None
+            raise
+        finally:
+            if not finished:
+                response.cancel()  # the client left: the replica drops the request
+
+    async def healthy(self) -> bool:
+        return True  # Serve health-checks every model replica itself (check_health)
+
+
+class Router:
+    """The HTTP ingress: the OpenAI-compatible FastAPI app over the model deployments."""
+
+    def __init__(self, args: dict, models: dict[str, DeploymentHandle]) -> None:
+        self.args = ServeArgs.model_validate(args)
+        configs = {m.name: m for m in self.args.models}
+        self.backends = {name: ServeBackend(configs[name], h) for name, h in models.items()}
+
+    def __serve_build_asgi_app__(self):
+        from lmforge.serve.openai import create_app
+
+        return create_app(self.backends, self.args)
+
+
+def deployment_options(cfg: ModelServeConfig) -> dict:
+    """Serve options of a model's deployment, from its config."""
+    a, r = cfg.autoscaling, cfg.resources
+    actor = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
+    if r.memory_gb:
+        actor["memory"] = int(r.memory_gb * 2**30)
+    return {
+        "name": f"model-{cfg.name}",
+        "autoscaling_config": {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "initial_replicas": a.initial_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+            "upscale_delay_s": a.upscale_delay_s,
+            "downscale_delay_s": a.downscale_delay_s,
+        },
+        "ray_actor_options": actor,
+        # Everything a replica can hold: its batch plus its queue (beyond it, Serve queues).
+        "max_ongoing_requests": cfg.max_batch_size + max(cfg.max_waiting, 1),
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_wait_loop_s": 2,
+        "graceful_shutdown_timeout_s": DRAIN_S + 10,
+    }
+
+
+def build_app(args: ServeArgs) -> Application:
+    """The Serve application of `args` (the typed builder `serve run/deploy` calls)."""
+    if isinstance(args, dict):
+        args = ServeArgs.model_validate(args)
+    models = {
+        m.name: serve.deployment(ModelServer).options(**deployment_options(m)).bind(m.model_dump())
+        for m in args.models
+    }
+    router = serve.deployment(serve.ingress()(Router)).options(
+        name="router",
+        num_replicas=args.api_replicas,
+        ray_actor_options={"num_cpus": 0.1},
+        max_ongoing_requests=args.limits.max_concurrent_requests * 2,
+    )
+    return router.bind(args.model_dump(), models)
