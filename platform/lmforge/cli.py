@@ -54,6 +54,10 @@ COMMANDS: dict[str, Command] = {
         "lmforge.eval.evaluate:eval_command",
         "evaluate a model (`lmforge eval -c CONFIG`); gate a candidate (`lmforge eval compare A B`)",
     ),
+    "serve": Command(
+        "lmforge.serve.command:serve_command",
+        "serve models behind an OpenAI-compatible API on Ray Serve (`-c CONFIG` or `--model DIR`)",
+    ),
     "config": Command(
         "lmforge.config_command:config_command",
         "show a stage's resolved config, or write the config reference",

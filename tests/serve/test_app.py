@@ -89,3 +89,14 @@ def test_live_serve_app_answers_the_official_openai_client(ray_local, artifact, 
         check_openai_client(f"http://127.0.0.1:{port}/v1", "sk-ray")
     finally:
         serve.shutdown()
+
+
+def test_serve_command_reads_a_serve_config_file_and_refuses_a_missing_artifact(cli, tmp_path):
+    from lmforge.serve.command import load_serve_args
+
+    args = load_serve_args(str(REPO / "jobs" / "serve_config.yaml"), ["limits.max_n=2"], None)
+    assert args.models[0].name == "lmforge-chat" and args.limits.max_n == 2
+    code, _, err = cli("serve", "--model", str(tmp_path / "missing"))
+    assert code == 2 and "is not a model artifact" in err
+    code, _, err = cli("serve")
+    assert code == 2 and "nothing to serve" in err
