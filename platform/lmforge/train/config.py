@@ -223,13 +223,19 @@ class TrainConfig(StageConfig):
         default_factory=CheckpointConfig, description="Sharded checkpoints and resume."
     )
     parallel: ParallelConfig = Field(
-        default_factory=ParallelConfig, description="FSDP2, activation checkpointing, compile."
+        default_factory=ParallelConfig,
+        description="FSDP2, activation checkpointing, compile. How to run, not what: not part of the config hash.",
+        json_schema_extra=NOT_HASHED,
     )
     resources: ResourcesConfig = Field(
-        default_factory=ResourcesConfig, description="Ray Train workers and what each reserves."
+        default_factory=ResourcesConfig,
+        description="Ray Train workers and what each reserves. Not part of the config hash: the global batch and data order do not depend on it, so a run resumes on a different worker count.",
+        json_schema_extra=NOT_HASHED,
     )
     plan: PlanConfig = Field(
-        default_factory=PlanConfig, description="Assumptions of `lmforge plan`."
+        default_factory=PlanConfig,
+        description="Assumptions of `lmforge plan` (not part of the config hash).",
+        json_schema_extra=NOT_HASHED,
     )
 
 

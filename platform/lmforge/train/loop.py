@@ -98,6 +98,8 @@ class WorkerEnv:
 
         ctx = ray.train.get_context()
         device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL collectives and object broadcasts use it
         return cls(ctx.get_world_rank(), ctx.get_world_size(), device, in_ray=True)
 
 

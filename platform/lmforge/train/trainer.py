@@ -117,10 +117,11 @@ def run(cfg: TrainConfig, ctx: StageContext) -> dict[str, Any]:
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps the worker's error; one line names it
-        cause = getattr(e, "cause", None) or e.__cause__ or e
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise StageFailed(
-            f"training failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1:]}"
-            f" (logs: the Ray dashboard; checkpoints: {storage.join(ctx.output, 'checkpoints')})"
+            f"training failed: {lines[-1] if lines else type(e).__name__} "
+            f"(worker logs: the Ray dashboard; checkpoints so far: "
+            f"{storage.join(ctx.output, 'checkpoints')}; rerun the same command to resume)"
         ) from e
     summary = storage.read_json(storage.join(ctx.output, "train_summary.json"))
     summary["model"] = storage.join(ctx.output, "model")
