@@ -117,3 +117,21 @@ def test_eval_stage_end_to_end(tmp_path, ray_local, cli):
     # the same report compares equal to itself through the gate
     code, _, _ = cli("eval", "compare", out_dir, out_dir / "report.json")
     assert code == 0
+
+
+def test_evaluate_in_process_for_a_training_loop(scorer):
+    from lmforge.eval.evaluate import evaluate_in_process
+    from lmforge.eval.runner import score_local
+    from lmforge.eval.scoring import build_requests, task_metrics
+    from lmforge.eval.tasks import load_items, resolve_task
+
+    out = evaluate_in_process(
+        scorer.model, scorer.tokenizer, ["builtin:bias-pairs", "builtin:stdlib-module-mc"], limit=4
+    )
+    assert set(out) == {"bias-pairs", "stdlib-module-mc"}
+    assert set(out["stdlib-module-mc"]) == {"acc", "acc_norm"}
+    spec = resolve_task("builtin:bias-pairs").model_copy(update={"limit": 4})
+    items = load_items(spec)
+    reqs = build_requests(spec, items, scorer.tokenizer, scorer.max_length, {})
+    metrics, _ = task_metrics(spec, items, reqs, score_local(scorer, reqs, 16))
+    assert out["bias-pairs"]["likelihood_diff"] == metrics["likelihood_diff"].value

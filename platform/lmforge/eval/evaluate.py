@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,25 +125,20 @@ def load_tasks(cfg: EvalConfig) -> list[Task]:
     return tasks
 
 
-def evaluate_model(cfg: EvalConfig, artifact: str, tasks: list[Task], output: str | None):
-    """task -> metric -> {value, stderr, n} of one model; samples go under `output`/samples."""
-    from tokenizers import Tokenizer
-
-    from lmforge.eval.runner import score_distributed
+def score_tasks(
+    tasks: list[Task],
+    tokenizer,
+    max_length: int,
+    generation: dict[str, Any],
+    score: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
+    output: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """task -> metric -> {value, stderr, n}: every task's requests through `score` in one go;
+    per-item samples go to `output`/samples/<task>.jsonl when `output` is given."""
     from lmforge.eval.scoring import build_requests, task_metrics
-    from lmforge.model.artifact import load_config
 
-    tokenizer = Tokenizer.from_str(storage.read_text(storage.join(artifact, "tokenizer.json")))
-    max_length = min(cfg.max_length or 1 << 30, load_config(artifact).max_seq_len)
-    gen = cfg.generation.model_dump()
-    per_task = [build_requests(t.spec, t.items, tokenizer, max_length, gen) for t in tasks]
-    flat = [r for reqs in per_task for r in reqs]
-    print(f"[eval] {artifact}: {len(flat)} requests over {len(tasks)} task(s)", flush=True)
-    res = cfg.resources
-    results = score_distributed(
-        artifact, flat, cfg.batch_size, res.num_actors, res.cpus_per_actor,
-        res.gpus_per_actor, max_length,
-    )  # fmt: skip
+    per_task = [build_requests(t.spec, t.items, tokenizer, max_length, generation) for t in tasks]
+    results = score([r for reqs in per_task for r in reqs])
     report: dict[str, dict[str, Any]] = {}
     start = 0
     for task, reqs in zip(tasks, per_task, strict=True):
@@ -154,6 +150,58 @@ def evaluate_model(cfg: EvalConfig, artifact: str, tasks: list[Task], output: st
             lines = "".join(json.dumps(s) + "\n" for s in samples)
             storage.write_text(storage.join(output, "samples", f"{task.spec.name}.jsonl"), lines)
     return report
+
+
+def evaluate_model(cfg: EvalConfig, artifact: str, tasks: list[Task], output: str | None):
+    """One artifact through a Ray Data actor pool (see `score_tasks`)."""
+    from tokenizers import Tokenizer
+
+    from lmforge.eval.runner import score_distributed
+    from lmforge.model.artifact import load_config
+
+    tokenizer = Tokenizer.from_str(storage.read_text(storage.join(artifact, "tokenizer.json")))
+    max_length = min(cfg.max_length or 1 << 30, load_config(artifact).max_seq_len)
+    res = cfg.resources
+
+    def score(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        print(f"[eval] {artifact}: {len(requests)} requests over {len(tasks)} task(s)", flush=True)
+        return score_distributed(
+            artifact, requests, cfg.batch_size, res.num_actors, res.cpus_per_actor,
+            res.gpus_per_actor, max_length,
+        )  # fmt: skip
+
+    return score_tasks(tasks, tokenizer, max_length, cfg.generation.model_dump(), score, output)
+
+
+def evaluate_in_process(
+    model,
+    tokenizer,
+    tasks: list[str | TaskSpec],
+    limit: int | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+) -> dict[str, dict[str, float]]:
+    """task -> metric -> value of a model already in memory, in this process, no Ray: for a
+    training loop that evaluates its checkpoints (rank 0, `model.eval()` under no_grad)."""
+    from lmforge.eval.config import GenerationConfig
+    from lmforge.eval.lm import Scorer
+    from lmforge.eval.runner import score_local
+
+    specs = [resolve_task(t) for t in tasks]
+    loaded = [
+        Task(spec, load_items(spec.model_copy(update={"limit": spec.limit or limit})))
+        for spec in specs
+    ]
+    scorer = Scorer(model, tokenizer, device=str(next(model.parameters()).device))
+    gen = GenerationConfig(max_new_tokens=max_new_tokens).model_dump()
+    report = score_tasks(
+        [t for t in loaded if t.items.rows],
+        tokenizer,
+        scorer.max_length,
+        gen,
+        lambda requests: score_local(scorer, requests, batch_size),
+    )
+    return {t: {m: v["value"] for m, v in ms.items()} for t, ms in report.items()}
 
 
 def run(cfg: EvalConfig, ctx: StageContext) -> dict[str, Any]:
@@ -175,6 +223,9 @@ def run(cfg: EvalConfig, ctx: StageContext) -> dict[str, Any]:
             model_tasks.insert(0, val)
             problems.setdefault("val", val.items.problems)
         out = ctx.output if i == 0 else storage.join(ctx.output, "checkpoints", str(i))
+        empty = [t.spec.name for t in model_tasks if not t.items.rows]
+        if empty:
+            print(f"[eval] no valid items, left out of the report: {', '.join(empty)}", flush=True)
         results = evaluate_model(cfg, artifact, [t for t in model_tasks if t.items.rows], out)
         checkpoints.append(
             {"model": artifact, "step": artifact_step(artifact, i), "tasks": results}
