@@ -43,7 +43,12 @@ def serve_command(argv: list[str], prog: str) -> int:
     parser.add_argument("--host", help="HTTP host (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
     parser.add_argument("--api-key-file", help="file of API keys, one per line")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--max-batch-size", type=int, help="every model's max batch (1: off)")
+    parser.add_argument("--max-waiting", type=int, help="every model's waiting-queue limit")
+    parser.add_argument("--device", help="every model's device: auto, cpu, cuda")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a ServeArgs key"
+    )
     parser.add_argument("--address", help="Ray address (default RAY_ADDRESS or embedded)")
     parser.add_argument("--no-ray", action="store_true", help="one process, uvicorn, no Ray")
     ns = parser.parse_args(argv)
@@ -56,6 +61,10 @@ def serve_command(argv: list[str], prog: str) -> int:
         if len(args.models) != 1:
             raise ConfigError("--name needs exactly one model")
         args.models[0].name = ns.name
+    for field in ("max_batch_size", "max_waiting", "device"):
+        value = getattr(ns, field)
+        for m in args.models if value is not None else []:
+            setattr(m, field, value)  # validated on assignment (StrictModel)
     check_artifacts(args)
     args.api_keys()  # a missing key file is an error now, not in a replica
     base = f"http://{args.host}:{args.port}"
