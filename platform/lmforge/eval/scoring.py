@@ -27,8 +27,9 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     ctx = encode(tokenizer, context)
     whole = encode(tokenizer, context + continuation)
-    cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx else []
-    return [EOS_ID, *ctx], cont or encode(tokenizer, continuation)
+    # as lm-eval; only if the continuation merged into the context entirely, encode it alone
+    cont = whole[len(ctx) :] or encode(tokenizer, continuation)
+    return [EOS_ID, *ctx], cont
 
 
 def document_requests(tokens: list[int], max_length: int, item: int, slot: int, prefix=EOS_ID):
