@@ -10,18 +10,19 @@ from lmforge.data import pack, tokenizer
 
 
 def test_pack_shard_blocks_remainder_and_bytes(tmp_path):
-    # three documents (already with EOS = 2 at the end), given out of id order
-    docs = {30: [7, 8, 2], 10: [10, 11, 12, 13, 2], 20: [20, 21, 2]}
+    # three documents, given out of id order; EOS (2) follows each when packed
+    docs = {30: [7, 8], 10: [10, 11, 12, 13], 20: [20, 21]}
     ids = list(docs)
     table = pa.table(
         {
             "id": ids,
             "key": [3] * 3,  # train, shard 3
+            "copies": [1, 1, 1],
             "tokens": pa.array([docs[i] for i in ids], pa.list_(pa.int32())),
             "n_bytes": [30, 50, 30],
         }
     )
-    row = pack.pack_shard(table, str(tmp_path), seq_len=3, dtype="uint16").to_pylist()[0]
+    row = pack.pack_shard(table, str(tmp_path), seq_len=3, eos=2, dtype="uint16").to_pylist()[0]
     # stream by id: 10 11 12 13 2 | 20 21 2 | 7 8 2  -> 11 tokens = 2 blocks of 4 + 3 left
     assert row == {
         "split": "train",
@@ -57,3 +58,21 @@ def test_tokenizer_has_contract_special_tokens(tmp_path):
     assert again.encode("the cat").ids == tok.encode("the cat").ids
     assert again.decode(tok.encode("the cat sat").ids) == "the cat sat"
     assert tokenizer.token_dtype(65535) == "uint16" and tokenizer.token_dtype(65536) == "int32"
+
+
+def test_pack_shard_repeats_weighted_documents(tmp_path):
+    table = pa.table(
+        {
+            "id": [1, 2],
+            "key": [0, 0],
+            "copies": [2, 1],
+            "tokens": pa.array([[5, 6], [7]], pa.list_(pa.int32())),
+            "n_bytes": [10, 5],
+        }
+    )
+    row = pack.pack_shard(table, str(tmp_path), seq_len=4, eos=2, dtype="int32").to_pylist()[0]
+    # the second copy is cut after 2 of its 3 tokens: 10 + 10 * 2 / 3 bytes
+    assert (row["blocks"], row["remainder"], row["bytes"]) == (1, 3, 16)
+    out = pq.read_table(tmp_path / "train" / "part-00000.parquet")
+    assert out["tokens"].to_pylist() == [[5, 6, 2, 5, 6]]
+    assert out.schema.field("tokens").type == pa.list_(pa.int32(), 5)

@@ -175,3 +175,19 @@ def test_steps_yaml_list_is_validated(tmp_path):
     cfg_file.write_text("steps:\n  - step: nosuchstep\n")
     with pytest.raises(ConfigError, match="step"):
         load_config(DataConfig, str(cfg_file))
+
+
+def test_missing_step_resources_are_config_errors_before_ray(tmp_path):
+    from lmforge.data.prepare import run
+    from lmforge.stage import StageContext
+
+    (tmp_path / "a.txt").write_text("a document\n")
+    cfg = DataConfig.model_validate(
+        {
+            "sources": [{"path": str(tmp_path / "a.txt")}],
+            "steps": [{"step": "wordlist", "path": str(tmp_path / "missing.txt")}],
+        }
+    )
+    with pytest.raises(ConfigError, match="steps: FileNotFoundError"):
+        run(cfg, StageContext(output=str(tmp_path / "out"), address=None))
+    assert not (tmp_path / "out").exists()

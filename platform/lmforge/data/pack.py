@@ -2,7 +2,7 @@
 
 Tokenizing runs in an actor pool (`Tokenize` holds the tokenizer). Documents are then grouped
 by output shard (a hash of their id, with train/val decided by another part of the hash), and
-each shard is packed by one task: its documents sorted by id, each followed by EOS (added when tokenizing), cut into
+each shard is packed by one task: its documents sorted by id, each followed by EOS, cut into
 blocks of seq_len + 1 tokens. The tail that does not fill a block is dropped and counted. The
 shard file is written atomically under a name fixed by its split and index, so the output is
 byte-identical whatever the cluster, order of execution or a kill-and-rerun.
@@ -14,6 +14,7 @@ import io
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lmforge import storage
@@ -31,26 +32,17 @@ def shard_of(ids: np.ndarray, num_shards: int) -> np.ndarray:
 
 
 class Tokenize:
-    """Actor: adds `tokens` (list<int32>: the document + EOS, once per copy), `key`, `n_bytes`."""
+    """Actor: adds `tokens` (list<int32>, the document's ids), `key` (split and shard) and
+    `n_bytes`; the Python work per document is only the encode call, the rest is Arrow."""
 
-    def __init__(
-        self, tokenizer_json: str, eos: int, val_fraction: float, shards: dict[str, int]
-    ) -> None:
+    def __init__(self, tokenizer_json: str, val_fraction: float, shards: dict[str, int]) -> None:
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_str(tokenizer_json)
-        self.eos, self.val_fraction, self.shards = eos, val_fraction, shards
+        self.val_fraction, self.shards = val_fraction, shards
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = batch.column("text").to_pylist()
-        encs = self.tok.encode_batch(texts, add_special_tokens=False)
-        copies = batch.column("copies").to_numpy()
-        # each copy of a document is its tokens followed by EOS
-        parts = [np.array(e.ids + [self.eos], dtype=np.int32) for e in encs]
-        lengths = np.array([len(p) for p in parts], dtype=np.int64) * copies
-        flat = [p for p, c in zip(parts, copies, strict=True) for _ in range(c)]
-        flat = np.concatenate(flat) if flat else np.zeros(0, dtype=np.int32)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        encs = self.tok.encode_batch(batch.column("text").to_pylist(), add_special_tokens=False)
         ids = batch.column("id").to_numpy()
         val = split_of(ids, self.val_fraction)
         shard = np.where(
@@ -60,26 +52,35 @@ class Tokenize:
             {
                 "id": ids,
                 "key": (val.astype(np.int64) << 32) | shard,
-                "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
-                "n_bytes": np.array([len(t.encode()) for t in texts], dtype=np.int64) * copies,
+                "copies": batch.column("copies"),
+                "tokens": pa.array([e.ids for e in encs], pa.list_(pa.int32())),
+                "n_bytes": pc.binary_length(batch.column("text").cast(pa.large_binary())),
             }
         )
 
 
-def pack_shard(group: pa.Table, out: str, seq_len: int, dtype: str) -> pa.Table:
+def pack_shard(group: pa.Table, out: str, seq_len: int, eos: int, dtype: str) -> pa.Table:
     """Pack one shard's documents and write its Parquet file; returns one row of counts."""
     group = group.sort_by("id")
     key = int(group.column("key")[0].as_py())
     split, shard = ("val" if key >> 32 else "train"), key & 0xFFFFFFFF
     docs = group.column("tokens").combine_chunks()
-    lengths = np.diff(docs.offsets.to_numpy())
-    stream = docs.flatten().to_numpy()
+    n_bytes = group.column("n_bytes").to_numpy().astype(np.int64)
+    copies = group.column("copies").to_numpy()
+    if (copies != 1).any():  # a source weight packs a document several times, one after another
+        take = np.repeat(np.arange(len(docs)), copies)
+        docs, n_bytes = docs.take(pa.array(take)), n_bytes[take]
+    lengths = np.diff(docs.offsets.to_numpy()).astype(np.int64) + 1  # + EOS
     ends = np.cumsum(lengths)
+    stream = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
+    is_eos = np.zeros(len(stream), dtype=bool)
+    is_eos[ends - 1] = True
+    stream[~is_eos] = docs.flatten().to_numpy()
+    stream[is_eos] = eos
     block = seq_len + 1
     blocks = len(stream) // block
     kept = blocks * block
     # bytes of the text behind the kept tokens: whole documents, plus the kept share of the one cut
-    n_bytes = group.column("n_bytes").to_numpy()
     starts = ends - lengths
     whole = ends <= kept
     cut = (starts < kept) & ~whole

@@ -9,6 +9,7 @@ documents_in = documents_out + sum(rejected) + duplicates_exact + duplicates_nea
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -20,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lmforge import storage
+from lmforge import ConfigError, StageFailed, storage
 from lmforge.config import config_hash
 from lmforge.data import dedup, pack, sources, tokenizer
 from lmforge.data.config import DataConfig
@@ -156,46 +157,65 @@ def _partitions(total_bytes: int, workers: int) -> int:
 
 
 def run(cfg: DataConfig, ctx: StageContext) -> dict[str, Any]:
-    start = time.perf_counter()
     # validate before spending: every source, step resource and the given tokenizer
     files = sources.resolve_sources(cfg.sources)
-    build_steps(cfg.steps)
+    try:
+        build_steps(cfg.steps)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"steps: {type(e).__name__}: {e}") from None
     given_tok = tokenizer.load_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path else None
-    import ray
     from ray.data import DataContext
 
-    # source limits take the first records in file order
-    DataContext.get_current().execution_options.preserve_order = True
+    options = DataContext.get_current().execution_options
+    saved, options.preserve_order = options.preserve_order, True  # limits: first records
+    try:
+        return _run(cfg, ctx, files, given_tok)
+    finally:
+        options.preserve_order = saved
+
+
+def _run(cfg: DataConfig, ctx: StageContext, files, given_tok) -> dict[str, Any]:
+    import ray
+
+    start = time.perf_counter()
     workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     for sub in ("train", "val", "rejects"):
         storage.remove(storage.join(ctx.output, sub))
 
-    docs = _read_and_clean(cfg, files, workers)
-    read = _stats(docs)
+    phases: dict[str, float] = {}
+    clock = _Clock(phases)
+    with clock("read+steps"):
+        docs = _read_and_clean(cfg, files, workers)
+        read = _stats(docs)
     parts = max(1, _partitions(read["kept_bytes"], workers))
     reject_parts = [_rows(docs, rejected=True)]
     kept = _rows(docs, rejected=False)
     duplicates_exact = duplicates_near = 0
     if cfg.dedup.exact:
-        kept, dups, duplicates_exact = _dedup_exact(kept, parts)
+        with clock("dedup_exact"):
+            kept, dups, duplicates_exact = _dedup_exact(kept, parts)
         reject_parts.append(dups)
     if cfg.dedup.near:
-        kept, dups, duplicates_near = _dedup_near(kept, parts, cfg.dedup.threshold)
+        with clock("dedup_near"):
+            kept, dups, duplicates_near = _dedup_near(kept, parts, cfg.dedup.threshold)
         reject_parts.append(dups)
-    kept = kept.materialize()
-    final = _stats(kept)
-    _write_rejects(ctx.output, reject_parts)
+    with clock("rejects"):
+        kept = kept.materialize()
+        final = _stats(kept)
+        _write_rejects(ctx.output, reject_parts)
 
-    tok, sample = _tokenizer(cfg, kept, final["kept_bytes"], given_tok)
-    tok_json = tok.to_str()
-    storage.write_text(storage.join(ctx.output, "tokenizer.json"), tok_json)
+    with clock("tokenizer"):
+        tok, sample = _tokenizer(cfg, kept, final["kept_bytes"], given_tok)
+        tok_json = tok.to_str()
+        storage.write_text(storage.join(ctx.output, "tokenizer.json"), tok_json)
     dtype = tokenizer.token_dtype(tok.get_vocab_size())
     shards = _shard_counts(cfg, tok, sample, final["kept_bytes"], 2 if dtype == "uint16" else 4)
-    stats = (
-        _tokenize_and_pack(cfg, kept, tok, tok_json, shards, dtype, ctx.output, workers)
-        if final["kept"]
-        else []
-    )
+    with clock("tokenize+pack"):
+        stats = (
+            _tokenize_and_pack(cfg, kept, tok, tok_json, shards, dtype, ctx.output, workers)
+            if final["kept"]
+            else []
+        )
 
     manifest = _manifest(
         cfg,
@@ -210,10 +230,30 @@ def run(cfg: DataConfig, ctx: StageContext) -> dict[str, Any]:
         tok_json,
         _bands_rows(cfg),
     )
+    manifest["phase_seconds"] = {k: round(v, 3) for k, v in phases.items()}
     storage.write_json(storage.join(ctx.output, "manifest.json"), manifest)
     _print_summary(cfg, manifest)
+    if not manifest["blocks_train"]:
+        raise StageFailed(
+            f"no training blocks: {manifest['documents_out']} documents survived, "
+            f"{manifest['tokens_dropped_remainder']} tokens (less than seq_len + 1 per shard); "
+            f"see {storage.join(ctx.output, 'manifest.json')} and rejects/"
+        )
     keys = ("documents_in", "documents_out", "tokens_train", "tokens_val", "vocab_size")
     return {k: manifest[k] for k in keys}
+
+
+class _Clock:
+    """`with clock("phase"):` adds the phase's wall time to a dict (manifest phase_seconds)."""
+
+    def __init__(self, phases: dict[str, float]) -> None:
+        self.phases = phases
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
 
 
 def _bands_rows(cfg: DataConfig) -> tuple[int, int]:
@@ -289,7 +329,6 @@ def _tokenize_and_pack(cfg, kept, tok, tok_json, shards, dtype, out, workers) ->
         pack.Tokenize,
         fn_constructor_kwargs={
             "tokenizer_json": tok_json,
-            "eos": tok.token_to_id(tokenizer.EOS),
             "val_fraction": cfg.val_fraction,
             "shards": shards,
         },
@@ -301,7 +340,12 @@ def _tokenize_and_pack(cfg, kept, tok, tok_json, shards, dtype, out, workers) ->
         tokenized.groupby("key", num_partitions=shards["train"] + shards["val"])
         .map_groups(
             pack.pack_shard,
-            fn_kwargs={"out": out, "seq_len": cfg.seq_len, "dtype": dtype},
+            fn_kwargs={
+                "out": out,
+                "seq_len": cfg.seq_len,
+                "eos": tok.token_to_id(tokenizer.EOS),
+                "dtype": dtype,
+            },
             batch_format="pyarrow",
         )
         .take_all()
@@ -462,6 +506,8 @@ def _print_summary(cfg: DataConfig, m: dict[str, Any]) -> None:
         f"{m['pii_redactions']} PII redactions; {m['seconds']:.1f}s, {m['documents_per_second']:,.0f} docs/s, "
         f"{m['tokens_per_second']:,.0f} tokens/s\n"
     )
+    if not m["blocks_val"] and cfg.val_fraction > 0:
+        buf.write("[data] warning: no validation blocks; raise val_fraction or add data\n")
     print(buf.getvalue(), end="", flush=True)
 
 
