@@ -39,7 +39,9 @@ def ray_runs(ray_local, packed_data, tmp_path_factory):
     """An uninterrupted 2-worker run, and one whose last worker crashes at step 6."""
     runs = tmp_path_factory.mktemp("runs")
     stage = get_stage("train")
-    clean = TrainConfig.model_validate(tiny_train_config(packed_data, runs, train=RAY_TRAIN))
+    clean = TrainConfig.model_validate(
+        tiny_train_config(packed_data, runs, train=RAY_TRAIN, checkpoint={"keep_last": 1})
+    )
     faulty = TrainConfig.model_validate(
         tiny_train_config(
             packed_data,
@@ -104,11 +106,8 @@ def test_checkpoint_of_two_workers_loads_into_one_process(ray_runs):
         assert torch.equal(model.state_dict()[name], tensor), name
     adam = optimizer.state[model.layers["0"].attn.wq.weight]
     assert int(adam["step"]) == 8 and adam["exp_avg_sq"].abs().sum() > 0
-    # Ray Train kept the last checkpoint.keep_last=2 checkpoints
-    assert [p.name for p in sorted(Path(root).glob("step_*"))] == [
-        "step_00000004",
-        "step_00000008",
-    ]
+    # Ray Train pruned to checkpoint.keep_last=1 (step 4 was deleted when step 8 was saved)
+    assert [p.name for p in sorted(Path(root).glob("step_*"))] == ["step_00000008"]
 
 
 def test_rerunning_a_finished_run_is_a_no_op(ray_runs):
