@@ -191,7 +191,9 @@ def test_ray_version_is_the_one_pin():
     assert f"ARG RAY_VERSION={ray_pin}" in (REPO / "Dockerfile").read_text()
     import lmforge
 
-    assert chart["appVersion"] == lmforge.__version__  # the default image tag is <appVersion>-<flavor>
+    assert (
+        chart["appVersion"] == lmforge.__version__
+    )  # the default image tag is <appVersion>-<flavor>
     for obj in render():
         for _, cluster in ray_cluster_specs(obj):
             assert cluster["rayVersion"] == ray_pin

@@ -5,16 +5,18 @@ directory, token auth from authOptions), then its submitter runs
 `ray job submit --runtime-env-json <runtimeEnvYAML as JSON> -- <entrypoint>` against the head's
 dashboard and follows the job. Here:
 
-- the cluster: a local head plus one node per enabled worker group (`ray start`,
-  RAY_AUTH_MODE=token, 2 logical CPUs each), started in a directory laid out like the image's working directory;
-  RayJobs whose clusters have the same shape share one emulated cluster (to save the starts);
+- the cluster: a local head plus one node per enabled worker group (`ray start`, 2 logical
+  CPUs each, RAY_AUTH_MODE=token), started in a directory laid out like the image's working
+  directory; RayJobs whose clusters have the same shape share one emulated cluster;
 - the pod's files, mapped onto local ones:
     <workdir>/jobs/                 -> the repository's jobs/ (the image COPYs it there)
     <workdir>/job-configs/<s>.yaml  -> the stage's ConfigMap data, as the projected volume
-                                       mounts it; with two changes for a laptop-sized run:
-                                       `runs_dir` under the storage mount (/mnt/lmforge) is
-                                       moved to a temp dir (the PVC), and jobs/configs/<job>-tiny.yaml,
-                                       when it exists, is merged over it (the tiny config)
+                                       mounts it; with changes for a laptop-sized run:
+                                       jobs/configs/<job>-tiny.yaml, when it exists, replaces
+                                       it (the ConfigMap's own config is validated by
+                                       test_manifests), SHORTER caps long stages to a few
+                                       steps, and `runs_dir` under the storage mount
+                                       (/mnt/lmforge) moves to a temp dir (the PVC)
     /mnt/lmforge (the PVC)          -> a temp dir shared by every node, as the PVC is
 - `python` in the entrypoint: the image's interpreter (the one with lmforge installed), here
   this test's interpreter, put first on the nodes' PATH;
@@ -49,6 +51,13 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 STORAGE_MOUNT = "/mnt/lmforge"  # storage.mountPath of the chart's values used for manifests/
 JOB_TIMEOUT_S = 240
+# Stage name -> config values that keep a long stage to seconds here (merged over the tiny config).
+SHORTER = {
+    "train": {
+        "train": {"max_steps": 4, "log_every": 1, "eval_every": 2, "eval_batches": 1},
+        "checkpoint": {"every_steps": 2},
+    }
+}
 
 
 def _rayjobs_in_pipeline_order() -> list[Path]:
@@ -129,28 +138,17 @@ class EmulatedRayCluster:
                 proc.kill()
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = (
-            _deep_merge(out[key], value)
-            if isinstance(value, dict) and isinstance(out.get(key), dict)
-            else value
-        )
-    return out
-
-
 def _pod_config(text: str, job: str, storage: Path, stage) -> str:
     """The ConfigMap's config as this emulation's pod sees it (see the module docstring)."""
     cfg = yaml.safe_load(text) or {}
     runs_dir = str(cfg.get("runs_dir", ""))
+    tiny = REPO / "jobs" / "configs" / f"{job}-tiny.yaml"
+    if tiny.exists():  # a whole config of its own, sized for a laptop: it replaces the ConfigMap's
+        cfg = yaml.safe_load(tiny.read_text()) or {}
+    for section, values in SHORTER.get(stage.name, {}).items():
+        cfg[section] = {**(cfg.get(section) or {}), **values}
     if runs_dir.startswith(STORAGE_MOUNT + "/"):
         cfg["runs_dir"] = str(storage / runs_dir[len(STORAGE_MOUNT) + 1 :])
-    tiny = REPO / "jobs" / "configs" / f"{job}-tiny.yaml"
-    if tiny.exists():
-        cfg = _deep_merge(
-            cfg, {k: v for k, v in yaml.safe_load(tiny.read_text()).items() if k != "runs_dir"}
-        )
     if stage.input_field:
         previous = [OUTPUTS[s] for s in OUTPUTS if s != stage.name]
         if not previous:
@@ -236,7 +234,8 @@ def test_rayjob_runs_as_kuberay_would_run_it(path, pod_files, emulated_clusters)
         assert time.monotonic() < deadline, f"{submission_id} still {status} after {JOB_TIMEOUT_S}s"
         time.sleep(1)
     logs = client.get_job_logs(submission_id)
-    assert status == JobStatus.SUCCEEDED, f"{submission_id} {status}:\n{logs[-4000:]}"
+    message = client.get_job_info(submission_id).message
+    assert status == JobStatus.SUCCEEDED, f"{submission_id} {status}: {message}\n{logs[-4000:]}"
 
     runs = pvc / "runs" / stage.name
     outputs = sorted(str(p.parent) for p in runs.glob("*/_SUCCESS"))
