@@ -54,7 +54,7 @@ JOB_TIMEOUT_S = 240
 # Stage name -> config values that keep a long stage to seconds here (merged over the tiny config).
 SHORTER = {
     "train": {
-        "train": {"max_steps": 4, "log_every": 1, "eval_every": 2, "eval_batches": 1},
+        "train": {"max_steps": 4, "log_every": 1, "eval_every": 2, "eval_sequences": 8},
         "checkpoint": {"every_steps": 2},
     }
 }
@@ -140,13 +140,20 @@ class EmulatedRayCluster:
 
 def _pod_config(text: str, job: str, storage: Path, stage) -> str:
     """The ConfigMap's config as this emulation's pod sees it (see the module docstring)."""
+    from lmforge.config import _model_of
+
     cfg = yaml.safe_load(text) or {}
     runs_dir = str(cfg.get("runs_dir", ""))
     tiny = REPO / "jobs" / "configs" / f"{job}-tiny.yaml"
     if tiny.exists():  # a whole config of its own, sized for a laptop: it replaces the ConfigMap's
         cfg = yaml.safe_load(tiny.read_text()) or {}
     for section, values in SHORTER.get(stage.name, {}).items():
-        cfg[section] = {**(cfg.get(section) or {}), **values}
+        # Only keys the config still has: a renamed knob makes this run longer, not invalid.
+        fields = _model_of(stage.config_cls.model_fields[section].annotation).model_fields
+        cfg[section] = {
+            **(cfg.get(section) or {}),
+            **{k: v for k, v in values.items() if k in fields},
+        }
     if runs_dir.startswith(STORAGE_MOUNT + "/"):
         cfg["runs_dir"] = str(storage / runs_dir[len(STORAGE_MOUNT) + 1 :])
     if stage.input_field:
