@@ -10,9 +10,11 @@ when a limit applies, so the same Python version always gives the same items.
   three other held-out packages (drawn as the modules of random other functions, so a module is
   as likely to be a distractor as an answer), in a seeded order.
 - `stdlib-docstring-gen`: "what does `module.function` do?" The prompt is the corpus's own
-  header of a function document, `module.function(args)` and a blank line; the generated text up
-  to the first sentence end is scored with F1 (and exact match) against the first sentence of
-  the docstring.
+  header of a function document, `module.function(args)`; the model writes the blank line and
+  the docstring, and the text up to the first sentence end (stops ". " and ".\n") is scored
+  with F1 (and exact match) against the first sentence of the docstring. The prompt does not end
+  with the blank line: byte-level BPE tokenizes a trailing "\n\n" as a token that never precedes
+  text in training, and a model prompted with it goes astray.
 - `stdlib-heldout-text`: perplexity and bits-per-byte of the held-out documents, exactly as the
   corpus renders them (module, class and function documents).
 - `bias-pairs`: a small CrowS-Pairs-style probe set written for lmforge
@@ -45,7 +47,8 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
     },
     "stdlib-docstring-gen": {
         "type": "generation",
-        "stop": ["\n\n", ". ", ".\n"],
+        # No "\n\n" stop: the answer starts with the blank line after the header (see above).
+        "stop": [". ", ".\n"],
     },
     "stdlib-heldout-text": {"type": "perplexity"},
     "bias-pairs": {"type": "bias_pairs"},
@@ -74,7 +77,7 @@ def builtin_items(name: str) -> list[dict[str, Any]]:
         return _sample(
             [
                 {
-                    "prompt": f"{f['module']}.{f['name']}({f['args']})\n\n",
+                    "prompt": f"{f['module']}.{f['name']}({f['args']})",
                     "references": [f["summary"]],
                 }
                 for f in functions
