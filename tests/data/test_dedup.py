@@ -30,13 +30,15 @@ def ours(texts: list[str]) -> dict[int, int]:
     table = pa.table(
         {
             "id": np.arange(len(texts), dtype=np.int64),
+            "hash": [dedup.exact_hash(t) for t in texts],
             "sig": pa.array([s.tolist() for s in sigs], pa.list_(pa.uint32())),
             "bands": pa.array(
                 [dedup.band_keys(s, bands, rows) for s in sigs], pa.list_(pa.int64())
             ),
         }
     )
-    edges = dedup.bucket_edges(dedup.explode_bands(table), THRESHOLD)
+    buckets = dedup.explode_buckets(table, exact=False, near=True)
+    edges = dedup.bucket_edges(buckets, THRESHOLD)
     roots = dedup.components([(edges["src"].to_numpy(), edges["dst"].to_numpy())])
     return {i: roots.get(i, i) for i in range(len(texts))}
 
@@ -108,22 +110,28 @@ def test_optimal_bands_match_datasketch():
         assert favour_recall == _optimal_param(threshold, num_perm, 0.2, 0.8)
 
 
-def test_mark_exact_keeps_smallest_id_per_hash():
-    block = pa.table(
+def test_bucket_edges_exact_and_near():
+    sig = lambda *v: list(v) * 4  # noqa: E731  (signatures of 8 values)
+    table = pa.table(
         {
-            "id": [5, 3, 9, 4],
-            "hash": [1, 1, 2, 1],
-            "reject": ["", "", "", ""],
-            "step": ["", "", "", ""],
+            "id": [5, 3, 9, 4, 7],
+            "hash": [1, 1, 2, 1, 3],
+            "sig": pa.array(
+                [sig(1, 2), sig(9, 9), sig(1, 2), sig(8, 8), sig(1, 3)], pa.list_(pa.uint32())
+            ),
+            "bands": pa.array([[100], [200], [100], [300], [100]], pa.list_(pa.int64())),
         }
     )
-    out = dedup.mark_exact(block).sort_by("id").to_pylist()
-    assert [(r["id"], r["reject"], r["duplicate_of"]) for r in out] == [
-        (3, "", 0),
-        (4, "duplicate_exact", 3),
-        (5, "duplicate_exact", 3),
-        (9, "", 0),
-    ]
+    buckets = dedup.explode_buckets(table, exact=True, near=True)
+    assert len(buckets) == 10 and buckets["exact"].to_pylist().count(True) == 5
+    edges = dedup.bucket_edges(buckets, threshold=0.8).to_pylist()
+    pairs = sorted((e["src"], e["dst"]) for e in edges)
+    # exact bucket of hash 1: 3 -> 4, 3 -> 5; LSH bucket 100: 5 ~ 9 (same signature),
+    # 5 vs 7 only half the values equal: no edge
+    assert pairs == [(3, 4), (3, 5), (5, 9)]
+    assert dedup.components(
+        [(np.array([a for a, _ in pairs]), np.array([b for _, b in pairs]))]
+    ) == {4: 3, 5: 3, 9: 3}
     assert dedup.exact_hash("Hello   World\n") == dedup.exact_hash("hello world")
     assert dedup.exact_hash("hello world") != dedup.exact_hash("hello  worlds")
 

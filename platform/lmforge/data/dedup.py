@@ -1,15 +1,15 @@
 """Deduplication across the whole dataset: exact (normalised-text hash) and near (MinHash LSH).
 
-Both run as Ray Data shuffles, never by collecting documents on the driver:
-
-- exact: `groupby(hash)`; in each group the document with the smallest id survives.
-- near: each survivor's MinHash signature is cut into `bands` bands of `rows` values; every
-  (band, band hash) is a bucket key. `groupby(bucket)` meets the documents that share a bucket;
-  in each bucket the smallest id is compared with the others by estimated Jaccard (the fraction
-  of equal signature values) and an edge is emitted where it reaches `threshold` (less two
-  standard errors of the estimate). Only these
-  edges (one per duplicate candidate, far fewer than documents) reach the driver, where
-  union-find resolves connected components; the smallest id of each component survives.
+One Ray Data shuffle does both, never collecting documents on the driver. Every document
+becomes one row per bucket: its exact-text hash bucket, and one bucket per LSH band (the band
+index and that band's slice of its MinHash signature, hashed). `repartition(keys=[bucket],
+sort=True)` brings the members of each bucket together; in each bucket the smallest id is
+compared with the others (same text hash in an exact bucket; estimated Jaccard, the fraction
+of equal signature values, at least `threshold` less two standard errors in an LSH bucket)
+and an edge is emitted for each duplicate. Only these edges (one per duplicate candidate, far
+fewer than documents) reach the driver, where union-find resolves connected components; the
+smallest id of each component survives. A dropped document is an exact duplicate when its
+text hash equals its survivor's, else a near duplicate.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ _MERSENNE = np.uint64((1 << 61) - 1)
 _MAX32 = np.uint64(0xFFFFFFFF)
 _WS = re.compile(r"\s+")
 _WORD = re.compile(r"\w+")
+# exact-text buckets are the text hash xor this, so they never meet an LSH band's bucket
+_EXACT_SALT = 0x5EED_E4AC_7000_0001
+EDGE_COLUMNS = ("src", "dst", "src_hash", "dst_hash")
 
 
 def exact_hash(text: str) -> int:
@@ -111,38 +114,41 @@ def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(starts, lengths), np.repeat(lengths, lengths)
 
 
-def mark_exact(block: pa.Table) -> pa.Table:
-    """Rows sharing a hash: the smallest id survives, the others are duplicate_exact rejects."""
-    if len(block) == 0:
-        return block.append_column("duplicate_of", pa.array([], pa.int64()))
-    block = block.sort_by([("hash", "ascending"), ("id", "ascending")])
-    start, _ = _runs(block.column("hash").to_numpy())
-    ids = block.column("id").to_numpy()
-    dup = start != np.arange(len(block))
-    block = block.set_column(
-        block.schema.get_field_index("reject"),
-        "reject",
-        pa.array(np.where(dup, "duplicate_exact", ""), pa.string()),
-    )
-    block = block.set_column(
-        block.schema.get_field_index("step"),
-        "step",
-        pa.array(np.where(dup, "dedup_exact", ""), pa.string()),
-    )
-    return block.append_column("duplicate_of", pa.array(np.where(dup, ids[start], 0), pa.int64()))
-
-
-def explode_bands(batch: pa.Table) -> pa.Table:
-    """(id, sig, bands) rows -> one (bucket, id, sig) row per band."""
-    bands = batch.column("bands")
-    n = pc.list_value_length(bands).to_numpy()
-    return pa.table(
-        {
-            "bucket": pc.list_flatten(bands),
-            "id": np.repeat(batch.column("id").to_numpy(), n),
-            "sig": batch.column("sig").take(pa.array(np.repeat(np.arange(len(batch)), n))),
-        }
-    )
+def explode_buckets(batch: pa.Table, exact: bool, near: bool) -> pa.Table:
+    """(id, hash, sig, bands) rows -> one (bucket, id, hash, exact, sig) row per bucket: the
+    exact-text hash (when `exact`) and each LSH band key (when `near`)."""
+    n = len(batch)
+    parts = []
+    if exact:
+        parts.append(
+            pa.table(
+                {
+                    "bucket": pc.bit_wise_xor(
+                        batch.column("hash"), pa.scalar(_EXACT_SALT, pa.int64())
+                    ),
+                    "id": batch.column("id"),
+                    "hash": batch.column("hash"),
+                    "exact": pa.array(np.ones(n, dtype=bool)),
+                    "sig": batch.column("sig"),
+                }
+            )
+        )
+    if near:
+        bands = batch.column("bands")
+        counts = pc.list_value_length(bands).to_numpy(zero_copy_only=False)
+        rows = pa.array(np.repeat(np.arange(n), counts))
+        parts.append(
+            pa.table(
+                {
+                    "bucket": pc.list_flatten(bands),
+                    "id": batch.column("id").take(rows),
+                    "hash": batch.column("hash").take(rows),
+                    "exact": pa.array(np.zeros(int(counts.sum()), dtype=bool)),
+                    "sig": batch.column("sig").take(rows),
+                }
+            )
+        )
+    return pa.concat_tables(parts)
 
 
 def verify_cutoff(threshold: float, num_perm: int) -> float:
@@ -152,9 +158,10 @@ def verify_cutoff(threshold: float, num_perm: int) -> float:
 
 
 def bucket_edges(block: pa.Table, threshold: float) -> pa.Table:
-    """Per LSH bucket: an edge from its smallest id to each other id whose estimated Jaccard
-    (fraction of equal MinHash values) reaches `verify_cutoff(threshold, num_perm)`."""
-    empty = pa.table({"src": pa.array([], pa.int64()), "dst": pa.array([], pa.int64())})
+    """Per bucket: an edge from its smallest id to each other member that is a duplicate of it:
+    the same text hash in an exact bucket; in an LSH bucket, an estimated Jaccard (fraction of
+    equal MinHash values) of at least `verify_cutoff(threshold, num_perm)`."""
+    empty = pa.table({name: pa.array([], pa.int64()) for name in EDGE_COLUMNS})
     if len(block) < 2:
         return empty
     block = block.sort_by([("bucket", "ascending"), ("id", "ascending")])
@@ -162,13 +169,21 @@ def bucket_edges(block: pa.Table, threshold: float) -> pa.Table:
     rows = np.flatnonzero((length > 1) & (start != np.arange(len(block))))
     if len(rows) == 0:
         return empty
-    sig = block.column("sig").combine_chunks()
-    width = len(sig[0])
-    values = sig.flatten().to_numpy().reshape(-1, width)
-    sim = (values[rows] == values[start[rows]]).mean(axis=1)
     ids = block.column("id").to_numpy()
-    hit = rows[sim >= verify_cutoff(threshold, width)]
-    return pa.table({"src": ids[start[hit]], "dst": ids[hit]})
+    hashes = block.column("hash").to_numpy()
+    exact = block.column("exact").to_numpy(zero_copy_only=False)[rows]
+    sig = block.column("sig").combine_chunks()
+    width = len(sig[0]) if len(sig) else 0
+    hit = hashes[rows] == hashes[start[rows]]
+    if width and not exact.all():
+        values = sig.flatten().to_numpy().reshape(-1, width)
+        sim = (values[rows] == values[start[rows]]).mean(axis=1)
+        hit = np.where(exact, hit, sim >= verify_cutoff(threshold, width))
+    rows = rows[hit]
+    src = start[rows]
+    return pa.table(
+        {"src": ids[src], "dst": ids[rows], "src_hash": hashes[src], "dst_hash": hashes[rows]}
+    )
 
 
 def components(edges: Iterator[tuple[np.ndarray, np.ndarray]]) -> dict[int, int]:

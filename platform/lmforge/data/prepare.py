@@ -136,19 +136,20 @@ def _as_rejects(t: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=REJECT_SCHEMA)
 
 
-def _mark_near(t: pa.Table, dropped: np.ndarray, roots: np.ndarray) -> pa.Table:
+def _mark_duplicates(
+    t: pa.Table, dropped: np.ndarray, roots: np.ndarray, exact: np.ndarray
+) -> pa.Table:
+    """Mark the rows whose id is in `dropped` (sorted) as duplicates of their root."""
     ids = t["id"].to_numpy()
     pos = np.searchsorted(dropped, ids).clip(0, len(dropped) - 1)
     hit = dropped[pos] == ids
+    is_exact = hit & exact[pos]
     col = t.schema.get_field_index
-    t = t.set_column(
-        col("reject"), "reject", pa.array(np.where(hit, "duplicate_near", ""), pa.string())
-    )
-    t = t.set_column(col("step"), "step", pa.array(np.where(hit, "dedup_near", ""), pa.string()))
-    dup_of = pa.array(np.where(hit, roots[pos], 0), pa.int64())
-    if "duplicate_of" in t.column_names:
-        return t.set_column(col("duplicate_of"), "duplicate_of", dup_of)
-    return t.append_column("duplicate_of", dup_of)
+    reason = np.where(is_exact, "duplicate_exact", np.where(hit, "duplicate_near", ""))
+    step = np.where(is_exact, "dedup_exact", np.where(hit, "dedup_near", ""))
+    t = t.set_column(col("reject"), "reject", pa.array(reason, pa.string()))
+    t = t.set_column(col("step"), "step", pa.array(step, pa.string()))
+    return t.append_column("duplicate_of", pa.array(np.where(hit, roots[pos], 0), pa.int64()))
 
 
 def _partitions(total_bytes: int, workers: int) -> int:
@@ -191,13 +192,9 @@ def _run(cfg: DataConfig, ctx: StageContext, files, given_tok) -> dict[str, Any]
     reject_parts = [_rows(docs, rejected=True)]
     kept = _rows(docs, rejected=False)
     duplicates_exact = duplicates_near = 0
-    if cfg.dedup.exact:
-        with clock("dedup_exact"):
-            kept, dups, duplicates_exact = _dedup_exact(kept, parts)
-        reject_parts.append(dups)
-    if cfg.dedup.near:
-        with clock("dedup_near"):
-            kept, dups, duplicates_near = _dedup_near(kept, parts, cfg.dedup.threshold)
+    if cfg.dedup.exact or cfg.dedup.near:
+        with clock("dedup"):
+            kept, dups, duplicates_exact, duplicates_near = _dedup(kept, parts, cfg)
         reject_parts.append(dups)
     with clock("rejects"):
         kept = kept.materialize()
@@ -288,38 +285,59 @@ def _read_and_clean(cfg: DataConfig, files: list[list[dict[str, Any]]], workers:
     ).materialize()
 
 
-def _dedup_exact(kept, parts: int):
-    marked = (
-        kept.repartition(parts, keys=["hash"], sort=True)
-        .map_batches(dedup.mark_exact, batch_size=None, batch_format="pyarrow")
-        .materialize()
-    )
-    dups = _rows(marked, rejected=True).materialize()
-    return _rows(marked, rejected=False), dups, dups.count()
-
-
-def _dedup_near(kept, parts: int, threshold: float):
+def _dedup(kept, parts: int, cfg: DataConfig):
+    """Exact and near duplicates in one shuffle by bucket (see dedup.py); returns the kept
+    documents, the duplicates (as rejects) and the two counts."""
     kept = kept.materialize()
     edges = (
-        kept.select_columns(["id", "sig", "bands"])
-        .map_batches(dedup.explode_bands, batch_format="pyarrow")
+        kept.select_columns(["id", "hash", "sig", "bands"])
+        .map_batches(
+            dedup.explode_buckets,
+            fn_kwargs={"exact": cfg.dedup.exact, "near": cfg.dedup.near},
+            batch_format="pyarrow",
+        )
         .repartition(parts, keys=["bucket"], sort=True)
         .map_batches(
             dedup.bucket_edges,
-            fn_kwargs={"threshold": threshold},
+            fn_kwargs={"threshold": cfg.dedup.threshold},
             batch_size=None,
             batch_format="pyarrow",
         )
     )
-    roots = dedup.components((b["src"], b["dst"]) for b in edges.iter_batches(batch_format="numpy"))
+    hashes: dict[int, int] = {}
+
+    def edge_batches():
+        for b in edges.iter_batches(batch_format="numpy"):
+            hashes.update(zip(b["src"].tolist(), b["src_hash"].tolist(), strict=True))
+            hashes.update(zip(b["dst"].tolist(), b["dst_hash"].tolist(), strict=True))
+            yield b["src"], b["dst"]
+
+    roots = dedup.components(edge_batches())
     if not roots:
-        return kept, _rows(kept, rejected=True), 0
+        return kept, _rows(kept, rejected=True), 0, 0
     dropped = np.array(sorted(roots), dtype=np.int64)
     root_of = np.array([roots[i] for i in dropped.tolist()], dtype=np.int64)
+    # as if exact dedup ran first: among documents with the same text, all but the smallest id
+    # are exact duplicates; the rest of each component (all but its smallest id) are near ones
+    first_of_hash: dict[int, int] = {}
+    for i in sorted(set(roots) | set(roots.values())):
+        first_of_hash.setdefault(hashes[i], i)
+    exact = np.array(
+        [bool(cfg.dedup.exact) and first_of_hash[hashes[i]] != i for i in dropped.tolist()],
+        dtype=bool,
+    )
     marked = kept.map_batches(
-        _mark_near, fn_kwargs={"dropped": dropped, "roots": root_of}, batch_format="pyarrow"
+        _mark_duplicates,
+        fn_kwargs={"dropped": dropped, "roots": root_of, "exact": exact},
+        batch_format="pyarrow",
     ).materialize()
-    return _rows(marked, rejected=False), _rows(marked, rejected=True), len(dropped)
+    n_exact = int(exact.sum())
+    return (
+        _rows(marked, rejected=False),
+        _rows(marked, rejected=True),
+        n_exact,
+        len(dropped) - n_exact,
+    )
 
 
 def _tokenize_and_pack(cfg, kept, tok, tok_json, shards, dtype, out, workers) -> list[dict]:
