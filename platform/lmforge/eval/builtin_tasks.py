@@ -96,9 +96,20 @@ def _sample(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @lru_cache(maxsize=1)
 def heldout_files() -> tuple[str, ...]:
-    from lmforge.data.builtin import python_docs_files
+    """The held-out corpus files (stdlib-relative .py paths), sorted. Listed here rather than
+    through `python_docs_files()`, which leaves them out of the training corpus."""
+    from lmforge.data import builtin
 
-    return tuple(f for f in python_docs_files() if is_held_out_path(f))
+    root = builtin.stdlib_dir()
+    skip = getattr(builtin, "_SKIP_DIRS", set())
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
+        for name in filenames:
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if name.endswith(".py") and is_held_out_path(rel):
+                found.append(rel)
+    return tuple(sorted(found))
 
 
 @lru_cache(maxsize=1)
