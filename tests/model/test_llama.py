@@ -84,7 +84,7 @@ def test_initial_loss_is_close_to_uniform(name):
     torch.manual_seed(0)
     cfg = PRESETS[name]
     model = Llama(cfg)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 65))
+    tokens = torch.randint(0, cfg.vocab_size, (1, 33))
     with torch.no_grad():
         loss = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).item()
     assert abs(loss - math.log(cfg.vocab_size)) < 0.5

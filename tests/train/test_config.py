@@ -29,3 +29,31 @@ def test_an_impossible_shape_is_a_one_line_config_error():
         load_config(TrainConfig, None, ["model.n_kv_heads=4"])  # tiny has 6 heads
     with pytest.raises(ConfigError, match="unknown key 'train.global_batch'"):
         load_config(TrainConfig, None, ["train.global_batch=3"])
+
+
+def node(cpus: float, gpus: float = 0, accel: str | None = None) -> dict:
+    resources = {"CPU": cpus, "GPU": gpus, **({f"accelerator_type:{accel}": 1} if accel else {})}
+    return {"Alive": True, "Resources": resources}
+
+
+def test_resource_check_counts_workers_per_node_by_placement_strategy():
+    from lmforge import LmforgeError
+    from lmforge.train.config import ResourcesConfig
+    from lmforge.train.trainer import validate_resources
+
+    two_gpu_nodes = [node(16, 4, "H100"), node(16, 4, "H100")]
+    validate_resources(ResourcesConfig(num_workers=8, gpus_per_worker=1), two_gpu_nodes)
+    validate_resources(
+        ResourcesConfig(num_workers=2, gpus_per_worker=1, placement_strategy="STRICT_SPREAD"),
+        two_gpu_nodes,
+    )
+    refused = [
+        (ResourcesConfig(num_workers=9, gpus_per_worker=1), "at most 8 such worker"),
+        (ResourcesConfig(num_workers=5, gpus_per_worker=1, placement_strategy="STRICT_PACK"), "STRICT_PACK"),
+        (ResourcesConfig(num_workers=3, gpus_per_worker=1, placement_strategy="STRICT_SPREAD"), "2 node"),
+        (ResourcesConfig(num_workers=2, gpus_per_worker=1, accelerator_type="A100"), "A100"),
+        (ResourcesConfig(num_workers=4, cpus_per_worker=9), "at most 2 such"),
+    ]  # fmt: skip
+    for res, message in refused:
+        with pytest.raises(LmforgeError, match=message):
+            validate_resources(res, two_gpu_nodes)
