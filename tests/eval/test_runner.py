@@ -46,3 +46,13 @@ def test_two_actors_give_the_same_numbers_as_one(ray_local, artifact, scorer):
             assert a == b
         else:
             assert a["loglikelihood"] == pytest.approx(b["loglikelihood"], rel=1e-5)
+
+
+def test_batches_are_bounded_by_padded_tokens():
+    reqs = [
+        {"kind": "loglikelihood", "context": [2] * n, "continuation": [5]} for n in (9, 3, 3, 3)
+    ]
+    # the first batch pads to 10 tokens: two requests fit in 20, three do not
+    assert make_batches(reqs, 8, max_batch_tokens=20) == [[0, 1], [2, 3]]
+    assert make_batches(reqs, 8, max_batch_tokens=5) == [[0], [1], [2], [3]]  # never empty
+    assert make_batches(reqs, 8) == [[0, 1, 2, 3]]

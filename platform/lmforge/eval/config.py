@@ -80,6 +80,11 @@ class EvalConfig(StageConfig):
     batch_size: int = Field(
         16, ge=1, description="Sequences per forward pass (requests per actor call)."
     )
+    max_batch_tokens: int = Field(
+        16384,
+        ge=1,
+        description="Padded tokens per log-likelihood batch at most (bounds the batch x length x vocabulary logits).",
+    )
     max_length: int | None = Field(
         None,
         ge=2,

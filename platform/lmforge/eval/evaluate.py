@@ -93,22 +93,29 @@ def val_task(cfg: EvalConfig, artifact: str) -> Task | None:
             f"{data}: the val split was tokenized with another tokenizer; skipped"
         )
         return Task(spec, items)
-    import pyarrow.parquet as pq
-
-    for path in storage.list_files(storage.join(data, "val"), suffix=".parquet"):
-        fs, inner = storage.resolve(path)
-        for block in pq.read_table(fs.open_input_file(inner), columns=["tokens"])[
-            "tokens"
-        ].to_pylist():
-            if cfg.val_blocks is not None and len(items.rows) >= cfg.val_blocks:
-                break
-            items.rows.append({"tokens": block})
-            items.lines.append(len(items.rows))
+    items.rows = [{"tokens": b} for b in read_blocks(storage.join(data, "val"), cfg.val_blocks)]
+    items.lines = list(range(1, len(items.rows) + 1))
     tokens, n_bytes = manifest.get("tokens_val"), manifest.get("bytes_val")
     per_token = n_bytes / tokens if tokens and n_bytes else None
     if per_token is None:
         spec = spec.model_copy(update={"metrics": ["loss", "perplexity"]})
     return Task(spec, items, per_token)
+
+
+def read_blocks(directory: str, limit: int | None) -> list[list[int]]:
+    """The first `limit` packed blocks of a split, in file order, reading no further."""
+    import pyarrow.parquet as pq
+
+    blocks: list[list[int]] = []
+    for path in storage.list_files(directory, suffix=".parquet"):
+        fs, inner = storage.resolve(path)
+        for batch in pq.ParquetFile(fs.open_input_file(inner)).iter_batches(
+            batch_size=256, columns=["tokens"]
+        ):
+            blocks += batch.column(0).to_pylist()
+            if limit is not None and len(blocks) >= limit:
+                return blocks[:limit]
+    return blocks
 
 
 def load_tasks(cfg: EvalConfig) -> list[Task]:
@@ -167,7 +174,7 @@ def evaluate_model(cfg: EvalConfig, artifact: str, tasks: list[Task], output: st
         print(f"[eval] {artifact}: {len(requests)} requests over {len(tasks)} task(s)", flush=True)
         return score_distributed(
             artifact, requests, cfg.batch_size, res.num_actors, res.cpus_per_actor,
-            res.gpus_per_actor, max_length,
+            res.gpus_per_actor, max_length, cfg.max_batch_tokens,
         )  # fmt: skip
 
     return score_tasks(tasks, tokenizer, max_length, cfg.generation.model_dump(), score, output)

@@ -75,11 +75,12 @@ class Scorer:
         batch = torch.full((len(inputs), T), PAD_ID, dtype=torch.long)
         for i, x in enumerate(inputs):
             batch[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        logits = self.model(batch.to(self.device)).float()  # (B, T, V)
+        logits = self.model(batch.to(self.device))  # (B, T, V), the model's dtype
         results = []
         for i, (x, cont) in enumerate(zip(inputs, conts, strict=True)):
             n = len(cont)
-            logp = torch.log_softmax(logits[i, len(x) - n : len(x)], dim=-1)  # (n, V)
+            # fp32 only for the positions that score the continuation
+            logp = torch.log_softmax(logits[i, len(x) - n : len(x)].float(), dim=-1)  # (n, V)
             target = torch.tensor(cont, dtype=torch.long, device=logp.device)
             ll = logp.gather(1, target[:, None]).sum().item()
             greedy = bool((logp.argmax(-1) == target).all().item())

@@ -1,7 +1,8 @@
 """Distributing requests over a Ray Data actor pool; each actor loads the model once.
 
 The driver cuts the requests into batches before anything is distributed: requests sorted by
-length (longest first, so padding is small and memory peaks early), `batch_size` per batch,
+length (longest first, so padding is small and memory peaks early), `batch_size` per batch
+(and at most `max_batch_tokens` padded tokens),
 generation requests apart. A batch is one row of a Ray Data dataset, and an actor scores a whole
 row in one call. So what each forward pass computes does not depend on how many actors there
 are or which actor gets which row, and 1 actor and N actors give identical numbers (every actor
@@ -18,8 +19,12 @@ import numpy as np
 from lmforge.eval.lm import Scorer
 
 
-def make_batches(requests: list[dict[str, Any]], batch_size: int) -> list[list[int]]:
-    """Indices of the requests, grouped into batches (a pure function of the requests)."""
+def make_batches(
+    requests: list[dict[str, Any]], batch_size: int, max_batch_tokens: int | None = None
+) -> list[list[int]]:
+    """Indices of the requests, grouped into batches (a pure function of the requests): at most
+    `batch_size` sequences, and at most `max_batch_tokens` padded tokens per log-likelihood
+    batch (the logits, batch x length x vocabulary, are what fills memory)."""
 
     def length(i: int) -> int:
         r = requests[i]
@@ -31,7 +36,17 @@ def make_batches(requests: list[dict[str, Any]], batch_size: int) -> list[list[i
     for kind in ("loglikelihood", "generate"):
         idx = [i for i, r in enumerate(requests) if r["kind"] == kind]
         idx.sort(key=lambda i: (-length(i), i))
-        batches += [idx[k : k + batch_size] for k in range(0, len(idx), batch_size)]
+        current: list[int] = []
+        for i in idx:
+            # sorted longest first: the batch's first request sets its padded length
+            padded = (len(current) + 1) * (length(current[0]) if current else length(i))
+            too_many = max_batch_tokens is not None and kind == "loglikelihood"
+            if current and (len(current) >= batch_size or (too_many and padded > max_batch_tokens)):
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
     return batches
 
 
@@ -57,10 +72,12 @@ def _strip(request: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in request.items() if k not in ("item", "slot")}
 
 
-def score_local(scorer, requests: list[dict[str, Any]], batch_size: int) -> list[dict[str, Any]]:
+def score_local(
+    scorer, requests: list[dict[str, Any]], batch_size: int, max_batch_tokens: int | None = None
+) -> list[dict[str, Any]]:
     """The same batches scored in this process (tests, and runs without Ray)."""
     results: list[dict[str, Any] | None] = [None] * len(requests)
-    for idx in make_batches(requests, batch_size):
+    for idx in make_batches(requests, batch_size, max_batch_tokens):
         for i, res in zip(idx, scorer.score([requests[i] for i in idx]), strict=True):
             results[i] = res
     return results  # type: ignore[return-value]
@@ -74,6 +91,7 @@ def score_distributed(
     cpus_per_actor: float = 1,
     gpus_per_actor: float = 0,
     max_length: int | None = None,
+    max_batch_tokens: int | None = None,
 ) -> list[dict[str, Any]]:
     """Results of every request, in order, scored by `num_actors` actors of a Ray Data pool."""
     import ray
@@ -81,7 +99,7 @@ def score_distributed(
 
     if not requests:
         return []
-    batches = make_batches(requests, batch_size)
+    batches = make_batches(requests, batch_size, max_batch_tokens)
     rows = [
         {"batch": b, "payload": json.dumps([_strip(requests[i]) for i in idx])}
         for b, idx in enumerate(batches)
