@@ -216,19 +216,16 @@ def run(cfg: EvalConfig, ctx: StageContext) -> dict[str, Any]:
         raise ConfigError("model: give the model artifact or training run directory to evaluate")
     models = [resolve_artifact(m) for m in [cfg.model, *cfg.checkpoints]]
     tasks = load_tasks(cfg)
-    problems = {t.spec.name: t.items.problems for t in tasks}
+    vals = [val_task(cfg, artifact) for artifact in models]  # checked before any actor starts
+    problems = {t.spec.name: t.items.problems for t in [*vals[:1], *tasks] if t is not None}
     for name, found in problems.items():
         for p in found[:5]:
             print(f"[eval] {name}: skipped {p}", file=sys.stderr, flush=True)
         if len(found) > 5:
             print(f"[eval] {name}: ... {len(found) - 5} more skipped", file=sys.stderr)
     checkpoints = []
-    for i, artifact in enumerate(models):
-        model_tasks = list(tasks)
-        val = val_task(cfg, artifact)
-        if val is not None:
-            model_tasks.insert(0, val)
-            problems.setdefault("val", val.items.problems)
+    for i, (artifact, val) in enumerate(zip(models, vals, strict=True)):
+        model_tasks = list(tasks) if val is None else [val, *tasks]
         out = ctx.output if i == 0 else storage.join(ctx.output, "checkpoints", str(i))
         empty = [t.spec.name for t in model_tasks if not t.items.rows]
         if empty:
