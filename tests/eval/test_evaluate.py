@@ -135,3 +135,15 @@ def test_evaluate_in_process_for_a_training_loop(scorer):
     reqs = build_requests(spec, items, scorer.tokenizer, scorer.max_length, {})
     metrics, _ = task_metrics(spec, items, reqs, score_local(scorer, reqs, 16))
     assert out["bias-pairs"]["likelihood_diff"] == metrics["likelihood_diff"].value
+
+
+def test_compare_allows_sampling_noise_in_standard_errors():
+    base = report({"mc": {"acc": 0.60}})
+    cand = report({"mc": {"acc": 0.55}})
+    for r in (base, cand):
+        r["tasks"]["mc"]["acc"]["stderr"] = 0.03
+    [strict] = compare(base, cand, 0.0)
+    assert strict.failed
+    # 2 sigmas of sqrt(0.03^2 + 0.03^2) = 0.0849 > 0.05: within noise
+    [noisy] = compare(base, cand, 0.0, sigmas=2)
+    assert not noisy.failed and noisy.allowed == pytest.approx(2 * 0.03 * 2**0.5)

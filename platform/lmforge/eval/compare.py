@@ -69,9 +69,11 @@ def compare(
     max_regression: float,
     gates: dict[tuple[str, str], float] | None = None,
     relative: bool = False,
+    sigmas: float = 0.0,
 ) -> list[Check]:
     """One Check per gated metric of the baseline: the named gates, else every metric with a
-    known direction."""
+    known direction. With `sigmas` > 0 the allowed amount grows by that many combined standard
+    errors of the two values (sqrt(se_a^2 + se_b^2)), so sampling noise alone does not fail."""
     checks = []
     for task, metrics in baseline["tasks"].items():
         for metric, m in metrics.items():
@@ -84,14 +86,16 @@ def compare(
             else:
                 continue
             base = m["value"]
-            cand = candidate["tasks"].get(task, {}).get(metric, {}).get("value")
+            other = candidate["tasks"].get(task, {}).get(metric, {})
+            cand = other.get("value")
             regression = None
             if cand is not None and not math.isnan(cand):
                 regression = base - cand if metric not in LOWER_IS_BETTER else cand - base
+                noise = sigmas * math.hypot(m.get("stderr") or 0.0, other.get("stderr") or 0.0)
                 if relative:
-                    regression = (
-                        regression / abs(base) if base else (math.inf if regression > 0 else 0.0)
-                    )
+                    scale = abs(base) or math.inf
+                    regression, noise = regression / scale, noise / scale
+                allowed += noise
             checks.append(Check(task, metric, base, cand, allowed, regression))
     return checks
 
@@ -116,6 +120,13 @@ def compare_command(argv: list[str], prog: str) -> int:
         "--relative", action="store_true", help="thresholds are fractions of the baseline value"
     )
     parser.add_argument(
+        "--sigmas",
+        type=float,
+        default=0.0,
+        metavar="K",
+        help="also allow K combined standard errors of the two values (noise), e.g. 2",
+    )
+    parser.add_argument(
         "--metric",
         action="append",
         default=[],
@@ -125,8 +136,8 @@ def compare_command(argv: list[str], prog: str) -> int:
         "bits_per_byte, byte_perplexity, word_perplexity)",
     )
     args = parser.parse_args(argv)
-    if args.max_regression < 0:
-        raise LmforgeError("--max-regression must be >= 0")
+    if args.max_regression < 0 or args.sigmas < 0:
+        raise LmforgeError("--max-regression and --sigmas must be >= 0")
     base, cand = read_report(args.baseline), read_report(args.candidate)
     checks = compare(
         base,
@@ -134,6 +145,7 @@ def compare_command(argv: list[str], prog: str) -> int:
         args.max_regression,
         parse_gates(args.metric, args.max_regression),
         args.relative,
+        args.sigmas,
     )
     if not checks:
         raise LmforgeError("no gated metric found in the baseline report (check --metric)")
