@@ -35,6 +35,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never join a `ray start` head that happens to run here
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,

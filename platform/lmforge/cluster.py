@@ -278,7 +278,9 @@ def connect(address: str | None = None) -> None:
     import ray
 
     if embedded:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # address="local": a new instance even when a `ray start` head runs on this machine
+        # (address=None would silently join that one).
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
     else:
         ray.init(address=address or None, log_to_driver=True)
 
