@@ -46,6 +46,7 @@ def serve_command(argv: list[str], prog: str) -> int:
     parser.add_argument("--max-batch-size", type=int, help="every model's max batch (1: off)")
     parser.add_argument("--max-waiting", type=int, help="every model's waiting-queue limit")
     parser.add_argument("--device", help="every model's device: auto, cpu, cuda")
+    parser.add_argument("--torch-threads", type=int, help="every model's torch CPU threads")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a ServeArgs key"
     )
@@ -61,7 +62,7 @@ def serve_command(argv: list[str], prog: str) -> int:
         if len(args.models) != 1:
             raise ConfigError("--name needs exactly one model")
         args.models[0].name = ns.name
-    for field in ("max_batch_size", "max_waiting", "device"):
+    for field in ("max_batch_size", "max_waiting", "device", "torch_threads"):
         value = getattr(ns, field)
         for m in args.models if value is not None else []:
             setattr(m, field, value)  # validated on assignment (StrictModel)

@@ -52,6 +52,12 @@ class ModelServeConfig(StrictModel):
         "auto",
         description="weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16",
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads torch uses in each replica (None: torch's default; Ray sets it "
+        "to the replica's num_cpus). On a busy CPU host, 1 avoids thread oversubscription",
+    )
     max_batch_size: int = Field(
         16, ge=1, description="sequences decoded together (KV cache slots); 1 turns batching off"
     )

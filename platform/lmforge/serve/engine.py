@@ -314,6 +314,8 @@ def load_engine(cfg) -> Engine:
     from lmforge.model.hf import resolve_artifact
 
     directory = resolve_artifact(cfg.artifact)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
