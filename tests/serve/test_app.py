@@ -72,23 +72,99 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_live_serve_app_answers_the_official_openai_client(ray_local, artifact, monkeypatch):
+@pytest.fixture(scope="module")
+def serve_app(ray_local, artifact):
+    """A live Serve app on a free port: the router and two replicas of a tiny model."""
+    import os
+
     from ray import serve
 
     from lmforge.serve.app import build_app
 
-    monkeypatch.setenv("LMFORGE_TEST_RAY_KEYS", "sk-ray")
-    model = {"name": "tiny", "artifact": artifact, "resources": {"num_cpus": 0.5}}
+    os.environ["LMFORGE_TEST_RAY_KEYS"] = "sk-ray"
+    model = {
+        "name": "tiny",
+        "artifact": artifact,
+        "torch_threads": 1,
+        "resources": {"num_cpus": 0.25},
+        "autoscaling": {"min_replicas": 2, "max_replicas": 2},
+    }
     args = ServeArgs(models=[model], api_key_env="LMFORGE_TEST_RAY_KEYS")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(args), name="lmforge-test", route_prefix="/")
-        check_openai_client(f"http://127.0.0.1:{port}/v1", "sk-ray")
+        yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
+        os.environ.pop("LMFORGE_TEST_RAY_KEYS")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_live_serve_app_answers_the_official_openai_client(serve_app):
+    check_openai_client(f"{serve_app}/v1", "sk-ray")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killing_a_model_replica_under_load_recovers(serve_app, ray_local):
+    """Kill one of two model replicas while 4 clients send requests: Serve replaces it, and
+    every request after recovery succeeds. Failures during the kill are counted and reported."""
+    import threading
+    import time
+
+    import httpx2
+    from ray import serve
+
+    headers = {"Authorization": "Bearer sk-ray"}
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0}
+    outcomes: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx2.Client(base_url=serve_app, headers=headers, timeout=30) as http:
+            while not stop.is_set():
+                try:
+                    status = http.post("/v1/completions", json=body).status_code
+                except httpx2.HTTPError:
+                    status = 0
+                outcomes.append((time.monotonic(), status))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    replicas = [
+        a
+        for a in ray_local.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::lmforge-test#model-tiny")
+    ]
+    assert len(replicas) == 2
+    killed_at = time.monotonic()
+    ray_local.kill(ray_local.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]))
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        status = serve.status().applications["lmforge-test"]
+        running = status.deployments["model-tiny"].replica_states.get("RUNNING", 0)
+        if running == 2 and time.monotonic() - killed_at > 3:
+            break
+        time.sleep(0.5)
+    recovered_at = time.monotonic()
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    during = [s for at, s in outcomes if killed_at <= at < recovered_at]
+    after = [s for at, s in outcomes if at >= recovered_at + 0.5]
+    failed = sum(s != 200 for s in during)
+    print(
+        f"replica kill: {failed} of {len(during)} requests failed during recovery "
+        f"({recovered_at - killed_at:.1f} s); {len(after)} after, all must succeed"
+    )
+    assert running == 2, "Serve did not replace the killed replica in 90 s"
+    assert after and all(s == 200 for s in after)
+    assert failed <= 4  # at most the requests in flight on the killed replica
 
 
 def test_serve_command_reads_a_serve_config_file_and_refuses_a_missing_artifact(cli, tmp_path):
