@@ -2,7 +2,7 @@
 with continuous batching (max batch B) and with batching off (max batch 1), in the same run.
 
     .venv/bin/python bench/serve_load.py [--model ARTIFACT_DIR] [--clients 16] [--seconds 30]
-        [--max-tokens 64] [--batch 16] [--device cpu] [--ray]
+        [--max-tokens 64] [--batch 16] [--device cpu] [--threads N] [--ray]
 
 Each configuration starts `lmforge serve` in its own process (plain uvicorn, or Ray Serve with
 --ray) and waits for /health; clients then loop: one streamed completion after another, a
@@ -47,11 +47,15 @@ def random_artifact(directory: str, preset: str) -> str:
     return directory
 
 
-def start_server(model: str, port: int, batch: int, device: str, ray: bool) -> subprocess.Popen:
+def start_server(
+    model: str, port: int, batch: int, device: str, ray: bool, threads: int | None
+) -> subprocess.Popen:
     cmd = [str(Path(sys.executable).parent / "lmforge"), "serve", "--model", model]
     cmd += ["--port", str(port), "--name", "bench", "--max-batch-size", str(batch)]
     cmd += ["--device", device, "--max-waiting", "512"]
     cmd += ["--set", "limits.max_concurrent_requests=512"]
+    if threads:
+        cmd += ["--torch-threads", str(threads)]
     if not ray:
         cmd.append("--no-ray")
     env = {**os.environ, "LMFORGE_API_KEYS": ""}
@@ -156,12 +160,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--port", type=int, default=8731)
     parser.add_argument("--ray", action="store_true", help="through Ray Serve, not plain uvicorn")
+    parser.add_argument("--threads", type=int, help="torch CPU threads of the server")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or random_artifact(f"{tmp}/model", args.preset)
         rows = {}
         for name, batch in (("batched", args.batch), ("batch=1", 1)):
-            server = start_server(model, args.port, batch, args.device, args.ray)
+            server = start_server(model, args.port, batch, args.device, args.ray, args.threads)
             try:
                 url = f"http://127.0.0.1:{args.port}"
                 rows[name] = asyncio.run(load(url, args.clients, args.seconds, args.max_tokens))

@@ -88,3 +88,23 @@ def test_text_tracker_cuts_at_stop_strings_and_never_streams_them(model_and_tok)
     assert streamed == tracker.text  # the held-back prefix of "quick" was never sent
     plain = TextTracker(tok)
     assert "".join(plain.add(t) for t in ids) + plain.flush() == text
+
+
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        (dict(temperature=1.0), [0.5, 0.3, 0.15, 0.05]),
+        (dict(temperature=1.0, top_p=0.8), [0.625, 0.375, 0.0, 0.0]),
+        (dict(temperature=1.0, top_k=3), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0]),
+        (dict(temperature=0.5), [p * p / 0.365 for p in (0.5, 0.3, 0.15, 0.05)]),
+    ],
+)
+def test_sampling_frequencies_follow_the_truncated_distribution(params, expected):
+    from lmforge.model.generate import make_generator, sample_batch
+
+    n = 4000
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(n, 4)
+    gens = [make_generator(seed) for seed in range(n)]
+    tokens = sample_batch(logits, [SamplingParams(**params)] * n, gens)
+    freq = torch.bincount(torch.tensor(tokens), minlength=4).float() / n
+    assert freq.tolist() == pytest.approx(expected, abs=0.03)

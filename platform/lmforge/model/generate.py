@@ -26,15 +26,16 @@ EOS_ID, END_ID = 2, 6  # <|eos|> and the chat format's <|end|>: generation stops
 class LayerCache:
     """One layer's view of the cache for the rows of the current forward pass."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor) -> None:
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, span: int) -> None:
         self.k, self.v, self.rows = k, v, rows  # (slots, K, S_max, E) each; rows (B,)
+        self.span = span  # positions 0..span-1 are in use (known on the host: no GPU sync)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """Store k, v (B, K, T, E) at `positions` (B, T); return all cached k, v and the mask."""
         rows = self.rows[:, None]  # (B, 1) broadcast against positions (B, T)
         self.k[rows, :, positions] = k.transpose(1, 2)  # indexed view is (B, T, K, E)
         self.v[rows, :, positions] = v.transpose(1, 2)
-        S = int(positions.max()) + 1
+        S = self.span
         keys, values = self.k[self.rows, :, :S], self.v[self.rows, :, :S]  # (B, K, S, E)
         # A query at position p sees the keys at 0..p of its own row (causal, per row).
         mask = torch.arange(S, device=k.device) <= positions[:, None, :, None]  # (B, 1, T, S)
@@ -57,9 +58,10 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.rows = torch.zeros(0, dtype=torch.long, device=device)
+        self.span = 0
 
     def __getitem__(self, layer: int) -> LayerCache:
-        return LayerCache(self.k[layer], self.v[layer], self.rows)
+        return LayerCache(self.k[layer], self.v[layer], self.rows, self.span)
 
 
 @torch.no_grad()
@@ -79,6 +81,7 @@ def forward(
     offsets = torch.arange(ids.shape[1], device=device)
     positions = torch.tensor(start, dtype=torch.long, device=device)[:, None] + offsets  # (B, T)
     cache.rows = torch.tensor(rows, dtype=torch.long, device=device)
+    cache.span = max(start) + ids.shape[1]
     return model(ids, positions=positions, kv_cache=cache).float()
 
 
@@ -109,20 +112,34 @@ def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torc
 
 def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
     """Next token from one row's logits (V,) fp32."""
-    if params.temperature <= 0:
-        return int(logits.argmax())
-    scaled = logits / params.temperature
-    if params.top_k > 0 and params.top_k < scaled.numel():
-        kth = torch.topk(scaled, params.top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, -math.inf)
+    return sample_batch(logits[None], [params], [gen])[0]
+
+
+def sample_batch(
+    logits: torch.Tensor, params: Sequence[SamplingParams], gens: Sequence[torch.Generator]
+) -> list[int]:
+    """Next token of each row of logits (B, V) fp32, with one host sync for the whole batch.
+
+    Sampling is the Gumbel-max trick: argmax(logits / T + Gumbel noise) is a draw from
+    softmax(logits / T). Each row's noise comes from its own generator and everything else is
+    row-wise, so a seeded request gets the same tokens whatever else is in the batch.
+    """
+    B, V = logits.shape
+    device = logits.device
+    temps = torch.tensor([max(p.temperature, 1e-6) for p in params], device=device)
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    scaled, order = (logits / temps[:, None]).sort(dim=-1, descending=True)  # (B, V) each
+    rank = torch.arange(V, device=device)
     probs = torch.softmax(scaled, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always the most likely token).
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    # Keep the top k, and the smallest prefix whose mass reaches top_p (always the first).
+    drop = (rank >= top_k[:, None]) | (probs.cumsum(-1) - probs >= top_p[:, None])
+    noise = torch.stack([torch.rand(V, generator=g, device=device) for g in gens])
+    gumbel = -torch.log(-torch.log(noise.clamp_min(1e-20)))  # per vocabulary id
+    pick = (scaled.masked_fill(drop, -math.inf) + gumbel.gather(1, order)).argmax(-1)
+    sampled = order.gather(1, pick[:, None])[:, 0]
+    greedy = torch.tensor([p.temperature <= 0 for p in params], device=device)
+    return torch.where(greedy, logits.argmax(-1), sampled).tolist()
 
 
 def token_logprobs(
@@ -219,11 +236,15 @@ def generate(
         states.append(state)
     while True:
         live = [s for s in states if s["finish"] is None]
-        for s, p in ((s, plist[s["row"]]) for s in live):
-            token = sample(s["last"], p, s["gen"])
+        if not live:
+            break
+        logits = torch.stack([s["last"] for s in live])
+        tokens = sample_batch(logits, [plist[s["row"]] for s in live], [s["gen"] for s in live])
+        for s, token in zip(live, tokens, strict=True):
+            p = plist[s["row"]]
             if p.logprobs is not None:
                 s["logprobs"].append(
-                    token_logprobs(s["last"][None], torch.tensor([token]), 0)[0][0]
+                    token_logprobs(s["last"][None], torch.tensor([token], device=device), 0)[0][0]
                 )
             s["tokens"].append(token)
             if token in p.stop_token_ids:

@@ -29,7 +29,7 @@ from lmforge.model.generate import (
     TextTracker,
     forward,
     make_generator,
-    sample,
+    sample_batch,
     token_logprobs,
 )
 
@@ -170,9 +170,12 @@ class Engine:
                 admitted.append(request)
         for request in admitted:
             self._prefill(request)
-        batch = len(self.running)
-        for request in list(self.running):
-            self._next_token(request, batch)
+        batch = [r for r in self.running if not r.cancelled]
+        if batch:
+            logits = torch.stack([r.last_logits for r in batch])  # (B, V)
+            tokens = sample_batch(logits, [r.params for r in batch], [r.gen for r in batch])
+            for request, token in zip(batch, tokens, strict=True):
+                self._next_token(request, token, len(batch))
         with self._cond:
             self._drop_cancelled()
         if self.running:
@@ -210,11 +213,8 @@ class Engine:
             return
         request.last_logits = logits[-1]
 
-    def _next_token(self, request: Request, batch: int) -> None:
+    def _next_token(self, request: Request, token: int, batch: int) -> None:
         p = request.params
-        if request.cancelled:
-            return
-        token = sample(request.last_logits, p, request.gen)
         request.tokens.append(token)
         out = Output([token], "", batch_size=batch)
         if p.logprobs is not None:
