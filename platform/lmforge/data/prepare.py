@@ -10,11 +10,8 @@ documents_in = documents_out + sum(rejected) + duplicates_exact + duplicates_nea
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import math
 import time
-from collections import Counter, defaultdict
 from typing import Any
 
 import numpy as np
@@ -22,13 +19,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lmforge import ConfigError, StageFailed, storage
-from lmforge.config import config_hash
 from lmforge.data import dedup, pack, sources, tokenizer
 from lmforge.data.config import DataConfig
+from lmforge.data.manifest import PII_KINDS, build_manifest, dataset_stats, print_summary
 from lmforge.data.steps import build_steps, step_labels
 from lmforge.stage import Stage, StageContext
 
-PII_KINDS = ("email", "ipv4", "ipv6", "phone")
 REJECT_SCHEMA = pa.schema(
     [
         ("source", pa.string()),
@@ -102,33 +98,6 @@ def _rows(ds, rejected: bool):
     return ds.map_batches(keep, batch_format="pyarrow", batch_size=None)
 
 
-def _block_stats(t: pa.Table) -> pa.Table:
-    """One row of counts per block; the driver adds the rows up (an aggregation without a shuffle)."""
-    rejected = t.filter(pc.not_equal(t["reject"], ""))
-    pairs = Counter(zip(rejected["step"].to_pylist(), rejected["reject"].to_pylist(), strict=True))
-    stats = {
-        "docs": len(t),
-        "kept": len(t) - len(rejected),
-        "kept_bytes": int(pc.sum(t.filter(pc.equal(t["reject"], ""))["n_bytes"]).as_py() or 0),
-        "rejected": [[a, b, n] for (a, b), n in sorted(pairs.items())],
-        **{f"pii_{k}": int(pc.sum(t[f"pii_{k}"]).as_py() or 0) for k in PII_KINDS},
-    }
-    return pa.table({"stats": [json.dumps(stats)]})
-
-
-def _stats(ds) -> dict[str, Any]:
-    total: dict[str, Any] = defaultdict(int)
-    by_step: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for row in ds.map_batches(_block_stats, batch_format="pyarrow", batch_size=None).take_all():
-        part = json.loads(row["stats"])
-        for step, reason, n in part.pop("rejected"):
-            by_step[step][reason] += n
-        for k, v in part.items():
-            total[k] += v
-    total["rejected"] = {k: dict(v) for k, v in by_step.items()}
-    return total
-
-
 def _as_rejects(t: pa.Table) -> pa.Table:
     dup = t["duplicate_of"] if "duplicate_of" in t.column_names else pa.nulls(len(t), pa.int64())
     snippet = pc.utf8_slice_codeunits(t["text"].cast(pa.large_string()), 0, sources.SNIPPET_CHARS)
@@ -187,7 +156,7 @@ def _run(cfg: DataConfig, ctx: StageContext, files, given_tok) -> dict[str, Any]
     clock = _Clock(phases)
     with clock("read+steps"):
         docs = _read_and_clean(cfg, files, workers)
-        read = _stats(docs)
+        read = dataset_stats(docs)
     parts = max(1, _partitions(read["kept_bytes"], workers))
     reject_parts = [_rows(docs, rejected=True)]
     kept = _rows(docs, rejected=False)
@@ -198,7 +167,7 @@ def _run(cfg: DataConfig, ctx: StageContext, files, given_tok) -> dict[str, Any]
         reject_parts.append(dups)
     with clock("rejects"):
         kept = kept.materialize()
-        final = _stats(kept)
+        final = dataset_stats(kept)
         _write_rejects(ctx.output, reject_parts)
 
     with clock("tokenizer"):
@@ -214,7 +183,7 @@ def _run(cfg: DataConfig, ctx: StageContext, files, given_tok) -> dict[str, Any]
             else []
         )
 
-    manifest = _manifest(
+    manifest = build_manifest(
         cfg,
         stats,
         start,
@@ -229,7 +198,7 @@ def _run(cfg: DataConfig, ctx: StageContext, files, given_tok) -> dict[str, Any]
     )
     manifest["phase_seconds"] = {k: round(v, 3) for k, v in phases.items()}
     storage.write_json(storage.join(ctx.output, "manifest.json"), manifest)
-    _print_summary(cfg, manifest)
+    print_summary(cfg, manifest)
     if not manifest["blocks_train"]:
         raise StageFailed(
             f"no training blocks: {manifest['documents_out']} documents survived, "
@@ -427,106 +396,6 @@ def _shard_counts(
         "train": max(1, math.ceil(est_tokens * (1 - cfg.val_fraction) / per_shard)),
         "val": max(1, math.ceil(est_tokens * cfg.val_fraction / per_shard)),
     }
-
-
-def _manifest(
-    cfg,
-    stats,
-    start,
-    read,
-    documents_out,
-    duplicates_exact,
-    duplicates_near,
-    vocab_size,
-    dtype,
-    tok_json,
-    bands_rows,
-) -> dict[str, Any]:
-    def total(split: str, key: str) -> int:
-        return int(sum(s[key] for s in stats if s["split"] == split))
-
-    documents_in = read["docs"]
-    rejected_by_step = read["rejected"]
-    pii = {k: read[f"pii_{k}"] for k in PII_KINDS}
-    rejected: dict[str, int] = defaultdict(int)
-    for reasons in rejected_by_step.values():
-        for reason, n in reasons.items():
-            rejected[reason] += n
-    steps, remaining = [], documents_in
-    labels = ["read", *step_labels(cfg.steps)]
-    labels += [
-        x for x, on in (("dedup_exact", cfg.dedup.exact), ("dedup_near", cfg.dedup.near)) if on
-    ]
-    dups = {
-        "dedup_exact": {"duplicate_exact": duplicates_exact},
-        "dedup_near": {"duplicate_near": duplicates_near},
-    }
-    for label in labels:
-        dropped = rejected_by_step.get(label) or dups.get(label, {})
-        n = sum(dropped.values())
-        steps.append(
-            {
-                "step": label,
-                "docs_in": remaining,
-                "docs_out": remaining - n,
-                "dropped": dict(sorted(dropped.items())),
-            }
-        )
-        remaining -= n
-    seconds = time.perf_counter() - start
-    tokens = total("train", "tokens") + total("val", "tokens")
-    return {
-        "documents_in": documents_in,
-        "documents_out": documents_out,
-        "rejected": dict(sorted(rejected.items())),
-        "duplicates_exact": duplicates_exact,
-        "duplicates_near": duplicates_near,
-        "pii_redactions": sum(pii.values()),
-        "pii_redactions_by_kind": pii,
-        "tokens_train": total("train", "tokens"),
-        "tokens_val": total("val", "tokens"),
-        "blocks_train": total("train", "blocks"),
-        "blocks_val": total("val", "blocks"),
-        "bytes_train": total("train", "bytes"),
-        "bytes_val": total("val", "bytes"),
-        "tokens_dropped_remainder": total("train", "remainder") + total("val", "remainder"),
-        "seq_len": cfg.seq_len,
-        "vocab_size": vocab_size,
-        "token_dtype": dtype,
-        "special_tokens": tokenizer.special_token_ids(),
-        "shards": {
-            split: sorted(s["file"] for s in stats if s["split"] == split and s["file"])
-            for split in ("train", "val")
-        },
-        "tokenizer_sha256": tokenizer.sha256_text(tok_json),
-        "config_sha256": config_hash(cfg, length=64),
-        "dedup_bands": bands_rows[0],
-        "dedup_rows": bands_rows[1],
-        "steps": steps,
-        "seconds": round(seconds, 3),
-        "tokens_per_second": round(tokens / seconds, 1) if seconds else 0.0,
-        "documents_per_second": round(documents_in / seconds, 1) if seconds else 0.0,
-    }
-
-
-def _print_summary(cfg: DataConfig, m: dict[str, Any]) -> None:
-    buf = io.StringIO()
-    width = max(len(s["step"]) for s in m["steps"])
-    buf.write(f"[data] {'step':<{width}}  {'docs in':>9}  {'docs out':>9}  dropped\n")
-    for s in m["steps"]:
-        dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items() if v) or "-"
-        buf.write(
-            f"[data] {s['step']:<{width}}  {s['docs_in']:>9}  {s['docs_out']:>9}  {dropped}\n"
-        )
-    buf.write(
-        f"[data] {m['documents_out']} documents -> {m['tokens_train']:,} train + {m['tokens_val']:,} val tokens "
-        f"({m['blocks_train']} + {m['blocks_val']} blocks of {cfg.seq_len + 1}), vocab {m['vocab_size']}, "
-        f"{m['pii_redactions']} PII redactions; {m['seconds']:.1f}s, {m['documents_per_second']:,.0f} docs/s, "
-        f"{m['tokens_per_second']:,.0f} tokens/s\n"
-    )
-    if not m["blocks_val"] and cfg.val_fraction > 0:
-        buf.write("[data] warning: no validation blocks; raise val_fraction or add data\n")
-    print(buf.getvalue(), end="", flush=True)
 
 
 def scaffold(preset: str) -> dict[str, Any]:
