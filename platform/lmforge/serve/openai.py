@@ -159,6 +159,13 @@ async def _prepend(first: Output, rest: AsyncIterator[Output]) -> AsyncIterator[
 
 async def merge(gens: list[AsyncIterator[Output]]) -> AsyncIterator[tuple[int, Output]]:
     """Interleave several choices' outputs as they come, tagged with the choice index."""
+    if len(gens) == 1:  # the common case: no pump task and queue hop per token
+        try:
+            async for out in gens[0]:
+                yield 0, out
+        finally:
+            await gens[0].aclose()
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
