@@ -16,7 +16,10 @@ from tests.serve.test_live import check_openai_client
 def test_shipped_serve_config_is_a_valid_serve_config():
     import yaml
 
+    from ray.serve.schema import ServeDeploySchema
+
     config = yaml.safe_load((REPO / "jobs" / "serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)  # what `serve deploy` and the RayService accept
     (application,) = config["applications"]
     assert application["import_path"] == "lmforge.serve.app:build_app"
     args = ServeArgs.model_validate(application["args"])
