@@ -77,6 +77,7 @@ def test_closing_a_stream_frees_its_slot_at_once(served):
         while engine.num_running and time.monotonic() < deadline:
             time.sleep(0.01)
         assert engine.num_running == 0 and engine.free == [0]
+        assert app.state.inflight == 0  # the API's concurrency slot is back too
         # The only slot is free again: a new request is served, not refused with 503.
         quick = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
         assert http.post("/v1/completions", json=quick).status_code == 200

@@ -81,8 +81,11 @@ def local_app(args: ServeArgs) -> FastAPI:
 class Generation:
     """The choices of one request: opened together, timed out together, metered."""
 
-    def __init__(self, app_state, backend: Backend, route: str) -> None:
+    def __init__(self, app_state, backend: Backend, route: str, slot: _Slot) -> None:
         self.state, self.backend, self.route = app_state, backend, route
+        # The concurrency slot is freed when the last choice ends, however it ends: also when
+        # a client leaves before its stream was ever read (the event loop then closes them).
+        self.slot, self.open_choices = slot, 0
         self.start = time.monotonic()
         self.deadline = self.start + app_state.limits.request_timeout_s
 
@@ -95,6 +98,7 @@ class Generation:
         """Start every choice and wait for its first output, so that overload and timeouts
         before the first token are proper HTTP errors rather than mid-stream ones."""
         gens = [self._outputs(ids, params) for ids, params in jobs]
+        self.open_choices = len(gens)
         firsts = await asyncio.gather(*(anext(g) for g in gens), return_exceptions=True)
         errors = [e for e in firsts if isinstance(e, BaseException)]
         if errors:
@@ -128,6 +132,9 @@ class Generation:
                     return
         finally:
             gauge.dec()
+            self.open_choices -= 1
+            if self.open_choices == 0:
+                self.slot.release()
             await stream.aclose()  # cancels the request in the engine if it is unfinished
 
     async def _next(self, stream) -> Output | None:
@@ -494,7 +501,8 @@ async def _completions(request: Request, body: CompletionRequest):
         for _, ids in prompts
         for j in range(body.n)
     ]
-    slot, generation = _Slot(state), Generation(state, backend, "/v1/completions")
+    slot = _Slot(state)
+    generation = Generation(state, backend, "/v1/completions", slot)
     try:
         gens = await generation.open(jobs)
     except BaseException:
@@ -582,7 +590,8 @@ async def _chat(request: Request, body: ChatRequest):
     _check_lengths(backend, limits, len(ids), max_tokens, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     jobs = [(ids, body.sampling(max_tokens, logprobs, False, j)) for j in range(body.n)]
-    slot, generation = _Slot(state), Generation(state, backend, "/v1/chat/completions")
+    slot = _Slot(state)
+    generation = Generation(state, backend, "/v1/chat/completions", slot)
     try:
         gens = await generation.open(jobs)
     except BaseException:
