@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import random
-import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from lmforge.config import load_config
+from lmforge.config import config_yaml, load_config
 from lmforge.data.config import DataConfig
 from lmforge.stage import get_stage, run_stage
+from tests.conftest import REPO
 
 from .corpus import planted_corpus, write_jsonl, write_poisoned
 
@@ -133,33 +136,11 @@ def test_shards_follow_the_data_contract(prepared):
     assert m["tokenizer_sha256"] and (out / "_SUCCESS").exists()
 
 
-def test_rerun_is_noop_and_kill_rerun_is_byte_identical(prepared, tmp_path):
-    _, cfg, result, out = prepared
+def test_rerun_of_a_complete_output_is_a_noop(prepared):
+    _, cfg, _, out = prepared
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert run_stage(get_stage("data"), cfg, quiet=True).status == "skipped"
-    # a run killed while packing: no _SUCCESS or manifest, a shard missing, a partial temp file
-    runs2 = tmp_path / "runs"
-    copy = runs2 / Path(result.output).relative_to(cfg.runs_dir)
-    shutil.copytree(out, copy)
-    for name in ("_SUCCESS", "manifest.json"):
-        (copy / name).unlink()
-    (copy / "train" / "part-00001.parquet").unlink()
-    (copy / "train" / ".tmp-part-00002.parquet-x").write_bytes(b"partial")
-    again = run_stage(
-        get_stage("data"), cfg.model_copy(update={"runs_dir": str(runs2)}), quiet=True
-    )
-    assert again.status == "ran" and Path(again.output) == copy
-    assert sorted(p.name for p in (copy / "train").iterdir()) == sorted(
-        p.name for p in (out / "train").iterdir()
-    )
-    for split in ("train", "val"):
-        for f in (out / split).iterdir():
-            assert (copy / split / f.name).read_bytes() == f.read_bytes(), f
-    assert (copy / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
-    m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (out, copy))
-    for m in (m1, m2):
-        for k in ("seconds", "tokens_per_second", "documents_per_second", "phase_seconds"):
-            m.pop(k)
-    assert m1 == m2
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
 def test_cli_errors_are_one_line_before_work(cli, ray_local, tmp_path):
@@ -190,7 +171,7 @@ cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
 cluster.add_node(num_cpus=1)
 ray.init(address=cluster.address)
 assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-from lmforge.config import load_config
+from lmforge.config import config_yaml, load_config
 from lmforge.data.config import DataConfig
 from lmforge.stage import get_stage, run_stage
 cfg = DataConfig.model_validate_json({cfg.model_copy(update={"runs_dir": str(runs2)}).model_dump_json()!r})
@@ -209,3 +190,44 @@ cluster.shutdown()
         assert names == sorted(p.name for p in (other / split).iterdir())
         for name in names:
             assert (other / split / name).read_bytes() == (out / split / name).read_bytes()
+
+
+def test_run_killed_while_packing_reruns_to_identical_shards(prepared, tmp_path):
+    """SIGKILL a real `jobs/prepare_data.py` (and its embedded Ray) once packing starts; no
+    file under a final shard name is partial, and the rerun writes the same bytes."""
+    _, cfg, _, out = prepared
+    killed = cfg.model_copy(update={"runs_dir": str(tmp_path / "runs")})
+    cfg_file = tmp_path / "data.yaml"
+    cfg_file.write_text(config_yaml(killed))
+    target = tmp_path / "runs" / out.relative_to(cfg.runs_dir)
+    proc = subprocess.Popen(
+        [sys.executable, "jobs/prepare_data.py", "-c", str(cfg_file)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 200
+    while not (target / "tokenizer.json").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run never reached packing"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (target / "_SUCCESS").exists() and not (target / "manifest.json").exists()
+    for split in ("train", "val"):
+        for f in (target / split).glob("part-*.parquet") if (target / split).exists() else []:
+            assert pq.read_table(f).num_rows > 0  # complete, or not there at all
+    again = run_stage(get_stage("data"), killed, quiet=True)
+    assert again.status == "ran" and Path(again.output) == target
+    assert not list(target.rglob(".tmp-*"))
+    for split in ("train", "val"):
+        names = sorted(p.name for p in (out / split).iterdir())
+        assert names == sorted(p.name for p in (target / split).iterdir())
+        for name in names:
+            assert (target / split / name).read_bytes() == (out / split / name).read_bytes()
+    assert (target / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+    m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (out, target))
+    for m in (m1, m2):
+        for k in ("seconds", "tokens_per_second", "documents_per_second", "phase_seconds"):
+            m.pop(k)
+    assert m1 == m2
