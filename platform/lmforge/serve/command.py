@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lmforge import ConfigError
-from lmforge.config import apply_overrides, build_config, read_yaml
+from lmforge.config import apply_overrides, build_config, fields_help, read_yaml
 from lmforge.serve.config import ServeArgs
 
 
@@ -36,6 +36,9 @@ def serve_command(argv: list[str], prog: str) -> int:
         prog=prog,
         description="Serve model artifacts behind an OpenAI-compatible API with continuous "
         "batching (Ray Serve; see docs/serving.md).",
+        epilog="config fields (in the YAML file, or with --set KEY=VALUE):\n"
+        + fields_help(ServeArgs),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-c", "--config", help="ServeArgs YAML, or a Serve config file")
     parser.add_argument("--model", help="serve one artifact dir (or training run dir) as 'lmforge'")
