@@ -114,3 +114,34 @@ def test_builtin_python_docs():
     assert any(t.startswith("json.dumps(") for t in docs.values())
     topics = list(builtin.python_docs_records(builtin.TOPICS))
     assert len(topics) > 50 and any(t.startswith("if\n\n") for _, t in topics)
+
+
+def test_hugging_face_save_to_disk_folder(tmp_path):
+    """A `save_to_disk` folder: Arrow IPC stream files plus JSON metadata that is not data."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    table = pa.table({"text": ["first doc", None, "third doc"], "label": [0, 1, 2]})
+    with (
+        pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink,
+        pa.ipc.new_stream(sink, table.schema) as writer,
+    ):
+        writer.write_table(table, max_chunksize=2)
+    (folder / "state.json").write_text(
+        '{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}'
+    )
+    (folder / "dataset_info.json").write_text("{}")
+    rows = read_all(SourceConfig(path=str(folder))).to_pylist()
+    assert [(r["path"], r["line"], r["text"], r["reject"]) for r in rows] == [
+        ("data-00000-of-00001.arrow", 1, "first doc", ""),
+        ("data-00000-of-00001.arrow", 2, "", "missing_field"),
+        ("data-00000-of-00001.arrow", 3, "third doc", ""),
+    ]
+    # the random-access Arrow file format reads the same
+    with (
+        pa.OSFile(str(tmp_path / "t.arrow"), "wb") as sink,
+        pa.ipc.new_file(sink, table.schema) as writer,
+    ):
+        writer.write_table(table)
+    assert (
+        read_all(SourceConfig(path=str(tmp_path / "t.arrow")))["text"].to_pylist()[0] == "first doc"
+    )

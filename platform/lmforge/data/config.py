@@ -16,14 +16,15 @@ BUILTIN_PREFIX = "builtin:"
 class SourceConfig(StrictModel):
     path: str = Field(
         description="`builtin:python-docs`, or a file, directory or glob (local path or URI: "
-        "s3://, gs://, file://) of .txt, .jsonl/.json (optionally .gz/.zst), .parquet or .csv files."
+        "s3://, gs://, file://) of .txt, .jsonl/.json (optionally .gz/.zst), .parquet, .csv or "
+        ".arrow files (a Hugging Face `save_to_disk` folder is a folder of .arrow files)."
     )
     name: str | None = Field(
         None,
         description="Name of this source in ids, rejects and the manifest (default: the path). "
         "Document ids hash name + relative file path + line, so moving the data keeps them stable.",
     )
-    format: Literal["auto", "txt", "jsonl", "json", "parquet", "csv"] = Field(
+    format: Literal["auto", "txt", "jsonl", "json", "parquet", "csv", "arrow"] = Field(
         "auto", description="File format; auto picks it from each file's extension."
     )
     text_field: str = Field(

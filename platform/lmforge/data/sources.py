@@ -38,7 +38,9 @@ EXTENSIONS = {
     ".json": "json",
     ".parquet": "parquet",
     ".csv": "csv",
+    ".arrow": "arrow",
 }
+_HF_METADATA = {"state.json", "dataset_info.json", "dataset_dict.json"}
 COMPRESSION = (".gz", ".zst", ".zstd", ".bz2", ".lz4")
 SCHEMA = pa.schema(
     [
@@ -97,7 +99,7 @@ def resolve_sources(sources: list[SourceConfig]) -> list[list[dict[str, Any]]]:
                 items.append({"path": path, "relpath": rel, "format": fmt})
         if not items:
             raise LmforgeError(
-                f"{where}: no readable input files (.txt, .jsonl, .json, .parquet, .csv, optionally .gz/.zst); check the path"
+                f"{where}: no readable input files (.txt, .jsonl, .json, .parquet, .csv, .arrow, optionally .gz/.zst); check the path"
             )
         for item in items:
             _check_readable(item["path"], where)
@@ -125,7 +127,11 @@ def _list_source(path: str) -> list[tuple[str, str]]:
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"no such file or directory: {path}")
     if info.type == pafs.FileType.Directory:
-        return [(f, _rel(f, path)) for f in storage.list_files(path) if not _hidden(f)]
+        files = [(f, _rel(f, path)) for f in storage.list_files(path) if not _hidden(f)]
+        if any(f.endswith(".arrow") for f, _ in files):
+            # a Hugging Face `save_to_disk` folder: its JSON files describe the data, not hold it
+            files = [(f, r) for f, r in files if posixpath.basename(r) not in _HF_METADATA]
+        return files
     return [(path, posixpath.basename(inner))]
 
 
@@ -312,6 +318,35 @@ def _txt_records(src, item, limit) -> Iterator[tuple[int, str, str]]:
         yield start, "\n".join(para), bad
 
 
+def _arrow_batches(path: str) -> Iterator[pa.RecordBatch]:
+    """Record batches of an Arrow IPC file: the stream format (what Hugging Face datasets'
+    `save_to_disk` writes), or the random-access file format."""
+    fs, inner = storage.resolve(path)
+    with fs.open_input_file(inner) as f:
+        try:
+            reader = pa.ipc.open_stream(f)
+        except pa.ArrowInvalid:
+            f.seek(0)
+            file_reader = pa.ipc.open_file(f)
+            for i in range(file_reader.num_record_batches):
+                yield file_reader.get_batch(i)
+            return
+        yield from reader
+
+
+def _arrow_records(src, item, limit) -> Iterator[tuple[int, str, str]]:
+    n = 0
+    for batch in _arrow_batches(item["path"]):
+        if src.text_field not in batch.schema.names:
+            for _ in range(batch.num_rows):
+                n += 1
+                yield n, "", "missing_field"
+            continue
+        for value in batch.column(src.text_field).to_pylist():
+            n += 1
+            yield n, *_value_record(value, limit)
+
+
 def _parquet_records(src, item, limit) -> Iterator[tuple[int, str, str]]:
     import pyarrow.parquet as pq
 
@@ -368,6 +403,7 @@ _RECORDS = {
     "json": _json_records,
     "txt": _txt_records,
     "parquet": _parquet_records,
+    "arrow": _arrow_records,
     "csv": _csv_records,
     "builtin": _builtin_records,
 }
