@@ -39,7 +39,7 @@ from lmforge.train.optim import lr_at, param_groups  # noqa: E402
 
 def train_config(data: str, runs: str, args, **sections) -> TrainConfig:
     cfg = {
-        "name": "bench",
+        "name": "bench-2w",
         "runs_dir": runs,
         "model": {"preset": args.preset},
         "data": {"path": data},
@@ -57,7 +57,7 @@ def train_config(data: str, runs: str, args, **sections) -> TrainConfig:
         "resources": {"num_workers": 2},
     }
     for key, value in sections.items():
-        cfg[key] = {**cfg[key], **value}
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return TrainConfig.model_validate(cfg)
 
 
@@ -150,6 +150,10 @@ def main() -> None:
             probe[("bfloat16" if bf16 else "float32", cores)],
         )
         rows[name] = r
+        print(
+            f"[bench] {name}: {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f}%",
+            flush=True,
+        )
     fpt = rows["plain bf16"]["flops_per_token"]
     torch.set_num_threads(cores)
     from lmforge.cluster import connect
@@ -161,7 +165,7 @@ def main() -> None:
         rows["ray 2w fsdp bf16"]["tokens_per_s"], fpt, 2 * probe[("bfloat16", 1)]
     )
     print("[bench] ray 1w bf16 ...", flush=True)
-    one = train_config(data, str(work / "runs"), args, resources={"num_workers": 1, "cpus_per_worker": cores},
+    one = train_config(data, str(work / "runs"), args, name="bench-1w", resources={"num_workers": 1, "cpus_per_worker": cores},
                        parallel={"fsdp": False}, train={"peak_tflops": probe[("bfloat16", cores)]})  # fmt: skip
     rows["ray 1w bf16"] = ray_run(one)
     rows["ray 1w bf16"]["mfu"] = mfu(

@@ -5,6 +5,7 @@ the tests (each ~30 s on a 2-core machine)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -36,27 +37,34 @@ def curve(out) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def ray_runs(ray_local, packed_data, tmp_path_factory):
-    """An uninterrupted 2-worker run, and one whose last worker crashes at step 6."""
-    runs = tmp_path_factory.mktemp("runs")
+    """An uninterrupted 2-worker run, and one whose last worker crashes at step 6.
+
+    Both with relative paths (runs_dir "runs", data.path relative), as a user types them:
+    the workers do not share the driver's working directory."""
+    home = tmp_path_factory.mktemp("ray-runs")
+    before = os.getcwd()
+    os.chdir(home)
+    data = os.path.relpath(packed_data, home)
     stage = get_stage("train")
     clean = TrainConfig.model_validate(
-        tiny_train_config(packed_data, runs, train=RAY_TRAIN, checkpoint={"keep_last": 1})
+        tiny_train_config(data, "runs", train=RAY_TRAIN, checkpoint={"keep_last": 1})
     )
     faulty = TrainConfig.model_validate(
         tiny_train_config(
-            packed_data,
-            runs,
+            data,
+            "runs",
             name="faulty",
             train={**RAY_TRAIN, "fault_at_step": 6},
             resources={"num_workers": 2, "max_failures": 1},
         )
     )
-    return {
-        "clean": run_stage(stage, clean, quiet=True),
-        "faulty": run_stage(stage, faulty, quiet=True),
-        "config": clean,
-        "runs": runs,
-    }
+    results = {"clean": run_stage(stage, clean, quiet=True)}
+    results["faulty"] = run_stage(stage, faulty, quiet=True)
+    for result in results.values():
+        assert not os.path.isabs(result.output)
+        result.output = str(home / result.output)
+    yield {**results, "config": clean}
+    os.chdir(before)
 
 
 def test_two_fsdp_workers_match_one_process_of_the_same_global_batch(ray_runs, tmp_path):
@@ -112,7 +120,8 @@ def test_checkpoint_of_two_workers_loads_into_one_process(ray_runs):
 
 def test_rerunning_a_finished_run_is_a_no_op(ray_runs):
     result = run_stage(get_stage("train"), ray_runs["config"], quiet=True)
-    assert result.status == "skipped" and result.output == ray_runs["clean"].output
+    assert result.status == "skipped"
+    assert os.path.abspath(result.output) == ray_runs["clean"].output
 
 
 def test_asking_for_more_than_the_cluster_has_fails_before_training(

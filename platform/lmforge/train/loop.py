@@ -39,7 +39,7 @@ from lmforge.train.parallelize import build_model, set_gradient_sync
 
 
 def train_loop(cfg: TrainConfig, output: str, env: WorkerEnv) -> dict[str, Any]:
-    run = setup_run(cfg, output, env)
+    run = setup_run(cfg, env)
     model = build_model(
         run.arch, env.device, seed=cfg.train.seed, fsdp=cfg.parallel.fsdp and env.world_size > 1,
         activation_checkpointing=cfg.parallel.activation_checkpointing,
@@ -121,7 +121,7 @@ class Run:
     tokenizer_json: str | None
 
 
-def setup_run(cfg: TrainConfig, output: str, env: WorkerEnv) -> Run:
+def setup_run(cfg: TrainConfig, env: WorkerEnv) -> Run:
     manifest = read_manifest(cfg.data.path)
     train = PackedShards(storage.join(cfg.data.path, "train"), cfg.train.seed, cfg.data.shuffle)
     val_dir = storage.join(cfg.data.path, "val")

@@ -84,10 +84,13 @@ def build_trainer(cfg: TrainConfig, output: str):
     from lmforge.train.loop import ray_train_worker
 
     res = cfg.resources
-    storage_path = storage.local_path(output) if storage.is_local(output) else output
+    # Workers do not run in the driver's working directory: give them absolute paths.
+    output = _absolute(output)
+    worker_cfg = config_dict(cfg)
+    worker_cfg["data"]["path"] = _absolute(cfg.data.path or "")
     return TorchTrainer(
         ray_train_worker,
-        train_loop_config={"config": config_dict(cfg), "output": output},
+        train_loop_config={"config": worker_cfg, "output": output},
         torch_config=TorchConfig(backend="nccl" if res.gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=res.num_workers,
@@ -101,11 +104,15 @@ def build_trainer(cfg: TrainConfig, output: str):
         ),
         run_config=RunConfig(
             name="checkpoints",
-            storage_path=storage_path,
+            storage_path=output,
             failure_config=FailureConfig(max_failures=res.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         ),
     )
+
+
+def _absolute(path: str) -> str:
+    return storage.local_path(path) if storage.is_local(path) else path
 
 
 def run(cfg: TrainConfig, ctx: StageContext) -> dict[str, Any]:
