@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import random
 
 import pyarrow as pa
@@ -145,3 +146,48 @@ def test_hugging_face_save_to_disk_folder(tmp_path):
     assert (
         read_all(SourceConfig(path=str(tmp_path / "t.arrow")))["text"].to_pylist()[0] == "first doc"
     )
+
+
+ARTICLE = (
+    "<html><head><title>News</title></head><body><nav>Home | About | Contact</nav>"
+    "<article><h1>River levels rise</h1><p>"
+    + "The river rose by two metres overnight after three days of heavy rain in the hills. " * 4
+    + "</p></article><footer>Copyright 2024 Example News</footer></body></html>"
+)
+
+
+def test_html_and_warc_main_text(tmp_path):
+    pytest.importorskip("trafilatura")
+    pytest.importorskip("warcio")
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    (tmp_path / "page.html").write_text(ARTICLE)
+    page = read_all(SourceConfig(path=str(tmp_path / "page.html"))).to_pylist()[0]
+    assert page["reject"] == "" and page["text"].startswith("River levels rise")
+    assert "Copyright" not in page["text"] and "Contact" not in page["text"]
+
+    def response(writer, url, ctype, body):
+        headers = StatusAndHeaders("200 OK", [("Content-Type", ctype)], protocol="HTTP/1.1")
+        return writer.create_warc_record(
+            url, "response", payload=io.BytesIO(body), http_headers=headers
+        )
+
+    with open(tmp_path / "crawl.warc.gz", "wb") as f:
+        writer = WARCWriter(f, gzip=True)
+        writer.write_record(writer.create_warcinfo_record("crawl.warc.gz", {"software": "test"}))
+        writer.write_record(
+            response(writer, "http://a.example/", "text/html; charset=utf-8", ARTICLE.encode())
+        )
+        writer.write_record(response(writer, "http://b.example/x.png", "image/png", b"\x89PNG"))
+        writer.write_record(
+            response(
+                writer,
+                "http://c.example/",
+                "text/html",
+                b"<html><head><title>empty</title></head><body></body></html>",
+            )
+        )
+    rows = read_all(SourceConfig(path=str(tmp_path / "crawl.warc.gz"))).to_pylist()
+    assert [(r["line"], r["reject"]) for r in rows] == [(2, ""), (4, "no_main_text")]
+    assert rows[0]["text"].startswith("River levels rise")

@@ -17,15 +17,16 @@ class SourceConfig(StrictModel):
     path: str = Field(
         description="`builtin:python-docs`, or a file, directory or glob (local path or URI: "
         "s3://, gs://, file://) of .txt, .jsonl/.json (optionally .gz/.zst), .parquet, .csv or "
-        ".arrow files (a Hugging Face `save_to_disk` folder is a folder of .arrow files)."
+        ".arrow files (a Hugging Face `save_to_disk` folder is a folder of .arrow files); with the "
+        "web extra, .html files and .warc(.gz) archives (main text by trafilatura)."
     )
     name: str | None = Field(
         None,
         description="Name of this source in ids, rejects and the manifest (default: the path). "
         "Document ids hash name + relative file path + line, so moving the data keeps them stable.",
     )
-    format: Literal["auto", "txt", "jsonl", "json", "parquet", "csv", "arrow"] = Field(
-        "auto", description="File format; auto picks it from each file's extension."
+    format: Literal["auto", "txt", "jsonl", "json", "parquet", "csv", "arrow", "html", "warc"] = (
+        Field("auto", description="File format; auto picks it from each file's extension.")
     )
     text_field: str = Field(
         "text", description="Field (JSON) or column (Parquet, CSV) that holds the document text."

@@ -39,6 +39,9 @@ EXTENSIONS = {
     ".parquet": "parquet",
     ".csv": "csv",
     ".arrow": "arrow",
+    ".html": "html",
+    ".htm": "html",
+    ".warc": "warc",
 }
 _HF_METADATA = {"state.json", "dataset_info.json", "dataset_dict.json"}
 COMPRESSION = (".gz", ".zst", ".zstd", ".bz2", ".lz4")
@@ -103,6 +106,8 @@ def resolve_sources(sources: list[SourceConfig]) -> list[list[dict[str, Any]]]:
             )
         for item in items:
             _check_readable(item["path"], where)
+        if any(item["format"] in ("html", "warc") for item in items):
+            _check_web_extra(where)
         out.append(items)
     return out
 
@@ -141,6 +146,17 @@ def _rel(path: str, base: str) -> str:
 
 def _hidden(path: str) -> bool:
     return any(part.startswith((".", "_")) for part in path.replace("\\", "/").split("/")[-1:])
+
+
+def _check_web_extra(where: str) -> None:
+    try:
+        import trafilatura  # noqa: F401
+        import warcio  # noqa: F401
+    except ImportError as e:
+        raise LmforgeError(
+            f"{where}: reading .html/.warc files needs the web extra "
+            f"(pip install 'lmforge[web]': trafilatura, warcio): {e}"
+        ) from None
 
 
 def _check_readable(path: str, where: str) -> None:
@@ -393,6 +409,47 @@ def _csv_records(src, item, limit) -> Iterator[tuple[int, str, str]]:
             yield reader.line_num + 1, str(e), "bad_csv"
 
 
+def _main_text(html: bytes) -> tuple[str, str]:
+    """The main text of an HTML page by trafilatura (boilerplate, menus, footers removed)."""
+    import trafilatura
+
+    text = trafilatura.extract(html, include_comments=False, include_tables=True)
+    return (
+        (text, "") if text and text.strip() else (_decode(html[:SNIPPET_CHARS])[0], "no_main_text")
+    )
+
+
+def _html_records(src, item, limit) -> Iterator[tuple[int, str, str]]:
+    with _open(item["path"]) as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        yield 1, _decode(raw[:SNIPPET_CHARS])[0], "record_too_large"
+    else:
+        yield 1, *_main_text(raw)
+
+
+def _warc_records(src, item, limit) -> Iterator[tuple[int, str, str]]:
+    """One document per HTML response record; `line` is the record's number in the archive.
+    Other records (requests, metadata, non-HTML responses) are not documents."""
+    from warcio.archiveiterator import ArchiveIterator
+
+    fs, inner = storage.resolve(item["path"])
+    with fs.open_input_stream(inner) as raw:  # warcio undoes the per-record gzip itself
+        for n, record in enumerate(ArchiveIterator(io.BufferedReader(raw, 1 << 20)), 1):
+            if record.rec_type != "response":
+                continue
+            ctype = (
+                record.http_headers.get_header("Content-Type", "") if record.http_headers else ""
+            )
+            if "html" not in ctype.lower():
+                continue
+            body = record.content_stream().read(limit + 1)
+            if len(body) > limit:
+                yield n, _decode(body[:SNIPPET_CHARS])[0], "record_too_large"
+            else:
+                yield n, *_main_text(body)
+
+
 def _builtin_records(src, item, limit) -> Iterator[tuple[int, str, str]]:
     for n, text in builtin.python_docs_records(item["relpath"]):
         yield n, text, ("record_too_large" if len(text) > limit else "")
@@ -404,6 +461,8 @@ _RECORDS = {
     "txt": _txt_records,
     "parquet": _parquet_records,
     "arrow": _arrow_records,
+    "html": _html_records,
+    "warc": _warc_records,
     "csv": _csv_records,
     "builtin": _builtin_records,
 }
