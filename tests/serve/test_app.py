@@ -15,7 +15,6 @@ from tests.serve.test_live import check_openai_client
 
 def test_shipped_serve_config_is_a_valid_serve_config():
     import yaml
-
     from ray.serve.schema import ServeDeploySchema
 
     config = yaml.safe_load((REPO / "jobs" / "serve_config.yaml").read_text())
@@ -76,15 +75,21 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def serve_app(ray_local, artifact):
-    """A live Serve app on a free port: the router and two replicas of a tiny model."""
-    import os
+def key_file(tmp_path_factory):
+    # A file, as a mounted Secret: the router replica reads it (an env var would have to be
+    # in the replica processes' environment, which the test process does not control).
+    path = tmp_path_factory.mktemp("keys") / "api-keys"
+    path.write_text("sk-ray\n")
+    return str(path)
 
+
+@pytest.fixture(scope="module")
+def serve_app(ray_local, artifact, key_file):
+    """A live Serve app on a free port: the router and two replicas of a tiny model."""
     from ray import serve
 
     from lmforge.serve.app import build_app
 
-    os.environ["LMFORGE_TEST_RAY_KEYS"] = "sk-ray"
     model = {
         "name": "tiny",
         "artifact": artifact,
@@ -92,7 +97,7 @@ def serve_app(ray_local, artifact):
         "resources": {"num_cpus": 0.25},
         "autoscaling": {"min_replicas": 2, "max_replicas": 2},
     }
-    args = ServeArgs(models=[model], api_key_env="LMFORGE_TEST_RAY_KEYS")
+    args = ServeArgs(models=[model], api_key_env="LMFORGE_UNSET_ENV", api_key_file=key_file)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -100,7 +105,6 @@ def serve_app(ray_local, artifact):
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
-        os.environ.pop("LMFORGE_TEST_RAY_KEYS")
 
 
 @pytest.mark.ray
@@ -179,3 +183,48 @@ def test_serve_command_reads_a_serve_config_file_and_refuses_a_missing_artifact(
     assert code == 2 and "is not a model artifact" in err
     code, _, err = cli("serve")
     assert code == 2 and "nothing to serve" in err
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_full_replica_is_503_through_serve_and_route_prefix_keeps_auth(
+    serve_app, artifact, key_file
+):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx2
+    from ray import serve
+
+    from lmforge.serve.app import build_app
+
+    model = {
+        "name": "one",
+        "artifact": artifact,
+        "max_batch_size": 1,
+        "max_waiting": 0,
+        "resources": {"num_cpus": 0.25},
+    }
+    args = ServeArgs(models=[model], api_key_env="LMFORGE_UNSET_ENV", api_key_file=key_file)
+    serve.run(build_app(args), name="lmforge-one", route_prefix="/one")
+    try:
+        url = f"{serve_app}/one"
+        assert httpx2.get(f"{url}/health").status_code == 200
+        assert httpx2.get(f"{url}/v1/models").status_code == 401
+        headers = {"Authorization": "Bearer sk-ray"}
+        body = {"model": "one", "prompt": "hello", "max_tokens": 120, "temperature": 0}
+
+        def post(_):
+            with httpx2.Client(base_url=url, headers=headers, timeout=60) as http:
+                return http.post("/v1/completions", json=body)
+
+        # One slot, no queue: of 6 requests at once, those that reach the busy engine get 503.
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(post, range(6)))
+        statuses = sorted(r.status_code for r in responses)
+        assert set(statuses) == {200, 503}, statuses
+        for r in responses:
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1"
+                assert r.json()["error"]["code"] == "overloaded"
+    finally:
+        serve.delete("lmforge-one")
