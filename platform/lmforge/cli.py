@@ -38,6 +38,10 @@ COMMANDS: dict[str, Command] = {
         "lmforge.cluster:cluster_command",
         "start, inspect or stop a local Ray head (up / status / down)",
     ),
+    "data": Command(
+        "lmforge.data.prepare:data_command",
+        "prepare training data: clean, dedup, tokenize, pack (`lmforge data prepare -c CONFIG`)",
+    ),
     "train": Command(
         "stage:train",
         "pretrain a model with Ray Train + FSDP2 on the data stage's shards (resumes automatically)",
@@ -46,13 +50,17 @@ COMMANDS: dict[str, Command] = {
         "lmforge.plan:plan_command",
         "estimate a training config before running it: params, FLOPs, memory per GPU, wall time",
     ),
-    "data": Command(
-        "lmforge.data.prepare:data_command",
-        "prepare training data: clean, dedup, tokenize, pack (`lmforge data prepare -c CONFIG`)",
-    ),
     "eval": Command(
         "lmforge.eval.evaluate:eval_command",
         "evaluate a model (`lmforge eval -c CONFIG`); gate a candidate (`lmforge eval compare A B`)",
+    ),
+    "export": Command(
+        "lmforge.model.hf:export_command",
+        "export a model artifact as a Hugging Face Llama folder (transformers, vLLM)",
+    ),
+    "import": Command(
+        "lmforge.model.hf:import_command",
+        "import a Llama-family Hugging Face folder (safetensors) as a model artifact",
     ),
     "serve": Command(
         "lmforge.serve.command:serve_command",
