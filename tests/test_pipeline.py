@@ -111,3 +111,46 @@ def test_pipeline_cli_plan_and_run(project, cli):
     assert out.count("complete") == 2
     code, _, err = cli("pipeline", "run", path, "--set", "value=3")
     assert code == 2 and "name the step" in err
+
+
+def test_a_later_job_names_its_input_by_run(tmp_path, capsys):
+    """`@write/<name>` resolves to that run's latest complete output, before hashing."""
+    from lmforge.stage import stage_main
+
+    runs = str(tmp_path / "runs")
+    assert (
+        stage_main(
+            "tests.stages_for_tests:WRITE",
+            ["--set", f"runs_dir={runs}", "--set", "value=4", "--set", "name=w"],
+        )
+        == 0
+    )
+    assert (
+        stage_main(
+            "tests.stages_for_tests:DOUBLE",
+            ["--set", f"runs_dir={runs}", "--set", "source=@write/w"],
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    first = out.rsplit("done in", 1)[1].split(": ", 1)[1].strip()
+    assert storage.read_text(storage.join(first, "value.txt")) == "8"
+    # a new write run moves the pointer: the same reference now gives a new input and a new hash
+    stage_main(
+        "tests.stages_for_tests:WRITE",
+        ["--set", f"runs_dir={runs}", "--set", "value=5", "--set", "name=w"],
+    )
+    stage_main(
+        "tests.stages_for_tests:DOUBLE", ["--set", f"runs_dir={runs}", "--set", "source=@write/w"]
+    )
+    second = capsys.readouterr().out.rsplit("done in", 1)[1].split(": ", 1)[1].strip()
+    assert second != first and storage.read_text(storage.join(second, "value.txt")) == "10"
+    with pytest.raises(ConfigError, match="names no completed 'write' run called 'nope'"):
+        stage_main(
+            "tests.stages_for_tests:DOUBLE",
+            ["--set", f"runs_dir={runs}", "--set", "source=@write/nope"],
+        )
+    with pytest.raises(ConfigError, match="expected @<stage>/<run name>"):
+        stage_main(
+            "tests.stages_for_tests:DOUBLE", ["--set", f"runs_dir={runs}", "--set", "source=@write"]
+        )

@@ -25,6 +25,9 @@ from lmforge import ConfigError, LmforgeError, storage
 from lmforge.config import (
     NOT_HASHED,
     StrictModel,
+    apply_overrides,
+    build_config,
+    config_dict,
     config_hash,
     config_yaml,
     fields_help,
@@ -117,6 +120,42 @@ def output_dir(stage: Stage, cfg: StageConfig) -> str:
     return storage.join(cfg.runs_dir, stage.name, f"{cfg.name}-{config_hash(cfg)}")
 
 
+def latest_pointer(runs_dir: str, stage_name: str, run_name: str) -> str:
+    """The file that names the latest complete output of run `run_name` of a stage."""
+    return storage.join(runs_dir, stage_name, f"{run_name}.latest")
+
+
+def resolve_input_reference(stage: Stage, cfg: StageConfig) -> StageConfig:
+    """Replace an input of the form `@<stage>/<run name>` by that run's latest complete output.
+
+    Output paths carry a config hash, so a job that runs after another (a RayJob per stage on
+    Kubernetes, or a second `lmforge` command) cannot know its input's path in advance; it
+    names the run instead. The reference is resolved before the config is hashed, so the hash
+    (and the output path) still changes whenever the input does.
+    """
+    if not stage.input_field:
+        return cfg
+    value: Any = cfg
+    for part in stage.input_field.split("."):
+        value = getattr(value, part, None)
+    if not isinstance(value, str) or not value.startswith("@"):
+        return cfg
+    ref_stage, _, ref_name = value[1:].partition("/")
+    if not ref_stage or not ref_name:
+        raise ConfigError(
+            f"{stage.input_field}: bad reference {value!r}; expected @<stage>/<run name>, e.g. @data/quickstart"
+        )
+    pointer = latest_pointer(cfg.runs_dir, ref_stage, ref_name)
+    if not storage.exists(pointer):
+        raise ConfigError(
+            f"{stage.input_field}: {value} names no completed '{ref_stage}' run called '{ref_name}' "
+            f"under {cfg.runs_dir} (no {pointer}); run that stage first, or give a path"
+        )
+    path = storage.read_text(pointer).strip()
+    data = apply_overrides(type(cfg), config_dict(cfg), [f"{stage.input_field}={path}"])
+    return build_config(type(cfg), data, source=f"{stage.input_field} ({value})")
+
+
 def run_stage(
     stage: Stage,
     cfg: StageConfig,
@@ -129,6 +168,7 @@ def run_stage(
     if stage.cacheable and not force and storage.is_complete(out):
         if not quiet:
             print(f"[{stage.name}] output is complete, skipping: {out}", flush=True)
+        storage.write_text(latest_pointer(cfg.runs_dir, stage.name, cfg.name), out + "\n")
         return StageResult(stage.name, out, "skipped")
     if not quiet:
         print(f"[{stage.name}] resolved config (hash {config_hash(cfg)}):", flush=True)
@@ -153,6 +193,7 @@ def run_stage(
             "summary": summary,
         },
     )
+    storage.write_text(latest_pointer(cfg.runs_dir, stage.name, cfg.name), out + "\n")
     if not quiet:
         print(f"[{stage.name}] done in {seconds:.1f}s: {out}", flush=True)
     return StageResult(stage.name, out, "ran", seconds, summary)
@@ -205,7 +246,7 @@ def stage_main(name: str, argv: list[str] | None = None, prog: str | None = None
     """`lmforge <stage>` and `python jobs/<stage>.py`: parse, validate, run."""
     stage = get_stage(name)
     args = stage_parser(stage, prog or f"lmforge {name}").parse_args(argv)
-    cfg = load_config(stage.config_cls, args.config, args.overrides)
+    cfg = resolve_input_reference(stage, load_config(stage.config_cls, args.config, args.overrides))
     if args.print_config:
         print(config_yaml(cfg), end="")
         print(f"# config hash: {config_hash(cfg)}\n# output: {output_dir(stage, cfg)}")
