@@ -1,0 +1,83 @@
+"""API keys and the OpenAI error envelope for every error the app can answer."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmforge.serve.protocol import APIError
+
+log = logging.getLogger(__name__)
+OPEN_PATHS = {"/health"}  # the only routes that need no API key
+
+
+class AuthMiddleware:
+    """Bearer API keys on every route but /health (also on the docs, the spec and 404s)."""
+
+    def __init__(self, app, keys: set[str]) -> None:
+        self.app, self.keys = app, sorted(keys)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.keys:
+            path, root = scope.get("path", ""), scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root) :] or "/"
+            if path not in OPEN_PATHS and not self._valid(scope):
+                error = APIError(
+                    401,
+                    "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                    type="authentication_error",
+                    code="invalid_api_key",
+                )
+                headers = {"WWW-Authenticate": "Bearer"}
+                response = JSONResponse(error.body(), status_code=401, headers=headers)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _valid(self, scope) -> bool:
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        # Compare against every key, always, so the timing does not reveal a partial match.
+        return sum(hmac.compare_digest(token.strip(), k) for k in self.keys) > 0
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        return JSONResponse(validation_error(e.errors()).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        error = APIError(e.status_code, str(e.detail), type=kind)
+        return JSONResponse(error.body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, e: Exception):
+        log.exception("unhandled error")
+        error = APIError(500, f"internal error: {type(e).__name__}", type="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
+
+def validation_error(errors) -> APIError:
+    """The first pydantic problem, as a 400 that names the field."""
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the body is not valid JSON: {first.get('msg')}", code="invalid_json")
+    if not loc:  # the body itself: missing, or not an object
+        return APIError(400, "the request body must be a JSON object", code="invalid_body")
+    param = loc[0]
+    where = ".".join(p for p in loc if not p.startswith(("str", "list[", "int")))
+    return APIError(400, f"{where}: {first.get('msg')}", param=param, code="invalid_value")
