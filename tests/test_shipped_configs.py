@@ -7,7 +7,8 @@ import pytest
 
 from lmforge.config import load_config
 from lmforge.config_command import reference_markdown
-from lmforge.pipeline import plan, quickstart_pipeline
+from lmforge.pipeline import plan
+from lmforge.quickstart import quickstart_pipeline
 from lmforge.stage import STAGES, get_stage
 from tests.conftest import REPO
 

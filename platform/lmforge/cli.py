@@ -15,7 +15,7 @@ class Command(NamedTuple):
 # Each later issue adds its command here: one line of help, one lazily imported target.
 COMMANDS: dict[str, Command] = {
     "quickstart": Command(
-        "lmforge.pipeline:quickstart_command",
+        "lmforge.quickstart:quickstart_command",
         "run the built-in end-to-end pipeline on an embedded local Ray",
     ),
     "init": Command(

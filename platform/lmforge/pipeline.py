@@ -24,7 +24,6 @@ import argparse
 import os
 import time
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -190,7 +189,7 @@ def _print_summary(name: str, results: list[StageResult]) -> None:
 # ---------------------------------------------------------------- command line
 
 
-def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -216,7 +215,7 @@ def pipeline_command(argv: list[str], prog: str) -> int:
     p_run = sub.add_parser("run", help="run a pipeline YAML")
     p_run.add_argument("pipeline", help="pipeline YAML (path or URI)")
     p_run.add_argument("--runs-dir", help="override the pipeline's runs_dir")
-    _add_run_arguments(p_run)
+    add_run_arguments(p_run)
     p_plan = sub.add_parser(
         "plan", help="resolve every step and print its output path and state, run nothing"
     )
@@ -240,30 +239,4 @@ def pipeline_command(argv: list[str], prog: str) -> int:
             print(f"{s.id:<12} {state:<9} {s.output}")
         return 0
     run_pipeline(args.pipeline, args.overrides, args.runs_dir, args.address, args.force)
-    return 0
-
-
-def quickstart_pipeline() -> str:
-    return str(resources.files("lmforge") / "resources" / "pipelines" / "quickstart.yaml")
-
-
-def quickstart_command(argv: list[str], prog: str) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Run the built-in end-to-end pipeline on an embedded local Ray (no downloads): "
-        "every stage that lmforge has, on the built-in corpus, with a tiny model.",
-    )
-    parser.add_argument(
-        "--workdir",
-        default="runs/quickstart",
-        help="where every output goes (default: %(default)s)",
-    )
-    _add_run_arguments(parser)
-    args = parser.parse_args(argv)
-    results = run_pipeline(
-        quickstart_pipeline(), args.overrides, args.workdir, args.address, args.force
-    )
-    print("\nquickstart outputs:")
-    for r in results:
-        print(f"  {r.stage:<10} {r.output}")
     return 0

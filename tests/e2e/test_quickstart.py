@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from lmforge import storage
-from lmforge.pipeline import plan, quickstart_pipeline
+from lmforge.pipeline import plan
+from lmforge.quickstart import quickstart_pipeline
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

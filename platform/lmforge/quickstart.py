@@ -1,0 +1,139 @@
+"""`lmforge quickstart`: the built-in pipeline, then the trained model served and asked.
+
+The pipeline (resources/pipelines/quickstart.yaml) runs every stage lmforge has on the
+built-in corpus with a tiny model, on an embedded local Ray. Then the newest model artifact
+is deployed on Ray Serve exactly as `lmforge serve` deploys it, one completion and one chat
+request go through the official `openai` client, and the answers are printed with the
+commands to serve and query the model yourself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from importlib import resources
+
+from lmforge.pipeline import add_run_arguments, run_pipeline
+from lmforge.stage import StageResult
+
+MODEL_NAME = "quickstart"
+
+
+def quickstart_pipeline() -> str:
+    return str(resources.files("lmforge") / "resources" / "pipelines" / "quickstart.yaml")
+
+
+def newest_artifact(results: list[StageResult]) -> str | None:
+    """The model of the last stage that made one (fine-tuning after pretraining, when present)."""
+    from lmforge import storage
+
+    for result in reversed(results):
+        candidate = storage.join(result.output, "model")
+        if storage.exists(storage.join(candidate, "config.json")):
+            return candidate
+    return None
+
+
+def _free_port(preferred: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+
+def serve_and_ask(artifact: str, port: int, keep_serving: bool) -> dict[str, str]:
+    """Deploy `artifact` on Ray Serve, send one completion and one chat request, print both."""
+    from openai import OpenAI
+    from ray import serve
+
+    from lmforge.cluster import connect
+    from lmforge.serve.app import build_app
+    from lmforge.serve.config import ServeArgs
+
+    connect(None)
+    port = _free_port(port)
+    args = ServeArgs.model_validate(
+        {"models": [{"name": MODEL_NAME, "artifact": artifact}], "port": port}
+    )
+    base = f"http://127.0.0.1:{port}"
+    print(f"\n=== serving {artifact} as '{MODEL_NAME}' at {base}/v1 ===", flush=True)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(args), name="lmforge-quickstart", route_prefix="/", blocking=False)
+        client = OpenAI(
+            base_url=f"{base}/v1", api_key="not-needed-locally", max_retries=2, timeout=120
+        )
+        prompt = "The os module provides"
+        completion = client.completions.create(
+            model=MODEL_NAME, prompt=prompt, max_tokens=24, temperature=0
+        )
+        question = "What does os.getcwd do?"
+        chat = client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=[{"role": "user", "content": question}],
+            max_tokens=24,
+            temperature=0,
+        )
+        answers = {
+            "completion": completion.choices[0].text,
+            "chat": chat.choices[0].message.content or "",
+        }
+        print(f"completion  {prompt!r} -> {answers['completion']!r}")
+        print(f"chat        {question!r} -> {answers['chat']!r}")
+        print("(a tiny model trained for a few minutes on a CPU: its answers are not meant to be good)")
+        print(
+            "\nserve it yourself:\n"
+            f"  lmforge serve --model {artifact} --name {MODEL_NAME}\n"
+            f"  curl {base}/v1/completions -H 'Content-Type: application/json' \\\n"
+            f'    -d \'{{"model": "{MODEL_NAME}", "prompt": "{prompt}", "max_tokens": 24}}\''
+        )
+        if keep_serving:
+            print(f"\nserving at {base}/v1 until Ctrl-C", flush=True)
+            import time
+
+            while True:
+                time.sleep(3600)
+        return answers
+    finally:
+        serve.shutdown()
+
+
+def quickstart_command(argv: list[str], prog: str) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Run the built-in end-to-end pipeline on an embedded local Ray (no downloads): "
+        "every stage that lmforge has, on the built-in corpus, with a tiny model; then serve the "
+        "model and ask it one completion and one chat question through the openai client.",
+    )
+    parser.add_argument(
+        "--workdir",
+        default="runs/quickstart",
+        help="where every output goes (default: %(default)s)",
+    )
+    add_run_arguments(parser)
+    parser.add_argument(
+        "--no-serve", action="store_true", help="stop after the pipeline, without serving the model"
+    )
+    parser.add_argument(
+        "--keep-serving", action="store_true", help="leave the model served until Ctrl-C"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        help="HTTP port to serve on (default %(default)s, or a free one)",
+    )
+    args = parser.parse_args(argv)
+    results = run_pipeline(
+        quickstart_pipeline(), args.overrides, args.workdir, args.address, args.force
+    )
+    artifact = newest_artifact(results)
+    if artifact and not args.no_serve:
+        serve_and_ask(artifact, args.port, args.keep_serving)
+    print("\nquickstart outputs:")
+    for r in results:
+        print(f"  {r.stage:<10} {r.output}")
+    return 0
