@@ -28,7 +28,10 @@ def test_quickstart_runs_every_stage_then_skips_them(tmp_path):
     for step in steps:
         assert storage.is_complete(step.output), step.id
         assert step.output in proc.stdout  # it ends by printing where each output is
-    again = run_quickstart(tmp_path / "qs")
+    # it served the trained model and asked it through the openai client
+    assert "completion  'The os module provides' -> '" in proc.stdout
+    assert "chat        'What does os.getcwd do?' -> '" in proc.stdout
+    again = run_quickstart(tmp_path / "qs", "--no-serve")
     assert again.returncode == 0, again.stderr[-3000:]
     cacheable = [s for s in steps if s.stage.cacheable]
     assert again.stdout.count("output is complete, skipping") == len(cacheable)
