@@ -330,7 +330,15 @@ def test_monitoring_objects():
     rows = [p["title"] for p in panels if p["type"] == "row"]
     assert rows == ["Training", "Serving"]
     exprs = " ".join(t["expr"] for p in panels for t in p.get("targets", []))
-    assert "lmforge_train_loss" in exprs and "lmforge_serve_requests_total" in exprs
+    assert "lmforge_train_loss" in exprs and "lmforge_requests_total" in exprs
+    # every serving series the dashboard plots is one the serving app exports
+    from lmforge.serve.metrics import ServeMetrics
+
+    exported = set()
+    for family in ServeMetrics().registry.collect():
+        exported |= {family.name, f"{family.name}_total", f"{family.name}_bucket"}
+    used = {m for m in re.findall(r"lmforge_[a-z_]+", exprs) if not m.startswith("lmforge_train_")}
+    assert used and used <= exported, used - exported
 
 
 def test_dockerfile_matches_the_chart():
