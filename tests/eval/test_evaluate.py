@@ -93,7 +93,7 @@ def test_eval_stage_end_to_end(tmp_path, ray_local, cli):
     )
     code, out, _ = cli("eval", "-c", tmp_path / "eval.yaml")
     assert code == 0
-    [out_dir] = (tmp_path / "runs" / "eval").iterdir()
+    [out_dir] = [p for p in (tmp_path / "runs" / "eval").iterdir() if p.is_dir()]
     rep = json.loads((out_dir / "report.json").read_text())
     assert list(rep["tasks"]) == ["val", "stdlib-module-mc", "bias-pairs", "mine"]
     assert rep["tasks"]["val"]["bits_per_byte"]["n"] == 2
