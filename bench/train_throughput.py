@@ -3,7 +3,8 @@
 Same model (default: the tiny preset), same global batch, same packed data, in one run:
 
   plain fp32        a single-process loop (model, AdamW, accumulation, clipping), all cores
-  plain bf16        the same with bf16 autocast
+  plain bf16        the same with bf16 autocast (and on 1 thread: on a busy machine two
+                    OpenMP threads can lose to one)
   ray 2w fsdp bf16  `lmforge train`: 2 Ray Train workers x 1 CPU, FSDP2 over gloo, bf16 autocast
   ray 1w bf16       `lmforge train`: 1 Ray Train worker x 2 CPUs, no FSDP (isolates Ray's cost)
 
@@ -141,13 +142,16 @@ def main() -> None:
     print("matmul probe TFLOP/s:", {f"{d}/{t}thr": round(v, 4) for (d, t), v in probe.items()})
     base = train_config(data, str(work / "runs"), args)
     rows: dict[str, dict] = {}
-    for name, bf16 in (("plain fp32", False), ("plain bf16", True)):
+    plain = [("plain fp32", False, cores), ("plain bf16", True, cores)]
+    if cores > 1:  # on a busy machine OpenMP threads can lose to one thread: show both
+        plain.append(("plain bf16 1 thread", True, 1))
+    for name, bf16, threads in plain:
         print(f"[bench] {name} ...", flush=True)
-        r = plain_loop(base, bf16, cores)
+        r = plain_loop(base, bf16, threads)
         r["mfu"] = mfu(
             r["tokens_per_s"],
             r["flops_per_token"],
-            probe[("bfloat16" if bf16 else "float32", cores)],
+            probe[("bfloat16" if bf16 else "float32", threads)],
         )
         rows[name] = r
         print(
