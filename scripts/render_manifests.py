@@ -1,8 +1,8 @@
 """Render manifests/ (plain YAML for `kubectl apply`) from the Helm chart: `make manifests`.
 
 `helm template` with helm/lmforge/ci/manifests.yaml, split into one file per stage
-(`rayjob.<stage>.yaml`: the stage's config ConfigMap and its RayJob) plus `base.yaml` (what
-every stage shares: ServiceAccount, NetworkPolicy, storage claim). Helm's bookkeeping labels
+(`rayjob.<stage>.yaml`: the stage's config ConfigMap and its RayJob), `rayservice.yaml` (the
+serving RayService) and `base.yaml` (what they share: ServiceAccount, NetworkPolicy, storage claim). Helm's bookkeeping labels
 and `# Source:` lines are dropped; the templates' comments stay. tests/k8s fails when the files
 differ from a fresh render, so edit the chart and re-render, never the files.
 
@@ -63,14 +63,28 @@ def render(values: Path = VALUES) -> dict[str, str]:
         doc = yaml.safe_load(chunk)
         if not doc:
             continue
-        stage = (doc["metadata"].get("labels") or {}).get("lmforge.dev/stage")
-        name = f"rayjob.{stage}.yaml" if stage else "base.yaml"
+        labels = doc["metadata"].get("labels") or {}
+        stage = labels.get("lmforge.dev/stage")
+        if stage:
+            name = f"rayjob.{stage}.yaml"
+        elif labels.get("app.kubernetes.io/component") == "serve":
+            name = "rayservice.yaml"
+        else:
+            name = "base.yaml"
         groups.setdefault(name, []).append(chunk + "\n")
     files = {}
     for name, chunks in sorted(groups.items()):
         if name == "base.yaml":
             title = "What every lmforge stage shares: ServiceAccount, NetworkPolicy, storage."
             usage = ""
+        elif name == "rayservice.yaml":
+            title = "Serving: the RayService (Ray Serve, OpenAI-compatible API on port 8000)."
+            usage = (
+                "# and the API keys Secret (one key per line):\n"
+                '#   kubectl create secret generic lmforge-api-keys --from-literal=api-keys="$(openssl rand -hex 24)"\n'
+                f"#   kubectl apply -f manifests/{name}\n"
+                "#   kubectl get rayservice lmforge-serve -w; kubectl port-forward svc/lmforge-serve 8000\n"
+            )
         else:
             stage = name.split(".")[1]
             title = f"The {stage} stage: its job config (ConfigMap) and its RayJob."

@@ -7,11 +7,16 @@ executed against a real local Ray cluster the way KubeRay would run them (test_o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +90,10 @@ ALL_ON = (
     "stages.prepareData.enabled=true",
     "stages.pretrain.enabled=true",
     "ray.autoscaling=true",
+    "stages.evaluate.enabled=true",
+    "serve.enabled=true",
+    "serve.apiKeys.secretName=lmforge-api-keys",
+    "serve.models.lmforge-chat.artifact=train/base-0123456789ab",
 )
 VALUE_SETS = [
     pytest.param((), (), id="default"),
@@ -203,3 +212,63 @@ def stage_for_job(script: str):
         if stage.job_script == script:
             return stage
     return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmulatedRayCluster:
+    """The pods of a rayClusterSpec as local Ray nodes: a head and `workers` worker nodes."""
+
+    def __init__(self, workdir: Path, workers: int):
+        self.workdir = workdir
+        self.workers = workers
+        # Short: Ray's socket paths under the temp dir must stay under ~107 bytes.
+        self.root = tempfile.mkdtemp(prefix="lmf-k8s-", dir="/tmp")
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        # `python` in the entrypoint is the image's interpreter, the one with lmforge: here, ours.
+        path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+        self.env = dict(os.environ, PATH=path, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
+        self.env.pop("RAY_ADDRESS", None)
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _ray_start(self, *args: str) -> None:
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--num-cpus=2", "--disable-usage-stats",
+               f"--dashboard-agent-listen-port={free_port()}", "--object-store-memory=100000000", *args]  # fmt: skip
+        # cwd: the pod's workingDir, inherited by the raylet and so by the job's driver.
+        proc = subprocess.run(
+            cmd, cwd=self.workdir, env=self.env, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, f"ray start failed: {proc.stderr[-2000:]}"
+
+    def start(self) -> None:
+        self._ray_start("--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+                        f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
+                        "--include-dashboard=true", f"--temp-dir={self.root}/head")  # fmt: skip
+        for i in range(self.workers):
+            self._ray_start(f"--address=127.0.0.1:{self.gcs_port}", f"--temp-dir={self.root}/w{i}")
+
+    def stop(self) -> None:
+        """Stop only this cluster's processes: those whose command line names its temp root."""
+        import psutil
+
+        mine = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if (
+                self.root in " ".join(proc.info.get("cmdline") or [])
+                and proc.info["pid"] != os.getpid()
+            ):
+                mine.append(proc)
+        for proc in mine:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(mine, timeout=5)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()

@@ -45,7 +45,7 @@ def test_helm_lint_strict(values):
 def test_every_object_validates(values, sets):
     objects = render(*values, sets=sets)
     kinds = {o["kind"] for o in objects}
-    assert {"ServiceAccount", "NetworkPolicy", "ConfigMap", "RayJob"} <= kinds
+    assert {"ServiceAccount", "NetworkPolicy"} <= kinds and kinds & {"RayJob", "RayService"}
     for obj in objects:
         where = f"{obj['kind']}/{obj['metadata']['name']}"
         if obj["apiVersion"] == "ray.io/v1":
@@ -89,6 +89,13 @@ def test_crd_validation_catches_a_typo():
     assert len(errors) == 1 and "'shutdownAfterJobFinish' was unexpected" in errors[0]
 
 
+SERVE_ON = (
+    "serve.enabled=true",
+    "serve.apiKeys.secretName=lmforge-api-keys",
+    "serve.models.lmforge-chat.artifact=train/base-0123456789ab",
+)
+
+
 @pytest.mark.parametrize(
     ("sets", "named"),
     [
@@ -114,6 +121,27 @@ def test_crd_validation_catches_a_typo():
         (("stages.check.job=../evil",), "/stages/check/job"),
         (("image.repository=",), "/image/repository"),
         (("rayCluster.enabled=true", "jobs.suspend=true"), "stages.check: suspend"),
+        (("serve.enabled=true",), "serve.apiKeys.secretName is empty"),
+        (
+            ("serve.enabled=true", "serve.apiKeys.secretName=k"),
+            "serve.models.lmforge-chat.artifact is empty",
+        ),
+        (
+            (*SERVE_ON, "serve.modelDefaults.autoscaling.minReplicas=5"),
+            "serve.models.lmforge-chat.autoscaling.minReplicas (5) is greater than maxReplicas (4)",
+        ),
+        (
+            (*SERVE_ON, "serve.models.lmforge-chat.resources.numGpus=1"),
+            "serve.models.lmforge-chat.resources.numGpus",
+        ),
+        ((*SERVE_ON, "serve.upgradeStrategy=Rolling"), "/serve/upgradeStrategy"),
+        ((*SERVE_ON, "serve.port=8265"), "serve.port is 8265"),
+        ((*SERVE_ON, "serve.models.lmforge-chat.maxBatchSize=0"), "maxBatchSize"),
+        ((*SERVE_ON, "serve.models.lmforge-chat.artfact=x"), "artfact"),
+        (
+            (*SERVE_ON, "serve.cluster.workerGroups.cpu.minReplicas=9"),
+            "ray.workerGroups.cpu.minReplicas (9)",
+        ),
     ],
     ids=lambda v: v[0] if isinstance(v, tuple) else None,
 )

@@ -39,6 +39,8 @@ def test_manifests_match_a_fresh_render():
         "rayjob.check.yaml",
         "rayjob.prepare-data.yaml",
         "rayjob.pretrain.yaml",
+        "rayjob.evaluate.yaml",
+        "rayservice.yaml",
     } <= set(files)
 
 

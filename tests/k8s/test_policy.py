@@ -96,6 +96,8 @@ def test_dashboard_is_not_exposed(values, sets):
             assert head.get("serviceType", "ClusterIP") == "ClusterIP", where
             assert not head.get("enableIngress"), where
             assert not (head.get("headService") or {}).get("spec", {}).get("type"), where
+        if obj["kind"] == "RayService":  # the Serve HTTP port, too, stays inside the cluster
+            assert obj["spec"]["serveService"]["spec"]["type"] == "ClusterIP"
 
 
 @pytest.mark.parametrize(("values", "sets"), VALUE_SETS)
@@ -131,8 +133,14 @@ def test_network_policy_covers_every_pod(values, sets):
     # Ray's own ports are open only to this release's pods; clients get the dashboard and Ray client.
     rules = policy["spec"]["ingress"]
     assert rules[0] == {"from": [{"podSelector": {"matchLabels": selector}}]}
+    serve_ports = {
+        int(p["port"])
+        for o in objects
+        if o["kind"] == "RayService"
+        for p in o["spec"]["serveService"]["spec"]["ports"]
+    }
     for rule in rules[1:]:
-        assert {p["port"] for p in rule["ports"]} <= {8265, 10001, 8080}
+        assert {p["port"] for p in rule["ports"]} <= {8265, 10001, 8080} | serve_ports
 
 
 def _pod_templates(obj):

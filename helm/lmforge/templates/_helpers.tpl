@@ -129,7 +129,43 @@ Checks of whole-chart values that a JSON schema cannot express; each failure nam
 {{- if $v.rayCluster.enabled }}
 {{- include "lmforge.validateRay" (dict "ray" $v.ray "image" $v.image "where" "rayCluster") }}
 {{- end }}
+{{- if $v.serve.enabled }}
+{{- include "lmforge.validateServe" $ }}
 {{- end }}
+{{- end }}
+
+{{/* Checks of the serve values (the RayService). */}}
+{{- define "lmforge.validateServe" -}}
+{{- $s := .Values.serve }}
+{{- if not $s.apiKeys.secretName }}
+{{- fail "serve.apiKeys.secretName is empty; name the Secret that holds the API keys (kubectl create secret generic lmforge-api-keys --from-literal=api-keys=...)" }}
+{{- end }}
+{{- if not $s.models }}
+{{- fail "serve.models is empty; serve at least one model" }}
+{{- end }}
+{{- $image := mergeOverwrite (deepCopy .Values.image) (deepCopy ($s.image | default dict)) }}
+{{- if has (int $s.port) (list 6379 8080 8265 10001) }}
+{{- fail (printf "serve.port is %d, a port Ray itself uses on every pod; choose another, e.g. 8000" (int $s.port)) }}
+{{- end }}
+{{- range $name, $own := $s.models }}
+{{- $m := mergeOverwrite (deepCopy ($s.modelDefaults | default dict)) (deepCopy $own) }}
+{{- if not $m.artifact }}
+{{- fail (printf "serve.models.%s.artifact is empty; set the model artifact or training run directory (relative to the runs_dir, e.g. train/base-0123456789ab, or an absolute path / URI)" $name) }}
+{{- end }}
+{{- $a := $m.autoscaling | default dict }}
+{{- if gt (int ($a.minReplicas | default 0)) (int ($a.maxReplicas | default 1)) }}
+{{- fail (printf "serve.models.%s.autoscaling.minReplicas (%d) is greater than maxReplicas (%d)" $name (int $a.minReplicas) (int $a.maxReplicas)) }}
+{{- end }}
+{{- if and $m.resources (gt (float64 ($m.resources.numGpus | default 0)) 0.0) (eq $image.flavor "cpu") (not $image.tag) }}
+{{- fail (printf "serve.models.%s.resources.numGpus is set but the serve image flavor is cpu; set serve.image.flavor=gpu and a GPU worker group in serve.cluster" $name) }}
+{{- end }}
+{{- end }}
+{{- $ray := mergeOverwrite (deepCopy .Values.ray) (deepCopy ($s.cluster | default dict)) }}
+{{- include "lmforge.validateRay" (dict "ray" $ray "image" $image "where" "serve") }}
+{{- end }}
+
+{{/* Where the RayService's pods mount the API keys Secret. */}}
+{{- define "lmforge.apiKeysDir" -}}/etc/lmforge/api-keys{{- end }}
 
 {{/* Checks of one cluster shape. Argument: dict ray, image, where (for the message). */}}
 {{- define "lmforge.validateRay" -}}
@@ -168,6 +204,7 @@ Argument: dict
   role       "head" or "worker"
   configKeys stage keys whose config ConfigMaps the head mounts at <workdir>/job-configs
   stage      the stage key when the cluster belongs to one stage's RayJob (a pod label), else ""
+  serve      the serve values when the cluster is the RayService's (Serve port, API keys Secret), else unset
 Security: restricted Pod Security profile (non-root, no privilege escalation, all capabilities
 dropped, RuntimeDefault seccomp, read-only root filesystem); writable paths are emptyDirs; no
 ServiceAccount token unless the autoscaler needs one. Ray token auth comes from the cluster's
@@ -224,6 +261,9 @@ spec:
         - {containerPort: 10001, name: client}
         {{- end }}
         - {containerPort: 8080, name: metrics}
+        {{- with .serve }}
+        - {containerPort: {{ .port }}, name: serve}
+        {{- end }}
       env:
         # The root filesystem is read-only: caches go to the ~/.cache emptyDir or /tmp.
         - {name: HOME, value: /home/ray}
@@ -250,6 +290,9 @@ spec:
         {{- if and (eq .role "head") .configKeys }}
         - {name: job-configs, mountPath: {{ printf "%s/%s" .image.workdir (include "lmforge.configDir" .) }}, readOnly: true}
         {{- end }}
+        {{- if .serve }}
+        - {name: api-keys, mountPath: {{ include "lmforge.apiKeysDir" . }}, readOnly: true}
+        {{- end }}
   volumes:
     - name: tmp
       emptyDir: {sizeLimit: {{ $g.tmpSize }}}
@@ -273,6 +316,12 @@ spec:
               name: {{ include "lmforge.configMapName" (dict "root" $root "key" .) }}
               items: [{key: config.yaml, path: {{ include "lmforge.kebab" . }}.yaml}]
           {{- end }}
+    {{- end }}
+    {{- with .serve }}
+    - name: api-keys
+      secret:
+        secretName: {{ .apiKeys.secretName }}
+        items: [{key: {{ .apiKeys.key }}, path: {{ .apiKeys.key }}}]
     {{- end }}
   {{- with $g.nodeSelector }}
   nodeSelector:
