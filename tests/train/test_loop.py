@@ -101,3 +101,26 @@ def test_activation_checkpointing_recomputes_the_same_numbers(packed_data, tmp_p
     # the artifact's names are the model's own, without the wrapper's prefix
     names = set(load_model(str(ckpt / "model")).state_dict())
     assert "layers.0.attn.wq.weight" in names
+
+
+def test_eval_tasks_are_scored_at_each_validation_pass(packed_data, tmp_path):
+    cfg = local_config(
+        packed_data,
+        tmp_path,
+        train={
+            "max_steps": 4,
+            "eval_every": 2,
+            "log_every": 2,
+            "eval_tasks": ["builtin:bias-pairs"],
+            "eval_task_limit": 6,
+        },
+        checkpoint={"every_steps": 0},
+    )
+    run_local(cfg, str(tmp_path / "out"))
+    lines = [json.loads(ln) for ln in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    scored = [m for m in lines if any(k.startswith("eval/bias-pairs/") for k in m)]
+    assert [m["step"] for m in scored] == [2, 4]
+    for m in scored:
+        # the share of 6 pairs where the model prefers the stereotyping sentence: k / 6
+        share = m["eval/bias-pairs/pct_stereotype"]
+        assert 0 <= share <= 1 and round(share * 6, 9) == round(share * 6)

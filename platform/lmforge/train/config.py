@@ -130,6 +130,13 @@ class LoopConfig(StrictModel):
         ge=1,
         description="Validation sequences per pass (the first ones of val/, split over the workers; the same set at any worker count).",
     )
+    eval_tasks: list[str] = Field(
+        default_factory=list,
+        description="Evaluation tasks (named as in `lmforge eval`, e.g. builtin:stdlib-module-mc or a task file) scored at every validation pass; results go to metrics.jsonl as eval/<task>/<metric>.",
+    )
+    eval_task_limit: int = Field(
+        32, ge=1, description="Items per task in each of those passes (the first ones of the task)."
+    )
     peak_tflops: float | None = Field(
         None,
         gt=0,

@@ -70,6 +70,7 @@ def train_loop(cfg: TrainConfig, output: str, env: WorkerEnv) -> dict[str, Any]:
             metrics = log.train_metrics(step, loss, lr, grad_norm)
         if last or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
             metrics = {"step": step, **metrics, **evaluate(model, run, env)}
+            metrics.update(evaluate_tasks(model, run, env))
         if last or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
             ckpt.save(
                 step, step * run.plan.global_batch_rows, model, optimizer, metrics or {"step": step}
@@ -208,6 +209,38 @@ def evaluate(model, run: Run, env: WorkerEnv) -> dict[str, Any]:
     loss = (sums[0] / sums[1]).item()
     bpb = bits_per_byte(loss, run.val_tokens_per_byte)
     return {"val_loss": loss, **({"val_bpb": bpb} if bpb is not None else {})}
+
+
+@torch.no_grad()
+def evaluate_tasks(model, run: Run, env: WorkerEnv) -> dict[str, float]:
+    """The config's eval tasks on the model in training, scored as `lmforge eval` scores them.
+
+    Every worker runs the same items in the same order: under FSDP each forward all-gathers
+    the weights, so the ranks must step together (the scores are identical on every rank).
+    """
+    if not run.cfg.train.eval_tasks:
+        return {}
+    from tokenizers import Tokenizer
+
+    from lmforge.eval.evaluate import evaluate_in_process
+
+    tokenizer = Tokenizer.from_str(
+        storage.read_text(storage.join(run.cfg.data.path, "tokenizer.json"))
+    )
+    model.eval()
+    try:
+        with autocast(run, env):
+            report = evaluate_in_process(
+                model, tokenizer, run.cfg.train.eval_tasks, limit=run.cfg.train.eval_task_limit
+            )
+    finally:
+        model.train()
+    return {
+        f"eval/{task}/{metric}": value
+        for task, metrics in report.items()
+        for metric, value in metrics.items()
+        if isinstance(value, int | float)
+    }
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
