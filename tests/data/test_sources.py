@@ -148,6 +148,42 @@ def test_hugging_face_save_to_disk_folder(tmp_path):
     )
 
 
+def test_hub_dataset_is_read_from_its_cache_files(tmp_path, monkeypatch):
+    """`hf:NAME` asks `datasets.load_dataset` (a stand-in here: no hub from this machine) and
+    reads the cache files it returns as Arrow, with ids that name the dataset and split."""
+    import sys
+    import types
+
+    cache = tmp_path / "cache" / "wikitext-train.arrow"
+    cache.parent.mkdir()
+    table = pa.table({"text": ["a first article", "a second article"]})
+    with pa.OSFile(str(cache), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    calls = []
+
+    def load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        if name != "wikitext":
+            raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub")
+        return types.SimpleNamespace(cache_files=[{"filename": str(cache)}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    src = SourceConfig(path="hf:wikitext", hf_config="wikitext-2-raw-v1", hf_split="validation")
+    rows = read_all(src).to_pylist()
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "validation")]
+    assert [(r["path"], r["line"], r["text"]) for r in rows] == [
+        ("wikitext/validation/wikitext-train.arrow", 1, "a first article"),
+        ("wikitext/validation/wikitext-train.arrow", 2, "a second article"),
+    ]
+    with pytest.raises(LmforgeError, match=r"cannot load dataset 'nope'.*doesn't exist on the Hub"):
+        resolve_sources([SourceConfig(path="hf:nope")])
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(
+        LmforgeError, match=r"need the `datasets` package: pip install 'lmforge\[hf\]'"
+    ):
+        resolve_sources([src])
+
+
 ARTICLE = (
     "<html><head><title>News</title></head><body><nav>Home | About | Contact</nav>"
     "<article><h1>River levels rise</h1><p>"

@@ -18,7 +18,9 @@ class SourceConfig(StrictModel):
         description="`builtin:python-docs`, or a file, directory or glob (local path or URI: "
         "s3://, gs://, file://) of .txt, .jsonl/.json (optionally .gz/.zst), .parquet, .csv or "
         ".arrow files (a Hugging Face `save_to_disk` folder is a folder of .arrow files); with the "
-        "web extra, .html files and .warc(.gz) archives (main text by trafilatura)."
+        "web extra, .html files and .warc(.gz) archives (main text by trafilatura); with the hf "
+        "extra, `hf:NAME`, a Hugging Face hub dataset (downloaded to the HF cache, then read as "
+        "its .arrow files)."
     )
     name: str | None = Field(
         None,
@@ -44,6 +46,11 @@ class SourceConfig(StrictModel):
     limit: int | None = Field(
         None, ge=1, description="Read at most this many records from this source (in file order)."
     )
+    hf_config: str | None = Field(
+        None,
+        description="`hf:NAME` sources: the dataset's configuration (subset), if it has several.",
+    )
+    hf_split: str = Field("train", description="`hf:NAME` sources: the split to read.")
 
     @property
     def is_builtin(self) -> bool:

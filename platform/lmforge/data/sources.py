@@ -91,6 +91,9 @@ def resolve_sources(sources: list[SourceConfig]) -> list[list[dict[str, Any]]]:
                 ]
             )
             continue
+        if src.path.startswith("hf:"):
+            out.append(_hub_dataset_files(src, where))
+            continue
         try:
             files = _list_source(src.path)
         except (OSError, ValueError) as e:
@@ -110,6 +113,35 @@ def resolve_sources(sources: list[SourceConfig]) -> list[list[dict[str, Any]]]:
             _check_web_extra(where)
         out.append(items)
     return out
+
+
+def _hub_dataset_files(src: SourceConfig, where: str) -> list[dict[str, Any]]:
+    """`hf:NAME`: load the dataset into the Hugging Face cache (on this, the driver's, machine),
+    then read its cache files like any .arrow source. On a multi-node cluster the cache must be
+    on storage every node sees (HF_HOME on a shared volume), or `save_to_disk` it to a bucket."""
+    try:
+        import datasets
+    except ImportError:
+        raise LmforgeError(
+            f"{where}: Hugging Face hub datasets need the `datasets` package: pip install 'lmforge[hf]'"
+        ) from None
+    name = src.path.removeprefix("hf:")
+    try:
+        ds = datasets.load_dataset(name, src.hf_config, split=src.hf_split)
+    except Exception as e:  # the hub, the network, a bad name or split: all one line to the user
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LmforgeError(
+            f"{where}: cannot load dataset {name!r} (config {src.hf_config}, split {src.hf_split!r}): {first}"
+        ) from None
+    files = [c["filename"] for c in getattr(ds, "cache_files", [])]
+    if not files:
+        raise LmforgeError(
+            f"{where}: dataset {name!r} has no cache files to read (an in-memory dataset)"
+        )
+    return [
+        {"path": f, "relpath": f"{name}/{src.hf_split}/{posixpath.basename(f)}", "format": "arrow"}
+        for f in files
+    ]
 
 
 def _list_source(path: str) -> list[tuple[str, str]]:
