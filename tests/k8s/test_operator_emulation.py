@@ -23,21 +23,16 @@ dashboard and follows the job. Here:
 - the submission: the RayJob's exact `entrypoint` string and its `runtimeEnvYAML`, through the
   Ray Jobs SDK with the cluster's token, exactly what the submitter's `ray job submit` sends.
 
-Stages run in pipeline order; a stage with an input (train's data.path) gets the output of the
-stage before it, as `lmforge pipeline run` passes it. A RayJob whose job script does not exist
+Stages run in pipeline order. A stage's input (train's data.path, eval's model) that the
+ConfigMap gives as `@<stage>/<run name>` is left for the job to resolve from the shared storage,
+as on the cluster (a tiny config keeps the ConfigMap's run name for this); any other input gets
+the output of the stage before it, as `lmforge pipeline run` passes it. A RayJob whose job script does not exist
 yet, or whose stage is not registered yet, is skipped with the reason.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +40,13 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.k8s.conftest import MANIFESTS, manifest_docs, rayjob_entrypoint_config, stage_for_job
+from tests.k8s.conftest import (
+    MANIFESTS,
+    EmulatedRayCluster,
+    manifest_docs,
+    rayjob_entrypoint_config,
+    stage_for_job,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -78,75 +79,17 @@ RAYJOBS = _rayjobs_in_pipeline_order()
 OUTPUTS: dict[str, str] = {}  # stage name -> output directory of its emulated run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class EmulatedRayCluster:
-    """The pods of a rayClusterSpec as local Ray nodes: a head and `workers` worker nodes."""
-
-    def __init__(self, workdir: Path, workers: int):
-        self.workdir = workdir
-        self.workers = workers
-        # Short: Ray's socket paths under the temp dir must stay under ~107 bytes.
-        self.root = tempfile.mkdtemp(prefix="lmf-k8s-", dir="/tmp")
-        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
-        # `python` in the entrypoint is the image's interpreter, the one with lmforge: here, ours.
-        path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-        self.env = dict(os.environ, PATH=path, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
-        self.env.pop("RAY_ADDRESS", None)
-
-    @property
-    def dashboard_url(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
-
-    def _ray_start(self, *args: str) -> None:
-        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--num-cpus=2", "--disable-usage-stats",
-               f"--dashboard-agent-listen-port={_free_port()}", "--object-store-memory=100000000", *args]  # fmt: skip
-        # cwd: the pod's workingDir, inherited by the raylet and so by the job's driver.
-        proc = subprocess.run(
-            cmd, cwd=self.workdir, env=self.env, capture_output=True, text=True, timeout=120
-        )
-        assert proc.returncode == 0, f"ray start failed: {proc.stderr[-2000:]}"
-
-    def start(self) -> None:
-        self._ray_start("--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
-                        f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={_free_port()}",
-                        "--include-dashboard=true", f"--temp-dir={self.root}/head")  # fmt: skip
-        for i in range(self.workers):
-            self._ray_start(f"--address=127.0.0.1:{self.gcs_port}", f"--temp-dir={self.root}/w{i}")
-
-    def stop(self) -> None:
-        """Stop only this cluster's processes: those whose command line names its temp root."""
-        import psutil
-
-        mine = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            if (
-                self.root in " ".join(proc.info.get("cmdline") or [])
-                and proc.info["pid"] != os.getpid()
-            ):
-                mine.append(proc)
-        for proc in mine:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(mine, timeout=5)
-        for proc in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-
-
 def _pod_config(text: str, job: str, storage: Path, stage) -> str:
     """The ConfigMap's config as this emulation's pod sees it (see the module docstring)."""
     from lmforge.config import _model_of
 
-    cfg = yaml.safe_load(text) or {}
+    configmap = cfg = yaml.safe_load(text) or {}
     runs_dir = str(cfg.get("runs_dir", ""))
     tiny = REPO / "jobs" / "configs" / f"{job}-tiny.yaml"
     if tiny.exists():  # a whole config of its own, sized for a laptop: it replaces the ConfigMap's
         cfg = yaml.safe_load(tiny.read_text()) or {}
+        if "name" in configmap:  # but the run keeps its name: `@<stage>/<name>` inputs name it
+            cfg["name"] = configmap["name"]
     for section, values in SHORTER.get(stage.name, {}).items():
         # Only keys the config still has: a renamed knob makes this run longer, not invalid.
         fields = _model_of(stage.config_cls.model_fields[section].annotation).model_fields
@@ -156,18 +99,34 @@ def _pod_config(text: str, job: str, storage: Path, stage) -> str:
         }
     if runs_dir.startswith(STORAGE_MOUNT + "/"):
         cfg["runs_dir"] = str(storage / runs_dir[len(STORAGE_MOUNT) + 1 :])
-    if stage.input_field:
+    reference = _get(configmap, stage.input_field) if stage.input_field else None
+    if isinstance(reference, str) and reference.startswith("@"):
+        # `@<stage>/<run name>`: the job resolves it itself, from that run's `.latest` pointer on
+        # the shared storage, as it does on the cluster.
+        if reference[1:].partition("/")[0] not in OUTPUTS:
+            pytest.skip(f"{stage.name} reads {reference}, whose stage was not emulated")
+        _set(cfg, stage.input_field, reference)
+    elif stage.input_field:
         previous = [OUTPUTS[s] for s in OUTPUTS if s != stage.name]
         if not previous:
             pytest.skip(
                 f"{stage.name} needs the output of the stage before it, which was not emulated"
             )
-        node = cfg
-        *parents, leaf = stage.input_field.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = previous[-1]
+        _set(cfg, stage.input_field, previous[-1])
     return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def _get(cfg: dict, dotted: str):
+    for part in dotted.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return cfg
+
+
+def _set(cfg: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        cfg = cfg.setdefault(part, {})
+    cfg[leaf] = value
 
 
 @pytest.fixture(scope="module")
@@ -255,3 +214,11 @@ def test_rayjob_runs_as_kuberay_would_run_it(path, pod_files, emulated_clusters)
         assert report["nodes_alive"] == 1 + len(groups)  # the head and each worker group's pod
         assert report["storage"] == "ok" and report["problems"] == []
         assert f"[check] {1 + len(groups)} node(s)" in logs
+    resolved = yaml.safe_load(Path(outputs[0], "resolved_config.yaml").read_text())
+    if stage.name == "eval":  # `model: "@train/base"` resolved to the emulated training run
+        assert resolved["model"] == OUTPUTS["train"]
+        report = json.loads(Path(outputs[0], "report.json").read_text())
+        assert {"val", "stdlib-module-mc", "bias-pairs"} <= set(report["tasks"])
+        assert report["tasks"]["stdlib-module-mc"]["acc"]["n"] == 3  # limit: 3 (evaluate-tiny)
+    if stage.name == "train":  # `data.path: "@data/corpus"` resolved to the emulated data run
+        assert resolved["data"]["path"] == OUTPUTS["data"]
