@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lmforge import LmforgeError
+from lmforge.data.tokenizer import train_bpe
 from lmforge.model import chat
 from lmforge.model.artifact import load_model, save_artifact
 from lmforge.model.hf import export_hf, from_hf_rows, import_hf, to_hf_rows
@@ -13,24 +14,10 @@ from lmforge.model.llama import Llama, LlamaConfig
 
 transformers = pytest.importorskip("transformers")
 
-SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-
 
 def tiny_tokenizer_json() -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(
-        ["Return the current working directory."] * 20 + ["What does os.getcwd do?"] * 20, trainer
-    )
-    return tok.to_str()
+    texts = ["Return the current working directory."] * 20 + ["What does os.getcwd do?"] * 20
+    return train_bpe(texts, vocab_size=300, min_frequency=0).to_str()
 
 
 def make_artifact(path, tie: bool, n_kv_heads: int = 2, vocab: int = 300):

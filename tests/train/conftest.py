@@ -14,7 +14,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 MODULES = ["argparse", "collections", "json", "pathlib", "typing", "dataclasses", "functools"]
 
 
@@ -39,23 +38,15 @@ def make_packed_data(
     rows_per_group: int = 16,
     val_fraction: float = 0.1,
 ) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from lmforge.data.tokenizer import SPECIAL_TOKENS, train_bpe
 
     docs = stdlib_docs()
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(docs, trainer)
+    tok = train_bpe(docs, vocab_size=vocab_size, min_frequency=0)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     n_val = max(2, int(len(docs) * val_fraction))
     manifest = {"seq_len": seq_len, "vocab_size": tok.get_vocab_size(), "token_dtype": "uint16"}
-    manifest["special_tokens"] = {s.strip("<|>"): i for i, s in enumerate(SPECIALS)}
+    manifest["special_tokens"] = {s.strip("<|>"): i for i, s in enumerate(SPECIAL_TOKENS)}
     for split, split_docs in (("val", docs[:n_val]), ("train", docs[n_val:])):
         ids: list[int] = []
         for enc in tok.encode_batch(split_docs):
