@@ -33,8 +33,9 @@ The RayService: KubeRay starts its cluster (token auth), PUTs `serveConfigV2` to
 dashboard Serve API (`/api/serve/applications/`, what `serve deploy` sends) and, once the
 application is RUNNING, points the Serve Service at the pods. Here the same PUT, with the
 cluster's token, goes to the emulated cluster of the same shape, with what differs between the
-pods and this machine mapped: the model on the storage mount (`/mnt/lmforge/runs/<path>`) -> a
-tiny random-init model saved as training saves one (a run dir holding model/) under a temp dir;
+pods and this machine mapped: the model on the storage mount (`/mnt/lmforge/runs/<path>`) -> the
+training run the pretrain RayJob left here (or, when it was not emulated, a tiny random-init
+model saved as training saves one);
 the API keys file -> a local file with one key, after checking that every pod of the
 RayService mounts the keys Secret there; `http_options` 0.0.0.0:8000 -> 127.0.0.1 on a free port,
 and one proxy (HeadOnly) since every node shares one machine. Then an OpenAI completions request
@@ -307,7 +308,11 @@ def test_rayservice_runs_as_kuberay_would_run_it(tmp_path, emulated_clusters):
     (model,) = args["models"]
     assert model["artifact"].startswith(STORAGE_MOUNT + "/")
     run_dir = pvc / model["artifact"][len(STORAGE_MOUNT) + 1 :]
-    make_artifact(run_dir / "model")  # a training run dir, as `lmforge train` leaves it
+    if "train" in OUTPUTS:  # the model the emulated pretrain RayJob trained: the whole chain
+        run_dir.parent.mkdir(parents=True)
+        run_dir.symlink_to(OUTPUTS["train"])
+    else:  # a tiny random-init model in a training run dir, as `lmforge train` leaves one
+        make_artifact(run_dir / "model")
     model["artifact"] = str(run_dir)
     keys = tmp_path / "api-keys"
     keys.write_text(KEY + "\n")
