@@ -337,7 +337,7 @@ def submit(
     return 0 if final == "SUCCEEDED" else 1
 
 
-def _submit_with_retry(client, entrypoint: str, runtime_env: dict, timeout: float = 60.0) -> str:
+def _submit_with_retry(client, entrypoint: str, runtime_env: dict, timeout: float = 180.0) -> str:
     """Submit, retrying while a just-started head has no job agent yet (as KubeRay's submitter does)."""
     deadline = time.monotonic() + timeout
     while True:
