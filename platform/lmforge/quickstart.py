@@ -83,7 +83,9 @@ def serve_and_ask(artifact: str, port: int, keep_serving: bool) -> dict[str, str
         }
         print(f"completion  {prompt!r} -> {answers['completion']!r}")
         print(f"chat        {question!r} -> {answers['chat']!r}")
-        print("(a tiny model trained for a few minutes on a CPU: its answers are not meant to be good)")
+        print(
+            "(a tiny model trained for a few minutes on a CPU: its answers are not meant to be good)"
+        )
         print(
             "\nserve it yourself:\n"
             f"  lmforge serve --model {artifact} --name {MODEL_NAME}\n"
