@@ -112,3 +112,20 @@ def test_import_refuses_what_it_cannot_represent(tmp_path):
 def test_chat_render_rejects_unknown_roles():
     with pytest.raises(ValueError, match="message 0: role must be one of"):
         chat.render([{"role": "robot", "content": "hi"}])
+
+
+def test_resolve_artifact_follows_a_run_reference(tmp_path):
+    from lmforge.model.hf import resolve_artifact
+    from lmforge.stage import latest_pointer
+
+    run = tmp_path / "runs" / "train" / "base-0123456789ab"
+    make_artifact(run / "model", tie=True)
+    assert resolve_artifact(str(run)) == str(run / "model")
+    pointer = latest_pointer(str(tmp_path / "runs"), "train", "base")
+    with pytest.raises(LmforgeError, match="no completed 'train' run called 'base'"):
+        resolve_artifact(f"{tmp_path}/runs/@train/base")
+    (tmp_path / "runs" / "train" / "base.latest").write_text(f"{run}\n")
+    assert pointer.endswith("base.latest")
+    assert resolve_artifact(f"{tmp_path}/runs/@train/base") == str(run / "model")
+    with pytest.raises(LmforgeError, match="bad run reference"):
+        resolve_artifact(f"{tmp_path}/runs/@train")

@@ -291,7 +291,22 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None) -> LlamaConfig:
 
 
 def resolve_artifact(path: str) -> str:
-    """An artifact dir, or a training run dir holding one under model/."""
+    """An artifact dir, or a training run dir holding one under model/, or a run named as
+    `[<runs_dir>/]@<stage>/<run name>` (the latest complete output of that run; see
+    `lmforge.stage.resolve_input_reference`), e.g. `/mnt/lmforge/runs/@train/base`."""
+    head, sep, ref = path.rpartition("@") if "/@" in path or path.startswith("@") else ("", "", "")
+    if sep:
+        from lmforge.stage import latest_pointer
+
+        stage, _, name = ref.partition("/")
+        if not stage or not name or "/" in name:
+            raise LmforgeError(
+                f"bad run reference {path!r}; expected [<runs_dir>/]@<stage>/<run name>"
+            )
+        pointer = latest_pointer(head.rstrip("/") or "runs", stage, name)
+        if not storage.exists(pointer):
+            raise LmforgeError(f"{path}: no completed '{stage}' run called '{name}' (no {pointer})")
+        path = storage.read_text(pointer).strip()
     if storage.exists(storage.join(path, CONFIG)):
         return path
     nested = storage.join(path, "model")
