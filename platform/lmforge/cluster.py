@@ -27,6 +27,7 @@ from lmforge import LmforgeError, StageFailed
 
 DEFAULT_GCS_PORT = 6379
 DEFAULT_DASHBOARD_PORT = 8265
+DEFAULT_AGENT_PORT = 52365
 SUBMIT_EXCLUDES = [
     ".venv",
     "runs",
@@ -36,6 +37,18 @@ SUBMIT_EXCLUDES = [
     ".pytest_cache",
     ".ruff_cache",
 ]
+
+
+def port_or_free(preferred: int) -> int:
+    """`preferred` if nothing listens on it here, else a free port."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def lmforge_home() -> Path:
@@ -156,6 +169,9 @@ def up(
         "--include-dashboard=true",
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
+        # The job agent's HTTP port: Ray's default unless another Ray on this machine holds it
+        # (then jobs fail with "No available agent to submit job").
+        f"--dashboard-agent-listen-port={port_or_free(DEFAULT_AGENT_PORT)}",
     ]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus:g}")

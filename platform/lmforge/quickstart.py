@@ -10,7 +10,6 @@ commands to serve and query the model yourself.
 from __future__ import annotations
 
 import argparse
-import socket
 from importlib import resources
 
 from lmforge.pipeline import add_run_arguments, run_pipeline
@@ -34,27 +33,17 @@ def newest_artifact(results: list[StageResult]) -> str | None:
     return None
 
 
-def _free_port(preferred: int) -> int:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-            return preferred
-        except OSError:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-
 def serve_and_ask(artifact: str, port: int, keep_serving: bool) -> dict[str, str]:
     """Deploy `artifact` on Ray Serve, send one completion and one chat request, print both."""
     from openai import OpenAI
     from ray import serve
 
-    from lmforge.cluster import connect
+    from lmforge.cluster import connect, port_or_free
     from lmforge.serve.app import build_app
     from lmforge.serve.config import ServeArgs
 
     connect(None)
-    port = _free_port(port)
+    port = port_or_free(port)
     args = ServeArgs.model_validate(
         {"models": [{"name": MODEL_NAME, "artifact": artifact}], "port": port}
     )
