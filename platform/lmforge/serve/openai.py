@@ -231,6 +231,17 @@ def _add_routes(app: FastAPI) -> None:
         return await _chat(request, body)
 
 
+async def _start_generation(state, backend, route: str, jobs):
+    """Take a concurrency slot and submit the jobs; the slot is released if submitting fails."""
+    slot = Slot(state)
+    generation = Generation(state, backend, route, slot)
+    try:
+        return slot, generation, await generation.open(jobs)
+    except BaseException:
+        slot.release()
+        raise
+
+
 async def _completions(request: Request, body: CompletionRequest):
     state = request.app.state
     backend, limits = _backend(request, body.model), state.limits
@@ -246,13 +257,7 @@ async def _completions(request: Request, body: CompletionRequest):
         for _, ids in prompts
         for j in range(body.n)
     ]
-    slot = Slot(state)
-    generation = Generation(state, backend, "/v1/completions", slot)
-    try:
-        gens = await generation.open(jobs)
-    except BaseException:
-        slot.release()
-        raise
+    slot, generation, gens = await _start_generation(state, backend, "/v1/completions", jobs)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     texts = [prompts[k // body.n][0] for k in range(len(jobs))]
     tok = backend.tokenizer
@@ -335,13 +340,7 @@ async def _chat(request: Request, body: ChatRequest):
     _check_lengths(backend, limits, len(ids), max_tokens, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     jobs = [(ids, body.sampling(max_tokens, logprobs, False, j)) for j in range(body.n)]
-    slot = Slot(state)
-    generation = Generation(state, backend, "/v1/chat/completions", slot)
-    try:
-        gens = await generation.open(jobs)
-    except BaseException:
-        slot.release()
-        raise
+    slot, generation, gens = await _start_generation(state, backend, "/v1/chat/completions", jobs)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return _stream_response(
