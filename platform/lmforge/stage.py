@@ -125,6 +125,23 @@ def latest_pointer(runs_dir: str, stage_name: str, run_name: str) -> str:
     return storage.join(runs_dir, stage_name, f"{run_name}.latest")
 
 
+def read_run_reference(runs_dir: str, reference: str, where: str) -> str:
+    """The output path that `@<stage>/<run name>` names: that run's latest complete output
+    under `runs_dir`, read from its pointer file. `where` names the setting in errors."""
+    ref_stage, _, ref_name = reference.removeprefix("@").partition("/")
+    if not ref_stage or not ref_name or "/" in ref_name:
+        raise ConfigError(
+            f"{where}: bad run reference {reference!r}; expected @<stage>/<run name>, e.g. @data/quickstart"
+        )
+    pointer = latest_pointer(runs_dir, ref_stage, ref_name)
+    if not storage.exists(pointer):
+        raise ConfigError(
+            f"{where}: {reference} names no completed '{ref_stage}' run called '{ref_name}' "
+            f"under {runs_dir} (no {pointer}); run that stage first, or give a path"
+        )
+    return storage.read_text(pointer).strip()
+
+
 def resolve_input_reference(stage: Stage, cfg: StageConfig) -> StageConfig:
     """Replace an input of the form `@<stage>/<run name>` by that run's latest complete output.
 
@@ -140,18 +157,7 @@ def resolve_input_reference(stage: Stage, cfg: StageConfig) -> StageConfig:
         value = getattr(value, part, None)
     if not isinstance(value, str) or not value.startswith("@"):
         return cfg
-    ref_stage, _, ref_name = value[1:].partition("/")
-    if not ref_stage or not ref_name:
-        raise ConfigError(
-            f"{stage.input_field}: bad reference {value!r}; expected @<stage>/<run name>, e.g. @data/quickstart"
-        )
-    pointer = latest_pointer(cfg.runs_dir, ref_stage, ref_name)
-    if not storage.exists(pointer):
-        raise ConfigError(
-            f"{stage.input_field}: {value} names no completed '{ref_stage}' run called '{ref_name}' "
-            f"under {cfg.runs_dir} (no {pointer}); run that stage first, or give a path"
-        )
-    path = storage.read_text(pointer).strip()
+    path = read_run_reference(cfg.runs_dir, value, where=stage.input_field)
     data = apply_overrides(type(cfg), config_dict(cfg), [f"{stage.input_field}={path}"])
     return build_config(type(cfg), data, source=f"{stage.input_field} ({value})")
 

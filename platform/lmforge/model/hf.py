@@ -294,19 +294,11 @@ def resolve_artifact(path: str) -> str:
     """An artifact dir, or a training run dir holding one under model/, or a run named as
     `[<runs_dir>/]@<stage>/<run name>` (the latest complete output of that run; see
     `lmforge.stage.resolve_input_reference`), e.g. `/mnt/lmforge/runs/@train/base`."""
-    head, sep, ref = path.rpartition("@") if "/@" in path or path.startswith("@") else ("", "", "")
-    if sep:
-        from lmforge.stage import latest_pointer
+    if path.startswith("@") or "/@" in path:
+        from lmforge.stage import read_run_reference
 
-        stage, _, name = ref.partition("/")
-        if not stage or not name or "/" in name:
-            raise LmforgeError(
-                f"bad run reference {path!r}; expected [<runs_dir>/]@<stage>/<run name>"
-            )
-        pointer = latest_pointer(head.rstrip("/") or "runs", stage, name)
-        if not storage.exists(pointer):
-            raise LmforgeError(f"{path}: no completed '{stage}' run called '{name}' (no {pointer})")
-        path = storage.read_text(pointer).strip()
+        runs_dir, _, ref = path.rpartition("@")
+        path = read_run_reference(runs_dir.rstrip("/") or "runs", "@" + ref, where="artifact")
     if storage.exists(storage.join(path, CONFIG)):
         return path
     nested = storage.join(path, "model")
