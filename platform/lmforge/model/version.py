@@ -1,0 +1,146 @@
+"""Model versions and lineage, and the pointer to the version being served.
+
+A version id is derived from the weights' content: `v-` + the first 12 hex digits of the
+SHA-256 of `model.safetensors`, so the same weights always get the same id, wherever they
+live. `save_artifact` writes `<artifact>/version.json` next to the weights with the id and
+what the trainer knows of the artifact's lineage:
+
+    {"version": "v-3f2a9c0d1b7e", "parent": "v-...", "parent_path": ".../model",
+     "data_manifest_hash": "...", "config_hash": "...", "created": "2026-01-01T00:00:00Z",
+     "stage": "train", "run": "base-1a2b3c4d5e6f", "val_bpb": 1.23, "eval_report": null}
+
+An artifact without version.json (older ones, `lmforge import`) gets the same id computed on
+the fly and empty lineage.
+
+The serving pointer `<runs_dir>/serving/current.json` = {"artifact": path, "version": id,
+"updated": iso time, ...} names the artifact that serving should run; the improvement loop
+writes it when it promotes a model, and a rollback rewrites it (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+from lmforge import LmforgeError, storage
+
+VERSION_FILE = "version.json"
+WEIGHTS = "model.safetensors"
+SERVING_POINTER = "serving/current.json"
+
+# Every field read_version returns; version.json may carry more (kept as they are).
+LINEAGE_FIELDS: tuple[str, ...] = (
+    "parent",
+    "parent_path",
+    "data_manifest_hash",
+    "config_hash",
+    "created",
+    "stage",
+    "run",
+    "val_bpb",
+    "eval_report",
+)
+
+_CHUNK = 8 << 20
+
+
+def version_of_bytes(weights: bytes) -> str:
+    """The version id of weights given as the bytes of model.safetensors."""
+    return "v-" + hashlib.sha256(weights).hexdigest()[:12]
+
+
+def content_version(artifact_dir: str) -> str:
+    """The version id of an artifact, hashed from its weights file (streamed, not loaded)."""
+    path = storage.join(artifact_dir, WEIGHTS)
+    fs, p = storage.resolve(path)
+    digest = hashlib.sha256()
+    try:
+        with fs.open_input_stream(p) as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+    except storage.pa_errors() as e:
+        raise LmforgeError(
+            f"{artifact_dir} is not a model artifact: cannot read {WEIGHTS} ({e})"
+        ) from None
+    return "v-" + digest.hexdigest()[:12]
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def write_version(artifact_dir: str, version: str | None = None, **lineage: Any) -> dict[str, Any]:
+    """Write `<artifact_dir>/version.json` atomically and return it.
+
+    `version` defaults to the id hashed from the weights (pass it when the caller already has
+    the weights' bytes); `lineage` holds any of LINEAGE_FIELDS (others are kept too);
+    `created` defaults to now.
+    """
+    record: dict[str, Any] = {"version": version or content_version(artifact_dir)}
+    record.update({name: None for name in LINEAGE_FIELDS})
+    record.update(lineage)
+    record["created"] = record["created"] or now_iso()
+    storage.write_json(storage.join(artifact_dir, VERSION_FILE), record)
+    return record
+
+
+def read_version(artifact_dir: str) -> dict[str, Any]:
+    """The version and lineage of an artifact: its version.json, every LINEAGE_FIELDS key
+    present (None when unknown); without version.json the id is computed from the weights."""
+    path = storage.join(artifact_dir, VERSION_FILE)
+    record: dict[str, Any] = {"version": None, **{name: None for name in LINEAGE_FIELDS}}
+    if storage.exists(path):
+        try:
+            stored = storage.read_json(path)
+        except ValueError as e:
+            raise LmforgeError(f"{path}: not valid JSON ({e}); delete it to recompute") from None
+        if not isinstance(stored, dict):
+            raise LmforgeError(f"{path}: expected a JSON object; delete it to recompute")
+        record.update(stored)
+    if not record["version"]:
+        record["version"] = content_version(artifact_dir)
+    return record
+
+
+# ---------------------------------------------------------------- the serving pointer
+
+
+def serving_pointer_path(runs_dir: str) -> str:
+    return storage.join(runs_dir, *SERVING_POINTER.split("/"))
+
+
+def read_serving_pointer(runs_dir: str) -> dict[str, Any] | None:
+    """`<runs_dir>/serving/current.json` as a dict, or None when nothing was pointed at yet."""
+    path = serving_pointer_path(runs_dir)
+    if not storage.exists(path):
+        return None
+    try:
+        pointer = storage.read_json(path)
+    except ValueError as e:
+        raise LmforgeError(f"{path}: not valid JSON ({e}); rewrite it") from None
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("artifact"), str):
+        raise LmforgeError(f'{path}: expected {{"artifact": PATH, "version": ID, ...}}')
+    return pointer
+
+
+def write_serving_pointer(runs_dir: str, artifact: str, **extra: Any) -> dict[str, Any]:
+    """Point serving at `artifact` (atomic write); returns the pointer written.
+
+    `version` is read from the artifact unless given; `extra` (e.g. reason="promoted by
+    improve", previous=...) is stored as is. The previous pointer, if any, is kept as
+    `previous` so a rollback can name it.
+    """
+    if not storage.exists(storage.join(artifact, WEIGHTS)):
+        raise LmforgeError(f"cannot serve {artifact}: no {WEIGHTS} there (not a model artifact)")
+    old = read_serving_pointer(runs_dir)
+    pointer: dict[str, Any] = {
+        "artifact": artifact,
+        "version": extra.pop("version", None) or read_version(artifact)["version"],
+        "updated": now_iso(),
+    }
+    if old is not None and "previous" not in extra:
+        pointer["previous"] = {"artifact": old.get("artifact"), "version": old.get("version")}
+    pointer.update(extra)
+    storage.write_json(serving_pointer_path(runs_dir), pointer)
+    return pointer
