@@ -121,6 +121,7 @@ def test_artifact_round_trip_gives_the_same_logits(tmp_path, tied):
         "model.safetensors",
         "resolved_config.yaml",
         "tokenizer.json",
+        "version.json",
     ]
 
 
