@@ -88,3 +88,105 @@ def test_serving_pointer_round_trip_keeps_the_previous_one(tmp_path):
     assert second["previous"] == {"artifact": str(tmp_path / "a"), "version": a["version"]}
     with pytest.raises(LmforgeError, match="not a model artifact"):
         mv.write_serving_pointer(runs, str(tmp_path / "nowhere"))
+
+
+# ---------------------------------------------------------------- lmforge models list / show
+
+
+def complete(run_dir: Path, completed_at: str = "2026-01-01T00:00:00Z") -> None:
+    (run_dir / "_SUCCESS").write_text(json.dumps({"completed_at": completed_at}))
+
+
+@pytest.fixture
+def runs(tmp_path) -> Path:
+    """A runs dir: a base model, a fine-tune of it (eval'd), an improve-promoted one, an
+    unfinished run (left out) and an old artifact without version.json (listed, id hashed)."""
+    runs = tmp_path / "runs"
+    base = runs / "train" / "base-aaaaaaaaaaaa"
+    b = save_tiny(base / "model", data_manifest_hash="d1", config_hash="aaaaaaaaaaaa",
+                  stage="train", run="base-aaaaaaaaaaaa", val_bpb=2.5)  # fmt: skip
+    complete(base)
+    (base / "model" / "version.json").write_text(
+        json.dumps({**b, "created": "2026-01-01T00:00:00Z"})
+    )
+    sft = runs / "finetune" / "chat-bbbbbbbbbbbb"
+    save_tiny(sft / "model", seed=1, parent=b["version"], parent_path=str(base / "model"),
+              stage="finetune", run="chat-bbbbbbbbbbbb")  # fmt: skip
+    complete(sft)
+    ev = runs / "eval" / "chat-cccccccccccc"
+    ev.mkdir(parents=True)
+    report = {"model": str(sft / "model"), "tasks": {
+        "val": {"loss": {"value": 1.0, "n": 4}, "bits_per_byte": {"value": 1.5, "n": 4}},
+        "arc": {"acc": {"value": 0.25, "n": 8}, "acc_norm": {"value": 0.375, "n": 8}}}}  # fmt: skip
+    (ev / "report.json").write_text(json.dumps(report))
+    complete(ev)
+    promoted = runs / "improve" / "2026-01-02" / "model"
+    save_tiny(promoted, seed=2, stage="improve", run="2026-01-02", parent=b["version"])
+    unfinished = runs / "train" / "broken-dddddddddddd"
+    save_tiny(unfinished / "model", seed=3)
+    (unfinished / "model" / "version.json").unlink()  # killed before version.json: not listed
+    old = runs / "train" / "old-eeeeeeeeeeee"
+    save_tiny(old / "model", seed=4)
+    (old / "model" / "version.json").unlink()
+    complete(old, "2025-12-31T00:00:00Z")
+    return runs
+
+
+def test_list_finds_every_complete_artifact_with_lineage_and_evals(runs):
+    from lmforge.models_command import list_models
+
+    models = list_models(str(runs))
+    by_run = {m["run"]: m for m in models}
+    assert sorted(by_run) == ["2026-01-02", "base-aaaaaaaaaaaa", "chat-bbbbbbbbbbbb",
+                              "old-eeeeeeeeeeee"]  # fmt: skip
+    assert models[0]["run"] == "old-eeeeeeeeeeee"  # oldest first: created from its _SUCCESS
+    old = by_run["old-eeeeeeeeeeee"]
+    assert old["stage"] == "train" and old["created"] == "2025-12-31T00:00:00Z"
+    weights = runs / "train" / "old-eeeeeeeeeeee" / "model" / "model.safetensors"
+    assert old["version"] == "v-" + hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+    base, chat = by_run["base-aaaaaaaaaaaa"], by_run["chat-bbbbbbbbbbbb"]
+    assert chat["parent"] == base["version"] and chat["stage"] == "finetune"
+    assert by_run["2026-01-02"]["stage"] == "improve"
+    assert [e["summary"] for e in chat["evals"]] == ["val:bits_per_byte=1.5, arc:acc_norm=0.375"]
+    assert base["evals"] == [] and not any(m["served"] for m in models)
+
+
+def test_served_version_is_marked_and_shown(runs, cli):
+    from lmforge.model.version import write_serving_pointer
+
+    chat_dir = runs / "finetune" / "chat-bbbbbbbbbbbb" / "model"
+    pointer = write_serving_pointer(str(runs), str(chat_dir))
+    code, out, err = cli("models", "list", "--runs-dir", runs, "--json")
+    assert code == 0, err
+    served = [m for m in json.loads(out) if m["served"]]
+    assert [m["version"] for m in served] == [pointer["version"]]
+    code, out, _ = cli("models", "list", "--runs-dir", runs)
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["version", "stage/run", "created"]
+    assert len(lines) == 1 + 4 + 2  # header, 4 models, blank, legend
+    (row,) = [line for line in lines[1:5] if line.startswith("*")]
+    assert pointer["version"] in row and "finetune/chat-bbbbbbbbbbbb" in row
+    assert "val:bits_per_byte=1.5" in row
+
+
+def test_show_prints_the_lineage_up_to_the_root(runs, cli):
+    from lmforge.models_command import list_models
+
+    by_run = {m["run"]: m for m in list_models(str(runs))}
+    chat, base = by_run["chat-bbbbbbbbbbbb"], by_run["base-aaaaaaaaaaaa"]
+    code, out, err = cli("models", "show", chat["version"][2:8], "--runs-dir", runs)
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["version"] == chat["version"] and shown["copies"] == []
+    assert [a["version"] for a in shown["ancestors"]] == [base["version"]]
+    assert shown["ancestors"][0]["val_bpb"] == 2.5
+
+
+def test_errors_are_one_line(tmp_path, cli):
+    code, _, err = cli("models", "list", "--runs-dir", tmp_path / "nope")
+    assert code != 0 and "runs dir" in err and "does not exist" in err
+    assert len(err.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    assert cli("models", "list", "--runs-dir", tmp_path / "empty")[1].startswith("no model")
+    code, _, err = cli("models", "show", "v-000000000000", "--runs-dir", tmp_path / "empty")
+    assert code != 0 and "no model version" in err
