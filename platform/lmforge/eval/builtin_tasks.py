@@ -15,6 +15,14 @@ when a limit applies, so the same Python version always gives the same items.
   with F1 (and exact match) against the first sentence of the docstring. The prompt does not end
   with the blank line: byte-level BPE tokenizes a trailing "\n\n" as a token that never precedes
   text in training, and a model prompted with it goes astray.
+- `stdlib-qa`: the same question as `stdlib-docstring-gen`, asked in the chat format the way the
+  built-in SFT data (`builtin:stdlib-sft`, lmforge.finetune.builtin_sft) asks it: the prompt is
+  `chat.render([user: "What does `module.function(args)` do?"], add_generation_prompt=True)`
+  (`function_question`), and the assistant's answer is scored with F1 and exact match against
+  the docstring's first sentence. The SFT data trains only on the other modules' questions, so
+  this measures whether fine-tuning taught the skill rather than the answers. Generation ends at
+  `<|end|>` by token id (the scorer and the serving engine stop on it; decoded text drops
+  special tokens, so it is not a stop string) and at "\n", since the answers are one line.
 - `stdlib-heldout-text`: perplexity and bits-per-byte of the held-out documents, exactly as the
   corpus renders them (module, class and function documents).
 - `bias-pairs`: a small CrowS-Pairs-style probe set written for lmforge
@@ -50,6 +58,12 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
         # No "\n\n" stop: the answer starts with the blank line after the header (see above).
         "stop": [". ", ".\n"],
     },
+    "stdlib-qa": {
+        "type": "generation",
+        # <|end|> itself stops generation by token id (lm.Scorer, generate.py); as a string it
+        # only matters to a client that decodes special tokens. Answers are one line.
+        "stop": ["<|end|>", "\n"],
+    },
     "stdlib-heldout-text": {"type": "perplexity"},
     "bias-pairs": {"type": "bias_pairs"},
 }
@@ -83,7 +97,34 @@ def builtin_items(name: str) -> list[dict[str, Any]]:
                 for f in functions
             ]
         )
+    if name == "stdlib-qa":
+        return _sample([qa_item(f) for f in functions])
     raise ConfigError(f"unknown built-in task 'builtin:{name}'")
+
+
+def short_signature(args: str, limit: int = 48) -> str:
+    """A function's arguments, cut after the last whole argument within `limit` characters
+    (`obj, *, skipkeys=False, ...`), so a question stays one readable line."""
+    if len(args) <= limit:
+        return args
+    cut = args.rfind(", ", 0, limit)
+    return (args[:cut] if cut > 0 else args.split(",", 1)[0]) + ", ..."
+
+
+def function_question(f: dict[str, Any]) -> str:
+    """The user question about a function that `builtin:stdlib-sft` trains on and
+    `builtin:stdlib-qa` asks about the held-out functions."""
+    return f"What does `{f['module']}.{f['name']}({short_signature(f['args'])})` do?"
+
+
+def qa_item(f: dict[str, Any]) -> dict[str, Any]:
+    from lmforge.model import chat
+
+    question = [{"role": "user", "content": function_question(f)}]
+    return {
+        "prompt": chat.render(question, add_generation_prompt=True),
+        "references": [f["summary"]],
+    }
 
 
 def _sample(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -129,35 +170,46 @@ def first_sentence(doc: str) -> str:
 @lru_cache(maxsize=1)
 def heldout_functions() -> list[dict[str, Any]]:
     """Public top-level functions of the held-out modules with a usable first sentence."""
+    found = [f for relpath in heldout_files() for f in file_functions(relpath)]
+    return sorted(found, key=lambda f: (f["module"], f["name"]))
+
+
+def parse_module(relpath: str) -> ast.Module | None:
+    """The syntax tree of a stdlib file (stdlib-relative path), or None if it does not parse."""
     from lmforge.data.builtin import stdlib_dir
 
+    try:
+        with open(os.path.join(stdlib_dir(), relpath), "rb") as f:
+            return ast.parse(f.read())
+    except (SyntaxError, ValueError, OSError):
+        return None
+
+
+def file_functions(relpath: str, tree: ast.Module | None = None) -> list[dict[str, Any]]:
+    """Public top-level functions of one stdlib file whose docstring's first sentence is 3 to
+    40 words: {module, name, args, summary}; none for a private module (`_foo`, `a._b`)."""
+    module = module_of_path(relpath)
+    if any(part.startswith("_") for part in module.split(".")):
+        return []
+    tree = tree if tree is not None else parse_module(relpath)
     found = []
-    for relpath in heldout_files():
-        module = module_of_path(relpath)
-        if any(part.startswith("_") for part in module.split(".")):
+    for node in tree.body if tree is not None else []:
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             continue
-        try:
-            with open(os.path.join(stdlib_dir(), relpath), "rb") as f:
-                tree = ast.parse(f.read())
-        except (SyntaxError, ValueError, OSError):
+        doc = ast.get_docstring(node)
+        if node.name.startswith("_") or not doc:
             continue
-        for node in tree.body:
-            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                continue
-            doc = ast.get_docstring(node)
-            if node.name.startswith("_") or not doc:
-                continue
-            summary = first_sentence(doc)
-            if 3 <= len(summary.split()) <= 40:
-                found.append(
-                    {
-                        "module": module,
-                        "name": node.name,
-                        "args": ast.unparse(node.args),
-                        "summary": summary,
-                    }
-                )
-    return sorted(found, key=lambda f: (f["module"], f["name"]))
+        summary = first_sentence(doc)
+        if 3 <= len(summary.split()) <= 40:
+            found.append(
+                {
+                    "module": module,
+                    "name": node.name,
+                    "args": ast.unparse(node.args),
+                    "summary": summary,
+                }
+            )
+    return found
 
 
 def module_choice_items(functions: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,0 +1,638 @@
+"""Supervised chat (SFT) data: conversations -> tokens with a loss mask -> packed Parquet rows.
+
+Input, one JSON object per line of a JSONL file (or `builtin:stdlib-sft`, see builtin_sft.py):
+
+    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}  (>= 1 assistant)
+    {"prompt": str, "completion": str}        (= a user turn and an assistant turn)
+
+A conversation is rendered with the model's own chat template when its artifact has one
+(`tokenizer_config.json` / `chat_template.jinja`, Jinja) or else the built-in format
+(`lmforge.model.chat`), tokenized once, and each token marked 1 when it is a training target:
+the assistant turns' text and their closing end token (`loss_on: assistant`), only the last
+assistant turn (`last_turn`) or everything (`all`); never a role header or a user turn. An
+`<|eos|>` (a target) follows a conversation that ends with an assistant turn.
+
+Output (the contract with the trainer), under `out/`: train/part-NNNNN.parquet and
+val/part-NNNNN.parquet (val/ only when the split has examples), tokenizer.json, manifest.json
+(`kind: sft`), _SUCCESS. Every row holds seq_len + 1 slots in three fixed-size-list columns:
+
+    tokens     int32  the ids; several examples one after another (packing), then <|pad|>
+    loss_mask  int8   1 where tokens[i] is a prediction target, i.e. predicted from tokens[:i];
+                      0 on the first token of every example (nothing of its own precedes it),
+                      on padding and on what the loss does not cover
+    segments   int32  1..k: which example of the row the slot belongs to; 0: padding
+
+The trainer takes inputs tokens[:-1] and targets tokens[1:], where loss_mask[1:] == 1; attention
+is document-masked by segments[:-1] (a token sees only earlier tokens of its own segment) and
+positions restart at 0 with each segment, so a packed example trains exactly as if alone.
+
+Rows are packed greedily in a fixed order (examples sorted by a stable key: source, file, line),
+first-fit over a window of open rows, so the output is byte-identical whatever Ray's block order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from functools import lru_cache
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from lmforge import ConfigError, LmforgeError, storage
+from lmforge.config import StrictModel
+from lmforge.data.tokenizer import EOS
+from lmforge.model import chat
+
+BUILTIN = "builtin:stdlib-sft"
+PAD = "<|pad|>"
+LossOn = Literal["assistant", "all", "last_turn"]
+TRAIN, VAL, BY_HASH = 0, 1, 2  # an example's split; BY_HASH: decided by val_fraction
+PACK_WINDOW = 64  # open rows that first-fit searches; older ones are closed and written
+MAX_PROBLEMS = 100  # bad lines listed in the manifest (all are counted)
+
+
+class SftDataConfig(StrictModel):
+    """Chat fine-tuning data: sources, validation split, loss masking and packing."""
+
+    sources: list[str] = Field(
+        default_factory=lambda: [BUILTIN],
+        description="JSONL files or directories of them (paths or URIs), one conversation per "
+        "line ({messages: [...]} or {prompt, completion}), or `builtin:stdlib-sft`.",
+    )
+    val_sources: list[str] = Field(
+        default_factory=list,
+        description="Validation data, like `sources`. Empty: the held-out split of built-in "
+        "sources and a `val_fraction` of each file's examples.",
+    )
+    val_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="Share of the file sources' examples held out for validation (a seeded hash "
+        "of file and line); unused when `val_sources` is given.",
+    )
+    loss_on: LossOn = Field(
+        "assistant",
+        description="Which tokens are trained on: every assistant turn, only the last one, or "
+        "`all` tokens of the conversation.",
+    )
+    packing: bool = Field(
+        True, description="Several examples per row (document-masked); false: one per row."
+    )
+    seq_len: int | None = Field(
+        None, ge=8, description="Row length in tokens. Default: the base model's max_seq_len."
+    )
+    max_examples: int | None = Field(
+        None,
+        ge=1,
+        description="At most this many examples per split, a seeded sample (for quick runs).",
+    )
+    seed: int = Field(0, description="Seed of the validation split and the max_examples sample.")
+    truncate: Literal["drop", "truncate"] = Field(
+        "drop",
+        description="An example longer than seq_len + 1 tokens: `drop` it (counted) or keep "
+        "its first seq_len + 1 tokens.",
+    )
+
+
+# ---------------------------------------------------------------- one conversation
+
+
+def parse_example(obj: Any) -> list[dict[str, str]]:
+    """The messages of one JSONL record; a ValueError says what is wrong with it."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in chat.ROLES:
+                raise ValueError(f"messages[{i}]: role must be one of {', '.join(chat.ROLES)}")
+            if not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}]: 'content' must be a string")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError("no assistant turn: nothing to train on")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
+        return [
+            {"role": "user", "content": obj["prompt"]},
+            {"role": "assistant", "content": obj["completion"]},
+        ]
+    raise ValueError("expected {'messages': [...]} or {'prompt': str, 'completion': str}")
+
+
+def artifact_chat_template(artifact: str) -> str | None:
+    """The chat template a model artifact (or HF folder) carries: `chat_template.jinja`, or
+    `chat_template` in `tokenizer_config.json` (a string, or the one named 'default')."""
+    jinja = storage.join(artifact, "chat_template.jinja")
+    if storage.exists(jinja):
+        return storage.read_text(jinja)
+    config = storage.join(artifact, "tokenizer_config.json")
+    if not storage.exists(config):
+        return None
+    template = storage.read_json(config).get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
+
+
+@lru_cache(maxsize=4)
+def _jinja(template: str):
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise ValueError(f"chat template: {message}")
+
+    # As transformers' apply_chat_template renders it.
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+def render_chat(
+    messages: list[dict[str, str]],
+    add_generation_prompt: bool = False,
+    template: str | None = None,
+    **variables: str,
+) -> str:
+    """A conversation as text: with a Jinja chat template, or the built-in format."""
+    if template is None:
+        return chat.render(messages, add_generation_prompt)
+    return _jinja(template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, **variables
+    )
+
+
+def assistant_spans(
+    messages: list[dict[str, str]], template: str | None = None, **variables: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character span of each assistant turn in it: what rendering
+    messages[:i + 1] adds to messages[:i] with the generation prompt (the role header), i.e.
+    the content and its end token, without trailing whitespace."""
+    text = render_chat(messages, False, template, **variables)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = render_chat(messages[:i], True, template, **variables)
+        upto = render_chat(messages[: i + 1], False, template, **variables)
+        if not (upto.startswith(prefix) and text.startswith(upto)):
+            raise LmforgeError(
+                f"chat template: rendering messages[:{i + 1}] does not extend messages[:{i}] "
+                "with the generation prompt, so the assistant turn cannot be located; use a "
+                "template that renders each turn independently (or the built-in one)"
+            )
+        spans.append((len(prefix), len(upto.rstrip())))
+    return text, spans
+
+
+def encode_conversation(
+    tokenizer, messages: list[dict[str, str]], loss_on: LossOn, template: str | None = None
+) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a conversation: mask 1 on the tokens the loss covers (see module doc)."""
+    variables = {
+        name: tok
+        for name, tok in (("bos_token", "<|bos|>"), ("eos_token", EOS))
+        if tokenizer.token_to_id(tok) is not None
+    }
+    text, spans = assistant_spans(messages, template, **variables)
+    enc = tokenizer.encode(text, add_special_tokens=False)
+    ids = list(enc.ids)
+    if loss_on == "all":
+        mask = [1] * len(ids)
+    else:
+        counted = spans[-1:] if loss_on == "last_turn" else spans
+        mask = [int(any(a <= start < b for a, b in counted)) for start, _ in enc.offsets]
+    eos = tokenizer.token_to_id(EOS)
+    if messages[-1]["role"] == "assistant" and eos is not None:
+        ids.append(eos)
+        mask.append(1)
+    return ids, mask
+
+
+# ---------------------------------------------------------------- reading sources
+
+
+def source_files(source: str, where: str) -> list[str]:
+    """The JSONL files of a source: the file itself, or the .jsonl files under a directory."""
+    if storage.is_dir(source):
+        files = storage.list_files(source, suffix=".jsonl")
+        if not files:
+            raise ConfigError(f"{where}: no .jsonl files under {source}")
+        return files
+    if not storage.exists(source):
+        raise ConfigError(
+            f"{where}: no such file {source} (give a JSONL file, a directory or {BUILTIN})"
+        )
+    return [source]
+
+
+def plan_inputs(cfg: SftDataConfig) -> list[dict[str, Any]]:
+    """Every input as {path, index, split}: its position in the example key and its split.
+    Checked before any work starts: a missing file or unknown builtin is a ConfigError."""
+    inputs: list[dict[str, Any]] = []
+    for field, split in (("sources", TRAIN), ("val_sources", VAL)):
+        for n, source in enumerate(getattr(cfg, field)):
+            where = f"data.{field}[{n}]"
+            if source.startswith("builtin:"):
+                if source != BUILTIN:
+                    raise ConfigError(
+                        f"{where}: unknown built-in SFT data {source!r}; built in: {BUILTIN}"
+                    )
+                builtin_splits = [split] if split == VAL or cfg.val_sources else [TRAIN, VAL]
+                inputs += [
+                    {"path": f"{BUILTIN}/{'val' if s else 'train'}", "split": s}
+                    for s in builtin_splits
+                ]
+                continue
+            file_split = split if split == VAL or cfg.val_sources else BY_HASH
+            inputs += [{"path": f, "split": file_split} for f in source_files(source, where)]
+    if len(inputs) >= 2**15:
+        raise ConfigError(f"data: {len(inputs)} input files; at most {2**15 - 1}")
+    return [{**item, "index": i} for i, item in enumerate(inputs)]
+
+
+def read_input(item: dict[str, Any], batch_lines: int = 4096) -> Iterator[pa.Table]:
+    """The lines of one input as tables {key, split, where, line} (key: input index << 32 | line)."""
+    path = item["path"]
+    if path.startswith(BUILTIN):
+        from lmforge.finetune.builtin_sft import builtin_sft_examples
+
+        examples = builtin_sft_examples("val" if item["split"] == VAL else "train")
+        lines = [json.dumps({"messages": e["messages"]}) for e in examples]
+    else:
+        try:
+            lines = storage.read_text(path).splitlines()
+        except UnicodeDecodeError as e:
+            raise LmforgeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for start in range(0, len(lines), batch_lines):
+        numbers = range(start + 1, min(start + batch_lines, len(lines)) + 1)
+        yield pa.table(
+            {
+                "key": pa.array([(item["index"] << 32) | n for n in numbers], pa.int64()),
+                "split": pa.array([item["split"]] * len(numbers), pa.int8()),
+                "where": [f"{path}:{n}" for n in numbers],
+                "line": lines[start : start + batch_lines],
+            }
+        )
+
+
+def _read_inputs_batch(batch: pa.Table) -> Iterator[pa.Table]:
+    for item in batch.to_pylist():
+        yield from read_input(item)
+
+
+ENCODED = pa.schema(
+    [
+        ("key", pa.int64()),
+        ("split", pa.int8()),
+        ("where", pa.string()),
+        ("tokens", pa.list_(pa.int32())),
+        ("mask", pa.list_(pa.int8())),
+        ("status", pa.string()),  # "" | "bad" | "too_long" | "truncated"
+        ("error", pa.string()),
+    ]
+)
+
+
+def is_val(where: str, seed: int, fraction: float) -> bool:
+    digest = hashlib.blake2b(f"{seed}\0{where}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 1_000_000 < int(round(fraction * 1_000_000))
+
+
+class EncodeExamples:
+    """Ray Data actor (or a plain callable): JSONL lines -> ENCODED rows (see module doc)."""
+
+    def __init__(self, tokenizer_json: str, cfg: SftDataConfig, block: int, template: str | None):
+        from tokenizers import Tokenizer
+
+        self.tok, self.cfg, self.block, self.template = (
+            Tokenizer.from_str(tokenizer_json),
+            cfg,
+            block,
+            template,
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows: dict[str, list] = {name: [] for name in ENCODED.names}
+        for key, split, where, line in zip(
+            *(batch.column(c).to_pylist() for c in ("key", "split", "where", "line")), strict=True
+        ):
+            if not line.strip():
+                continue
+            if split == BY_HASH:
+                split = VAL if is_val(where, self.cfg.seed, self.cfg.val_fraction) else TRAIN
+            ids, mask, status, error = self._encode(line)
+            for name, value in zip(
+                ENCODED.names, (key, split, where, ids, mask, status, error), strict=True
+            ):
+                rows[name].append(value)
+        return pa.table(rows, schema=ENCODED)
+
+    def _encode(self, line: str) -> tuple[list[int], list[int], str, str]:
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            return [], [], "bad", f"not valid JSON ({e})"
+        try:  # a template's raise_exception (e.g. roles must alternate) rejects one example
+            messages = parse_example(obj)
+            ids, mask = encode_conversation(self.tok, messages, self.cfg.loss_on, self.template)
+        except ValueError as e:
+            return [], [], "bad", str(e)
+        if len(ids) <= self.block:
+            return ids, mask, "", ""
+        if self.cfg.truncate == "drop" or not any(mask[1 : self.block]):
+            return [], [], "too_long", f"{len(ids)} tokens > seq_len + 1 = {self.block}"
+        return ids[: self.block], mask[: self.block], "truncated", ""
+
+
+# ---------------------------------------------------------------- packing
+
+
+class RowPacker:
+    """Examples -> rows of `block` slots (module doc), first-fit over the PACK_WINDOW most
+    recent open rows; full tables of closed rows come out of `add` and `finish`."""
+
+    def __init__(self, block: int, packing: bool, pad_id: int, rows_per_table: int):
+        self.block, self.packing, self.pad_id, self.rows_per_table = (
+            block,
+            packing,
+            pad_id,
+            rows_per_table,
+        )
+        self.open: list[list[tuple[list[int], list[int]]]] = []
+        self.free = np.zeros(PACK_WINDOW, dtype=np.int64)
+        self.closed: list[list[tuple[list[int], list[int]]]] = []
+        self.stats = {"examples": 0, "rows": 0, "tokens": 0, "loss_tokens": 0}
+
+    def add(self, ids: list[int], mask: list[int]) -> Iterator[pa.Table]:
+        n = len(ids)
+        if self.packing:
+            fits = np.flatnonzero(self.free[: len(self.open)] >= n)
+            if len(fits):
+                i = int(fits[0])
+                self.open[i].append((ids, mask))
+                self.free[i] -= n
+                return self._flush(False)
+        if self.open and (not self.packing or len(self.open) == PACK_WINDOW):
+            self._close_oldest()
+        self.open.append([(ids, mask)])
+        self.free[len(self.open) - 1] = self.block - n
+        return self._flush(False)
+
+    def finish(self) -> Iterator[pa.Table]:
+        while self.open:
+            self._close_oldest()
+        return self._flush(True)
+
+    def _close_oldest(self) -> None:
+        self.closed.append(self.open.pop(0))
+        self.free[:-1] = self.free[1:].copy()
+
+    def _flush(self, last: bool) -> Iterator[pa.Table]:
+        while len(self.closed) >= self.rows_per_table or (last and self.closed):
+            rows, self.closed = (
+                self.closed[: self.rows_per_table],
+                self.closed[self.rows_per_table :],
+            )
+            yield self._table(rows)
+
+    def _table(self, rows: list[list[tuple[list[int], list[int]]]]) -> pa.Table:
+        tokens = np.full((len(rows), self.block), self.pad_id, dtype=np.int32)
+        loss = np.zeros((len(rows), self.block), dtype=np.int8)
+        segments = np.zeros((len(rows), self.block), dtype=np.int32)
+        for r, examples in enumerate(rows):
+            at = 0
+            for seg, (ids, mask) in enumerate(examples, 1):
+                end = at + len(ids)
+                tokens[r, at:end], loss[r, at:end], segments[r, at:end] = ids, mask, seg
+                loss[r, at] = 0  # nothing of its own example precedes its first token
+                at = end
+            self.stats["examples"] += len(examples)
+        self.stats["rows"] += len(rows)
+        self.stats["tokens"] += int((segments > 0).sum())
+        self.stats["loss_tokens"] += int(loss.sum())
+        block = self.block
+
+        def column(a: np.ndarray) -> pa.FixedSizeListArray:
+            return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), block)
+
+        return pa.table(
+            {"tokens": column(tokens), "loss_mask": column(loss), "segments": column(segments)}
+        )
+
+
+def pack_examples(
+    examples: Iterable[tuple[list[int], list[int]]], seq_len: int, packing: bool, pad_id: int = 0
+) -> pa.Table:
+    """All rows of some (ids, mask) examples in one table (what prepare_sft writes, in memory)."""
+    packer = RowPacker(seq_len + 1, packing, pad_id, rows_per_table=1 << 30)
+    tables = [t for ex in examples for t in packer.add(*ex)] + list(packer.finish())
+    return pa.concat_tables(tables) if tables else _empty_rows(seq_len + 1)
+
+
+def _empty_rows(block: int) -> pa.Table:
+    types = {"tokens": pa.int32(), "loss_mask": pa.int8(), "segments": pa.int32()}
+    return pa.table({n: pa.array([], pa.list_(t, block)) for n, t in types.items()})
+
+
+# ---------------------------------------------------------------- the whole dataset
+
+
+def prepare_sft(
+    cfg: SftDataConfig,
+    tokenizer_json: str,
+    out: str,
+    seq_len: int,
+    chat_template: str | None = None,
+    use_ray: bool = True,
+) -> dict[str, Any]:
+    """Read, encode (on Ray Data, or in-process with use_ray=False), pack and write the SFT
+    dataset under `out` (module doc); returns the manifest. Deterministic: the same inputs give
+    the same bytes either way."""
+    inputs = plan_inputs(cfg)
+    block = seq_len + 1
+    encode = _encode_with_ray if use_ray else _encode_local
+    batches = encode(inputs, tokenizer_json, cfg, block, chat_template)
+    meta_columns = ["key", "split", "where", "status", "error"]
+    meta = pa.concat_tables(
+        list(batches(meta_columns)) or [ENCODED.empty_table().select(meta_columns)]
+    )
+    problems = _check_inputs(inputs, meta)
+    keep = _selection(meta, cfg.max_examples, cfg.seed)
+    for split in ("train", "val"):
+        storage.remove(storage.join(out, split))
+    tok = _tokenizer(tokenizer_json)
+    pad_id = tok.token_to_id(PAD) or 0
+    rows_per_table = max(1, 2**24 // block)
+    packers = {s: RowPacker(block, cfg.packing, pad_id, rows_per_table) for s in (TRAIN, VAL)}
+    parts = {TRAIN: 0, VAL: 0}
+
+    def write(split: int, tables: Iterable[pa.Table]) -> None:
+        for table in tables:
+            name = f"{'val' if split else 'train'}/part-{parts[split]:05d}.parquet"
+            buf = io.BytesIO()
+            pq.write_table(table, buf, compression="zstd", row_group_size=min(len(table), 1024))
+            storage.write_bytes(storage.join(out, name), buf.getvalue())
+            parts[split] += 1
+
+    for batch in batches(["key", "split", "tokens", "mask"]):
+        for key, split, tokens, mask in zip(
+            *(batch.column(c).to_pylist() for c in ("key", "split", "tokens", "mask")), strict=True
+        ):
+            if key in keep:
+                write(split, packers[split].add(tokens, mask))
+    for split, packer in packers.items():
+        write(split, packer.finish())
+
+    status = meta.column("status").to_pylist()
+    manifest: dict[str, Any] = {
+        "kind": "sft",
+        "vocab_size": tok.get_vocab_size(),
+        "seq_len": seq_len,
+    }
+    for split, name in ((TRAIN, "train"), (VAL, "val")):
+        st = packers[split].stats
+        manifest |= {
+            f"examples_{name}": st["examples"],
+            f"rows_{name}": st["rows"],
+            f"tokens_{name}": st["tokens"],
+            f"loss_tokens_{name}": st["loss_tokens"],
+            f"packing_efficiency_{name}": round(st["tokens"] / max(1, st["rows"] * block), 4),
+        }
+    manifest |= {
+        "skipped": status.count("bad"),
+        "dropped_too_long": status.count("too_long"),
+        "truncated": status.count("truncated"),
+        "loss_on": cfg.loss_on,
+        "packing": cfg.packing,
+        "sources": cfg.sources,
+        "val_sources": cfg.val_sources,
+        "chat_template": "tokenizer" if chat_template else "builtin",
+        "token_dtype": "int32",
+        "columns": ["tokens", "loss_mask", "segments"],
+        "problems": problems[:MAX_PROBLEMS],
+    }
+    if not manifest["rows_train"]:
+        raise LmforgeError(
+            f"data: no training examples survived ({len(status)} lines read); see {problems[:3]}"
+        )
+    storage.write_text(storage.join(out, "tokenizer.json"), tokenizer_json)
+    storage.write_json(storage.join(out, "manifest.json"), manifest)
+    storage.mark_success(
+        out, {k: manifest[k] for k in ("examples_train", "examples_val", "rows_train")}
+    )
+    return manifest
+
+
+@lru_cache(maxsize=2)
+def _tokenizer(tokenizer_json: str):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_json)
+
+
+Batches = Callable[[list[str]], Iterator[pa.Table]]  # the encoded rows' columns, in key order
+
+
+def _encode_local(inputs, tokenizer_json, cfg, block, template) -> Batches:
+    encode = EncodeExamples(tokenizer_json, cfg, block, template)
+    tables = [encode(t) for item in inputs for t in read_input(item)]
+    encoded = pa.concat_tables(tables or [ENCODED.empty_table()]).sort_by("key")
+    return lambda columns: iter([encoded.select(columns)])
+
+
+def _encode_with_ray(inputs, tokenizer_json, cfg, block, template) -> Batches:
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    encoded = (
+        ray.data.from_items(inputs, override_num_blocks=max(1, len(inputs)))
+        .map_batches(_read_inputs_batch, batch_size=1, batch_format="pyarrow")
+        .map_batches(
+            EncodeExamples,
+            fn_constructor_kwargs={
+                "tokenizer_json": tokenizer_json,
+                "cfg": cfg,
+                "block": block,
+                "template": template,
+            },
+            compute=ActorPoolStrategy(min_size=1, max_size=workers),
+            batch_size=512,
+            batch_format="pyarrow",
+        )
+        .sort("key")  # the packing order: stable keys, not Ray's block order
+        .materialize()
+    )
+    return lambda columns: encoded.select_columns(columns).iter_batches(
+        batch_size=4096, batch_format="pyarrow"
+    )
+
+
+def _check_inputs(inputs: list[dict[str, Any]], meta: pa.Table) -> list[str]:
+    """The bad lines as 'file:line: why' (printed, at most 20); an input without one valid
+    example is an error that names it."""
+    keys = np.asarray(meta.column("key").to_numpy(), dtype=np.int64)
+    status = np.asarray(meta.column("status").to_pylist(), dtype=object)
+    where, error = meta.column("where").to_pylist(), meta.column("error").to_pylist()
+    problems = [f"{w}: {e}" for w, e, s in zip(where, error, status, strict=True) if s == "bad"]
+    for p in problems[:20]:
+        print(f"skipped {p}", file=sys.stderr)
+    if len(problems) > 20:
+        print(
+            f"... and {len(problems) - 20} more bad lines (manifest.json lists {MAX_PROBLEMS})",
+            file=sys.stderr,
+        )
+    for item in inputs:
+        own = (keys >> 32) == item["index"]
+        if not (own & ((status == "") | (status == "truncated"))).any():
+            first = next(
+                (
+                    p
+                    for p, k in zip(problems, keys[status == "bad"], strict=True)
+                    if k >> 32 == item["index"]
+                ),
+                "",
+            )
+            why = (
+                f"first problem: {first}" if first else "it is empty, or every example is too long"
+            )
+            raise LmforgeError(
+                f"{item['path']}: no valid SFT example ({int(own.sum())} lines; {why})"
+            )
+    return problems
+
+
+def _selection(meta: pa.Table, max_examples: int | None, seed: int) -> set[int]:
+    """Keys of the examples to pack: all valid ones, or a seeded sample of max_examples per split."""
+    valid = [
+        (k, s)
+        for k, s, st in zip(
+            *(meta.column(c).to_pylist() for c in ("key", "split", "status")), strict=True
+        )
+        if st in ("", "truncated")
+    ]
+    if max_examples is None:
+        return {k for k, _ in valid}
+
+    def rank(key: int) -> bytes:
+        return hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+
+    keep: set[int] = set()
+    for split in (TRAIN, VAL):
+        keep |= set(sorted((k for k, s in valid if s == split), key=rank)[:max_examples])
+    return keep
