@@ -207,7 +207,7 @@ def test_every_route_but_health_needs_the_key(artifact, monkeypatch, tmp_path):
                 else:
                     assert response.json()["error"]["code"] == "invalid_api_key"
                     assert response.headers["www-authenticate"] == "Bearer"
-        assert open_routes == ["/health"]
+        assert open_routes == ["/health", "/playground"]
         assert c.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         for key in ("env-key", "file-key"):
             assert (

@@ -10,6 +10,7 @@ chart's RayService and `lmforge serve` all deploy this same builder. Serve calls
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -19,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from lmforge.model.generate import SamplingParams
 from lmforge.serve.config import ModelServeConfig, ServeArgs
+from lmforge.serve.drift import prompt_bits_per_byte, served_model_info
 from lmforge.serve.engine import EngineOverloaded, Output, load_engine
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,11 @@ class ModelServer:
     async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Output]:
         async for out in self.engine.stream(prompt, params):
             yield out
+
+    async def score(self, text: str) -> float | None:
+        """Bits per byte of a prompt (drift), in a thread beside the decoding one."""
+        engine = self.engine
+        return await asyncio.to_thread(prompt_bits_per_byte, engine.model, engine.tokenizer, text)
 
     def check_health(self) -> None:
         if not self.engine.healthy():
@@ -60,6 +67,8 @@ class ServeBackend:
 
         directory = resolve_artifact(cfg.artifact)
         self.name, self.handle = cfg.name, handle.options(stream=True)
+        self.score_handle = handle
+        self.info = served_model_info(directory, cfg.val_bpb)
         self.tokenizer = Tokenizer.from_str(storage.read_text(storage.join(directory, TOKENIZER)))
         self.max_seq_len = load_config(directory).max_seq_len
 
@@ -85,6 +94,9 @@ class ServeBackend:
     async def healthy(self) -> bool:
         return True  # Serve health-checks every model replica itself (check_health)
 
+    async def score(self, text: str) -> float | None:
+        return await self.score_handle.score.remote(text)
+
 
 class Router:
     """The HTTP ingress: the OpenAI-compatible FastAPI app over the model deployments."""
@@ -96,8 +108,17 @@ class Router:
 
     def __serve_build_asgi_app__(self):
         from lmforge.serve.openai import create_app
+        from lmforge.serve.requestlog import default_replica
 
-        return create_app(self.backends, self.args)
+        self.app = create_app(self.backends, self.args, replica=default_replica())
+        return self.app
+
+    def __del__(self) -> None:
+        # A stopping router writes its buffered request and feedback rows (Serve may not run
+        # the ASGI app's shutdown hook; an exiting process also does, through atexit).
+        app = getattr(self, "app", None)
+        if app is not None:
+            app.state.request_log.close()
 
 
 def deployment_options(cfg: ModelServeConfig) -> dict:

@@ -70,6 +70,12 @@ class ModelServeConfig(StrictModel):
     resources: ReplicaResources = Field(
         default_factory=ReplicaResources, description="resources of each replica"
     )
+    val_bpb: float | None = Field(
+        None,
+        gt=0,
+        description="validation bits per byte the drift ratio compares with (None: the "
+        "artifact's version.json `val_bpb`, else its run's train_summary.json)",
+    )
 
 
 class LimitsConfig(StrictModel):
@@ -88,6 +94,49 @@ class LimitsConfig(StrictModel):
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503")
 
 
+class RequestLogConfig(StrictModel):
+    path: str | None = Field(
+        None,
+        description="where request and feedback logs go (local dir or URI; None: no log, and "
+        "feedback is only counted in metrics)",
+    )
+    sample_rate: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="fraction of requests logged (chosen by a hash of the completion id, so "
+        "reproducible); feedback is always logged",
+    )
+    flush_rows: int = Field(1000, ge=1, description="write a batch once this many rows wait")
+    flush_seconds: float = Field(
+        60, gt=0, description="write what waits at least this often (seconds)"
+    )
+    redact_pii: bool = Field(
+        True, description="replace emails, phone numbers and IPs in logged text (the `pii` step)"
+    )
+    recent_completions: int = Field(
+        10_000,
+        ge=0,
+        description="completion ids each API replica remembers, to tag feedback with the model "
+        "and version that answered",
+    )
+
+
+class DriftConfig(StrictModel):
+    sample_rate: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="fraction of prompts scored by the model for the drift metric (0: off)",
+    )
+    window: int = Field(
+        200, ge=1, description="the rolling prompt bits per byte is the mean of this many prompts"
+    )
+    queue_size: int = Field(
+        64, ge=1, description="prompts waiting to be scored; beyond it new ones are skipped"
+    )
+
+
 class ServeArgs(StrictModel):
     """What `build_app` takes: the models, the API's limits and keys, and where to listen."""
 
@@ -104,6 +153,12 @@ class ServeArgs(StrictModel):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
     route_prefix: str = Field("/", description="HTTP route prefix of the app")
     api_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress (router)")
+    request_log: RequestLogConfig = Field(
+        default_factory=RequestLogConfig, description="request and feedback logging"
+    )
+    drift: DriftConfig = Field(
+        default_factory=DriftConfig, description="prompt drift against the validation data"
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> ServeArgs:

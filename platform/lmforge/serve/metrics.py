@@ -8,6 +8,7 @@ disable_created_metrics()  # no *_created series: they double the scrape for no 
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+LENGTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class ServeMetrics:
@@ -50,6 +51,44 @@ class ServeMetrics:
             "running batch size at each generated token (token-weighted)",
             ["model"],
             buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        # Quality and drift (docs/serving.md "Monitoring"); alert rules use these names.
+        self.completion_length = Histogram(
+            "lmforge_completion_length_tokens",
+            "tokens generated per choice, at its end",
+            ["model"],
+            buckets=LENGTH_BUCKETS,
+            registry=r,
+        )
+        self.feedback = Counter(
+            "lmforge_feedback",
+            "feedback records by rating: positive (>0), negative (<0), neutral (0)",
+            ["model", "model_version", "rating"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "lmforge_model_info",
+            "1 for each served model and the version it serves",
+            ["model", "model_version"],
+            registry=r,
+        )
+        self.prompt_bpb = Gauge(
+            "lmforge_prompt_bits_per_byte",
+            "the model's bits per byte on recent sampled prompts (rolling mean)",
+            ["model"],
+            registry=r,
+        )
+        self.validation_bpb = Gauge(
+            "lmforge_validation_bits_per_byte",
+            "the model's bits per byte on its validation data (from the artifact's lineage)",
+            ["model"],
+            registry=r,
+        )
+        self.drift_ratio = Gauge(
+            "lmforge_drift_ratio",
+            "rolling prompt bits per byte / validation bits per byte (about 1: no drift)",
+            ["model"],
             registry=r,
         )
 

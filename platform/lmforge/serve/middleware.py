@@ -13,11 +13,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmforge.serve.protocol import APIError
 
 log = logging.getLogger(__name__)
-OPEN_PATHS = {"/health"}  # the only routes that need no API key
+# The only routes that need no API key: liveness, and the playground's static page (it holds
+# no data; the key is typed into it, and every API call it makes sends the key).
+OPEN_PATHS = {"/health", "/playground"}
 
 
 class AuthMiddleware:
-    """Bearer API keys on every route but /health (also on the docs, the spec and 404s)."""
+    """Bearer API keys on every route but OPEN_PATHS (also on the docs, the spec and 404s)."""
 
     def __init__(self, app, keys: set[str]) -> None:
         self.app, self.keys = app, sorted(keys)

@@ -9,6 +9,7 @@ cause a 500.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -16,10 +17,12 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from lmforge.model import chat
 from lmforge.serve.config import LimitsConfig, ServeArgs
+from lmforge.serve.drift import DriftMonitor, ServedModelInfo, served_model_info
+from lmforge.serve.feedback import add_feedback_route
 from lmforge.serve.metrics import MetricsMiddleware, ServeMetrics
 from lmforge.serve.middleware import AuthMiddleware, add_error_handlers
 from lmforge.serve.protocol import (
@@ -30,6 +33,7 @@ from lmforge.serve.protocol import (
     TokenizeRequest,
 )
 from lmforge.serve.render import chat_chunk, chat_response, completion_choice, logprob_state
+from lmforge.serve.requestlog import RequestLog, utcnow
 from lmforge.serve.streams import Backend, Generation, LocalBackend, Slot, collect_all, merge
 
 log = logging.getLogger(__name__)
@@ -37,30 +41,66 @@ log = logging.getLogger(__name__)
 
 def local_app(args: ServeArgs) -> FastAPI:
     """The API over engines in this process (no Ray): tests, benchmarks, `serve --no-ray`."""
+    from lmforge.model.hf import resolve_artifact
     from lmforge.serve.engine import load_engine
 
-    backends = {m.name: LocalBackend(m.name, load_engine(m)) for m in args.models}
+    backends = {
+        m.name: LocalBackend(
+            m.name, load_engine(m), served_model_info(resolve_artifact(m.artifact), m.val_bpb)
+        )
+        for m in args.models
+    }
     return create_app(backends, args)
 
 
 # ---------------------------------------------------------------- the app
 
 
-def create_app(backends: dict[str, Backend], args: ServeArgs) -> FastAPI:
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI):
+    yield
+    app.state.request_log.close()  # graceful shutdown: what is buffered is written
+
+
+def create_app(
+    backends: dict[str, Backend], args: ServeArgs, replica: str | None = None
+) -> FastAPI:
+    """The API over `backends`; `replica` names this process in request-log file names."""
     app = FastAPI(
         title="lmforge OpenAI-compatible API",
         version="1",
         description="Completions and chat over lmforge model artifacts, with continuous batching.",
+        lifespan=_lifespan,
     )
     app.state.backends, app.state.limits = backends, args.limits
-    app.state.metrics = ServeMetrics()
+    app.state.metrics = metrics = ServeMetrics()
     app.state.inflight = 0
+    c = args.request_log
+    app.state.request_log = RequestLog(
+        c.path,
+        c.sample_rate,
+        c.flush_rows,
+        c.flush_seconds,
+        c.redact_pii,
+        replica=replica,
+        recent_completions=c.recent_completions,
+    )
+    app.state.drift = DriftMonitor(args.drift, metrics)
+    for name, backend in backends.items():
+        info = _info(backend)
+        metrics.model_info.labels(name, info.version or "unknown").set(1)
+        app.state.drift.set_validation(name, info.val_bpb)
     add_error_handlers(app)
     _add_routes(app)
+    add_feedback_route(app)
     routes = {getattr(r, "path", "") for r in app.routes}
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)
     app.add_middleware(AuthMiddleware, keys=args.api_keys())
     return app
+
+
+def _info(backend: Backend) -> ServedModelInfo:
+    return getattr(backend, "info", None) or ServedModelInfo()
 
 
 def _backend(request: Request, name: str | None) -> Backend:
@@ -139,22 +179,103 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def _stream_response(events: AsyncIterator[str], slot: Slot, gen: Generation) -> StreamingResponse:
+class Trace:
+    """One generation request as the request log and the drift monitor see it: its first
+    prompt and first choice, usage, latency and final status."""
+
+    def __init__(self, request: Request, backend: Backend, endpoint: str, prompt: str) -> None:
+        self.state, self.backend, self.endpoint, self.prompt = (
+            request.app.state,
+            backend,
+            endpoint,
+            prompt,
+        )
+        self.time, self.start = utcnow(), time.monotonic()
+        self.version = _info(backend).version
+        self.rid, self.messages = "", None
+        self.text, self.finish_reason = "", None
+        self.prompt_tokens = self.completion_tokens = 0
+        self.ended = False
+
+    def headers(self) -> dict[str, str]:
+        return {"x-lmforge-model-version": self.version or "unknown"}
+
+    def add(self, k: int, out) -> None:
+        """A streamed output of choice k."""
+        if k == 0:
+            self.text += out.text
+            self.finish_reason = out.finish_reason or self.finish_reason
+
+    def end(self, status: int, usage: dict | None = None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        usage = usage or {}
+        name, request_log = self.backend.name, self.state.request_log
+        request_log.remember(self.rid, name, self.version)
+        request_log.record_request(
+            {
+                "completion_id": self.rid,
+                "time": self.time,
+                "endpoint": self.endpoint,
+                "model": name,
+                "model_version": self.version,
+                "messages_json": None if self.messages is None else json.dumps(self.messages),
+                "prompt": self.prompt,
+                "completion": self.text,
+                "finish_reason": self.finish_reason,
+                "latency_s": time.monotonic() - self.start,
+                "prompt_tokens": usage.get("prompt_tokens", 0),
+                "completion_tokens": usage.get("completion_tokens", 0),
+                "status": status,
+            }
+        )
+        score = getattr(self.backend, "score", None)
+        if status == 200 and score is not None:
+            self.state.drift.offer(self.rid, name, self.prompt, score)
+
+
+def _stream_response(
+    events: AsyncIterator[str], slot: Slot, gen: Generation, trace: Trace, usage: dict
+) -> StreamingResponse:
     async def body():
+        status = 499  # the client left before the end
         try:
             async for event in events:
                 yield event
             gen.finished()
+            status = 200
         except APIError as e:  # the status line is already sent: an error event, then [DONE]
+            status = e.status
             yield _sse(e.body())
         except Exception as e:
             log.exception("stream failed")
+            status = 500
             yield _sse(APIError(500, f"internal error: {type(e).__name__}", "server_error").body())
         finally:
             slot.release()
+            trace.end(status, usage)
         yield _sse("[DONE]")
 
-    return StreamingResponse(body(), media_type="text/event-stream")
+    return StreamingResponse(body(), media_type="text/event-stream", headers=trace.headers())
+
+
+async def _collect(slot: Slot, generation: Generation, gens, trace: Trace):
+    """Every output of a non-streamed request; a failure is logged with its status."""
+    try:
+        results = await collect_all(gens)
+    except APIError as e:
+        trace.end(e.status)
+        raise
+    except BaseException:
+        trace.end(500)
+        raise
+    finally:
+        slot.release()
+    generation.finished()
+    for out in results[0]:
+        trace.add(0, out)
+    return results
 
 
 def _add_routes(app: FastAPI) -> None:
@@ -174,6 +295,13 @@ def _add_routes(app: FastAPI) -> None:
             generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
         )
 
+    @app.get("/playground", summary="a chat page to try the models and rate answers")
+    async def playground():
+        from importlib.resources import files
+
+        page = files("lmforge") / "resources" / "playground" / "index.html"
+        return HTMLResponse(page.read_text(encoding="utf-8"))
+
     @app.get("/v1/models", summary="the served models")
     async def models(request: Request):
         data = [
@@ -183,6 +311,7 @@ def _add_routes(app: FastAPI) -> None:
                 "created": 0,
                 "owned_by": "lmforge",
                 "max_model_len": b.max_seq_len,
+                "version": _info(b).version,
             }
             for n, b in request.app.state.backends.items()
         ]
@@ -257,19 +386,17 @@ async def _completions(request: Request, body: CompletionRequest):
         for _, ids in prompts
         for j in range(body.n)
     ]
+    trace = Trace(request, backend, "completions", prompts[0][0])
     slot, generation, gens = await _start_generation(state, backend, "/v1/completions", jobs)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    trace.rid = rid
     texts = [prompts[k // body.n][0] for k in range(len(jobs))]
     tok = backend.tokenizer
     if body.stream:
-        return _stream_response(
-            _completion_events(body, gens, texts, tok, rid, created), slot, generation
-        )
-    try:
-        results = await collect_all(gens)
-    finally:
-        slot.release()
-    generation.finished()
+        usage: dict = {}
+        events = _completion_events(body, gens, texts, tok, rid, created, trace, usage)
+        return _stream_response(events, slot, generation, trace, usage)
+    results = await _collect(slot, generation, gens, trace)
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
     for k, outs in enumerate(results):
         lp = logprob_state(tok) if body.logprobs is not None else None
@@ -279,21 +406,27 @@ async def _completions(request: Request, body: CompletionRequest):
             usage["prompt_tokens"] += outs[-1].prompt_tokens
         usage["completion_tokens"] += outs[-1].completion_tokens
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    return {
+    trace.end(200, usage)
+    response = {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": body.model,
+        "system_fingerprint": trace.version,
         "choices": choices,
         "usage": usage,
     }
+    return JSONResponse(response, headers=trace.headers())
 
 
-async def _completion_events(body, gens, texts, tok, rid, created) -> AsyncIterator[str]:
+async def _completion_events(
+    body, gens, texts, tok, rid, created, trace: Trace, usage: dict
+) -> AsyncIterator[str]:
     lps = [logprob_state(tok) if body.logprobs is not None else None for _ in gens]
     started = [False] * len(gens)
-    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    usage.update(prompt_tokens=0, completion_tokens=0)
     async for k, out in merge(gens):
+        trace.add(k, out)
         prefix = texts[k] if body.echo and not started[k] else ""
         started[k] = True
         if not (out.tokens or out.text or prefix or out.finish_reason or out.prompt_logprobs):
@@ -305,6 +438,7 @@ async def _completion_events(body, gens, texts, tok, rid, created) -> AsyncItera
                 "object": "text_completion",
                 "created": created,
                 "model": body.model,
+                "system_fingerprint": trace.version,
                 "choices": [choice],
             }
         )
@@ -319,6 +453,7 @@ async def _completion_events(body, gens, texts, tok, rid, created) -> AsyncItera
                 "object": "text_completion",
                 "created": created,
                 "model": body.model,
+                "system_fingerprint": trace.version,
                 "choices": [],
                 "usage": usage,
             }
@@ -329,7 +464,8 @@ async def _chat(request: Request, body: ChatRequest):
     state = request.app.state
     backend, limits = _backend(request, body.model), state.limits
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    ids = backend.tokenizer.encode(chat.render(messages, add_generation_prompt=True)).ids
+    rendered = chat.render(messages, add_generation_prompt=True)
+    ids = backend.tokenizer.encode(rendered).ids
     asked = (
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     )
@@ -340,33 +476,40 @@ async def _chat(request: Request, body: ChatRequest):
     _check_lengths(backend, limits, len(ids), max_tokens, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     jobs = [(ids, body.sampling(max_tokens, logprobs, False, j)) for j in range(body.n)]
+    trace = Trace(request, backend, "chat", rendered)
+    trace.messages = messages
     slot, generation, gens = await _start_generation(state, backend, "/v1/chat/completions", jobs)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    trace.rid = rid
     if body.stream:
-        return _stream_response(
-            _chat_events(body, gens, backend.tokenizer, rid, created), slot, generation
-        )
-    try:
-        results = await collect_all(gens)
-    finally:
-        slot.release()
-    generation.finished()
-    return chat_response(rid, created, body.model, results, backend.tokenizer, logprobs is not None)
+        usage: dict = {}
+        events = _chat_events(body, gens, backend.tokenizer, rid, created, trace, usage)
+        return _stream_response(events, slot, generation, trace, usage)
+    results = await _collect(slot, generation, gens, trace)
+    tok, with_lp = backend.tokenizer, logprobs is not None
+    response = chat_response(rid, created, body.model, results, tok, with_lp)
+    response["system_fingerprint"] = trace.version
+    trace.end(200, response["usage"])
+    return JSONResponse(response, headers=trace.headers())
 
 
-async def _chat_events(body, gens, tok, rid, created) -> AsyncIterator[str]:
+async def _chat_events(body, gens, tok, rid, created, trace: Trace, usage) -> AsyncIterator[str]:
     started = [False] * len(gens)
-    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    usage.update(prompt_tokens=0, completion_tokens=0)
     with_lp = body.logprobs
+
+    def sse(chunk: dict) -> str:
+        chunk["system_fingerprint"] = trace.version
+        return _sse(chunk)
+
     async for k, out in merge(gens):
+        trace.add(k, out)
         if not started[k]:
             started[k] = True
-            yield _sse(
-                chat_chunk(rid, created, body.model, k, {"role": "assistant", "content": ""})
-            )
+            yield sse(chat_chunk(rid, created, body.model, k, {"role": "assistant", "content": ""}))
         if out.text or out.finish_reason or (with_lp and out.tokens):
             delta = {"content": out.text} if out.text else {}
-            yield _sse(chat_chunk(rid, created, body.model, k, delta, out, tok, with_lp))
+            yield sse(chat_chunk(rid, created, body.model, k, delta, out, tok, with_lp))
         if out.finish_reason is not None:
             usage["prompt_tokens"] = out.prompt_tokens
             usage["completion_tokens"] += out.completion_tokens
@@ -374,4 +517,4 @@ async def _chat_events(body, gens, tok, rid, created) -> AsyncIterator[str]:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         chunk = chat_chunk(rid, created, body.model, 0, {})
         chunk.update(choices=[], usage=usage)
-        yield _sse(chunk)
+        yield sse(chunk)

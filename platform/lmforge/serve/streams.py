@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from lmforge.model.generate import SamplingParams
 from lmforge.serve.config import LimitsConfig
+from lmforge.serve.drift import ServedModelInfo, prompt_bits_per_byte
 from lmforge.serve.engine import Engine, EngineOverloaded, Output
 from lmforge.serve.protocol import APIError
 
@@ -29,12 +30,18 @@ class Backend(Protocol):
 class LocalBackend:
     """An Engine in this process."""
 
-    def __init__(self, name: str, engine: Engine) -> None:
+    def __init__(self, name: str, engine: Engine, info: ServedModelInfo | None = None) -> None:
         self.name, self.engine = name, engine.start()
         self.tokenizer, self.max_seq_len = engine.tokenizer, engine.max_seq_len
+        self.info = info or ServedModelInfo()
 
     def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Output]:
         return self.engine.stream(prompt, params)
+
+    async def score(self, text: str) -> float | None:
+        """The model's bits per byte on `text` (drift), in a thread beside the engine's."""
+        model = self.engine.model
+        return await asyncio.to_thread(prompt_bits_per_byte, model, self.tokenizer, text)
 
     async def healthy(self) -> bool:
         return self.engine.healthy()
@@ -109,6 +116,8 @@ class Generation:
                 if out.tokens:
                     m.generation_tokens.labels(model).inc(len(out.tokens))
                     m.batch_size.labels(model).observe(out.batch_size)
+                if out.finish_reason in ("stop", "length"):
+                    m.completion_length.labels(model).observe(out.completion_tokens)
                 if out.finish_reason == "error":
                     raise APIError(500, out.error or "generation failed", type="server_error")
                 yield out

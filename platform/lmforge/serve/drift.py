@@ -1,0 +1,144 @@
+"""Prompt drift: how surprised the served model is by what users send, against validation data.
+
+A sample of prompts is scored by the model itself (next-token loss over every prompt token,
+as bits per UTF-8 byte, the unit of `val_bpb`), off the request's path: the API hands a prompt
+to `DriftMonitor.offer`, a bounded queue, and a background task scores it on the model's
+replica. The rolling mean over the last `window` prompts, divided by the artifact's validation
+bits per byte, is `lmforge_drift_ratio`: about 1 while traffic looks like the training data,
+higher when it drifts away (another language, another domain, garbage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import torch
+
+from lmforge import storage
+from lmforge.serve.requestlog import sampled
+
+log = logging.getLogger(__name__)
+EOS = "<|eos|>"  # precedes every document in training: the context a prompt is scored after
+
+
+@dataclass
+class ServedModelInfo:
+    """What serving reports of an artifact: its version id and validation bits per byte."""
+
+    version: str | None = None
+    val_bpb: float | None = None
+
+
+def served_model_info(directory: str, val_bpb: float | None = None) -> ServedModelInfo:
+    """Version and validation bpb of an artifact dir: `val_bpb` (a config override) first,
+    then the lineage in version.json, then the run's `train_summary.json` (`<artifact>/..`)."""
+    from lmforge.model.version import read_version
+
+    lineage = read_version(directory)
+    if val_bpb is None and isinstance(lineage.get("val_bpb"), int | float):
+        val_bpb = float(lineage["val_bpb"])
+    if val_bpb is None:
+        parent = directory.rstrip("/").rsplit("/", 1)[0] if "/" in directory.rstrip("/") else "."
+        summary = storage.join(parent, "train_summary.json")
+        if storage.exists(summary):
+            try:
+                value = storage.read_json(summary).get("val_bpb")
+            except (ValueError, AttributeError):
+                value = None
+            val_bpb = float(value) if isinstance(value, int | float) else None
+    return ServedModelInfo(lineage["version"], val_bpb)
+
+
+def prompt_bits_per_byte(model, tokenizer, text: str) -> float | None:
+    """Bits per byte of `text` under `model`: every token predicted, the first after <|eos|>
+    (as documents are in training). None for an empty text. Texts longer than the context
+    are scored on their first `max_seq_len - 1` tokens (and those tokens' bytes)."""
+    ids = tokenizer.encode(text, add_special_tokens=False).ids[: model.cfg.max_seq_len - 1]
+    if not ids:
+        return None
+    n_bytes = len(tokenizer.decode(ids, skip_special_tokens=False).encode("utf-8"))
+    eos = tokenizer.token_to_id(EOS)
+    device = next(model.parameters()).device
+    tokens = torch.tensor([[eos if eos is not None else ids[0], *ids]], device=device)
+    with torch.inference_mode():
+        logits = model(tokens[:, :-1]).float()  # (1, T, V)
+        nats = torch.nn.functional.cross_entropy(logits[0], tokens[0, 1:], reduction="sum")
+    return float(nats) / math.log(2) / max(n_bytes, 1)
+
+
+Scorer = Callable[[str], Awaitable[float | None]]
+
+
+class DriftMonitor:
+    """Rolling prompt bits per byte per model, and its ratio to the validation bits per byte,
+    kept in the `ServeMetrics` gauges (when given)."""
+
+    def __init__(self, cfg, metrics=None) -> None:
+        self.cfg, self.metrics = cfg, metrics
+        self.windows: dict[str, deque[float]] = {}
+        self.validation: dict[str, float] = {}
+        self.queue: asyncio.Queue | None = None
+        self.task: asyncio.Task | None = None
+        self.skipped = 0  # prompts not scored because the queue was full
+
+    def set_validation(self, model: str, val_bpb: float | None) -> None:
+        if val_bpb is not None:
+            self.validation[model] = val_bpb
+            if self.metrics is not None:
+                self.metrics.validation_bpb.labels(model).set(val_bpb)
+
+    def offer(self, key: str, model: str, text: str, scorer: Scorer) -> bool:
+        """Queue a prompt for scoring if `key` (the completion id) is in the sample and the
+        queue has room; never waits. Call from the event loop."""
+        if not text or not sampled(f"drift:{key}", self.cfg.sample_rate):
+            return False
+        if self.queue is None:
+            self.queue = asyncio.Queue(maxsize=self.cfg.queue_size)
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._work())
+        try:
+            self.queue.put_nowait((model, text, scorer))
+        except asyncio.QueueFull:
+            self.skipped += 1
+            return False
+        return True
+
+    async def _work(self) -> None:
+        while True:
+            model, text, scorer = await self.queue.get()
+            try:
+                bpb = await scorer(text)
+                if bpb is not None and math.isfinite(bpb):
+                    self.observe(model, bpb)
+            except Exception as e:  # a failed score costs one sample, never the API
+                log.warning("drift: scoring a prompt of %s failed: %s", model, e)
+            finally:
+                self.queue.task_done()
+
+    async def drain(self) -> None:
+        """Wait until every queued prompt is scored (tests, shutdown)."""
+        if self.queue is not None:
+            await self.queue.join()
+
+    def observe(self, model: str, bpb: float) -> None:
+        window = self.windows.setdefault(model, deque(maxlen=self.cfg.window))
+        window.append(bpb)
+        if self.metrics is not None:
+            self.metrics.prompt_bpb.labels(model).set(self.prompt_bpb(model))
+            ratio = self.ratio(model)
+            if ratio is not None:
+                self.metrics.drift_ratio.labels(model).set(ratio)
+
+    def prompt_bpb(self, model: str) -> float | None:
+        window = self.windows.get(model)
+        return sum(window) / len(window) if window else None
+
+    def ratio(self, model: str) -> float | None:
+        """Rolling prompt bpb / validation bpb; None until both are known."""
+        current, val = self.prompt_bpb(model), self.validation.get(model)
+        return None if current is None or not val else current / val
