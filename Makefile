@@ -48,6 +48,7 @@ $(VENV)/bin/helm: scripts/install_k8s_tools.py | $(VENV)/bin/python
 
 test: $(VENV)/.dev $(VENV)/bin/helm  ## the whole suite (what CI runs): lint, then every test a CPU machine can run
 	$(VENV)/bin/ruff check .
+	sh scripts/install_browser.sh  # headless Chromium for the playground test (skips if it cannot)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.dev  ## quick edit-test loop: no slow or Ray-cluster tests
