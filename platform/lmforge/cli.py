@@ -66,6 +66,14 @@ COMMANDS: dict[str, Command] = {
         "lmforge.serve.command:serve_command",
         "serve models behind an OpenAI-compatible API on Ray Serve (`-c CONFIG` or `--model DIR`)",
     ),
+    "models": Command(
+        "lmforge.models_command:models_command",
+        "list model versions and their lineage, evals and which one is served (`models list`)",
+    ),
+    "monitor": Command(
+        "lmforge.monitor.report:monitor_command",
+        "report on served traffic and feedback from the request log (`monitor report --logs`)",
+    ),
     "config": Command(
         "lmforge.config_command:config_command",
         "show a stage's resolved config, or write the config reference",

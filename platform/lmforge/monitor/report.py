@@ -1,0 +1,300 @@
+"""`lmforge monitor report`: served traffic and feedback per model version, as Markdown, HTML
+or JSON, from the request log and feedback store that the serving app writes.
+
+The report is a list of blocks (headings, text, tables, plots) rendered to Markdown (plots
+as PNG files next to it) or HTML (plots embedded as base64 PNG). Without matplotlib (the
+`plots` extra) the tables stay and a note says why the plots are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import html
+import io
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from lmforge import LmforgeError, storage
+from lmforge.monitor.stats import UNKNOWN, parse_since, summarize
+
+NO_PLOTS = "Plots skipped: matplotlib is not installed (`pip install 'lmforge[plots]'`)."
+
+
+@dataclass
+class Block:
+    kind: str  # "h1" | "h2" | "text" | "table" | "plot"
+    text: str = ""
+    header: tuple[str, ...] = ()
+    rows: tuple[tuple[str, ...], ...] = ()
+    png: bytes = b""
+
+
+def load_logs(path: str, since: dt.datetime | None) -> tuple[pa.Table, pa.Table]:
+    """The request and feedback rows under a log path (at or after `since`)."""
+    from lmforge.serve.requestlog import read_log
+
+    if not storage.is_dir(path):
+        raise LmforgeError(
+            f"--logs {path}: no such directory; give the serving config's request-log path "
+            "(it holds requests/ and feedback/)"
+        )
+    return read_log(path, "requests", since), read_log(path, "feedback", since)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def report_blocks(summary: dict[str, Any], logs: str, since: dt.datetime | None) -> list[Block]:
+    versions, total = summary["versions"], summary["total"]
+    window = f"since {since.isoformat()}" if since else "everything logged"
+    blocks = [
+        Block("h1", "lmforge monitor report"),
+        Block(
+            "text",
+            f"Logs: `{logs}` ({window}); rows from {summary['first']} to "
+            f"{summary['last']}. Latency in seconds; errors are HTTP 5xx.",
+        ),  # fmt: skip
+        Block("h2", "Per model version"),
+    ]
+    rows = [(v, ", ".join(s["models"]) or "-", str(s["requests"]), _pct(s["error_rate"]),
+             _num(s["latency_s"]["p50"]), _num(s["latency_s"]["p95"]), _num(s["latency_s"]["p99"]),
+             str(s["prompt_tokens"]), str(s["completion_tokens"]), str(s["feedback"]),
+             _pct(s["positive_share"]), _pct(s["negative_share"]), str(s["corrections"]))
+            for v, s in [*versions.items(), ("all", total)]]  # fmt: skip
+    header = ("version", "models", "requests", "error rate", "p50", "p95", "p99", "tokens in",
+              "tokens out", "feedback", "positive", "negative", "corrections")  # fmt: skip
+    blocks.append(Block("table", header=header, rows=tuple(rows)))
+    bins = tuple(total["length_histogram"])
+    blocks += [
+        Block("h2", "Output length (completion tokens)"),
+        Block(
+            "table",
+            header=("version", "p50", "p95", "p99", "mean", *bins),
+            rows=tuple(
+                (
+                    v,
+                    _num(s["completion_length"]["p50"]),
+                    _num(s["completion_length"]["p95"]),
+                    _num(s["completion_length"]["p99"]),
+                    _num(s["mean_completion_tokens"]),
+                    *(str(s["length_histogram"][b]) for b in bins),
+                )
+                for v, s in versions.items()
+            ),
+        ),  # fmt: skip
+        Block("h2", "Feedback tags and finish reasons"),
+        Block(
+            "table",
+            header=("version", "top tags", "finish reasons"),
+            rows=tuple(
+                (
+                    v,
+                    ", ".join(f"{t} ({n})" for t, n in s["top_tags"].items()) or "-",
+                    ", ".join(f"{r} ({n})" for r, n in s["finish_reasons"].items()) or "-",
+                )
+                for v, s in versions.items()
+            ),
+        ),  # fmt: skip
+        Block("h2", "Daily"),
+        Block(
+            "table",
+            header=(
+                "date",
+                "requests",
+                "error rate",
+                "p95 latency",
+                "tokens out",
+                "feedback",
+                "negative",
+            ),
+            rows=tuple(
+                (
+                    d["date"],
+                    str(d["requests"]),
+                    _pct(d["error_rate"]),
+                    _num(d["latency_p95_s"]),
+                    str(d["completion_tokens"]),
+                    str(d["feedback"]),
+                    _pct(d["negative_share"]),
+                )
+                for d in summary["daily"]
+            ),
+        ),  # fmt: skip
+    ]
+    if UNKNOWN in versions:
+        blocks.append(Block("text", f"`{UNKNOWN}`: rows that name no model version."))
+    return blocks
+
+
+def plot_blocks(summary: dict[str, Any], requests: pa.Table) -> list[Block]:
+    """PNG plots: latency and output length per version, and the daily series."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [Block("text", NO_PLOTS)]
+    import numpy as np
+
+    versions = [v or UNKNOWN for v in requests["model_version"].to_pylist()]
+    latency = requests["latency_s"].to_numpy(zero_copy_only=False).astype(float)
+    blocks = [Block("h2", "Plots")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for version in summary["versions"]:
+        mine = latency[[v == version for v in versions]] if versions else latency
+        mine = mine[~np.isnan(mine)]
+        if mine.size:
+            axes[0].hist(mine, bins=30, histtype="step", label=version)
+        hist = summary["versions"][version]["length_histogram"]
+        axes[1].plot(list(hist), list(hist.values()), marker="o", label=version)
+    axes[0].set(title="latency", xlabel="seconds", ylabel="requests")
+    axes[1].set(title="output length", xlabel="completion tokens", ylabel="requests")
+    for ax in axes:
+        ax.legend(fontsize="small")
+    blocks.append(Block("plot", "per-version", png=_png(fig, plt)))
+    daily = summary["daily"]
+    if daily:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+        days = [d["date"] for d in daily]
+        axes[0].bar(days, [d["requests"] for d in daily])
+        axes[0].set(title="requests per day")
+        axes[1].plot(days, [d["latency_p95_s"] or 0 for d in daily], marker="o")
+        axes[1].set(title="p95 latency (s)")
+        axes[2].plot(days, [100 * (d["negative_share"] or 0) for d in daily], marker="o")
+        axes[2].set(title="negative feedback (%)")
+        for ax in axes:
+            ax.tick_params(axis="x", labelrotation=45, labelsize="small")
+        blocks.append(Block("plot", "daily", png=_png(fig, plt)))
+    return blocks
+
+
+def _png(fig, plt) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def to_markdown(blocks: list[Block], out: str | None) -> tuple[str, dict[str, bytes]]:
+    """Markdown text, and the plot files (path -> PNG) to write next to `out`."""
+    lines, files = [], {}
+    stem = os.path.splitext(os.path.basename(out))[0] if out else "report"
+    for b in blocks:
+        if b.kind in ("h1", "h2"):
+            lines += [("# " if b.kind == "h1" else "## ") + b.text, ""]
+        elif b.kind == "text":
+            lines += [b.text, ""]
+        elif b.kind == "table":
+            lines.append("| " + " | ".join(b.header) + " |")
+            lines.append("|" + "---|" * len(b.header))
+            lines += ["| " + " | ".join(r) + " |" for r in b.rows] + [""]
+        elif b.kind == "plot" and out:
+            name = f"{stem}-{b.text}.png"
+            files[storage.join(os.path.dirname(out) or ".", name)] = b.png
+            lines += [f"![{b.text}]({name})", ""]
+    return "\n".join(lines), files
+
+
+def to_html(blocks: list[Block]) -> str:
+    parts = []
+    for b in blocks:
+        if b.kind in ("h1", "h2"):
+            parts.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
+        elif b.kind == "text":
+            parts.append(f"<p>{html.escape(b.text).replace('`', '')}</p>")
+        elif b.kind == "table":
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
+            body = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in b.rows
+            )
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif b.kind == "plot":
+            data = base64.b64encode(b.png).decode()
+            parts.append(f'<img alt="{b.text}" src="data:image/png;base64,{data}">')
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>lmforge monitor report"
+        f"</title><style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+    )
+
+
+def monitor_command(argv: list[str], prog: str) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Monitoring of served models. `report`: requests, error rate, latency, "
+        "tokens, output lengths and user feedback per model version and per day, from the "
+        "request log and feedback store the serving app writes (docs/operations.md).",
+    )
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{report}")
+    p = sub.add_parser("report", help="write the monitor report", description="write the "
+                       "monitor report (to stdout as Markdown without --out)")  # fmt: skip
+    p.add_argument("--logs", required=True, help="the request-log path (local dir or URI)")
+    p.add_argument(
+        "--since",
+        help="only rows this recent: 24h, 7d, 30m, 2w, or an ISO date/time (default: all)",
+    )
+    p.add_argument(
+        "--out",
+        help="report file: .md (plots as PNG next to it), .html (plots embedded) or .json",
+    )
+    args = parser.parse_args(argv)
+    since = parse_since(args.since)
+    requests, feedback = load_logs(args.logs, since)
+    if not requests.num_rows and not feedback.num_rows:
+        window = f" since {since.isoformat()}" if since else ""
+        raise LmforgeError(
+            f"no requests or feedback logged under {args.logs}{window}; is the serving app's "
+            "request log enabled and pointed there (serving config request-log path)?"
+        )
+    summary = summarize(requests, feedback)
+    write_report(summary, requests, args.logs, since, args.out)
+    return 0
+
+
+def write_report(
+    summary: dict[str, Any],
+    requests: pa.Table,
+    logs: str,
+    since: dt.datetime | None,
+    out: str | None,
+) -> None:
+    """Render and write the report (or print Markdown tables when `out` is None)."""
+    suffix = os.path.splitext(out or "")[1].lower()
+    if out and suffix not in (".md", ".html", ".htm", ".json"):
+        raise LmforgeError(f"--out {out}: give a .md, .html or .json file name")
+    if suffix == ".json":
+        storage.write_json(out, summary)
+    else:
+        blocks = report_blocks(summary, logs, since)
+        if out:
+            blocks += plot_blocks(summary, requests)
+        if suffix in (".html", ".htm"):
+            storage.write_text(out, to_html(blocks))
+        else:
+            text, files = to_markdown(blocks, out)
+            for path, png in files.items():
+                storage.write_bytes(path, png)
+            if not out:
+                print(text, end="")
+                return
+            storage.write_text(out, text)
+    total = summary["total"]
+    print(
+        f"monitor report: {total['requests']} requests, {total['feedback']} feedback over "
+        f"{len(summary['versions'])} version(s) -> {out}"
+    )
