@@ -143,7 +143,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(
-        self, x: torch.Tensor, rope: torch.Tensor, positions=None, cache=None
+        self, x: torch.Tensor, rope: torch.Tensor, positions=None, cache=None, mask=None
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, E)
@@ -151,11 +151,12 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope, positions), apply_rope(k, rope, positions)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, E)
-        mask = None
         if cache is not None:
             # Incremental decoding (lmforge.model.generate): the cache stores this step's keys
             # and values and returns every cached one (B, K, S, E) with a (B, 1, T, S) mask.
             k, v, mask = cache.update(k, v, positions)
+        # `mask` (B, 1, T, T) bool, True = may attend: a packed row's document mask (see
+        # `document_mask`); None = plain causal attention.
         # Grouped-query attention: each group of H/K query heads shares one key/value head.
         y = F.scaled_dot_product_attention(
             q,
@@ -190,9 +191,9 @@ class Block(nn.Module):
         self.mlp = FeedForward(cfg)
 
     def forward(
-        self, x: torch.Tensor, rope: torch.Tensor, positions=None, cache=None
+        self, x: torch.Tensor, rope: torch.Tensor, positions=None, cache=None, mask=None
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, positions, cache)  # pre-norm residual
+        x = x + self.attn(self.attn_norm(x), rope, positions, cache, mask)  # pre-norm residual
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -247,13 +248,24 @@ class Llama(nn.Module):
         )
 
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, kv_cache=None
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        kv_cache=None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) int -> logits (B, T, V).
 
         For incremental decoding, `positions` (B, T) are each row's positions and `kv_cache[i]`
         is layer i's cache (see lmforge.model.generate.KVCache); both default to a plain pass.
+        For packed rows (several documents per row, fine-tuning), `segments` (B, T) says which
+        document each token belongs to: attention stays within a document and positions restart
+        at 0 for each, so every document is computed exactly as if it were alone in its row.
         """
+        mask = None
+        if segments is not None:
+            mask = document_mask(segments)
+            positions = segment_positions(segments) if positions is None else positions
         T = tokens.shape[1] if positions is None else int(positions.max()) + 1
         if self.cfg.max_seq_len < T:
             raise ValueError(
@@ -261,8 +273,26 @@ class Llama(nn.Module):
             )
         x = self.tok_embeddings(tokens)  # (B, T, D)
         for i, block in enumerate(self.layers.values()):
-            x = block(x, self.rope, positions, None if kv_cache is None else kv_cache[i])
+            x = block(x, self.rope, positions, None if kv_cache is None else kv_cache[i], mask)
         return self.output(self.norm(x))  # (B, T, V)
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, T) positions that restart at 0 where the id changes."""
+    T = segments.shape[1]
+    index = torch.arange(T, device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - first  # (B, T)
+
+
+def document_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, 1, T, T) bool: causal, and only within the same document."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    return (same & causal).unsqueeze(1)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -71,11 +72,18 @@ class Checkpointer:
     rank: int
     world_size: int
     in_ray: bool
+    trainable_only: bool = False  # LoRA: only the adapters (and their optimizer state) are saved
+
+    @property
+    def options(self) -> StateDictOptions:
+        return StateDictOptions(
+            ignore_frozen_params=self.trainable_only, strict=not self.trainable_only
+        )
 
     def save(self, step: int, rows: int, model, optimizer, metrics: dict[str, Any]) -> str:
         """Save a sharded checkpoint of step `step` (every worker calls this); returns its path."""
         name = step_dir_name(step)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
         with _local_dir(f"lmforge-ckpt-{name}-r{self.rank}-") as local:
             with _single_process_ok():
                 dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=local)
@@ -110,12 +118,16 @@ class Checkpointer:
             return None
         step, path = found
         with _readable(path) as local:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
             state = {"model": model_sd, "optim": optim_sd}
             with _single_process_ok():
                 dcp.load(state, checkpoint_id=local)
             set_state_dict(
-                model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+                model,
+                optimizer,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optim"],
+                options=self.options,
             )
             with open(os.path.join(local, "train_state.json")) as f:
                 train_state = json.load(f)
@@ -130,6 +142,43 @@ def full_model_state(model) -> dict[str, torch.Tensor]:
     """The unsharded model state on CPU; a collective (every worker calls it), rank 0 gets it all."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
+
+
+def artifact_state(directory: str) -> dict[str, torch.Tensor]:
+    """A model artifact's weights as a full state dict (a tied head filled in), on CPU."""
+    from safetensors.torch import load
+
+    from lmforge.model.artifact import WEIGHTS, load_config
+
+    tensors = load(storage.read_bytes(storage.join(directory, WEIGHTS)))
+    if load_config(directory).tie_embeddings:
+        tensors["output.weight"] = tensors["tok_embeddings.weight"]
+    return tensors
+
+
+def load_full_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Load full (unsharded) weights into a possibly FSDP-sharded model; a collective.
+
+    Rank 0 passes the weights (e.g. a base artifact's), the other ranks `{}`: rank 0 first
+    gathers the model's current full state, so parameters the weights lack (new LoRA adapters)
+    keep their initial values, then broadcasts everything and each rank keeps its shards. Keys
+    the model lacks, or missing base weights, are an error: the artifact is the wrong model.
+    """
+    current = full_model_state(model)
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    if not distributed or dist.get_rank() == 0:
+        unexpected = sorted(set(state) - set(current))
+        missing = sorted(k for k in current if k not in state and ".lora_" not in k)
+        if unexpected or missing:
+            raise ValueError(
+                f"base weights do not match the model (missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]})"
+            )
+        current.update({k: v.to(current[k].dtype) for k, v in state.items()})
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
+    set_model_state_dict(
+        model, current if not distributed or dist.get_rank() == 0 else {}, options=options
+    )
 
 
 # ---------------------------------------------------------------- helpers

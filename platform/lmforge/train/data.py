@@ -29,8 +29,16 @@ class RowGroup:
     rows: int
 
 
+MASK_COLUMNS = ("loss_mask", "segments")
+
+
 class PackedShards:
-    """Rows of one split (`train/` or `val/`) as (n, seq_len + 1) int64 arrays, read on demand."""
+    """Rows of one split (`train/` or `val/`) as (n, seq_len + 1) int64 arrays, read on demand.
+
+    Pretraining shards have one column, `tokens`. Fine-tuning shards also have `loss_mask`
+    (1 where the token is a prediction target) and `segments` (which packed example each token
+    belongs to, 0 for padding), both (n, seq_len + 1): `batch` returns every column.
+    """
 
     def __init__(self, directory: str, seed: int = 0, shuffle: bool = False) -> None:
         self.directory, self.seed, self.shuffle = directory, seed, shuffle
@@ -39,9 +47,13 @@ class PackedShards:
             raise LmforgeError(f"no .parquet shards in {directory}")
         self.groups: list[RowGroup] = []
         self.block_len = 0
+        self.columns = ["tokens"]
         for path in files:
             shard = self._open(path)
-            self.block_len = shard.schema_arrow.field("tokens").type.list_size
+            schema = shard.schema_arrow
+            self.block_len = schema.field("tokens").type.list_size
+            # Fine-tuning shards (lmforge.finetune.data) add per-token loss masks and documents.
+            self.columns = ["tokens"] + [c for c in MASK_COLUMNS if c in schema.names]
             meta = shard.metadata
             self.groups += [
                 RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)
@@ -51,7 +63,7 @@ class PackedShards:
         if self.num_rows == 0 or self.block_len < 2:
             raise LmforgeError(f"{directory}: the shards hold no token blocks")
         self._epoch_order: tuple[int, list[int], np.ndarray] | None = None
-        self._cached: tuple[tuple[str, int], np.ndarray] | None = None
+        self._cached: tuple[tuple[str, int], dict[str, np.ndarray]] | None = None
 
     @property
     def seq_len(self) -> int:
@@ -74,16 +86,28 @@ class PackedShards:
             self._epoch_order = (epoch, order, starts)
         return self._epoch_order[1], self._epoch_order[2]
 
-    def _group_rows(self, group: RowGroup) -> np.ndarray:
+    @property
+    def masked(self) -> bool:
+        """True for fine-tuning shards (loss masks and packed documents)."""
+        return len(self.columns) > 1
+
+    def _group_rows(self, group: RowGroup) -> dict[str, np.ndarray]:
         key = (group.path, group.index)
         if self._cached is None or self._cached[0] != key:
-            table = self._open(group.path).read_row_group(group.index, columns=["tokens"])
-            flat = table.column("tokens").combine_chunks().flatten().to_numpy()
-            self._cached = (key, flat.astype(np.int64).reshape(-1, self.block_len))
+            table = self._open(group.path).read_row_group(group.index, columns=self.columns)
+            arrays = {}
+            for name in self.columns:
+                flat = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                arrays[name] = flat.astype(np.int64).reshape(-1, self.block_len)
+            self._cached = (key, arrays)
         return self._cached[1]
 
     def rows(self, start: int, count: int) -> np.ndarray:
-        """Global rows [start, start + count) of the (endless, epoch after epoch) order."""
+        """Tokens of global rows [start, start + count) of the (endless, epoch after epoch) order."""
+        return self.batch(start, count)["tokens"]
+
+    def batch(self, start: int, count: int) -> dict[str, np.ndarray]:
+        """Every column of global rows [start, start + count), each (count, seq_len + 1)."""
         out = []
         while count > 0:
             epoch, offset = divmod(start, self.num_rows)
@@ -92,9 +116,10 @@ class PackedShards:
             group = self.groups[order[g]]
             within = offset - int(starts[g])
             take = min(count, group.rows - within)
-            out.append(self._group_rows(group)[within : within + take])
+            arrays = self._group_rows(group)
+            out.append({k: v[within : within + take] for k, v in arrays.items()})
             start, count = start + take, count - take
-        return np.concatenate(out)
+        return {k: np.concatenate([part[k] for part in out]) for k in self.columns}
 
 
 @dataclass(frozen=True)

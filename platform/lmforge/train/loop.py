@@ -1,4 +1,9 @@
-"""The per-worker pretraining loop: what every Ray Train worker runs (and `run_local`, 1 process).
+"""The per-worker training loop: what every Ray Train worker runs (and `run_local`, 1 process).
+
+One loop for pretraining (`lmforge train`) and fine-tuning (`lmforge finetune`). A fine-tuning
+config adds `base` (the model artifact to start from) and `lora` (adapters instead of full
+fine-tuning), and its data has loss masks and packed documents (`PackedShards.masked`); all else
+(FSDP2, accumulation, schedules, checkpoints, resume, metrics) is the same code.
 
 `train_loop` reads top to bottom on one screen; setup, one optimizer step, validation,
 checkpoints and metrics are named helpers below it.
@@ -21,9 +26,14 @@ import torch.nn.functional as F
 
 from lmforge import LmforgeError, storage
 from lmforge.config import config_yaml
-from lmforge.model.artifact import save_artifact
+from lmforge.model.artifact import load_config, save_artifact
 from lmforge.model.llama import LlamaConfig, cross_entropy, flops_per_token
-from lmforge.train.checkpoint import Checkpointer, full_model_state
+from lmforge.train.checkpoint import (
+    Checkpointer,
+    artifact_state,
+    full_model_state,
+    load_full_state,
+)
 from lmforge.train.config import TrainConfig
 from lmforge.train.data import (
     BatchPlan,
@@ -38,16 +48,21 @@ from lmforge.train.optim import build_optimizer, lr_at, set_lr
 from lmforge.train.parallelize import build_model, set_gradient_sync
 
 
-def train_loop(cfg: TrainConfig, output: str, env: WorkerEnv) -> dict[str, Any]:
-    run = setup_run(cfg, env)
+def train_loop(
+    cfg: TrainConfig, output: str, env: WorkerEnv, data_path: str | None = None
+) -> dict[str, Any]:
+    run = setup_run(cfg, env, data_path or cfg.data.path)
     model = build_model(
         run.arch, env.device, seed=cfg.train.seed, fsdp=cfg.parallel.fsdp and env.world_size > 1,
         activation_checkpointing=cfg.parallel.activation_checkpointing,
         compile=cfg.parallel.compile, bf16=run.bf16, meta_init=cfg.parallel.meta_init,
+        prepare=run.adapt,
     )  # fmt: skip
+    if run.base:
+        load_full_state(model, artifact_state(run.base) if env.rank == 0 else {})
     optimizer = build_optimizer(cfg.optim, model, env.device)
     ckpt = Checkpointer(storage.join(output, "checkpoints"), cfg.checkpoint.keep_last,
-                        env.rank, env.world_size, env.in_ray)  # fmt: skip
+                        env.rank, env.world_size, env.in_ray, trainable_only=run.lora is not None)  # fmt: skip
     resumed = ckpt.restore(model, optimizer) if cfg.checkpoint.resume else None
     step = resumed["step"] if resumed else 0
     log = MetricsLog(output, env, run, start_step=step)
@@ -55,6 +70,10 @@ def train_loop(cfg: TrainConfig, output: str, env: WorkerEnv) -> dict[str, Any]:
         log.say(
             f"resumed from {resumed['path']} (step {step}, saved by {resumed['world_size']} workers)"
         )
+    elif getattr(cfg.train, "eval_at_start", False):  # the base model's scores, for before/after
+        start = {"step": 0, **evaluate(model, run, env), **evaluate_tasks(model, run, env)}
+        report(start, env)
+        log.write(start)
     metrics: dict[str, Any] = {}
     while step < run.total_steps:
         maybe_inject_fault(cfg.train.fault_at_step, step + 1, output, env)
@@ -78,7 +97,7 @@ def train_loop(cfg: TrainConfig, output: str, env: WorkerEnv) -> dict[str, Any]:
         elif metrics:
             report(metrics, env)
         log.write(metrics)
-    export_model(model, run, output, env)
+    export_model(model, run, output, env, metrics)
     return log.summary(metrics)
 
 
@@ -109,7 +128,10 @@ class Run:
     """What the loop needs besides model and optimizer: data, shapes, budget, flops."""
 
     cfg: TrainConfig
+    data_path: str
     arch: LlamaConfig
+    base: str | None  # fine-tuning: the artifact whose weights the model starts from
+    lora: Any  # fine-tuning: the LoRA config when adapters train instead of all weights
     train: PackedShards
     val: PackedShards | None
     plan: BatchPlan
@@ -121,14 +143,35 @@ class Run:
     val_tokens_per_byte: float | None
     tokenizer_json: str | None
 
+    @property
+    def adapt(self):
+        """What to do to the bare model before parallelising it: add LoRA adapters, or nothing."""
+        if not self.lora:
+            return None
+        from lmforge.model.lora import apply_lora
 
-def setup_run(cfg: TrainConfig, env: WorkerEnv) -> Run:
-    manifest = read_manifest(cfg.data.path)
-    train = PackedShards(storage.join(cfg.data.path, "train"), cfg.train.seed, cfg.data.shuffle)
-    val_dir = storage.join(cfg.data.path, "val")
+        lora = self.lora
+        return lambda model: apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
+
+
+def setup_run(cfg: TrainConfig, env: WorkerEnv, data_path: str) -> Run:
+    manifest = read_manifest(data_path)
+    shuffle = getattr(cfg.data, "shuffle", True)
+    train = PackedShards(storage.join(data_path, "train"), cfg.train.seed, shuffle)
+    val_dir = storage.join(data_path, "val")
     val = PackedShards(val_dir) if storage.list_files(val_dir, suffix=".parquet") else None
     vocab = int(manifest.get("vocab_size") or 0) or None
-    arch = cfg.model.to_llama(vocab_size=vocab, seq_len=train.seq_len)
+    base = getattr(cfg, "base", None)
+    lora = getattr(cfg, "lora", None)
+    if base:  # fine-tuning: the architecture is the base artifact's
+        arch = load_config(base)
+        if arch.max_seq_len < train.seq_len:
+            raise LmforgeError(
+                f"data seq_len {train.seq_len} is longer than the base model's max_seq_len "
+                f"{arch.max_seq_len}: lower data.seq_len"
+            )
+    else:
+        arch = cfg.model.to_llama(vocab_size=vocab, seq_len=train.seq_len)
     if vocab and arch.vocab_size < vocab:
         raise LmforgeError(
             f"model.vocab_size={arch.vocab_size} is smaller than the tokenizer's {vocab}"
@@ -146,9 +189,10 @@ def setup_run(cfg: TrainConfig, env: WorkerEnv) -> Run:
     peak, source = peak_tflops(
         env.device, torch.bfloat16 if bf16 else torch.float32, cfg.train.peak_tflops
     )
-    tok = storage.join(cfg.data.path, "tokenizer.json")
+    tok = storage.join(data_path, "tokenizer.json")
     return Run(
-        cfg, arch, train, val, plan, total, bf16, flops_per_token(arch, train.seq_len), peak, source,
+        cfg, data_path, arch, base, lora if lora and lora.enabled else None, train, val, plan,
+        total, bf16, flops_per_token(arch, train.seq_len), peak, source,
         tokens_per_byte(manifest, "val", val.num_rows, val.block_len) if val else None,
         storage.read_text(tok) if storage.exists(tok) else None,
     )  # fmt: skip
@@ -168,6 +212,8 @@ def train_step(model, optimizer, run: Run, step: int, env: WorkerEnv, grad_clip:
     optimizer.zero_grad(set_to_none=True)
     accum = run.plan.accum_steps
     total = torch.zeros((), device=env.device)
+    if run.train.masked:
+        return masked_train_step(model, optimizer, run, step, env, grad_clip)
     for micro in range(accum):
         first, count = run.plan.micro_rows(step, env.rank, micro)
         rows = torch.from_numpy(run.train.rows(first, count)).to(env.device)  # (b, T + 1)
@@ -177,6 +223,54 @@ def train_step(model, optimizer, run: Run, step: int, env: WorkerEnv, grad_clip:
         loss = cross_entropy(logits, rows[:, 1:]) / accum
         loss.backward()
         total += loss.detach()
+    return finish_step(model, optimizer, total, grad_clip)
+
+
+def masked_train_step(model, optimizer, run: Run, step: int, env: WorkerEnv, grad_clip):
+    """Fine-tuning: loss on the masked-in target tokens only, packed documents kept apart.
+
+    The loss is the mean over every target token of the global batch (not a mean of per-row
+    means), whatever the worker count: each worker sums its token losses and divides by the
+    global target count (an all-reduce before the first forward), times the world size that
+    FSDP's gradient averaging divides by again.
+    """
+    accum = run.plan.accum_steps
+    micro = [run.train.batch(*run.plan.micro_rows(step, env.rank, m)) for m in range(accum)]
+    count = torch.tensor(
+        float(sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)), device=env.device
+    )
+    if dist.is_initialized():
+        dist.all_reduce(count)
+    scale = env.world_size / max(float(count), 1.0)
+    total = torch.zeros((), device=env.device)
+    for m, batch in enumerate(micro):
+        tokens, targets, segments = masked_batch(batch, env.device)
+        set_gradient_sync(model, m == accum - 1)
+        with autocast(run, env):
+            logits = model(tokens, segments=segments)  # (b, T, V)
+        loss = token_losses(logits, targets).sum() * scale
+        loss.backward()
+        total += loss.detach()
+    return finish_step(model, optimizer, total, grad_clip)
+
+
+def masked_batch(batch: dict, device: torch.device):
+    """(inputs, targets with -100 where no loss, segments of the inputs), each (b, T)."""
+    rows = torch.from_numpy(batch["tokens"]).to(device)  # (b, T + 1)
+    keep = torch.from_numpy(batch["loss_mask"][:, 1:]).to(device).bool()
+    targets = torch.where(keep, rows[:, 1:], torch.full_like(rows[:, 1:], -100))
+    return rows[:, :-1], targets, torch.from_numpy(batch["segments"][:, :-1]).to(device)
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token loss (fp32), 0 where the target is -100: (b, T)."""
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
+    ).view(targets.shape)
+
+
+def finish_step(model, optimizer, total: torch.Tensor, grad_clip: float | None):
+    """Clip, step; (mean loss over workers, grad norm)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
         norm = norm.full_tensor()
@@ -195,15 +289,17 @@ def evaluate(model, run: Run, env: WorkerEnv) -> dict[str, Any]:
     # Every worker runs the same number of forwards (FSDP gathers in each); rows past n weigh 0.
     for first in range(env.rank * share, (env.rank + 1) * share, b):
         count = min(b, (env.rank + 1) * share - first)
-        rows = torch.from_numpy(run.val.rows(first, count)).to(env.device)  # (b, T + 1)
+        if run.val.masked:  # fine-tuning: only the target tokens count (e.g. assistant turns)
+            tokens, targets, segments = masked_batch(run.val.batch(first, count), env.device)
+        else:
+            rows = torch.from_numpy(run.val.rows(first, count)).to(env.device)  # (b, T + 1)
+            tokens, targets, segments = rows[:, :-1], rows[:, 1:], None
         with autocast(run, env):
-            logits = model(rows[:, :-1])
-        losses = F.cross_entropy(
-            logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction="none"
-        )
+            logits = model(tokens, segments=segments)
+        losses = token_losses(logits, targets)  # (b, T)
         keep = (torch.arange(first, first + count, device=env.device) < n).double()  # (b,)
-        sums[0] += (losses.view(count, -1).double().sum(1) * keep).sum()
-        sums[1] += keep.sum() * (rows.shape[1] - 1)
+        sums[0] += (losses.double().sum(1) * keep).sum()
+        sums[1] += ((targets != -100).double().sum(1) * keep).sum()
     if dist.is_initialized():
         dist.all_reduce(sums)
     loss = (sums[0] / sums[1]).item()
@@ -224,9 +320,7 @@ def evaluate_tasks(model, run: Run, env: WorkerEnv) -> dict[str, float]:
 
     from lmforge.eval.evaluate import evaluate_in_process
 
-    tokenizer = Tokenizer.from_str(
-        storage.read_text(storage.join(run.cfg.data.path, "tokenizer.json"))
-    )
+    tokenizer = Tokenizer.from_str(storage.read_text(storage.join(run.data_path, "tokenizer.json")))
     model.eval()
     try:
         with autocast(run, env):
@@ -269,13 +363,42 @@ def maybe_inject_fault(fault_at_step: int | None, step: int, output: str, env: W
     raise RuntimeError(f"injected fault: worker {env.rank} crashes at step {step}")
 
 
-def export_model(model, run: Run, output: str, env: WorkerEnv) -> None:
-    """The artifact `<run>/model/`: consolidated weights (gathered to rank 0), config, tokenizer."""
+def export_model(model, run: Run, output: str, env: WorkerEnv, last: dict[str, Any]) -> None:
+    """The artifact `<run>/model/`: consolidated weights (gathered to rank 0), config, tokenizer.
+
+    LoRA adapters are merged into their weights, so the artifact is a plain model.
+    """
     state = full_model_state(model)
+    if env.rank == 0 and run.lora:
+        from lmforge.model.lora import merge_lora_state
+
+        state = merge_lora_state(state, run.lora.alpha / run.lora.rank)
     if env.rank == 0:
         save_artifact(
-            storage.join(output, "model"), state, run.arch, run.tokenizer_json, config_yaml(run.cfg)
-        )
+            storage.join(output, "model"), state, run.arch, run.tokenizer_json,
+            config_yaml(run.cfg), lineage=lineage(run, output, last),
+        )  # fmt: skip
+
+
+def lineage(run: Run, output: str, last: dict[str, Any]) -> dict[str, Any]:
+    """Where the artifact comes from (model/version.py): parent, data, config, run, val score."""
+    import hashlib
+
+    from lmforge.config import config_hash
+    from lmforge.model.version import read_version
+
+    manifest = storage.read_bytes(storage.join(run.data_path, "manifest.json"))
+    name = output.rstrip("/").rsplit("/", 1)[-1]
+    return {
+        "parent": read_version(run.base)["version"] if run.base else None,
+        "parent_path": run.base,
+        "data_manifest_hash": hashlib.sha256(manifest).hexdigest()[:12],
+        "config_hash": config_hash(run.cfg),
+        "stage": "finetune" if run.base else "train",
+        "run": name,
+        "val_bpb": last.get("val_bpb"),
+        "val_loss": last.get("val_loss"),
+    }
 
 
 # ---------------------------------------------------------------- metrics
@@ -359,14 +482,24 @@ def memory_gib(device: torch.device) -> float:
 
 def ray_train_worker(config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`: the config travels as plain data."""
-    cfg = TrainConfig.model_validate(config["config"])
+    cfg = config_class(config.get("kind", "train")).model_validate(config["config"])
     env = WorkerEnv.from_ray()
-    summary = train_loop(cfg, config["output"], env)
+    summary = train_loop(cfg, config["output"], env, config.get("data_path"))
     if env.rank == 0:
         storage.write_json(storage.join(config["output"], "train_summary.json"), summary)
 
 
-def run_local(cfg: TrainConfig, output: str, device: str = "cpu") -> dict[str, Any]:
+def config_class(kind: str):
+    if kind == "finetune":
+        from lmforge.finetune.config import FinetuneConfig
+
+        return FinetuneConfig
+    return TrainConfig
+
+
+def run_local(
+    cfg: TrainConfig, output: str, device: str = "cpu", data_path: str | None = None
+) -> dict[str, Any]:
     """The same loop in this process, one worker, no Ray: tests and baselines."""
     env = WorkerEnv(0, 1, torch.device(device), in_ray=False)
-    return train_loop(cfg, output, env)
+    return train_loop(cfg, output, env, data_path)

@@ -46,8 +46,12 @@ def build_model(
     compile: bool = False,
     bf16: bool = False,
     meta_init: bool | None = None,
+    prepare=None,
 ) -> nn.Module:
     """The model, initialised from `seed`, parallelised, on `device`.
+
+    `prepare(model)`, when given, changes the bare model before it is parallelised (fine-tuning
+    adds LoRA adapters there, so FSDP2 shards the final set of parameters).
 
     Small models are initialised in full on every worker (the same numbers as a 1-process run)
     and then sharded; large ones (or `meta_init=True`) on the meta device.
@@ -61,6 +65,8 @@ def build_model(
     else:
         with torch.device(device):  # initialise where it will train (no host copy of a big model)
             model = Llama(cfg)
+    if prepare is not None:
+        prepare(model)
     model = parallelize(
         model,
         fsdp=fsdp,
@@ -72,6 +78,10 @@ def build_model(
         model.to_empty(device=device)
         with torch.no_grad():
             model.init_weights(seed=seed)
+            if prepare is not None:
+                from lmforge.model.lora import init_lora_weights
+
+                init_lora_weights(model)
     return model
 
 

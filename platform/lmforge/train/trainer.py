@@ -77,7 +77,8 @@ def validate_resources(resources: ResourcesConfig, nodes: list[dict[str, Any]]) 
     )
 
 
-def build_trainer(cfg: TrainConfig, output: str):
+def build_trainer(cfg: TrainConfig, output: str, data_path: str | None = None, kind: str = "train"):
+    """Ray Train's TorchTrainer for a training (`kind="train"`) or fine-tuning config."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -87,10 +88,15 @@ def build_trainer(cfg: TrainConfig, output: str):
     # Workers do not run in the driver's working directory: give them absolute paths.
     output = _absolute(output)
     worker_cfg = config_dict(cfg)
-    worker_cfg["data"]["path"] = _absolute(cfg.data.path or "")
+    data_path = _absolute(data_path or cfg.data.path or "")
     return TorchTrainer(
         ray_train_worker,
-        train_loop_config={"config": worker_cfg, "output": output},
+        train_loop_config={
+            "config": worker_cfg,
+            "kind": kind,
+            "output": output,
+            "data_path": data_path,
+        },
         torch_config=TorchConfig(backend="nccl" if res.gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=res.num_workers,
@@ -120,7 +126,11 @@ def run(cfg: TrainConfig, ctx: StageContext) -> dict[str, Any]:
 
     validate_inputs(cfg)
     validate_resources(cfg.resources, ray.nodes())
-    trainer = build_trainer(cfg, ctx.output)
+    return fit(build_trainer(cfg, ctx.output), ctx.output)
+
+
+def fit(trainer, output: str) -> dict[str, Any]:
+    """Run the trainer; its summary, or one line naming the worker's error and how to resume."""
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps the worker's error; one line names it
@@ -128,10 +138,10 @@ def run(cfg: TrainConfig, ctx: StageContext) -> dict[str, Any]:
         raise StageFailed(
             f"training failed: {lines[-1] if lines else type(e).__name__} "
             f"(worker logs: the Ray dashboard; checkpoints so far: "
-            f"{storage.join(ctx.output, 'checkpoints')}; rerun the same command to resume)"
+            f"{storage.join(output, 'checkpoints')}; rerun the same command to resume)"
         ) from e
-    summary = storage.read_json(storage.join(ctx.output, "train_summary.json"))
-    summary["model"] = storage.join(ctx.output, "model")
+    summary = storage.read_json(storage.join(output, "train_summary.json"))
+    summary["model"] = storage.join(output, "model")
     return summary
 
 
