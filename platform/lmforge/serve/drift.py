@@ -85,6 +85,7 @@ class DriftMonitor:
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
         self.skipped = 0  # prompts not scored because the queue was full
+        self.scored = 0
 
     def set_validation(self, model: str, val_bpb: float | None) -> None:
         if val_bpb is not None:
@@ -128,6 +129,7 @@ class DriftMonitor:
     def observe(self, model: str, bpb: float) -> None:
         window = self.windows.setdefault(model, deque(maxlen=self.cfg.window))
         window.append(bpb)
+        self.scored += 1
         if self.metrics is not None:
             self.metrics.prompt_bpb.labels(model).set(self.prompt_bpb(model))
             ratio = self.ratio(model)
