@@ -6,11 +6,11 @@ Input, one JSON object per line of a JSONL file (or `builtin:stdlib-sft`, see bu
     {"prompt": str, "completion": str}        (= a user turn and an assistant turn)
 
 A conversation is rendered with the model's own chat template when its artifact has one
-(`tokenizer_config.json` / `chat_template.jinja`, Jinja) or else the built-in format
-(`lmforge.model.chat`), tokenized once, and each token marked 1 when it is a training target:
-the assistant turns' text and their closing end token (`loss_on: assistant`), only the last
-assistant turn (`last_turn`) or everything (`all`); never a role header or a user turn. An
-`<|eos|>` (a target) follows a conversation that ends with an assistant turn.
+(`lmforge.model.hf.artifact_chat_template`, rendered with Jinja as transformers does) or else
+the built-in format (`lmforge.model.chat`), tokenized once, and each token marked 1 when it is a
+training target: the assistant turns' text and their closing end token (`loss_on: assistant`),
+only the last assistant turn (`last_turn`) or everything (`all`); never a role header or a user
+turn. An `<|eos|>` (a target) follows a conversation that ends with an assistant turn.
 
 Output (the contract with the trainer), under `out/`: train/part-NNNNN.parquet and
 val/part-NNNNN.parquet (val/ only when the split has examples), tokenizer.json, manifest.json
@@ -127,22 +127,6 @@ def parse_example(obj: Any) -> list[dict[str, str]]:
             {"role": "assistant", "content": obj["completion"]},
         ]
     raise ValueError("expected {'messages': [...]} or {'prompt': str, 'completion': str}")
-
-
-def artifact_chat_template(artifact: str) -> str | None:
-    """The chat template a model artifact (or HF folder) carries: `chat_template.jinja`, or
-    `chat_template` in `tokenizer_config.json` (a string, or the one named 'default')."""
-    jinja = storage.join(artifact, "chat_template.jinja")
-    if storage.exists(jinja):
-        return storage.read_text(jinja)
-    config = storage.join(artifact, "tokenizer_config.json")
-    if not storage.exists(config):
-        return None
-    template = storage.read_json(config).get("chat_template")
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) and template else None
 
 
 @lru_cache(maxsize=4)
@@ -379,6 +363,8 @@ class RowPacker:
 
     def add(self, ids: list[int], mask: list[int]) -> Iterator[pa.Table]:
         n = len(ids)
+        if n > self.block:
+            raise ValueError(f"an example of {n} tokens do not fit in a row of {self.block}")
         if self.packing:
             fits = np.flatnonzero(self.free[: len(self.open)] >= n)
             if len(fits):

@@ -39,6 +39,10 @@ _TOP_NAMES = {
     "output.weight": "lm_head.weight",
 }
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# The tokenizer's settings and chat template, as transformers saves them; an artifact keeps it so
+# that fine-tuning (lmforge.finetune.data) and export use the model's own chat template.
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.43 may save the template
 
 
 def to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -180,7 +184,7 @@ def export_hf(artifact: str, out: str) -> list[str]:
                     "pad_token": "<|pad|>" if special.get("pad") is not None else None,
                     "model_max_length": cfg.max_seq_len,
                     "clean_up_tokenization_spaces": False,
-                    "chat_template": CHAT_TEMPLATE,
+                    "chat_template": artifact_chat_template(artifact) or CHAT_TEMPLATE,
                     "extra_special_tokens": {}
                     if special.get("end") is None
                     else {"end_token": END},
@@ -202,7 +206,41 @@ def export_hf(artifact: str, out: str) -> list[str]:
     return written
 
 
+def artifact_chat_template(artifact: str) -> str | None:
+    """The model's own chat template (Jinja) that an artifact or HF folder carries: in
+    chat_template.jinja, or `chat_template` of tokenizer_config.json (a string, or the entry
+    named 'default' of a list); None when it has none, i.e. the built-in format applies."""
+    jinja = storage.join(artifact, CHAT_TEMPLATE_FILE)
+    if storage.exists(jinja):
+        return storage.read_text(jinja)
+    path = storage.join(artifact, TOKENIZER_CONFIG)
+    template = storage.read_json(path).get("chat_template") if storage.exists(path) else None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
+
+
 # ---------------------------------------------------------------- import
+
+
+def import_tokenizer_config(hf_dir: str, out: str) -> bool:
+    """Copy the HF folder's tokenizer_config.json into the artifact, with the template of a
+    separate chat_template.jinja folded in as `chat_template` (so one file carries it);
+    False when the folder has neither."""
+    config_path = storage.join(hf_dir, TOKENIZER_CONFIG)
+    jinja_path = storage.join(hf_dir, CHAT_TEMPLATE_FILE)
+    has_config, has_jinja = storage.exists(config_path), storage.exists(jinja_path)
+    if not (has_config or has_jinja):
+        return False
+    text = storage.read_text(config_path) if has_config else "{}"
+    if has_jinja:
+        config = json.loads(text)
+        if not config.get("chat_template"):
+            config["chat_template"] = storage.read_text(jinja_path)
+            text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    storage.write_text(storage.join(out, TOKENIZER_CONFIG), text)
+    return True
 
 
 def config_from_hf(hf: dict[str, Any], source: str) -> LlamaConfig:
@@ -283,6 +321,7 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None) -> LlamaConfig:
         tokenizer_json=storage.read_text(tok_path),
         resolved_config=f"# imported from {hf_dir}\n",
     )
+    import_tokenizer_config(hf_dir, out)
     storage.mark_success(out, {"imported_from": hf_dir})
     return cfg
 
