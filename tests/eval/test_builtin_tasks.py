@@ -55,3 +55,63 @@ def test_bias_pairs_ship_with_the_package():
     for p in pairs:
         assert check_item("bias_pairs", p) == ""
         assert p["sent_more"] != p["sent_less"] and p["bias_type"]
+
+
+def test_stdlib_qa_asks_the_sft_chat_question_about_held_out_functions():
+    from lmforge.model import chat
+
+    spec = B.builtin_task("stdlib-qa")
+    assert spec.type == "generation" and "\n" in spec.stop
+    items = B.builtin_items("stdlib-qa")
+    functions = {f"{f['module']}.{f['name']}": f for f in B.heldout_functions()}
+    assert len(items) == min(B.MAX_ITEMS, len(functions)) and len(items) >= 50
+    for item in items:
+        assert check_item("generation", item) == ""
+        name = item["prompt"].split("`")[1].split("(")[0]
+        f = functions[name]
+        assert is_held_out(f["module"])
+        question = f"What does `{name}({B.short_signature(f['args'])})` do?"
+        expected = [{"role": "user", "content": question}]
+        assert item["prompt"] == chat.render(expected, add_generation_prompt=True)
+        assert item["references"] == [f["summary"]]
+    assert B.builtin_items("stdlib-qa") == items
+    assert B.short_signature("a, b") == "a, b"
+    assert B.short_signature("obj, *, skipkeys=False, ensure_ascii=True", 20) == "obj, *, ..."
+
+
+def test_stdlib_qa_generation_stops_at_end_of_turn():
+    """The prompt's role tokens are single special ids, and the answer ends at <|end|> (a token,
+    dropped from decoded text) or at a newline, through the eval scorer."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lmforge.data.tokenizer import train_bpe
+    from lmforge.eval.lm import END_ID, EOS_ID, Scorer
+    from lmforge.eval.scoring import build_requests, encode
+    from lmforge.eval.tasks import Items
+
+    class Scripted(torch.nn.Module):
+        def __init__(self, script: list[int], prompt_len: int, vocab: int) -> None:
+            super().__init__()
+            self.cfg = SimpleNamespace(max_seq_len=512)
+            self.script, self.prompt_len, self.vocab = script, prompt_len, vocab
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            logits = torch.zeros(*tokens.shape, self.vocab)
+            logits[:, -1, self.script[tokens.shape[1] - self.prompt_len]] = 10.0
+            return logits
+
+    spec = B.builtin_task("stdlib-qa")
+    items = Items(rows=B.builtin_items("stdlib-qa")[:1], lines=[1])
+    answer = items.rows[0]["references"][0]
+    tok = train_bpe([answer, items.rows[0]["prompt"]] * 10, vocab_size=300, min_frequency=0)
+    gen = {"max_new_tokens": 200, "temperature": 0.0, "top_k": None, "seed": 0}
+    (request,) = build_requests(spec, items, tok, 512, gen)
+    user, assistant = tok.token_to_id("<|user|>"), tok.token_to_id("<|assistant|>")
+    assert request["prompt"][:2] == [EOS_ID, user] and assistant in request["prompt"]
+    assert request["stop"] == spec.stop
+    for tail in ([END_ID], encode(tok, "\nMore text.") + [END_ID]):
+        script = encode(tok, answer) + tail + encode(tok, " trailing junk") + [EOS_ID] * 200
+        scorer = Scorer(Scripted(script, len(request["prompt"]), tok.get_vocab_size()), tok)
+        assert scorer.score([request])[0]["text"] == answer

@@ -129,3 +129,55 @@ def test_resolve_artifact_follows_a_run_reference(tmp_path):
     assert resolve_artifact(f"{tmp_path}/runs/@train/base") == str(run / "model")
     with pytest.raises(LmforgeError, match="bad run reference"):
         resolve_artifact(f"{tmp_path}/runs/@train")
+
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_import_keeps_the_models_own_chat_template(tmp_path):
+    from lmforge.model.hf import artifact_chat_template
+
+    make_artifact(tmp_path / "art", tie=True)
+    assert artifact_chat_template(str(tmp_path / "art")) is None  # trained here: built-in format
+    export_hf(str(tmp_path / "art"), str(tmp_path / "hf"))
+    config_path = tmp_path / "hf" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "chat_template": CHATML}))
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+    kept = json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())
+    assert kept == {**config, "chat_template": CHATML}
+    assert artifact_chat_template(str(tmp_path / "back")) == CHATML
+    # and an export of the imported model carries that template, not the built-in one
+    export_hf(str(tmp_path / "back"), str(tmp_path / "hf2"))
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf2"))
+    messages = [{"role": "user", "content": "hi"}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_import_folds_a_chat_template_file_into_the_tokenizer_config(tmp_path):
+    from lmforge.model.hf import artifact_chat_template
+
+    make_artifact(tmp_path / "art", tie=True)
+    export_hf(str(tmp_path / "art"), str(tmp_path / "hf"))
+    config_path = tmp_path / "hf" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    del config["chat_template"]  # newer transformers save it as chat_template.jinja
+    config_path.write_text(json.dumps(config))
+    (tmp_path / "hf" / "chat_template.jinja").write_text(CHATML)
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+    kept = json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())
+    assert kept["chat_template"] == CHATML and kept["eos_token"] == "<|eos|>"
+    assert artifact_chat_template(str(tmp_path / "hf")) == CHATML
+    # a list of named templates: the 'default' one
+    config_path.write_text(json.dumps({"chat_template": [{"name": "default", "template": "x"}]}))
+    (tmp_path / "hf" / "chat_template.jinja").unlink()
+    assert artifact_chat_template(str(tmp_path / "hf")) == "x"
+    # no tokenizer config at all: nothing to keep
+    config_path.unlink()
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "plain"))
+    assert not (tmp_path / "plain" / "tokenizer_config.json").exists()
+    assert artifact_chat_template(str(tmp_path / "plain")) is None

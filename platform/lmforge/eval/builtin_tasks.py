@@ -63,6 +63,7 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
         # <|end|> itself stops generation by token id (lm.Scorer, generate.py); as a string it
         # only matters to a client that decodes special tokens. Answers are one line.
         "stop": ["<|end|>", "\n"],
+        "max_new_tokens": 64,  # a first sentence runs up to 40 words
     },
     "stdlib-heldout-text": {"type": "perplexity"},
     "bias-pairs": {"type": "bias_pairs"},

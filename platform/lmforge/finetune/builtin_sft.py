@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import random
+from collections import Counter
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -53,18 +54,29 @@ def builtin_sft_examples(split: Literal["train", "val"]) -> list[dict[str, Any]]
 
 @lru_cache(maxsize=2)
 def _examples(split: str) -> tuple[dict[str, Any], ...]:
+    # "Which module provides f()?" only where one module has an f: `dumps` of json (train) and
+    # of pickle (held out) would ask the val question in train, with another answer
+    names = Counter(f["name"] for s in ("train", "val") for _, fs, _ in _parsed(s) for f in fs)
+    unique = {name for name, n in names.items() if n == 1}
     out = []
-    for relpath in _split_files(split):
-        tree = parse_module(relpath)
-        if tree is None:
-            continue
-        module = module_of_path(relpath)
-        out += [ex for f in file_functions(relpath, tree) for ex in function_examples(f)]
-        summary = module_summary(module, tree)
+    for module, functions, summary in _parsed(split):
+        out += [ex for f in functions for ex in function_examples(f, f["name"] in unique)]
         if summary:
             question = f"Summarise the docs of module `{module}`."
             out.append(_example(f"{module}#summary", question, summary))
     return tuple(sorted(out, key=lambda e: e["id"]))
+
+
+@lru_cache(maxsize=2)
+def _parsed(split: str) -> tuple[tuple[str, list[dict[str, Any]], str], ...]:
+    """(module, its documented functions, its summary) of each file of a split."""
+    out = []
+    for relpath in _split_files(split):
+        tree = parse_module(relpath)
+        if tree is not None:
+            module = module_of_path(relpath)
+            out.append((module, file_functions(relpath, tree), module_summary(module, tree)))
+    return tuple(out)
 
 
 def _split_files(split: str) -> list[str]:
@@ -75,13 +87,14 @@ def _split_files(split: str) -> list[str]:
     return [f for f in python_docs_files() if f != TOPICS]
 
 
-def function_examples(f: dict[str, Any]) -> list[dict[str, Any]]:
+def function_examples(f: dict[str, Any], unique_name: bool = True) -> list[dict[str, Any]]:
     """The conversations about one function: always "what does it do?", and (seeded) one
-    of "which module?" or "what are the parameters?" for about half of the functions."""
+    of "which module?" (when no other module has a function of that name) or "what are the
+    parameters?" for about half of the functions."""
     name = f"{f['module']}.{f['name']}"
     out = [_example(f"{name}#what", function_question(f), f["summary"])]
     shape = random.Random(f"{SEED}-shape-{name}").random()
-    if shape < 0.3:
+    if shape < 0.3 and unique_name:
         question = f"Which standard library module provides `{f['name']}()`?"
         answer = f"The `{f['module']}` module: `{name}`. {f['summary']}"
         out.append(_example(f"{name}#module", question, answer))
