@@ -1,8 +1,9 @@
 """Render manifests/ (plain YAML for `kubectl apply`) from the Helm chart: `make manifests`.
 
 `helm template` with helm/lmforge/ci/manifests.yaml, split into one file per stage
-(`rayjob.<stage>.yaml`: the stage's config ConfigMap and its RayJob), `rayservice.yaml` (the
-serving RayService) and `base.yaml` (what they share: ServiceAccount, NetworkPolicy, storage claim). Helm's bookkeeping labels
+(`rayjob.<stage>.yaml`: the stage's config ConfigMap and its RayJob), `raycronjob.improve.yaml`
+(the improvement loop's config and its RayCronJob), `rayservice.yaml` (the serving RayService)
+and `base.yaml` (what they share: ServiceAccount, NetworkPolicy, storage claim). Helm's bookkeeping labels
 and `# Source:` lines are dropped; the templates' comments stay. tests/k8s fails when the files
 differ from a fresh render, so edit the chart and re-render, never the files.
 
@@ -58,15 +59,23 @@ def helm_template(values: Path = VALUES) -> str:
 def render(values: Path = VALUES) -> dict[str, str]:
     """File name -> text of every file manifests/ should hold."""
     groups: dict[str, list[str]] = {}
+    docs = []
     for chunk in helm_template(values).split("\n---\n"):
         chunk = HELM_ONLY.sub("", chunk.removeprefix("---\n")).strip("\n")
         doc = yaml.safe_load(chunk)
-        if not doc:
-            continue
+        if doc:
+            docs.append((chunk, doc))
+    # A stage scheduled by a RayCronJob goes to raycronjob.<stage>.yaml, with its config.
+    scheduled = {
+        (d["metadata"].get("labels") or {}).get("lmforge.dev/stage")
+        for _, d in docs
+        if d["kind"] == "RayCronJob"
+    }
+    for chunk, doc in docs:
         labels = doc["metadata"].get("labels") or {}
         stage = labels.get("lmforge.dev/stage")
         if stage:
-            name = f"rayjob.{stage}.yaml"
+            name = f"{'raycronjob' if stage in scheduled else 'rayjob'}.{stage}.yaml"
         elif labels.get("app.kubernetes.io/component") == "serve":
             name = "rayservice.yaml"
         else:
@@ -84,6 +93,13 @@ def render(values: Path = VALUES) -> dict[str, str]:
                 '#   kubectl create secret generic lmforge-api-keys --from-literal=api-keys="$(openssl rand -hex 24)"\n'
                 f"#   kubectl apply -f manifests/{name}\n"
                 "#   kubectl get rayservice lmforge-serve -w; kubectl port-forward svc/lmforge-serve 8000\n"
+            )
+        elif name.startswith("raycronjob."):
+            stage = name.split(".")[1]
+            title = f"The {stage} job on a schedule: its job config (ConfigMap) and its RayCronJob."
+            usage = (
+                f"#   kubectl apply -f manifests/{name}\n"
+                f"#   kubectl get raycronjob lmforge-{stage}; kubectl get rayjobs -w  (one per run)\n"
             )
         else:
             stage = name.split(".")[1]

@@ -34,6 +34,7 @@ CRD_FILES = {
     "RayCluster": "ray.io_rayclusters.yaml",
     "RayJob": "ray.io_rayjobs.yaml",
     "RayService": "ray.io_rayservices.yaml",
+    "RayCronJob": "ray.io_raycronjobs.yaml",
 }
 
 
@@ -87,6 +88,8 @@ def render_error(*sets: str) -> str:
 ALL_ON = (
     "monitoring.podMonitor.enabled=true",
     "monitoring.grafanaDashboard.enabled=true",
+    "monitoring.alerts.enabled=true",
+    "improve.enabled=true",
     "stages.prepareData.enabled=true",
     "stages.pretrain.enabled=true",
     "ray.autoscaling=true",
@@ -102,13 +105,26 @@ VALUE_SETS = [
 ]
 
 
+def rayjob_specs(objects: list[dict]) -> Iterator[tuple[str, dict]]:
+    """(where, RayJobSpec) of every RayJob and of every RayCronJob's jobTemplate (the RayJobs
+    it will create)."""
+    for obj in objects:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] == "RayJob":
+            yield where, obj["spec"]
+        elif obj["kind"] == "RayCronJob":
+            yield f"{where} jobTemplate", obj["spec"]["jobTemplate"]
+
+
 def ray_cluster_specs(obj: dict) -> Iterator[tuple[str, dict]]:
     """(where, RayClusterSpec) of an object that creates a Ray cluster."""
     kind, spec = obj["kind"], obj.get("spec") or {}
     where = f"{kind}/{obj['metadata']['name']}"
+    if kind == "RayCronJob":
+        spec = spec["jobTemplate"]
     if kind == "RayCluster":
         yield where, spec
-    elif kind == "RayJob" and spec.get("rayClusterSpec"):
+    elif kind in ("RayJob", "RayCronJob") and spec.get("rayClusterSpec"):
         yield where, spec["rayClusterSpec"]
     elif kind == "RayService":
         yield where, spec["rayClusterConfig"]
@@ -120,9 +136,10 @@ def pod_specs(obj: dict) -> Iterator[tuple[str, dict]]:
         yield f"{where} head", cluster["headGroupSpec"]["template"]["spec"]
         for group in cluster.get("workerGroupSpecs") or []:
             yield f"{where} worker {group['groupName']}", group["template"]["spec"]
+    for where, spec in rayjob_specs([obj]):
+        if spec.get("submitterPodTemplate"):
+            yield f"{where} submitter", spec["submitterPodTemplate"]["spec"]
     spec = obj.get("spec") or {}
-    if obj["kind"] == "RayJob" and spec.get("submitterPodTemplate"):
-        yield f"RayJob/{obj['metadata']['name']} submitter", spec["submitterPodTemplate"]["spec"]
     if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"):
         yield f"{obj['kind']}/{obj['metadata']['name']}", spec["template"]["spec"]
     if obj["kind"] == "Pod":
@@ -178,6 +195,8 @@ def rayjob_entrypoint_config(docs: list[dict], job: dict) -> tuple[str, str, str
     """
     import shlex
 
+    if job["kind"] == "RayCronJob":
+        job = {**job, "spec": job["spec"]["jobTemplate"]}
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:1] == ["python"] and argv[2] == "-c", argv
     script, config, rest = argv[1], argv[3], argv[4:]

@@ -19,6 +19,7 @@ from tests.k8s.conftest import (
     helm,
     pod_specs,
     ray_cluster_specs,
+    rayjob_specs,
     render,
     render_error,
 )
@@ -28,6 +29,7 @@ KUBERNETES_VERSION = "1.35.0"
 ADDON_KINDS = {
     ("monitoring.coreos.com/v1", "PodMonitor"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),  # structurally: tests/k8s/test_monitoring.py
 }
 
 
@@ -69,8 +71,7 @@ def test_every_object_validates(values, sets):
 @pytest.mark.parametrize(("values", "sets"), VALUE_SETS)
 def test_rayjobs_keep_kuberays_own_rules(values, sets):
     """Rules the KubeRay controller enforces beyond its CRD schema (a violation fails the RayJob)."""
-    for job in [o for o in render(*values, sets=sets) if o["kind"] == "RayJob"]:
-        spec, name = job["spec"], job["metadata"]["name"]
+    for name, spec in rayjob_specs(render(*values, sets=sets)):
         assert bool(spec.get("clusterSelector")) != bool(spec.get("rayClusterSpec")), name
         if not spec["shutdownAfterJobFinishes"]:
             assert spec.get("ttlSecondsAfterFinished", 0) == 0, f"{name}: a TTL needs shutdown"
@@ -301,16 +302,16 @@ def test_kueue_suspends_and_labels():
 def test_existing_cluster_uses_cluster_selector():
     objects = render(str(CHART / "ci" / "existing-cluster.yaml"))
     (cluster,) = [o for o in objects if o["kind"] == "RayCluster"]
-    jobs = [o for o in objects if o["kind"] == "RayJob"]
-    assert len(jobs) == 2
-    for job in jobs:
-        assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
-        assert "rayClusterSpec" not in job["spec"]
-        assert job["spec"]["shutdownAfterJobFinishes"] is False
+    jobs = list(rayjob_specs(objects))  # two stages and the improvement RayCronJob's template
+    assert len(jobs) == 3
+    for _, spec in jobs:
+        assert spec["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+        assert "rayClusterSpec" not in spec
+        assert spec["shutdownAfterJobFinishes"] is False
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
     (configs,) = [v for v in head["volumes"] if v["name"] == "job-configs"]
     paths = [s["configMap"]["items"][0]["path"] for s in configs["projected"]["sources"]]
-    assert paths == ["check.yaml", "prepare-data.yaml"]
+    assert paths == ["check.yaml", "improve.yaml", "prepare-data.yaml"]
     assert cluster["spec"]["authOptions"] == {"mode": "token", "secretName": "team-ray-token"}
     assert not [o for o in objects if o["kind"] == "Secret"]  # the existing one is used
 
@@ -356,7 +357,7 @@ def test_monitoring_objects():
 
     panels = json.loads(dashboard["data"]["lmforge.json"])["panels"]
     rows = [p["title"] for p in panels if p["type"] == "row"]
-    assert rows == ["Training", "Serving"]
+    assert rows == ["Training", "Serving", "Quality and feedback"]
     exprs = " ".join(t["expr"] for p in panels for t in p.get("targets", []))
     assert "lmforge_train_loss" in exprs and "lmforge_requests_total" in exprs
     # every serving series the dashboard plots is one the serving app exports

@@ -15,7 +15,7 @@ from tests.k8s.conftest import (
     stage_for_job,
 )
 
-RAYJOB_FILES = sorted(MANIFESTS.glob("rayjob.*.yaml"))
+RAYJOB_FILES = sorted([*MANIFESTS.glob("rayjob.*.yaml"), *MANIFESTS.glob("raycronjob.*.yaml")])
 
 
 def _renderer():
@@ -41,6 +41,7 @@ def test_manifests_match_a_fresh_render():
         "rayjob.pretrain.yaml",
         "rayjob.evaluate.yaml",
         "rayservice.yaml",
+        "raycronjob.improve.yaml",
     } <= set(files)
 
 
@@ -56,7 +57,7 @@ def test_rayjob_config_exists_and_validates(path, tmp_path):
     from lmforge.config import load_config
 
     docs = manifest_docs(path)
-    (job,) = [d for d in docs if d["kind"] == "RayJob"]
+    (job,) = [d for d in docs if d["kind"] in ("RayJob", "RayCronJob")]
     script, config, text, overrides = rayjob_entrypoint_config(docs, job)
     assert config.startswith("job-configs/")
     if not (REPO / script).exists():
@@ -68,3 +69,18 @@ def test_rayjob_config_exists_and_validates(path, tmp_path):
     local.write_text(text)
     cfg = load_config(stage.config_cls, str(local), overrides)  # raises, naming the key, if invalid
     assert cfg.runs_dir == "/mnt/lmforge/runs"  # the storage the chart mounts on every Ray pod
+
+
+def test_improve_raycronjob_reads_the_request_log_the_rayservice_writes():
+    import yaml
+
+    docs = manifest_docs(MANIFESTS / "raycronjob.improve.yaml")
+    (cron,) = [d for d in docs if d["kind"] == "RayCronJob"]
+    script, config, text, _ = rayjob_entrypoint_config(docs, cron)
+    assert (script, config) == ("jobs/improve.py", "job-configs/improve.yaml")
+    (service,) = [
+        d for d in manifest_docs(MANIFESTS / "rayservice.yaml") if d["kind"] == "RayService"
+    ]
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert yaml.safe_load(text)["request_log"] == args["request_log"]["path"]
+    assert args["request_log"]["path"] == "/mnt/lmforge/runs/request-log"

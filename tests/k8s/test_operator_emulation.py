@@ -314,6 +314,10 @@ def test_rayservice_runs_as_kuberay_would_run_it(tmp_path, emulated_clusters):
     else:  # a tiny random-init model in a training run dir, as `lmforge train` leaves one
         make_artifact(run_dir / "model")
     model["artifact"] = str(run_dir)
+    log = args.get("request_log") or {}
+    if log.get("path"):  # the request log (requestLog.path) is on the PVC too
+        assert log["path"].startswith(STORAGE_MOUNT + "/")
+        log["path"] = str(pvc / log["path"][len(STORAGE_MOUNT) + 1 :])
     keys = tmp_path / "api-keys"
     keys.write_text(KEY + "\n")
     args["api_key_file"] = str(keys)

@@ -132,6 +132,31 @@ Checks of whole-chart values that a JSON schema cannot express; each failure nam
 {{- if $v.serve.enabled }}
 {{- include "lmforge.validateServe" $ }}
 {{- end }}
+{{- if $v.improve.enabled }}
+{{- include "lmforge.validateImprove" $ }}
+{{- end }}
+{{- end }}
+
+{{/* Checks of the improvement loop's values (the RayCronJob). */}}
+{{- define "lmforge.validateImprove" -}}
+{{- $i := .Values.improve }}
+{{- if not (regexMatch "^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|@every [0-9a-z]+|([^ ]+ ){4}[^ ]+)$" ($i.schedule | trim)) }}
+{{- fail (printf "improve.schedule is %q; give a cron schedule of 5 fields like \"0 3 * * *\" or a macro like @daily" $i.schedule) }}
+{{- end }}
+{{- if not (regexMatch "^[a-z][a-z0-9_]*$" ($i.job | default "")) }}
+{{- fail (printf "improve.job is %q; it must name jobs/<job>.py, e.g. improve" ($i.job | default "")) }}
+{{- end }}
+{{- range $n, $o := $i.overrides }}
+{{- if not (regexMatch "^[A-Za-z0-9_.]+=[^']*$" $o) }}
+{{- fail (printf "improve.overrides[%d] is %q; expected KEY.PATH=VALUE without single quotes" $n $o) }}
+{{- end }}
+{{- end }}
+{{- if and $i.requestLogKey (not (include "lmforge.requestLogPath" .)) }}
+{{- fail "improve is enabled but requestLog.path is empty: the improvement job reads the request log the RayService writes; set requestLog.path (or improve.requestLogKey=\"\" if its config names the log itself)" }}
+{{- end }}
+{{- $ray := include "lmforge.stageRay" (dict "root" . "stage" $i) | fromYaml }}
+{{- $image := mergeOverwrite (deepCopy .Values.image) (deepCopy ($i.image | default dict)) }}
+{{- include "lmforge.validateRay" (dict "ray" $ray "image" $image "where" "improve") }}
 {{- end }}
 
 {{/* Checks of the serve values (the RayService). */}}
