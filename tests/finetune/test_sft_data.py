@@ -12,6 +12,7 @@ import pytest
 from lmforge import ConfigError, LmforgeError
 from lmforge.data.tokenizer import train_bpe
 from lmforge.finetune import data as D
+from lmforge.finetune.packing import PACK_WINDOW, pack_examples
 from lmforge.model import chat
 
 PAD, EOS_ID = 0, 2
@@ -188,16 +189,38 @@ def check_rows(rows: dict[str, np.ndarray], block: int, examples: list[tuple[lis
     assert sorted(found) == sorted(expected)
 
 
-def first_fit_rows(examples, block: int) -> int:
-    """Rows of a plain first-fit packing (the reference; fewer rows than PACK_WINDOW here)."""
-    free: list[int] = []
-    for ids, _ in examples:
-        i = next((i for i, f in enumerate(free) if f >= len(ids)), None)
-        if i is None:
-            free.append(block - len(ids))
+def first_fit(lengths: list[int], block: int, window: int) -> list[list[int]]:
+    """The reference: each row's example indices, first-fit over the last `window` open rows,
+    rows in the order they close (the oldest closes when a new row would exceed the window)."""
+    open_rows: list[list] = []  # [free, [indices]]
+    closed = []
+    for i, n in enumerate(lengths):
+        row = next((r for r in open_rows if r[0] >= n), None)
+        if row is None:
+            if len(open_rows) == window:
+                closed.append(open_rows.pop(0)[1])
+            open_rows.append([block - n, [i]])
         else:
-            free[i] -= len(ids)
-    return len(free)
+            row[0] -= n
+            row[1].append(i)
+    return closed + [r[1] for r in open_rows]
+
+
+def test_first_fit_window_packs_in_a_fixed_order():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 130, size=400).tolist()
+    examples = [([1000 + i] * n, [1] * n) for i, n in enumerate(lengths)]
+    table = pack_examples(examples, seq_len=128, packing=True)
+    tokens = table.column("tokens").combine_chunks().flatten().to_numpy().reshape(-1, 129)
+    segs = table.column("segments").combine_chunks().flatten().to_numpy().reshape(-1, 129)
+    rows = [
+        [int(t[s == k][0]) - 1000 for k in range(1, s.max() + 1)]
+        for t, s in zip(tokens, segs, strict=True)
+    ]
+    expected = first_fit(lengths, 129, PACK_WINDOW)
+    assert len(expected) > PACK_WINDOW  # the window mattered
+    assert rows == expected
+    assert len(expected) < len(first_fit(lengths, 129, 1))  # better than one open row
 
 
 def test_packing_keeps_every_example_once(tok):
@@ -206,17 +229,17 @@ def test_packing_keeps_every_example_once(tok):
     ]
     examples += [([7] * 10, [1] * 10), ([8] * 129, [0] + [1] * 128)]  # exactly one full row
     for packing in (True, False):
-        table = D.pack_examples(examples, seq_len=128, packing=packing, pad_id=PAD)
+        table = pack_examples(examples, seq_len=128, packing=packing, pad_id=PAD)
         rows = {
             c: table.column(c).combine_chunks().flatten().to_numpy() for c in table.column_names
         }
         check_rows(rows, 129, examples)
         assert table.schema.field("tokens").type.list_size == 129
         assert str(table.schema.field("loss_mask").type.value_type) == "int8"
-        assert len(table) == (first_fit_rows(examples, 129) if packing else len(examples))
-    assert first_fit_rows(examples, 129) < len(examples)
-    with pytest.raises(ValueError, match="130 tokens do not fit in a row of 129"):
-        D.pack_examples([([1] * 130, [1] * 130)], seq_len=128, packing=True)
+        rows = len(first_fit([len(e[0]) for e in examples], 129, PACK_WINDOW))
+        assert len(table) == (rows if packing else len(examples)) and rows < len(examples)
+    with pytest.raises(ValueError, match="130 tokens does not fit in a row of 129"):
+        pack_examples([([1] * 130, [1] * 130)], seq_len=128, packing=True)
 
 
 @pytest.mark.slow

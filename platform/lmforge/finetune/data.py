@@ -48,13 +48,13 @@ from pydantic import Field
 from lmforge import ConfigError, LmforgeError, storage
 from lmforge.config import StrictModel
 from lmforge.data.tokenizer import EOS
+from lmforge.finetune.packing import RowPacker
 from lmforge.model import chat
 
 BUILTIN = "builtin:stdlib-sft"
 PAD = "<|pad|>"
 LossOn = Literal["assistant", "all", "last_turn"]
 TRAIN, VAL, BY_HASH = 0, 1, 2  # an example's split; BY_HASH: decided by val_fraction
-PACK_WINDOW = 64  # open rows that first-fit searches; older ones are closed and written
 MAX_PROBLEMS = 100  # bad lines listed in the manifest (all are counted)
 
 
@@ -340,98 +340,6 @@ class EncodeExamples:
         if self.cfg.truncate == "drop" or not any(mask[1 : self.block]):
             return [], [], "too_long", f"{len(ids)} tokens > seq_len + 1 = {self.block}"
         return ids[: self.block], mask[: self.block], "truncated", ""
-
-
-# ---------------------------------------------------------------- packing
-
-
-class RowPacker:
-    """Examples -> rows of `block` slots (module doc), first-fit over the PACK_WINDOW most
-    recent open rows; full tables of closed rows come out of `add` and `finish`."""
-
-    def __init__(self, block: int, packing: bool, pad_id: int, rows_per_table: int):
-        self.block, self.packing, self.pad_id, self.rows_per_table = (
-            block,
-            packing,
-            pad_id,
-            rows_per_table,
-        )
-        self.open: list[list[tuple[list[int], list[int]]]] = []
-        self.free = np.zeros(PACK_WINDOW, dtype=np.int64)
-        self.closed: list[list[tuple[list[int], list[int]]]] = []
-        self.stats = {"examples": 0, "rows": 0, "tokens": 0, "loss_tokens": 0}
-
-    def add(self, ids: list[int], mask: list[int]) -> Iterator[pa.Table]:
-        n = len(ids)
-        if n > self.block:
-            raise ValueError(f"an example of {n} tokens do not fit in a row of {self.block}")
-        if self.packing:
-            fits = np.flatnonzero(self.free[: len(self.open)] >= n)
-            if len(fits):
-                i = int(fits[0])
-                self.open[i].append((ids, mask))
-                self.free[i] -= n
-                return self._flush(False)
-        if self.open and (not self.packing or len(self.open) == PACK_WINDOW):
-            self._close_oldest()
-        self.open.append([(ids, mask)])
-        self.free[len(self.open) - 1] = self.block - n
-        return self._flush(False)
-
-    def finish(self) -> Iterator[pa.Table]:
-        while self.open:
-            self._close_oldest()
-        return self._flush(True)
-
-    def _close_oldest(self) -> None:
-        self.closed.append(self.open.pop(0))
-        self.free[:-1] = self.free[1:].copy()
-
-    def _flush(self, last: bool) -> Iterator[pa.Table]:
-        while len(self.closed) >= self.rows_per_table or (last and self.closed):
-            rows, self.closed = (
-                self.closed[: self.rows_per_table],
-                self.closed[self.rows_per_table :],
-            )
-            yield self._table(rows)
-
-    def _table(self, rows: list[list[tuple[list[int], list[int]]]]) -> pa.Table:
-        tokens = np.full((len(rows), self.block), self.pad_id, dtype=np.int32)
-        loss = np.zeros((len(rows), self.block), dtype=np.int8)
-        segments = np.zeros((len(rows), self.block), dtype=np.int32)
-        for r, examples in enumerate(rows):
-            at = 0
-            for seg, (ids, mask) in enumerate(examples, 1):
-                end = at + len(ids)
-                tokens[r, at:end], loss[r, at:end], segments[r, at:end] = ids, mask, seg
-                loss[r, at] = 0  # nothing of its own example precedes its first token
-                at = end
-            self.stats["examples"] += len(examples)
-        self.stats["rows"] += len(rows)
-        self.stats["tokens"] += int((segments > 0).sum())
-        self.stats["loss_tokens"] += int(loss.sum())
-        block = self.block
-
-        def column(a: np.ndarray) -> pa.FixedSizeListArray:
-            return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), block)
-
-        return pa.table(
-            {"tokens": column(tokens), "loss_mask": column(loss), "segments": column(segments)}
-        )
-
-
-def pack_examples(
-    examples: Iterable[tuple[list[int], list[int]]], seq_len: int, packing: bool, pad_id: int = 0
-) -> pa.Table:
-    """All rows of some (ids, mask) examples in one table (what prepare_sft writes, in memory)."""
-    packer = RowPacker(seq_len + 1, packing, pad_id, rows_per_table=1 << 30)
-    tables = [t for ex in examples for t in packer.add(*ex)] + list(packer.finish())
-    return pa.concat_tables(tables) if tables else _empty_rows(seq_len + 1)
-
-
-def _empty_rows(block: int) -> pa.Table:
-    types = {"tokens": pa.int32(), "loss_mask": pa.int8(), "segments": pa.int32()}
-    return pa.table({n: pa.array([], pa.list_(t, block)) for n, t in types.items()})
 
 
 # ---------------------------------------------------------------- the whole dataset
