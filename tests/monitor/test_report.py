@@ -176,3 +176,25 @@ def test_stdout_markdown_without_out(logs, cli):
     code, out, _ = cli("monitor", "report", "--logs", logs, "--since", "2026-01-11")
     assert code == 0 and out.startswith("# lmforge monitor report")
     assert "| v-bbb | tiny | 20 |" in out and "v-aaa" not in out
+
+
+def test_reads_what_the_serving_apps_writer_writes(tmp_path):
+    """The serving app's LogWriter (several replicas, several flushes) -> the same numbers."""
+    from lmforge.monitor.report import load_logs
+    from lmforge.serve.requestlog import LogWriter
+
+    root = str(tmp_path / "log")
+    for replica in ("r0", "r1"):
+        writer = LogWriter(root, "requests", replica=replica, flush_rows=3)
+        for i in range(5):
+            writer.add(request(i, f"v-{replica}", DAY1 + dt.timedelta(hours=i), 0.1 * (i + 1)))
+        writer.flush()
+    fb = LogWriter(root, "feedback", replica="r0")
+    fb.add(feedback(0, "v-r1-2", None, DAY2, -1.0, ["wrong"], correction="fixed"))
+    fb.flush()
+    summary = summarize(*load_logs(root, None))
+    assert {v: s["requests"] for v, s in summary["versions"].items()} == {"v-r0": 5, "v-r1": 5}
+    r1 = summary["versions"]["v-r1"]
+    assert r1["latency_s"]["p50"] == pytest.approx(0.3)
+    assert (r1["feedback"], r1["negative"], r1["corrections"]) == (1, 1, 1)
+    assert [d["date"] for d in summary["daily"]] == ["2026-01-10", "2026-01-11"]
