@@ -36,11 +36,11 @@ import hashlib
 import io
 import json
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from typing import Any, Literal
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
@@ -421,12 +421,20 @@ def prepare_sft(
     }
     if not manifest["rows_train"]:
         raise LmforgeError(
-            f"data: no training examples survived ({len(status)} lines read); see {problems[:3]}"
+            f"data: no training examples ({len(status)} lines read, "
+            f"{manifest['examples_val']} went to val): add sources or lower val_fraction"
         )
     storage.write_text(storage.join(out, "tokenizer.json"), tokenizer_json)
     storage.write_json(storage.join(out, "manifest.json"), manifest)
     storage.mark_success(
         out, {k: manifest[k] for k in ("examples_train", "examples_val", "rows_train")}
+    )
+    print(
+        f"sft data: {manifest['examples_train']} train / {manifest['examples_val']} val examples "
+        f"in {manifest['rows_train']} / {manifest['rows_val']} rows of {block} "
+        f"(packing efficiency {manifest['packing_efficiency_train']:.1%}); skipped "
+        f"{manifest['skipped']} bad lines, dropped {manifest['dropped_too_long']} too long, "
+        f"truncated {manifest['truncated']} -> {out}"
     )
     return manifest
 
@@ -480,33 +488,31 @@ def _encode_with_ray(inputs, tokenizer_json, cfg, block, template) -> Batches:
 def _check_inputs(inputs: list[dict[str, Any]], meta: pa.Table) -> list[str]:
     """The bad lines as 'file:line: why' (printed, at most 20); an input without one valid
     example is an error that names it."""
-    keys = np.asarray(meta.column("key").to_numpy(), dtype=np.int64)
-    status = np.asarray(meta.column("status").to_pylist(), dtype=object)
-    where, error = meta.column("where").to_pylist(), meta.column("error").to_pylist()
-    problems = [f"{w}: {e}" for w, e, s in zip(where, error, status, strict=True) if s == "bad"]
+    problems: list[str] = []
+    lines, valid, first = Counter(), Counter(), {}
+    columns = (meta.column(c).to_pylist() for c in ("key", "where", "status", "error"))
+    for key, where, status, error in zip(*columns, strict=True):
+        index = key >> 32
+        lines[index] += 1
+        if status == "bad":
+            problems.append(f"{where}: {error}")
+            first.setdefault(index, problems[-1])
+        elif status != "too_long":
+            valid[index] += 1
     for p in problems[:20]:
         print(f"skipped {p}", file=sys.stderr)
     if len(problems) > 20:
-        print(
-            f"... and {len(problems) - 20} more bad lines (manifest.json lists {MAX_PROBLEMS})",
-            file=sys.stderr,
-        )
+        print(f"... and {len(problems) - 20} more bad lines (see manifest.json)", file=sys.stderr)
     for item in inputs:
-        own = (keys >> 32) == item["index"]
-        if not (own & ((status == "") | (status == "truncated"))).any():
-            first = next(
-                (
-                    p
-                    for p, k in zip(problems, keys[status == "bad"], strict=True)
-                    if k >> 32 == item["index"]
-                ),
-                "",
-            )
+        index = item["index"]
+        if not valid[index]:
             why = (
-                f"first problem: {first}" if first else "it is empty, or every example is too long"
+                f"first problem: {first[index]}"
+                if index in first
+                else "it is empty, or every example is longer than seq_len + 1"
             )
             raise LmforgeError(
-                f"{item['path']}: no valid SFT example ({int(own.sum())} lines; {why})"
+                f"{item['path']}: no valid SFT example ({lines[index]} lines; {why})"
             )
     return problems
 
