@@ -115,7 +115,8 @@ def runs(tmp_path) -> Path:
     complete(sft)
     ev = runs / "eval" / "chat-cccccccccccc"
     ev.mkdir(parents=True)
-    report = {"model": str(sft / "model"), "tasks": {
+    # The eval ran in a pod: its report names the artifact where the pod mounts the runs dir.
+    report = {"model": "/mnt/lmforge/runs/finetune/chat-bbbbbbbbbbbb/model", "tasks": {
         "val": {"loss": {"value": 1.0, "n": 4}, "bits_per_byte": {"value": 1.5, "n": 4}},
         "arc": {"acc": {"value": 0.25, "n": 8}, "acc_norm": {"value": 0.375, "n": 8}}}}  # fmt: skip
     (ev / "report.json").write_text(json.dumps(report))

@@ -28,6 +28,12 @@ def _norm(path: str) -> str:
     )
 
 
+def _tail(path: str) -> str:
+    """`<stage>/<run>/model` of an artifact path: the same run whether the runs dir is mounted
+    at /mnt/lmforge/runs in a pod, copied to a laptop, or named by an s3:// URI."""
+    return "/".join(path.replace("\\", "/").rstrip("/").split("/")[-3:])
+
+
 def _artifact_dirs(runs_dir: str) -> list[str]:
     suffix = "/model/config.json"
     return [f[: -len("/config.json")] for f in storage.list_files(runs_dir, suffix=suffix)]
@@ -53,7 +59,7 @@ def eval_summary(tasks: dict[str, dict[str, Any]]) -> str:
 
 
 def _eval_reports(runs_dir: str) -> dict[str, list[dict[str, Any]]]:
-    """Normalized artifact path -> the complete eval runs that scored it."""
+    """Artifact path tail (`_tail`) -> the complete eval runs that scored it."""
     by_model: dict[str, list[dict[str, Any]]] = {}
     eval_root = storage.join(runs_dir, "eval")
     for report_path in storage.list_files(eval_root, suffix="report.json", recursive=True):
@@ -69,7 +75,7 @@ def _eval_reports(runs_dir: str) -> dict[str, list[dict[str, Any]]]:
         for model, tasks in scored:
             if isinstance(model, str):
                 entry = {"report": report_path, "summary": eval_summary(tasks)}
-                by_model.setdefault(_norm(model), []).append(entry)
+                by_model.setdefault(_tail(model), []).append(entry)
     return by_model
 
 
@@ -95,7 +101,7 @@ def list_models(runs_dir: str) -> list[dict[str, Any]]:
         record["run"] = record["run"] or (rel[-2] if len(rel) > 2 else None)
         if record["created"] is None:
             record["created"] = _completed_at(artifact)
-        found = list(evals.get(_norm(artifact), []))
+        found = list(evals.get(_tail(artifact), []))
         if record.get("eval_report") and storage.exists(record["eval_report"]):
             report = storage.read_json(record["eval_report"])
             found.insert(0, {"report": record["eval_report"],
