@@ -46,6 +46,10 @@ COMMANDS: dict[str, Command] = {
         "stage:train",
         "pretrain a model with Ray Train + FSDP2 on the data stage's shards (resumes automatically)",
     ),
+    "finetune": Command(
+        "stage:finetune",
+        "fine-tune a model artifact on chat data, full or LoRA (same loop; resumes automatically)",
+    ),
     "plan": Command(
         "lmforge.plan:plan_command",
         "estimate a training config before running it: params, FLOPs, memory per GPU, wall time",

@@ -39,6 +39,7 @@ STAGES: dict[str, str] = {
     "check": "lmforge.check:STAGE",
     "data": "lmforge.data.prepare:STAGE",
     "train": "lmforge.train.trainer:STAGE",
+    "finetune": "lmforge.finetune.stage:STAGE",
     "eval": "lmforge.eval.evaluate:STAGE",
 }
 

@@ -80,10 +80,16 @@ class Checkpointer:
             ignore_frozen_params=self.trainable_only, strict=not self.trainable_only
         )
 
+    def _state(self, model, optimizer) -> tuple[dict, dict]:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
+        if self.trainable_only:  # a tied head is not seen as frozen by get_state_dict: drop it too
+            model_sd = {k: v for k, v in model_sd.items() if ".lora_" in k}
+        return model_sd, optim_sd
+
     def save(self, step: int, rows: int, model, optimizer, metrics: dict[str, Any]) -> str:
         """Save a sharded checkpoint of step `step` (every worker calls this); returns its path."""
         name = step_dir_name(step)
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
+        model_sd, optim_sd = self._state(model, optimizer)
         with _local_dir(f"lmforge-ckpt-{name}-r{self.rank}-") as local:
             with _single_process_ok():
                 dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=local)
@@ -118,7 +124,7 @@ class Checkpointer:
             return None
         step, path = found
         with _readable(path) as local:
-            model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
+            model_sd, optim_sd = self._state(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
             with _single_process_ok():
                 dcp.load(state, checkpoint_id=local)

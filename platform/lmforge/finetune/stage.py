@@ -1,0 +1,135 @@
+"""The `finetune` stage: supervised fine-tuning (full or LoRA) of a model artifact on chat data.
+
+1. Resolve the base artifact (a path, a training run, or `@train/<name>`), its tokenizer and
+   chat template (the tokenizer's own `tokenizer_config.json` template when it has one).
+2. Prepare the chat data with Ray Data into `<run>/sft_data/`: tokenized, loss-masked, packed
+   Parquet shards in the trainer's format (lmforge.finetune.data); reused on resume.
+3. Train with the pretraining stage's Ray Train + FSDP2 loop (lmforge.train.loop): the same
+   accumulation, schedules, sharded checkpoints and automatic resume; the model starts from the
+   base weights, LoRA adapters (when enabled) are the only trained and checkpointed weights.
+4. The artifact `<run>/model/` is a plain model (adapters merged), with lineage pointing at the
+   base (model/version.py), ready for eval, export and serving.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmforge import LmforgeError, storage
+from lmforge.finetune.config import FinetuneConfig, scaffold
+from lmforge.stage import Stage, StageContext
+
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def base_artifact(cfg: FinetuneConfig) -> str:
+    """The base artifact directory; a missing or incomplete one is a one-line error."""
+    from lmforge.model.artifact import CONFIG, TOKENIZER, WEIGHTS
+    from lmforge.model.hf import resolve_artifact
+
+    if not cfg.base:
+        raise LmforgeError(
+            "base is not set: give the model to fine-tune (an artifact dir, a training run dir, "
+            "or @train/<run name>), e.g. --set base=@train/base"
+        )
+    path = resolve_artifact(cfg.base)
+    for name in (CONFIG, WEIGHTS, TOKENIZER):
+        if not storage.exists(storage.join(path, name)):
+            raise LmforgeError(
+                f"base {cfg.base}: {storage.join(path, name)} is missing; give a model artifact "
+                "(the model/ dir of a training run, or `lmforge import` output)"
+            )
+    return path
+
+
+def chat_template_of(artifact: str) -> str | None:
+    """The tokenizer's own chat template (tokenizer_config.json), or None for the built-in one."""
+    path = storage.join(artifact, TOKENIZER_CONFIG)
+    if not storage.exists(path):
+        return None
+    template = storage.read_json(path).get("chat_template")
+    return template if isinstance(template, str) else None
+
+
+def prepare_data(cfg: FinetuneConfig, base: str, output: str) -> tuple[str, dict[str, Any]]:
+    """`<run>/sft_data/` (made once; a resumed run reuses it) and its manifest."""
+    from lmforge.finetune.data import prepare_sft
+    from lmforge.model.artifact import TOKENIZER, load_config
+
+    data_dir = storage.join(output, "sft_data")
+    if not storage.is_complete(data_dir):
+        seq_len = cfg.data.seq_len or load_config(base).max_seq_len
+        prepare_sft(
+            cfg.data,
+            storage.read_text(storage.join(base, TOKENIZER)),
+            data_dir,
+            seq_len,
+            chat_template=chat_template_of(base),
+        )
+    return data_dir, storage.read_json(storage.join(data_dir, "manifest.json"))
+
+
+def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
+    import ray
+
+    from lmforge.train.data import PackedShards, batch_plan
+    from lmforge.train.trainer import _absolute, build_trainer, fit, validate_resources
+
+    base = _absolute(base_artifact(cfg))
+    if cfg.resources.num_workers > 1 and not cfg.parallel.fsdp:
+        raise LmforgeError(
+            "parallel.fsdp=false trains on one worker only: set resources.num_workers=1"
+        )
+    data_dir, manifest = prepare_data(cfg, base, ctx.output)
+    seq_len = PackedShards(storage.join(data_dir, "train")).seq_len
+    batch_plan(
+        cfg.train.global_batch_tokens,
+        cfg.train.micro_batch_size,
+        cfg.resources.num_workers,
+        seq_len,
+    )
+    validate_resources(cfg.resources, ray.nodes())
+    # The workers read the resolved base path from their config.
+    worker_cfg = cfg.model_copy(update={"base": base})
+    summary = fit(build_trainer(worker_cfg, ctx.output, data_dir, kind="finetune"), ctx.output)
+    template = storage.join(base, TOKENIZER_CONFIG)
+    if storage.exists(template):  # the fine-tuned model keeps the base's chat template
+        storage.write_text(
+            storage.join(ctx.output, "model", TOKENIZER_CONFIG), storage.read_text(template)
+        )
+    summary.update(
+        base=base,
+        lora=cfg.lora.enabled,
+        **{k: manifest[k] for k in manifest if k.startswith(("examples_", "packing_efficiency_"))},
+    )
+    before = first_metrics(ctx.output)
+    if before:
+        summary["before"] = before
+    return summary
+
+
+def first_metrics(output: str) -> dict[str, Any]:
+    """The step-0 validation of the base model (`train.eval_at_start`), for before/after."""
+    import json
+
+    path = storage.join(output, "metrics.jsonl")
+    if not storage.exists(path):
+        return {}
+    for line in storage.read_text(path).splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("step") == 0:
+            return {k: v for k, v in record.items() if k.startswith(("val_", "eval/"))}
+    return {}
+
+
+STAGE = Stage(
+    name="finetune",
+    config_cls=FinetuneConfig,
+    run=run,
+    help="Fine-tune a model artifact on chat data (full or LoRA) with the pretraining loop: Ray "
+    "Data prepares loss-masked packed examples, Ray Train + FSDP2 trains with checkpoints and "
+    "automatic resume; the merged model artifact goes to <run>/model/.",
+    input_field="base",
+    scaffold=scaffold,
+    job="finetune",
+)
