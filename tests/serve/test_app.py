@@ -228,3 +228,57 @@ def test_a_full_replica_is_503_through_serve_and_route_prefix_keeps_auth(
                 assert r.json()["error"]["code"] == "overloaded"
     finally:
         serve.delete("lmforge-one")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_request_log_and_feedback_of_two_router_replicas_are_whole_after_shutdown(
+    serve_app, artifact, key_file, tmp_path
+):
+    """Concurrent chat + feedback through two router replicas; rows are buffered (no timed
+    flush) and must all be on disk, once each, after the app is deleted (graceful shutdown)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx2
+    from ray import serve
+
+    from lmforge.model.version import read_version
+    from lmforge.serve.app import build_app
+    from lmforge.serve.requestlog import read_log
+
+    model = {"name": "logged", "artifact": artifact, "resources": {"num_cpus": 0.25}}
+    args = ServeArgs(
+        models=[model],
+        api_key_env="LMFORGE_UNSET_ENV",
+        api_key_file=key_file,
+        api_replicas=2,
+        request_log={"path": str(tmp_path), "flush_seconds": 3600},
+        drift={"sample_rate": 0},
+    )
+    serve.run(build_app(args), name="lmforge-log", route_prefix="/log")
+    url, headers = f"{serve_app}/log", {"Authorization": "Bearer sk-ray"}
+    version = read_version(artifact)["version"]
+
+    def chat_and_rate(i: int) -> tuple[str, str]:
+        with httpx2.Client(base_url=url, headers=headers, timeout=60) as http:
+            messages = [{"role": "user", "content": f"question {i}, from me@example.com"}]
+            body = {"model": "logged", "messages": messages, "max_tokens": 4}
+            answer = http.post("/v1/chat/completions", json=body)
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["x-lmforge-model-version"] == version
+            rid = answer.json()["id"]
+            rated = http.post("/v1/feedback", json={"completion_id": rid, "rating": i % 3 - 1})
+            assert rated.status_code == 200, rated.text
+            return rid, rated.json()["id"]
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            sent = list(pool.map(chat_and_rate, range(24)))
+    finally:
+        serve.delete("lmforge-log")
+    requests, feedback = read_log(str(tmp_path), "requests"), read_log(str(tmp_path), "feedback")
+    assert sorted(requests["completion_id"].to_pylist()) == sorted(r for r, _ in sent)
+    assert sorted(feedback["feedback_id"].to_pylist()) == sorted(f for _, f in sent)
+    assert set(requests["model_version"].to_pylist()) == {version}
+    assert all("me@example.com" not in m for m in requests["messages_json"].to_pylist())
+    print(f"rows from router replicas: {sorted(set(requests['replica'].to_pylist()))}")

@@ -110,15 +110,17 @@ class Router:
         from lmforge.serve.openai import create_app
         from lmforge.serve.requestlog import default_replica
 
-        self.app = create_app(self.backends, self.args, replica=default_replica())
-        return self.app
+        # (`self.app` is taken: the ingress wrapper's own property)
+        self.api = create_app(self.backends, self.args, replica=default_replica())
+        return self.api
 
     def __del__(self) -> None:
-        # A stopping router writes its buffered request and feedback rows (Serve may not run
-        # the ASGI app's shutdown hook; an exiting process also does, through atexit).
-        app = getattr(self, "app", None)
-        if app is not None:
-            app.state.request_log.close()
+        # A stopping router writes its buffered request and feedback rows. Serve runs the
+        # app's shutdown hook first (which already does), an exiting process atexit; closing
+        # twice writes nothing twice.
+        api = getattr(self, "api", None)
+        if api is not None:
+            api.state.request_log.close()
 
 
 def deployment_options(cfg: ModelServeConfig) -> dict:
