@@ -191,3 +191,23 @@ def test_errors_are_one_line(tmp_path, cli):
     assert cli("models", "list", "--runs-dir", tmp_path / "empty")[1].startswith("no model")
     code, _, err = cli("models", "show", "v-000000000000", "--runs-dir", tmp_path / "empty")
     assert code != 0 and "no model version" in err
+
+
+def test_list_on_an_object_store(tmp_path):
+    """The same listing on an object store (memory://, which behaves like S3)."""
+    from lmforge import storage
+    from lmforge.models_command import list_models
+
+    local = tmp_path / "model"
+    record = save_tiny(local, stage="train", run="base-ffffffffffff")
+    runs = "memory://models-test/runs"
+    for f in local.iterdir():
+        storage.write_bytes(f"{runs}/train/base-ffffffffffff/model/{f.name}", f.read_bytes())
+    storage.write_bytes(f"{runs}/train/half-000000000000/model/config.json", b"{}")  # unfinished
+    (listed,) = list_models(runs)
+    assert listed["version"] == record["version"]
+    assert listed["artifact"] == f"{runs}/train/base-ffffffffffff/model"
+    from lmforge.model.version import write_serving_pointer
+
+    write_serving_pointer(runs, listed["artifact"])
+    assert list_models(runs)[0]["served"] is True
