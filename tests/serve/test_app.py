@@ -237,6 +237,7 @@ def test_request_log_and_feedback_of_two_router_replicas_are_whole_after_shutdow
 ):
     """Concurrent chat + feedback through two router replicas; rows are buffered (no timed
     flush) and must all be on disk, once each, after the app is deleted (graceful shutdown)."""
+    import time
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx2
@@ -253,7 +254,7 @@ def test_request_log_and_feedback_of_two_router_replicas_are_whole_after_shutdow
         api_key_file=key_file,
         api_replicas=2,
         request_log={"path": str(tmp_path), "flush_seconds": 3600},
-        drift={"sample_rate": 0},
+        drift={"sample_rate": 1.0},  # every prompt is scored on the model replica too
     )
     serve.run(build_app(args), name="lmforge-log", route_prefix="/log")
     url, headers = f"{serve_app}/log", {"Authorization": "Bearer sk-ray"}
@@ -274,6 +275,12 @@ def test_request_log_and_feedback_of_two_router_replicas_are_whole_after_shutdow
     try:
         with ThreadPoolExecutor(4) as pool:
             sent = list(pool.map(chat_and_rate, range(24)))
+        # Drift scores come back from the model replica through its handle, off the request.
+        deadline, scraped = time.monotonic() + 30, ""
+        while 'lmforge_prompt_bits_per_byte{model="logged"}' not in scraped:
+            assert time.monotonic() < deadline, "no drift score reached the router's metrics"
+            scraped = httpx2.get(f"{url}/metrics", headers=headers).text
+            time.sleep(0.2)
     finally:
         serve.delete("lmforge-log")
     requests, feedback = read_log(str(tmp_path), "requests"), read_log(str(tmp_path), "feedback")
