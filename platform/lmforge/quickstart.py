@@ -33,6 +33,29 @@ def newest_artifact(results: list[StageResult]) -> str | None:
     return None
 
 
+def print_before_after(finetune_output: str) -> dict[str, tuple[float, float]]:
+    """The fine-tuning run's held-out scores before its first step and after its last."""
+    import json
+
+    from lmforge import storage
+
+    path = storage.join(finetune_output, "metrics.jsonl")
+    if not storage.exists(path):
+        return {}
+    records = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    scored = [r for r in records if "val_loss" in r]
+    if len(scored) < 2 or scored[0].get("step") != 0:
+        return {}
+    first, last = scored[0], scored[-1]
+    keys = [k for k in first if k == "val_loss" or k.startswith("eval/")]
+    changes = {k: (first[k], last[k]) for k in keys if k in last}
+    print("\nfine-tuning on held-out questions (before the first step -> after the last):")
+    for key, (before, after) in changes.items():
+        name = "answer loss (nats/token)" if key == "val_loss" else key.removeprefix("eval/")
+        print(f"  {name:<32} {before:8.4f} -> {after:8.4f}")
+    return changes
+
+
 def serve_and_ask(artifact: str, port: int, keep_serving: bool) -> dict[str, str]:
     """Deploy `artifact` on Ray Serve, send one completion and one chat request, print both."""
     from openai import OpenAI
@@ -121,6 +144,9 @@ def quickstart_command(argv: list[str], prog: str) -> int:
     results = run_pipeline(
         quickstart_pipeline(), args.overrides, args.workdir, args.address, args.force
     )
+    for r in results:
+        if r.stage == "finetune":
+            print_before_after(r.output)
     artifact = newest_artifact(results)
     if artifact and not args.no_serve:
         serve_and_ask(artifact, args.port, args.keep_serving)

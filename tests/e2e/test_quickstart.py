@@ -28,7 +28,12 @@ def test_quickstart_runs_every_stage_then_skips_them(tmp_path):
     for step in steps:
         assert storage.is_complete(step.output), step.id
         assert step.output in proc.stdout  # it ends by printing where each output is
-    # it served the trained model and asked it through the openai client
+    # it fine-tuned and printed the held-out scores before and after
+    assert "fine-tuning on held-out questions" in proc.stdout
+    line = next(ln for ln in proc.stdout.splitlines() if "answer loss (nats/token)" in ln)
+    before, after = (float(x) for x in line.split()[-3::2])
+    assert after < before, line
+    # it served the fine-tuned model and asked it through the openai client
     assert "completion  'The os module provides' -> '" in proc.stdout
     assert "chat        'What does os.getcwd do?' -> '" in proc.stdout
     again = run_quickstart(tmp_path / "qs", "--no-serve")

@@ -59,8 +59,10 @@ def masked_runs(tok, ids, mask) -> list[str]:
 
 def test_loss_mask_covers_exactly_the_assistant_turns(tok):
     ids, mask = D.encode_conversation(tok, CONVERSATION, "assistant")
-    assert tok.decode(ids, skip_special_tokens=False) == chat.render(CONVERSATION) + "<|eos|>"
-    assert ids == tok.encode(chat.render(CONVERSATION), add_special_tokens=False).ids + [EOS_ID]
+    text = "<|eos|>" + chat.render(CONVERSATION) + "<|eos|>"
+    assert tok.decode(ids, skip_special_tokens=False) == text
+    rendered = tok.encode(chat.render(CONVERSATION), add_special_tokens=False).ids
+    assert ids == [EOS_ID] + rendered + [EOS_ID] and mask[0] == 0
     # the template's "\n" after each <|end|> is formatting, not the assistant's: unmasked
     assert masked_runs(tok, ids, mask) == [
         ANSWERS[0] + "<|end|>",
@@ -77,7 +79,7 @@ def test_last_turn_and_all(tok):
     ids, mask = D.encode_conversation(tok, CONVERSATION, "last_turn")
     assert masked_runs(tok, ids, mask) == [ANSWERS[1] + "<|end|>", "<|eos|>"]
     ids, mask = D.encode_conversation(tok, CONVERSATION, "all")
-    assert mask == [1] * len(ids)
+    assert mask == [0] + [1] * (len(ids) - 1)  # all but the leading <|eos|>: nothing predicts it
     # no <|eos|> after a conversation that ends with a user turn
     ids, mask = D.encode_conversation(tok, CONVERSATION[:4], "assistant")
     assert ids[-1] != EOS_ID and masked_runs(tok, ids, mask) == [ANSWERS[0] + "<|end|>"]
@@ -88,7 +90,9 @@ def test_a_jinja_chat_template_is_followed(tok):
     builtin = D.encode_conversation(tok, CONVERSATION, "assistant")
     assert D.encode_conversation(tok, CONVERSATION, "assistant", chat.CHAT_TEMPLATE) == builtin
     ids, mask = D.encode_conversation(tok, CONVERSATION, "assistant", CHATML)
-    assert tok.decode(ids, skip_special_tokens=False).startswith("[start]system\nBe brief.[stop]")
+    assert tok.decode(ids, skip_special_tokens=False).startswith(
+        "<|eos|>[start]system\nBe brief.[stop]"
+    )
     assert masked_runs(tok, ids, mask) == [ANSWERS[0] + "[stop]", ANSWERS[1] + "[stop]", "<|eos|>"]
     # a template whose earlier turns change with later ones cannot be masked: a clear error
     unstable = "{{ messages | length }}" + CHATML
@@ -282,7 +286,9 @@ def test_too_long_examples_are_dropped_or_truncated(tmp_path, tok):
     full = (rows["segments"].reshape(-1, 65) > 0).all(axis=1)
     assert full.tolist() == [True, False, False, False]  # the cut one (line 1) fills its row
     cut = rows["tokens"].reshape(-1, 65)[0]
-    assert tok.decode(cut.tolist(), skip_special_tokens=False).startswith("<|user|>\nHi<|end|>")
+    assert tok.decode(cut.tolist(), skip_special_tokens=False).startswith(
+        "<|eos|><|user|>\nHi<|end|>"
+    )
 
 
 def test_val_split_by_fraction_or_by_val_sources(tmp_path, tok):

@@ -10,7 +10,9 @@ A conversation is rendered with the model's own chat template when its artifact 
 the built-in format (`lmforge.model.chat`), tokenized once, and each token marked 1 when it is a
 training target: the assistant turns' text and their closing end token (`loss_on: assistant`),
 only the last assistant turn (`last_turn`) or everything (`all`); never a role header or a user
-turn. An `<|eos|>` (a target) follows a conversation that ends with an assistant turn.
+turn. An `<|eos|>` (a target) follows a conversation that ends with an assistant turn. With an
+lmforge tokenizer an `<|eos|>` (not a target) also precedes it: every pretraining document and
+every `lmforge eval` prompt starts after that token, so fine-tuning sees the same start.
 
 Output (the contract with the trainer), under `out/`: train/part-NNNNN.parquet and
 val/part-NNNNN.parquet (val/ only when the split has examples), tokenizer.json, manifest.json
@@ -203,6 +205,11 @@ def encode_conversation(
     if messages[-1]["role"] == "assistant" and eos is not None:
         ids.append(eos)
         mask.append(1)
+    if eos is not None and tokenizer.token_to_id("<|assistant|>") is not None:
+        # An lmforge tokenizer: the conversation starts after <|eos|>, as every pretraining
+        # document and every `lmforge eval` prompt does, so the model sees the same context.
+        ids.insert(0, eos)
+        mask.insert(0, 0)
     return ids, mask
 
 

@@ -42,19 +42,11 @@ def base_artifact(cfg: FinetuneConfig) -> str:
     return path
 
 
-def chat_template_of(artifact: str) -> str | None:
-    """The tokenizer's own chat template (tokenizer_config.json), or None for the built-in one."""
-    path = storage.join(artifact, TOKENIZER_CONFIG)
-    if not storage.exists(path):
-        return None
-    template = storage.read_json(path).get("chat_template")
-    return template if isinstance(template, str) else None
-
-
 def prepare_data(cfg: FinetuneConfig, base: str, output: str) -> tuple[str, dict[str, Any]]:
     """`<run>/sft_data/` (made once; a resumed run reuses it) and its manifest."""
     from lmforge.finetune.data import prepare_sft
     from lmforge.model.artifact import TOKENIZER, load_config
+    from lmforge.model.hf import artifact_chat_template
 
     data_dir = storage.join(output, "sft_data")
     if not storage.is_complete(data_dir):
@@ -64,7 +56,7 @@ def prepare_data(cfg: FinetuneConfig, base: str, output: str) -> tuple[str, dict
             storage.read_text(storage.join(base, TOKENIZER)),
             data_dir,
             seq_len,
-            chat_template=chat_template_of(base),
+            chat_template=artifact_chat_template(base),
         )
     return data_dir, storage.read_json(storage.join(data_dir, "manifest.json"))
 
