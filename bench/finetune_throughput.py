@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lmforge.data.builtin import python_docs_records, python_docs_files  # noqa: E402
+from lmforge.data.builtin import python_docs_files, python_docs_records  # noqa: E402
 from lmforge.data.tokenizer import train_bpe  # noqa: E402
 from lmforge.finetune.config import FinetuneConfig  # noqa: E402
 from lmforge.finetune.data import SftDataConfig, prepare_sft  # noqa: E402
@@ -103,7 +103,9 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--accum", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "finetune_throughput.json"))
+    parser.add_argument(
+        "--out", default=str(REPO / "bench" / "results" / "finetune_throughput.json")
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="lmforge-bench-ft-"))
@@ -112,7 +114,9 @@ def main() -> None:
     data = {}
     for packing in (False, True):
         out = root / f"sft-{'packed' if packing else 'unpacked'}"
-        prepare_sft(SftDataConfig(packing=packing), tokenizer, str(out), args.seq_len, use_ray=False)
+        prepare_sft(
+            SftDataConfig(packing=packing), tokenizer, str(out), args.seq_len, use_ray=False
+        )
         data[packing] = out
     results = [
         run_variant(base, data[False], root, args, "unpacked"),
