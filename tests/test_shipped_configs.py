@@ -28,6 +28,39 @@ def test_shipped_config_is_valid(config):
     load_config(stage_of(config).config_cls, str(config))
 
 
+@pytest.mark.parametrize(
+    ("finetune", "pretrain"),
+    [("finetune-tiny.yaml", "pretrain-tiny.yaml"), ("finetune.yaml", "pretrain-1b.yaml")],
+)
+def test_finetune_config_fits_its_pretrain_config(finetune, pretrain):
+    """Each fine-tuning config starts from a `@train/<run>` and splits its batch evenly; the tiny
+    one fine-tunes exactly what pretrain-tiny.yaml trains, on the built-in chat data."""
+    from lmforge.finetune.config import scaffold
+    from lmforge.model.presets import PRESETS
+    from lmforge.train.data import batch_plan
+
+    configs = REPO / "jobs" / "configs"
+    ft = load_config(get_stage("finetune").config_cls, str(configs / finetune))
+    base = load_config(get_stage("train").config_cls, str(configs / pretrain))
+    assert ft.base.startswith("@train/")
+    assert ft.data.seq_len <= PRESETS[base.model.preset].max_seq_len
+    plan = batch_plan(
+        ft.train.global_batch_tokens,
+        ft.train.micro_batch_size,
+        ft.resources.num_workers,
+        ft.data.seq_len,
+    )
+    assert plan.accum_steps == 2  # see the comments of both configs
+    # LoRA for the big presets, full fine-tuning for small ones, as `lmforge init` scaffolds it
+    assert ft.lora.enabled == scaffold(base.model.preset)["lora"]["enabled"]
+    if finetune == "finetune-tiny.yaml":
+        assert ft.base == f"@train/{base.name}" == "@train/tiny"
+        assert ft.data.sources == ["builtin:stdlib-sft"] and ft.data.seq_len == 256
+        assert ft.resources.gpus_per_worker == 0 and ft.train.max_steps <= 10
+    else:
+        assert ft.lora.enabled is True and ft.resources.gpus_per_worker == 1
+
+
 def test_every_job_entry_point_is_a_stage():
     scripts = {f"jobs/{p.name}" for p in (REPO / "jobs").glob("*.py") if not p.name.startswith("_")}
     assert scripts == set(JOBS)
