@@ -88,6 +88,15 @@ def test_exported_tokenizer_has_the_chat_template_and_special_tokens(tmp_path):
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text == chat.render(messages, add_generation_prompt=True)
     assert tok.eos_token == "<|eos|>" and tok.pad_token_id == 0 and tok.bos_token_id == 1
+    # transformers' tokenizer encodes exactly as ours, special tokens and all
+    from tokenizers import Tokenizer
+
+    ours = Tokenizer.from_file(str(tmp_path / "art" / "tokenizer.json"))
+    for sample in [text, "Return the current directory.\n\n  x = os.getcwd()  # ünïcode"]:
+        assert (
+            tok(sample, add_special_tokens=False)["input_ids"]
+            == ours.encode(sample, add_special_tokens=False).ids
+        )
     gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [2, 6]
 

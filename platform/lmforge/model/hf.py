@@ -332,8 +332,21 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None) -> LlamaConfig:
 def resolve_artifact(path: str) -> str:
     """An artifact dir, or a training run dir holding one under model/, or a run named as
     `[<runs_dir>/]@<stage>/<run name>` (the latest complete output of that run; see
-    `lmforge.stage.resolve_input_reference`), e.g. `/mnt/lmforge/runs/@train/base`."""
-    if path.startswith("@") or "/@" in path:
+    `lmforge.stage.resolve_input_reference`), e.g. `/mnt/lmforge/runs/@train/base`, or
+    `[<runs_dir>/]@serving`: the artifact the serving pointer names (what `lmforge improve`
+    promoted last)."""
+    if path.rstrip("/").endswith("@serving"):
+        from lmforge.model.version import read_serving_pointer
+
+        runs_dir = path.rstrip("/").removesuffix("@serving").rstrip("/") or "runs"
+        pointer = read_serving_pointer(runs_dir)
+        if not pointer:
+            raise LmforgeError(
+                f"{path}: nothing is served yet under {runs_dir} (no serving/current.json); "
+                "run `lmforge improve` or give an artifact path"
+            )
+        path = pointer["artifact"]
+    elif path.startswith("@") or "/@" in path:
         from lmforge.stage import read_run_reference
 
         runs_dir, _, ref = path.rpartition("@")
