@@ -9,7 +9,6 @@ cause a 500.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -21,7 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 
 from lmforge.model import chat
 from lmforge.serve.config import LimitsConfig, ServeArgs
-from lmforge.serve.drift import DriftMonitor, ServedModelInfo, served_model_info
+from lmforge.serve.drift import served_model_info
 from lmforge.serve.feedback import add_feedback_route
 from lmforge.serve.metrics import MetricsMiddleware, ServeMetrics
 from lmforge.serve.middleware import AuthMiddleware, add_error_handlers
@@ -33,8 +32,8 @@ from lmforge.serve.protocol import (
     TokenizeRequest,
 )
 from lmforge.serve.render import chat_chunk, chat_response, completion_choice, logprob_state
-from lmforge.serve.requestlog import RequestLog, utcnow
 from lmforge.serve.streams import Backend, Generation, LocalBackend, Slot, collect_all, merge
+from lmforge.serve.trace import RequestTrace, add_monitoring, lifespan, model_info
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +55,6 @@ def local_app(args: ServeArgs) -> FastAPI:
 # ---------------------------------------------------------------- the app
 
 
-@contextlib.asynccontextmanager
-async def _lifespan(app: FastAPI):
-    yield
-    app.state.request_log.close()  # graceful shutdown: what is buffered is written
-
-
 def create_app(
     backends: dict[str, Backend], args: ServeArgs, replica: str | None = None
 ) -> FastAPI:
@@ -70,26 +63,12 @@ def create_app(
         title="lmforge OpenAI-compatible API",
         version="1",
         description="Completions and chat over lmforge model artifacts, with continuous batching.",
-        lifespan=_lifespan,
+        lifespan=lifespan,
     )
     app.state.backends, app.state.limits = backends, args.limits
-    app.state.metrics = metrics = ServeMetrics()
+    app.state.metrics = ServeMetrics()
     app.state.inflight = 0
-    c = args.request_log
-    app.state.request_log = RequestLog(
-        c.path,
-        c.sample_rate,
-        c.flush_rows,
-        c.flush_seconds,
-        c.redact_pii,
-        replica=replica,
-        recent_completions=c.recent_completions,
-    )
-    app.state.drift = DriftMonitor(args.drift, metrics)
-    for name, backend in backends.items():
-        info = _info(backend)
-        metrics.model_info.labels(name, info.version or "unknown").set(1)
-        app.state.drift.set_validation(name, info.val_bpb)
+    add_monitoring(app, backends, args, replica)
     add_error_handlers(app)
     _add_routes(app)
     add_feedback_route(app)
@@ -97,10 +76,6 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)
     app.add_middleware(AuthMiddleware, keys=args.api_keys())
     return app
-
-
-def _info(backend: Backend) -> ServedModelInfo:
-    return getattr(backend, "info", None) or ServedModelInfo()
 
 
 def _backend(request: Request, name: str | None) -> Backend:
@@ -179,64 +154,8 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-class Trace:
-    """One generation request as the request log and the drift monitor see it: its first
-    prompt and first choice, usage, latency and final status."""
-
-    def __init__(self, request: Request, backend: Backend, endpoint: str, prompt: str) -> None:
-        self.state, self.backend, self.endpoint, self.prompt = (
-            request.app.state,
-            backend,
-            endpoint,
-            prompt,
-        )
-        self.time, self.start = utcnow(), time.monotonic()
-        self.version = _info(backend).version
-        self.rid, self.messages = "", None
-        self.text, self.finish_reason = "", None
-        self.prompt_tokens = self.completion_tokens = 0
-        self.ended = False
-
-    def headers(self) -> dict[str, str]:
-        return {"x-lmforge-model-version": self.version or "unknown"}
-
-    def add(self, k: int, out) -> None:
-        """A streamed output of choice k."""
-        if k == 0:
-            self.text += out.text
-            self.finish_reason = out.finish_reason or self.finish_reason
-
-    def end(self, status: int, usage: dict | None = None) -> None:
-        if self.ended:
-            return
-        self.ended = True
-        usage = usage or {}
-        name, request_log = self.backend.name, self.state.request_log
-        request_log.remember(self.rid, name, self.version)
-        request_log.record_request(
-            {
-                "completion_id": self.rid,
-                "time": self.time,
-                "endpoint": self.endpoint,
-                "model": name,
-                "model_version": self.version,
-                "messages_json": None if self.messages is None else json.dumps(self.messages),
-                "prompt": self.prompt,
-                "completion": self.text,
-                "finish_reason": self.finish_reason,
-                "latency_s": time.monotonic() - self.start,
-                "prompt_tokens": usage.get("prompt_tokens", 0),
-                "completion_tokens": usage.get("completion_tokens", 0),
-                "status": status,
-            }
-        )
-        score = getattr(self.backend, "score", None)
-        if status == 200 and score is not None:
-            self.state.drift.offer(self.rid, name, self.prompt, score)
-
-
 def _stream_response(
-    events: AsyncIterator[str], slot: Slot, gen: Generation, trace: Trace, usage: dict
+    events: AsyncIterator[str], slot: Slot, gen: Generation, trace: RequestTrace, usage: dict
 ) -> StreamingResponse:
     async def body():
         status = 499  # the client left before the end
@@ -260,7 +179,7 @@ def _stream_response(
     return StreamingResponse(body(), media_type="text/event-stream", headers=trace.headers())
 
 
-async def _collect(slot: Slot, generation: Generation, gens, trace: Trace):
+async def _collect(slot: Slot, generation: Generation, gens, trace: RequestTrace):
     """Every output of a non-streamed request; a failure is logged with its status."""
     try:
         results = await collect_all(gens)
@@ -311,7 +230,7 @@ def _add_routes(app: FastAPI) -> None:
                 "created": 0,
                 "owned_by": "lmforge",
                 "max_model_len": b.max_seq_len,
-                "version": _info(b).version,
+                "version": model_info(b).version,
             }
             for n, b in request.app.state.backends.items()
         ]
@@ -386,7 +305,7 @@ async def _completions(request: Request, body: CompletionRequest):
         for _, ids in prompts
         for j in range(body.n)
     ]
-    trace = Trace(request, backend, "completions", prompts[0][0])
+    trace = RequestTrace(request, backend, "completions", prompts[0][0])
     slot, generation, gens = await _start_generation(state, backend, "/v1/completions", jobs)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     trace.rid = rid
@@ -420,7 +339,7 @@ async def _completions(request: Request, body: CompletionRequest):
 
 
 async def _completion_events(
-    body, gens, texts, tok, rid, created, trace: Trace, usage: dict
+    body, gens, texts, tok, rid, created, trace: RequestTrace, usage: dict
 ) -> AsyncIterator[str]:
     lps = [logprob_state(tok) if body.logprobs is not None else None for _ in gens]
     started = [False] * len(gens)
@@ -476,7 +395,7 @@ async def _chat(request: Request, body: ChatRequest):
     _check_lengths(backend, limits, len(ids), max_tokens, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     jobs = [(ids, body.sampling(max_tokens, logprobs, False, j)) for j in range(body.n)]
-    trace = Trace(request, backend, "chat", rendered)
+    trace = RequestTrace(request, backend, "chat", rendered)
     trace.messages = messages
     slot, generation, gens = await _start_generation(state, backend, "/v1/chat/completions", jobs)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -493,7 +412,9 @@ async def _chat(request: Request, body: ChatRequest):
     return JSONResponse(response, headers=trace.headers())
 
 
-async def _chat_events(body, gens, tok, rid, created, trace: Trace, usage) -> AsyncIterator[str]:
+async def _chat_events(
+    body, gens, tok, rid, created, trace: RequestTrace, usage
+) -> AsyncIterator[str]:
     started = [False] * len(gens)
     usage.update(prompt_tokens=0, completion_tokens=0)
     with_lp = body.logprobs
