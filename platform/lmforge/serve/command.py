@@ -77,6 +77,9 @@ def serve_command(argv: list[str], prog: str) -> int:
         f"  try: curl {base}/v1/models"
         + ("" if not args.api_keys() else " -H 'Authorization: Bearer $KEY'")
     )
+    print(f"  playground: {base}{args.route_prefix.rstrip('/')}/playground")
+    if args.request_log.path:
+        print(f"  request log and feedback: {args.request_log.path}")
     if ns.no_ray:
         import uvicorn
 
