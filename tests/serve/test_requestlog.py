@@ -109,6 +109,25 @@ def test_a_failed_write_is_retried_under_the_same_name_never_duplicated(tmp_path
     assert len(storage.list_files(str(tmp_path), suffix=".parquet")) == 2
 
 
+def test_the_flush_thread_retries_a_failed_batch_a_period_later(tmp_path, monkeypatch):
+    real, failures = storage.write_bytes, []
+
+    def failing_once(path, data):
+        if not failures:
+            failures.append(path)
+            raise OSError("bucket unavailable")
+        real(path, data)
+
+    monkeypatch.setattr(storage, "write_bytes", failing_once)
+    log = RequestLog(str(tmp_path), flush_rows=1, flush_seconds=0.2, replica="r0")
+    log.record_feedback(feedback_row(1))
+    deadline = time.monotonic() + 5
+    while read_log(str(tmp_path), "feedback").num_rows == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert failures and read_log(str(tmp_path), "feedback").num_rows == 1
+    assert log.close() == 0
+
+
 def test_rows_are_flushed_on_time_without_close(tmp_path):
     log = RequestLog(str(tmp_path), flush_rows=1000, flush_seconds=0.2, replica="r0")
     log.record_feedback(feedback_row(1))

@@ -293,21 +293,22 @@ class RequestLog:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(timeout=self._due_in())
+            woken = self._wake.wait(timeout=self._due_in())
             self._wake.clear()
             if self._stop.is_set():
                 break
             full = any(w.buffered() >= w.flush_rows for w in self.writers.values())
-            if full or self._due_in() <= 0:
+            failed = any(w.pending for w in self.writers.values())  # retried once a period
+            if full or self._due_in() <= 0 or (failed and not woken):
                 self.flush()
 
     def _due_in(self) -> float:
-        """Seconds until the oldest buffered row has waited `flush_seconds`."""
+        """Seconds until the oldest buffered row has waited `flush_seconds` (batches whose
+        write failed are retried with the next flush, not in a tight loop)."""
         starts = [w.first_buffered for w in self.writers.values() if w.first_buffered]
-        if not starts and not any(w.pending for w in self.writers.values()):
+        if not starts:
             return self.flush_seconds
-        oldest = min(starts) if starts else time.monotonic() - self.flush_seconds
-        return max(oldest + self.flush_seconds - time.monotonic(), 0.0)
+        return max(min(starts) + self.flush_seconds - time.monotonic(), 0.0)
 
     def close(self) -> int:
         """Stop the flush thread and write everything buffered; return the rows written."""
