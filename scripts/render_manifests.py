@@ -3,7 +3,9 @@
 `helm template` with helm/lmforge/ci/manifests.yaml, split into one file per stage
 (`rayjob.<stage>.yaml`: the stage's config ConfigMap and its RayJob), `raycronjob.improve.yaml`
 (the improvement loop's config and its RayCronJob), `rayservice.yaml` (the serving RayService)
-and `base.yaml` (what they share: ServiceAccount, NetworkPolicy, storage claim). Helm's bookkeeping labels
+and `base.yaml` (what they share: ServiceAccount, NetworkPolicy, storage claim). A RayJob file's
+header says which earlier run its config reads (`@<stage>/<run name>`, e.g. finetune's
+`base: "@train/base"`), i.e. when to apply it. Helm's bookkeeping labels
 and `# Source:` lines are dropped; the templates' comments stay. tests/k8s fails when the files
 differ from a fresh render, so edit the chart and re-render, never the files.
 
@@ -104,12 +106,34 @@ def render(values: Path = VALUES) -> dict[str, str]:
         else:
             stage = name.split(".")[1]
             title = f"The {stage} stage: its job config (ConfigMap) and its RayJob."
-            usage = (
+            usage = "".join(
+                f"# when the run {ref} has SUCCEEDED (`{key}` reads its latest output):\n"
+                for key, ref in run_references(chunks)
+            ) + (
                 f"#   kubectl apply -f manifests/{name}\n"
                 f"#   kubectl get rayjob lmforge-{stage} -w; kubectl logs -f job/lmforge-{stage}\n"
             )
         files[name] = HEADER.format(title=title, usage=usage) + "---\n" + "---\n".join(chunks)
     return files
+
+
+def run_references(chunks: list[str]) -> list[tuple[str, str]]:
+    """(dotted key, `@<stage>/<run name>`) of every run reference in the job configs among
+    `chunks` (a stage's input, e.g. finetune's `base: "@train/base"`), in config order."""
+    found: list[tuple[str, str]] = []
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{path}.{key}" if path else str(key))
+        elif isinstance(node, str) and node.startswith("@") and "/" in node:
+            found.append((path, node))
+
+    for chunk in chunks:
+        doc = yaml.safe_load(chunk)
+        if doc.get("kind") == "ConfigMap":
+            walk(yaml.safe_load(doc["data"]["config.yaml"]), "")
+    return found
 
 
 def stale_or_missing(files: dict[str, str], out: Path = OUT) -> list[str]:

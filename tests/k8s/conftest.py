@@ -92,6 +92,7 @@ ALL_ON = (
     "improve.enabled=true",
     "stages.prepareData.enabled=true",
     "stages.pretrain.enabled=true",
+    "stages.finetune.enabled=true",
     "ray.autoscaling=true",
     "stages.evaluate.enabled=true",
     "serve.enabled=true",

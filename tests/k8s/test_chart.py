@@ -281,6 +281,61 @@ def test_rayjob_lifecycle_fields():
     }
 
 
+def test_finetune_rayjob_starts_from_the_pretrain_run_and_evaluate_can_follow_it():
+    """stages.finetune: off by default; on, a GPU RayJob whose `base` names the pretrain RayJob's
+    run, and whose own run evaluate (and serving) can name as `@finetune/<name>`."""
+    from lmforge.eval.config import EvalConfig
+    from lmforge.finetune.config import FinetuneConfig
+
+    assert "lmforge-finetune" not in {o["metadata"]["name"] for o in render()}
+    objects = render(
+        sets=(
+            "stages.pretrain.enabled=true",
+            "stages.finetune.enabled=true",
+            "stages.evaluate.enabled=true",
+            "stages.evaluate.config.model=@finetune/chat",
+        )
+    )
+    jobs = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "RayJob"}
+    configs = {
+        o["metadata"]["name"]: yaml.safe_load(o["data"]["config.yaml"])
+        for o in objects
+        if o["kind"] == "ConfigMap"
+    }
+    spec = jobs["lmforge-finetune"]
+    assert spec["entrypoint"] == "python jobs/finetune.py -c job-configs/finetune.yaml"
+    assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["LMFORGE_STAGE"] == "finetune"
+    assert spec["backoffLimit"] == 1 and spec["ttlSecondsAfterFinished"] == 600
+    cluster = spec["rayClusterSpec"]
+    (gpu,) = cluster["workerGroupSpecs"]
+    container = gpu["template"]["spec"]["containers"][0]
+    assert gpu["groupName"] == "gpu" and gpu["replicas"] == 1
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert container["image"] == "ghcr.io/lmforge/lmforge:0.1.0-gpu"
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    (configs_volume,) = [v for v in head["volumes"] if v["name"] == "job-configs"]
+    assert configs_volume["projected"]["sources"] == [
+        {
+            "configMap": {
+                "name": "lmforge-finetune-config",
+                "items": [{"key": "config.yaml", "path": "finetune.yaml"}],
+            }
+        }
+    ]
+    finetune = configs["lmforge-finetune-config"]
+    assert finetune == {
+        "name": "chat",
+        "base": "@train/base",
+        "resources": {"num_workers": 8, "gpus_per_worker": 1},
+        "runs_dir": "/mnt/lmforge/runs",
+    }
+    assert finetune["base"] == f"@train/{configs['lmforge-pretrain-config']['name']}"
+    # one Ray Train worker per GPU of the gpu group
+    assert FinetuneConfig.model_validate(finetune).resources.num_workers == 8 * gpu["replicas"]
+    evaluate = EvalConfig.model_validate(configs["lmforge-evaluate-config"])
+    assert evaluate.model == f"@finetune/{finetune['name']}"
+
+
 def test_overrides_are_quoted_into_the_entrypoint():
     objects = render(sets=("stages.check.overrides={min_cpus=3,name=a b}",))
     (job,) = [o for o in objects if o["kind"] == "RayJob"]
@@ -290,7 +345,12 @@ def test_overrides_are_quoted_into_the_entrypoint():
 def test_kueue_suspends_and_labels():
     objects = render(str(CHART / "ci" / "gpu-multinode.yaml"))
     jobs = [o for o in objects if o["kind"] == "RayJob"]
-    assert len(jobs) == 3
+    assert sorted(j["metadata"]["name"] for j in jobs) == [
+        "lmforge-check",
+        "lmforge-finetune",
+        "lmforge-prepare-data",
+        "lmforge-pretrain",
+    ]
     for job in jobs:
         assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
         assert job["spec"]["suspend"] is True

@@ -39,6 +39,7 @@ def test_manifests_match_a_fresh_render():
         "rayjob.check.yaml",
         "rayjob.prepare-data.yaml",
         "rayjob.pretrain.yaml",
+        "rayjob.finetune.yaml",
         "rayjob.evaluate.yaml",
         "rayservice.yaml",
         "raycronjob.improve.yaml",
@@ -84,3 +85,29 @@ def test_improve_raycronjob_reads_the_request_log_the_rayservice_writes():
     args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
     assert yaml.safe_load(text)["request_log"] == args["request_log"]["path"]
     assert args["request_log"]["path"] == "/mnt/lmforge/runs/request-log"
+
+
+def test_rayjobs_chain_through_run_references():
+    """Each stage's input names the run of the RayJob before it (`@<stage>/<run name>`), so the
+    manifests applied in order chain data -> pretrain -> finetune, and the header says so."""
+    import yaml
+
+    configs = {}
+    for path in MANIFESTS.glob("rayjob.*.yaml"):
+        docs = manifest_docs(path)
+        (job,) = [d for d in docs if d["kind"] == "RayJob"]
+        script, _, text, _ = rayjob_entrypoint_config(docs, job)
+        configs[script] = yaml.safe_load(text)
+    data, pretrain = configs["jobs/prepare_data.py"], configs["jobs/pretrain.py"]
+    finetune = configs["jobs/finetune.py"]
+    assert pretrain["data"]["path"] == f"@data/{data['name']}" == "@data/corpus"
+    assert finetune["base"] == f"@train/{pretrain['name']}" == "@train/base"
+    assert configs["jobs/evaluate.py"]["model"] == "@train/base"
+    header = (MANIFESTS / "rayjob.finetune.yaml").read_text().split("\n---\n")[0].splitlines()
+    assert header[-3:] == [
+        "# when the run @train/base has SUCCEEDED (`base` reads its latest output):",
+        "#   kubectl apply -f manifests/rayjob.finetune.yaml",
+        "#   kubectl get rayjob lmforge-finetune -w; kubectl logs -f job/lmforge-finetune",
+    ]
+    check = (MANIFESTS / "rayjob.check.yaml").read_text().split("\n---\n")[0]
+    assert "SUCCEEDED" not in check  # it reads no earlier run
