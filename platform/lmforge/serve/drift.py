@@ -126,6 +126,11 @@ class DriftMonitor:
         if self.queue is not None:
             await self.queue.join()
 
+    def close(self) -> None:
+        """Stop scoring (app shutdown); prompts still queued are dropped."""
+        if self.task is not None:
+            self.task.cancel()
+
     def observe(self, model: str, bpb: float) -> None:
         window = self.windows.setdefault(model, deque(maxlen=self.cfg.window))
         window.append(bpb)

@@ -318,10 +318,6 @@ class RequestLog:
             self._thread.join(timeout=30)
         return self.flush()
 
-    def __del__(self) -> None:
-        if getattr(self, "writers", None) and not self._stop.is_set():
-            self.close()
-
 
 def _close_ref(ref: weakref.ref) -> None:
     request_log = ref()
