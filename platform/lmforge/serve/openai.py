@@ -9,6 +9,7 @@ cause a 500.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -185,6 +186,9 @@ async def _collect(slot: Slot, generation: Generation, gens, trace: RequestTrace
         results = await collect_all(gens)
     except APIError as e:
         trace.end(e.status)
+        raise
+    except asyncio.CancelledError:
+        trace.end(499)  # the client left
         raise
     except BaseException:
         trace.end(500)
