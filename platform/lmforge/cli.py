@@ -50,6 +50,10 @@ COMMANDS: dict[str, Command] = {
         "stage:finetune",
         "fine-tune a model artifact on chat data, full or LoRA (same loop; resumes automatically)",
     ),
+    "improve": Command(
+        "stage:improve",
+        "fold served feedback into the model: fine-tune, gate against the served one, promote",
+    ),
     "plan": Command(
         "lmforge.plan:plan_command",
         "estimate a training config before running it: params, FLOPs, memory per GPU, wall time",

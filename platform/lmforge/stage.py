@@ -40,6 +40,7 @@ STAGES: dict[str, str] = {
     "data": "lmforge.data.prepare:STAGE",
     "train": "lmforge.train.trainer:STAGE",
     "finetune": "lmforge.finetune.stage:STAGE",
+    "improve": "lmforge.improve.stage:STAGE",
     "eval": "lmforge.eval.evaluate:STAGE",
 }
 

@@ -1,0 +1,9 @@
+"""RayJob entry point of the `improve` stage (the chart runs it daily as a RayCronJob):
+python jobs/improve.py -c CONFIG [--set k=v ...]"""
+
+import _bootstrap  # noqa: F401  (puts the shipped lmforge source on sys.path)
+
+from lmforge.stage import job_main
+
+if __name__ == "__main__":
+    job_main("improve")

@@ -1,0 +1,1 @@
+"""The continuous-improvement loop: feedback -> SFT data -> fine-tune -> gate -> promote."""
