@@ -23,7 +23,8 @@ dashboard and follows the job. Here:
 - the submission: the RayJob's exact `entrypoint` string and its `runtimeEnvYAML`, through the
   Ray Jobs SDK with the cluster's token, exactly what the submitter's `ray job submit` sends.
 
-Stages run in pipeline order. A stage's input (train's data.path, eval's model) that the
+Stages run in pipeline order (the stage registry's: check, data, train, finetune, eval). A
+stage's input (train's data.path, finetune's base, eval's model) that the
 ConfigMap gives as `@<stage>/<run name>` is left for the job to resolve from the shared storage,
 as on the cluster (a tiny config keeps the ConfigMap's run name for this); any other input gets
 the output of the stage before it, as `lmforge pipeline run` passes it. A RayJob whose job script does not exist
@@ -79,15 +80,17 @@ SHORTER = {
 
 
 def _rayjobs_in_pipeline_order() -> list[Path]:
-    from lmforge.stage import DEFAULT_PIPELINE
+    # The stage registry lists stages in pipeline order (check, data, train, finetune, ..., eval),
+    # optional ones such as finetune included, unlike DEFAULT_PIPELINE.
+    from lmforge.stage import STAGES
+
+    order_of = list(STAGES)
 
     def order(path: Path) -> int:
         docs = manifest_docs(path)
         job = next(d for d in docs if d["kind"] == "RayJob")
         stage = stage_for_job(rayjob_entrypoint_config(docs, job)[0])
-        return (
-            DEFAULT_PIPELINE.index(stage.name) if stage and stage.name in DEFAULT_PIPELINE else 99
-        )
+        return order_of.index(stage.name) if stage and stage.name in order_of else 99
 
     return sorted(MANIFESTS.glob("rayjob.*.yaml"), key=order)
 
@@ -239,6 +242,31 @@ def test_rayjob_runs_as_kuberay_would_run_it(path, pod_files, emulated_clusters)
         assert report["tasks"]["stdlib-module-mc"]["acc"]["n"] == 3  # limit: 3 (evaluate-tiny)
     if stage.name == "train":  # `data.path: "@data/corpus"` resolved to the emulated data run
         assert resolved["data"]["path"] == OUTPUTS["data"]
+    if stage.name == "finetune":
+        _check_finetune(outputs[0], resolved, logs)
+
+
+def _check_finetune(output: str, resolved: dict, logs: str) -> None:
+    """`base: "@train/base"` resolved to the emulated training run; the fine-tuned model is
+    complete and is what `@finetune/<name>` (evaluate's model, serving's artifact) names."""
+    from lmforge.model.hf import resolve_artifact
+    from lmforge.stage import read_run_reference
+
+    assert resolved["base"] == OUTPUTS["train"]
+    tiny = yaml.safe_load((REPO / "jobs" / "configs" / "finetune-tiny.yaml").read_text())
+    steps = [json.loads(line) for line in Path(output, "metrics.jsonl").read_text().splitlines()]
+    # step 0 scores the base model (eval_at_start), the last step is the tiny config's max_steps
+    assert steps[0]["step"] == 0 and "val_loss" in steps[0]
+    assert max(r["step"] for r in steps) == tiny["train"]["max_steps"]
+    model = Path(output, "model")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in model.iterdir()
+    }
+    runs_dir = str(Path(output).parent.parent)
+    reference = f"@finetune/{resolved['name']}"
+    assert read_run_reference(runs_dir, reference, where="model") == output
+    assert resolve_artifact(f"{runs_dir}/{reference}") == str(model)
+    assert "[finetune] done in" in logs
 
 
 # The RayService (manifests/rayservice.yaml)
