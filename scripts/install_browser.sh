@@ -19,6 +19,10 @@ echo "install_browser: installing chromium and chromium-driver with apt-get" >&2
 export DEBIAN_FRONTEND=noninteractive
 # A fresh image has no package lists; refresh them only if the install cannot find the packages.
 if ! apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1; then
-    apt-get update -qq >/dev/null
-    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+    # Never fail `make test` over the browser: without it the playground test skips, saying why.
+    if ! { apt-get update -qq >/dev/null && \
+           apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }; then
+        echo "install_browser: apt-get could not install chromium/chromium-driver;" \
+             "the playground browser test will skip" >&2
+    fi
 fi
