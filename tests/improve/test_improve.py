@@ -193,3 +193,23 @@ def test_improve_promotes_a_better_candidate_and_refuses_a_worse_one(ray_local, 
     decisions = (Path(runs) / "improve").glob("loop-*/decisions.jsonl")
     lines = next(decisions).read_text().splitlines()
     assert [json.loads(ln)["action"] for ln in lines] == ["promote", "keep", "skip"]
+
+
+def test_the_served_model_is_current_until_a_pointer_exists(tmp_path):
+    from lmforge import ConfigError
+    from lmforge.improve.stage import served_artifact
+    from lmforge.model import Llama, model_config
+    from lmforge.model.artifact import save_artifact
+    from lmforge.model.version import write_serving_pointer
+
+    runs = tmp_path / "runs"
+    for name in ("a", "b"):
+        save_artifact(str(runs / "finetune" / f"chat-{name}" / "model"),
+                      Llama(model_config("debug")).state_dict(), model_config("debug"))  # fmt: skip
+    (runs / "finetune" / "chat.latest").write_text(str(runs / "finetune" / "chat-a") + "\n")
+    cfg = ImproveConfig(runs_dir=str(runs), request_log="x", current="@finetune/chat")
+    assert served_artifact(cfg) == (str(runs / "finetune" / "chat-a" / "model"), True)
+    write_serving_pointer(str(runs), str(runs / "finetune" / "chat-b" / "model"))
+    assert served_artifact(cfg) == (str(runs / "finetune" / "chat-b" / "model"), False)
+    with pytest.raises(ConfigError, match="no model is served yet"):
+        served_artifact(ImproveConfig(runs_dir=str(tmp_path / "empty"), request_log="x"))

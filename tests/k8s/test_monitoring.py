@@ -196,6 +196,7 @@ def test_raycronjob_runs_the_improve_job_daily_with_its_mounted_config():
     assert (script, config, overrides) == ("jobs/improve.py", "job-configs/improve.yaml", [])
     assert yaml.safe_load(text) == {
         "name": "daily",
+        "current": "@finetune/chat",  # the finetune RayJob's run, adopted on the first run
         "runs_dir": "/mnt/lmforge/runs",
         "request_log": "/mnt/lmforge/runs/request-log",
     }

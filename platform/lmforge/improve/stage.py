@@ -46,7 +46,10 @@ def served_artifact(cfg: ImproveConfig) -> tuple[str, bool]:
             f"{cfg.runs_dir}/serving/): set current to the model to improve, e.g. "
             "--set current=@finetune/chat"
         )
-    return resolve_artifact(cfg.current), True
+    current = cfg.current
+    if current.startswith("@"):  # a run reference under this loop's runs_dir
+        current = storage.join(cfg.runs_dir, current)
+    return resolve_artifact(current), True
 
 
 def previous_decisions(output: str) -> list[dict[str, Any]]:
