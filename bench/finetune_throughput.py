@@ -45,7 +45,7 @@ from lmforge.train import loop  # noqa: E402
 def make_base(root: Path, preset: str, vocab: int) -> Path:
     """A tokenizer trained on a slice of the built-in corpus and a randomly initialised model."""
     texts = [t for f in python_docs_files()[:300] for _, t in python_docs_records(f)]
-    tok = train_bpe(texts, vocab_size=vocab)
+    tok = train_bpe(texts, vocab_size=vocab, min_frequency=2)
     cfg = model_config(preset, vocab_size=tok.get_vocab_size())
     torch.manual_seed(0)
     model = Llama(cfg)
