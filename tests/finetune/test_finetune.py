@@ -14,31 +14,14 @@ from lmforge.finetune.config import FinetuneConfig
 from lmforge.model.artifact import load_model
 from lmforge.model.version import read_version
 from lmforge.train.checkpoint import MARKER, complete_checkpoints
-from lmforge.train.config import TrainConfig
 from lmforge.train.loop import run_local
-from tests.train.conftest import make_packed_data, tiny_train_config
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.train.conftest import one_torch_thread, pretrained_base  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A debug-preset model pretrained for a few steps: the artifact fine-tuning starts from."""
-    root = tmp_path_factory.mktemp("ft-base")
-    data = make_packed_data(root / "data")
-    cfg = tiny_train_config(
-        data, root, resources={"num_workers": 1}, parallel={"fsdp": False},
-        train={"max_steps": 12, "eval_every": 0}, checkpoint={"every_steps": 0},
-    )  # fmt: skip
-    torch.set_num_threads(1)
-    run_local(TrainConfig.model_validate(cfg), str(root / "pretrain"))
-    return root / "pretrain" / "model"
+    return pretrained_base(tmp_path_factory.mktemp("ft-base"))
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,8 @@ import json
 import random
 from pathlib import Path
 
-import pyarrow as pa  # noqa: I001
+import pyarrow as pa
 import pytest
-import torch
 
 from lmforge.finetune.builtin_sft import builtin_sft_examples
 from lmforge.improve.config import ImproveConfig
@@ -18,9 +17,7 @@ from lmforge.improve.feedback import build_examples, ngram_filter
 from lmforge.model import chat
 from lmforge.model.version import read_serving_pointer, read_version
 from lmforge.serve.requestlog import FEEDBACK_SCHEMA, REQUEST_SCHEMA, LogWriter
-from lmforge.train.config import TrainConfig
-from lmforge.train.loop import run_local
-from tests.train.conftest import make_packed_data, tiny_train_config
+from tests.train.conftest import pretrained_base
 
 
 def now() -> dt.datetime:
@@ -101,17 +98,7 @@ def test_feedback_becomes_examples_by_rating_and_correction_redacted_deduplicate
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("improve-base")
-    data = make_packed_data(root / "data")
-    cfg = tiny_train_config(
-        data, root, resources={"num_workers": 1}, parallel={"fsdp": False},
-        train={"max_steps": 12, "eval_every": 0}, checkpoint={"every_steps": 0},
-    )  # fmt: skip
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    run_local(TrainConfig.model_validate(cfg), str(root / "pretrain"))
-    torch.set_num_threads(before)
-    return root / "pretrain" / "model"
+    return pretrained_base(tmp_path_factory.mktemp("improve-base"))
 
 
 def gate_task(tmp: Path) -> dict:

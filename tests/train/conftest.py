@@ -112,3 +112,25 @@ def tiny_train_config(data: Path, runs: Path, **sections) -> dict:
         else:
             cfg[key] = value
     return cfg
+
+
+def pretrained_base(root: Path, steps: int = 12) -> Path:
+    """A debug-preset model pretrained for a few steps in this process (one thread): the artifact
+    that fine-tuning and improvement tests start from."""
+    import torch
+
+    from lmforge.train.config import TrainConfig
+    from lmforge.train.loop import run_local
+
+    data = make_packed_data(root / "data")
+    cfg = tiny_train_config(
+        data, root, resources={"num_workers": 1}, parallel={"fsdp": False},
+        train={"max_steps": steps, "eval_every": 0}, checkpoint={"every_steps": 0},
+    )  # fmt: skip
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_local(TrainConfig.model_validate(cfg), str(root / "pretrain"))
+    finally:
+        torch.set_num_threads(before)
+    return root / "pretrain" / "model"
