@@ -428,6 +428,11 @@ def test_monitoring_objects():
         exported |= {family.name, f"{family.name}_total", f"{family.name}_bucket"}
     used = {m for m in re.findall(r"lmforge_[a-z_]+", exprs) if not m.startswith("lmforge_train_")}
     assert used and used <= exported, used - exported
+    # and every training series is a gauge the training loop sets (with Ray's ray_ prefix)
+    from lmforge.train.prometheus import exported_names
+
+    trained = set(re.findall(r"\bray_lmforge_train_[a-z_]+", exprs))
+    assert trained and trained <= exported_names(), trained - exported_names()
 
 
 def test_dockerfile_matches_the_chart():

@@ -414,6 +414,7 @@ class MetricsLog:
             old = storage.read_text(self.path).splitlines()
             self.lines = [ln for ln in old if ln and json.loads(ln).get("step", 0) <= start_step]
         self.start_step, self.seconds, self.interval = start_step, 0.0, []
+        self.gauges = None
         self.say(
             f"{run.arch.n_layers} layers, D={run.arch.dim}, {run.flops_per_token / 1e6:.1f} MFLOP/token; "
             f"{env.world_size} worker(s) x {run.plan.micro_batch_size} seqs x {run.plan.accum_steps} accum "
@@ -448,6 +449,12 @@ class MetricsLog:
             return
         self.lines.append(json.dumps({"time": round(time.time(), 3), **metrics}))
         storage.write_text(self.path, "\n".join(self.lines) + "\n")
+        if self.env.in_ray:  # Prometheus, for the Grafana dashboard (train/prometheus.py)
+            if self.gauges is None:
+                from lmforge.train.prometheus import TrainGauges
+
+                self.gauges = TrainGauges(self.path.rstrip("/").rsplit("/", 2)[-2])
+            self.gauges.update(metrics)
         parts = [f"step {metrics['step']}/{self.run.total_steps}"]
         for key, fmt in [("loss", ".4f"), ("val_loss", ".4f"), ("val_bpb", ".4f"), ("lr", ".2e"),
                          ("grad_norm", ".3f"), ("tokens_per_s", ",.0f"), ("memory_gib", ".2f")]:  # fmt: skip
