@@ -23,7 +23,20 @@ def reference_markdown() -> str:
     for name in STAGES:
         stage = get_stage(name)
         parts += [f"## `{name}`", "", stage.help, "", fields_markdown(stage.config_cls), ""]
+    from lmforge.serve.config import ModelServeConfig, ServeArgs
+
     parts += [
+        "## `serve`",
+        "",
+        "The serving config of `lmforge serve -c CONFIG` and of the chart's RayService "
+        "(docs/serving.md).",
+        "",
+        fields_markdown(ServeArgs),
+        "",
+        "### Each entry of `models`",
+        "",
+        fields_markdown(ModelServeConfig),
+        "",
         "## Pipeline files",
         "",
         fields_markdown(PipelineConfig),

@@ -3,6 +3,8 @@ candidate is fine-tuned and evaluated, and what the gate allows."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from lmforge.config import NOT_HASHED, StrictModel
@@ -56,6 +58,10 @@ class FinetuneSettings(StrictModel):
     )
     seq_len: int | None = Field(
         None, ge=8, description="Row length of the SFT data. None: the served model's max_seq_len."
+    )
+    truncate: Literal["drop", "truncate"] = Field(
+        "truncate",
+        description="A feedback conversation longer than seq_len + 1 tokens: keep its first seq_len + 1 tokens, or drop it (counted in the SFT manifest).",
     )
     resources: ResourcesConfig = Field(
         default_factory=ResourcesConfig,

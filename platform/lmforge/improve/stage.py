@@ -174,7 +174,8 @@ def finetune(cfg: ImproveConfig, current: str, train_file: str, val_file: str | 
 
     settings = config_dict(cfg.finetune)
     data = {"sources": [train_file], "val_sources": [val_file] if val_file else [],
-            "val_fraction": 0.0, "seq_len": settings.pop("seq_len")}  # fmt: skip
+            "val_fraction": 0.0, "seq_len": settings.pop("seq_len"),
+            "truncate": settings.pop("truncate")}  # fmt: skip
     ft_cfg = FinetuneConfig.model_validate(
         {"name": f"{cfg.name}-candidate", "runs_dir": cfg.runs_dir, "base": current,
          "data": data, "checkpoint": {"every_steps": 0, "keep_last": 1}, **settings}

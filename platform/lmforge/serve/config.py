@@ -43,7 +43,8 @@ class ReplicaResources(StrictModel):
 class ModelServeConfig(StrictModel):
     name: str = Field(..., min_length=1, description="model id clients send as `model`")
     artifact: str = Field(
-        ..., description="model artifact dir or training run dir (local path or URI)"
+        ...,
+        description="model artifact dir or training run dir (local path or URI), or a run reference: [runs_dir/]@train/NAME, or [runs_dir/]@serving for what `lmforge improve` promoted last",
     )
     device: str = Field(
         "auto", description="torch device: auto (cuda if the replica has a GPU), cpu, cuda"
