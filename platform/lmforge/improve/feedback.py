@@ -27,21 +27,11 @@ from lmforge import storage
 FEEDBACK, REQUESTS = "feedback", "requests"
 
 
-def log_files(root: str, kind: str, since: dt.datetime | None) -> list[str]:
-    """The Parquet files of one kind under a request log, skipping date partitions before `since`."""
-    from lmforge.serve.requestlog import _partition_date
-
-    files = storage.list_files(storage.join(root, kind), suffix=".parquet")
-    if since is None:
-        return files
-    return [f for f in files if (d := _partition_date(f)) is None or d >= since.date()]
-
-
 def read_with_ray(root: str, kind: str, since: dt.datetime | None, until: dt.datetime) -> pa.Table:
     """Rows of one kind with since <= time < until, read by Ray Data (one task per file)."""
     import ray.data
 
-    from lmforge.serve.requestlog import SCHEMAS, TIME
+    from lmforge.serve.requestlog import SCHEMAS, TIME, log_files
 
     schema = SCHEMAS[kind]
     files = log_files(root, kind, since)

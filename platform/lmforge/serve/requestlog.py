@@ -339,10 +339,7 @@ def read_log(
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=dt.UTC)
     tables = []
-    for file in storage.list_files(storage.join(path, kind), suffix=".parquet"):
-        date = _partition_date(file)
-        if since is not None and date is not None and date < since.date():
-            continue
+    for file in log_files(path, kind, since):
         table = pq.read_table(pa.BufferReader(storage.read_bytes(file)))
         tables.append(table.select(schema.names).cast(schema))
     table = pa.concat_tables(tables) if tables else schema.empty_table()
@@ -350,6 +347,17 @@ def read_log(
         mask = pc.greater_equal(table["time"], pa.scalar(since, type=TIME))
         table = table.filter(mask)
     return table.sort_by("time") if table.num_rows else table
+
+
+def log_files(
+    path: str, kind: Literal["requests", "feedback"], since: dt.datetime | None = None
+) -> list[str]:
+    """The Parquet files of one kind under a log `path`, without the date partitions that end
+    before `since` (rows in the files kept may still be older: filter on `time`)."""
+    files = storage.list_files(storage.join(path, kind), suffix=".parquet")
+    if since is None:
+        return files
+    return [f for f in files if (d := _partition_date(f)) is None or d >= since.date()]
 
 
 def _partition_date(file: str) -> dt.date | None:
