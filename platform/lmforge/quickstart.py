@@ -35,20 +35,11 @@ def newest_artifact(results: list[StageResult]) -> str | None:
 
 def print_before_after(finetune_output: str) -> dict[str, tuple[float, float]]:
     """The fine-tuning run's held-out scores before its first step and after its last."""
-    import json
+    from lmforge.finetune.stage import before_after
 
-    from lmforge import storage
-
-    path = storage.join(finetune_output, "metrics.jsonl")
-    if not storage.exists(path):
+    changes = before_after(finetune_output)
+    if not changes:
         return {}
-    records = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
-    scored = [r for r in records if "val_loss" in r]
-    if len(scored) < 2 or scored[0].get("step") != 0:
-        return {}
-    first, last = scored[0], scored[-1]
-    keys = [k for k in first if k == "val_loss" or k.startswith("eval/")]
-    changes = {k: (first[k], last[k]) for k in keys if k in last}
     print("\nfine-tuning on held-out questions (before the first step -> after the last):")
     for key, (before, after) in changes.items():
         name = "answer loss (nats/token)" if key == "val_loss" else key.removeprefix("eval/")

@@ -94,24 +94,28 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
         lora=cfg.lora.enabled,
         **{k: manifest[k] for k in manifest if k.startswith(("examples_", "packing_efficiency_"))},
     )
-    before = first_metrics(ctx.output)
-    if before:
-        summary["before"] = before
+    changes = before_after(ctx.output)
+    if changes:
+        summary["before"] = {k: before for k, (before, _) in changes.items()}
     return summary
 
 
-def first_metrics(output: str) -> dict[str, Any]:
-    """The step-0 validation of the base model (`train.eval_at_start`), for before/after."""
+def before_after(output: str) -> dict[str, tuple[float, float]]:
+    """Each validation score of a run before its first step (`train.eval_at_start`, step 0 of
+    metrics.jsonl) and at its last validation: {"val_loss": (before, after), "eval/...": ...};
+    empty when the run has no step-0 validation."""
     import json
 
     path = storage.join(output, "metrics.jsonl")
     if not storage.exists(path):
         return {}
-    for line in storage.read_text(path).splitlines():
-        record = json.loads(line) if line.strip() else {}
-        if record.get("step") == 0:
-            return {k: v for k, v in record.items() if k.startswith(("val_", "eval/"))}
-    return {}
+    records = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    scored = [r for r in records if "val_loss" in r]
+    if len(scored) < 2 or scored[0].get("step") != 0:
+        return {}
+    first, last = scored[0], scored[-1]
+    keys = [k for k in first if k.startswith(("val_", "eval/")) and k in last]
+    return {k: (first[k], last[k]) for k in keys}
 
 
 STAGE = Stage(

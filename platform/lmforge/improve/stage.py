@@ -59,10 +59,10 @@ def previous_decisions(output: str) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in storage.read_text(path).splitlines() if ln.strip()]
 
 
-def record(output: str, run_dir: str, decision: dict[str, Any]) -> None:
+def record(output: str, run_dir: str, history: list[dict], decision: dict[str, Any]) -> None:
     """The decision in its run dir and appended to the loop's history (rewritten atomically)."""
     storage.write_json(storage.join(run_dir, "decision.json"), decision)
-    lines = [json.dumps(d) for d in previous_decisions(output)] + [json.dumps(decision)]
+    lines = [json.dumps(d) for d in [*history, decision]]
     storage.write_text(storage.join(output, DECISIONS), "\n".join(lines) + "\n")
 
 
@@ -103,7 +103,7 @@ def run(cfg: ImproveConfig, ctx: StageContext) -> dict[str, Any]:
     if len(built.examples) < cfg.feedback.min_examples:
         decision.update(action="skip", reason=f"{len(built.examples)} usable examples, fewer "
                         f"than feedback.min_examples={cfg.feedback.min_examples}")  # fmt: skip
-        return finish(ctx.output, run_dir, decision)
+        return finish(ctx.output, run_dir, history, decision)
 
     train_file, val_file = write_examples(built.examples, run_dir, cfg.feedback.val_fraction)
     candidate_run = finetune(cfg, current, train_file, val_file)
@@ -126,11 +126,13 @@ def run(cfg: ImproveConfig, ctx: StageContext) -> dict[str, Any]:
     else:
         why = "a gated metric regressed" if not passed else "no gated metric improved"
         decision.update(action="keep", reason=why, served=decision["current"])
-    return finish(ctx.output, run_dir, decision, checks)
+    return finish(ctx.output, run_dir, history, decision, checks)
 
 
-def finish(output: str, run_dir: str, decision: dict[str, Any], checks=()) -> dict[str, Any]:
-    record(output, run_dir, decision)
+def finish(
+    output: str, run_dir: str, history: list[dict], decision: dict[str, Any], checks=()
+) -> dict[str, Any]:
+    record(output, run_dir, history, decision)
     for c in checks:
         mark = "FAIL" if c.failed else "ok"
         cand = "missing" if c.candidate is None else f"{c.candidate:.4f}"

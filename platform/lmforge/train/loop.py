@@ -210,10 +210,10 @@ def autocast(run: Run, env: WorkerEnv):
 def train_step(model, optimizer, run: Run, step: int, env: WorkerEnv, grad_clip: float | None):
     """One optimizer step over this worker's share of global batch `step`: (mean loss, grad norm)."""
     optimizer.zero_grad(set_to_none=True)
-    accum = run.plan.accum_steps
-    total = torch.zeros((), device=env.device)
     if run.train.masked:
         return masked_train_step(model, optimizer, run, step, env, grad_clip)
+    accum = run.plan.accum_steps
+    total = torch.zeros((), device=env.device)
     for micro in range(accum):
         first, count = run.plan.micro_rows(step, env.rank, micro)
         rows = torch.from_numpy(run.train.rows(first, count)).to(env.device)  # (b, T + 1)
