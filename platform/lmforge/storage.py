@@ -76,6 +76,13 @@ def local_path(path: str) -> str:
     return resolve(path)[1]
 
 
+def absolute(path: str) -> str:
+    """`path` as another process on this machine can use it (a Ray worker or actor runs in
+    another working directory): a local path or file:// URI as an absolute local path; any
+    other URI as it is."""
+    return local_path(path) if is_local(path) else path
+
+
 def exists(path: str) -> bool:
     fs, p = resolve(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound

@@ -30,16 +30,11 @@ def resolve_artifact(path: str) -> str:
         if storage.exists(storage.join(candidate, "config.json")) and storage.exists(
             storage.join(candidate, "model.safetensors")
         ):
-            return _absolute(candidate)
+            return storage.absolute(candidate)  # actors run elsewhere
     raise ConfigError(
         f"model: {path} is neither a model artifact (model.safetensors, config.json) "
         "nor a training run directory with one under model/"
     )
-
-
-def _absolute(path: str) -> str:
-    # actors may run with another working directory
-    return path if storage.is_uri(path) else storage.resolve(path)[1]
 
 
 def artifact_step(artifact: str, index: int) -> int:

@@ -65,9 +65,9 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
     import ray
 
     from lmforge.train.data import PackedShards, batch_plan
-    from lmforge.train.trainer import _absolute, build_trainer, fit, validate_resources
+    from lmforge.train.trainer import build_trainer, fit, validate_resources
 
-    base = _absolute(base_artifact(cfg))
+    base = storage.absolute(base_artifact(cfg))
     if cfg.resources.num_workers > 1 and not cfg.parallel.fsdp:
         raise LmforgeError(
             "parallel.fsdp=false trains on one worker only: set resources.num_workers=1"

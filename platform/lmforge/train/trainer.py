@@ -86,9 +86,9 @@ def build_trainer(cfg: TrainConfig, output: str, data_path: str | None = None, k
 
     res = cfg.resources
     # Workers do not run in the driver's working directory: give them absolute paths.
-    output = _absolute(output)
+    output = storage.absolute(output)
     worker_cfg = config_dict(cfg)
-    data_path = _absolute(data_path or cfg.data.path or "")
+    data_path = storage.absolute(data_path or cfg.data.path or "")
     return TorchTrainer(
         ray_train_worker,
         train_loop_config={
@@ -115,10 +115,6 @@ def build_trainer(cfg: TrainConfig, output: str, data_path: str | None = None, k
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         ),
     )
-
-
-def _absolute(path: str) -> str:
-    return storage.local_path(path) if storage.is_local(path) else path
 
 
 def run(cfg: TrainConfig, ctx: StageContext) -> dict[str, Any]:
