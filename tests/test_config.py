@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -145,3 +146,88 @@ def test_describe_fields_covers_nested_fields_with_descriptions():
     assert docs["optim.lr"].description == "peak learning rate"
     assert docs["optim.lr"].type == "float" and docs["optim.lr"].default == "0.0003"
     assert {"name", "out", "optim", "optim.betas", "optim.warmup_steps", "compile"} <= set(docs)
+
+
+# ---------------------------------------------------------------- errors inside unions
+
+
+def _error(cls, data) -> str:
+    from lmforge.config import build_config
+
+    with pytest.raises(ConfigError) as e:
+        build_config(cls, data, source="c.yaml")
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_an_eval_task_with_a_wrong_key_names_the_task_and_the_key():
+    from lmforge.eval.config import EvalConfig
+
+    task = {"name": "t", "type": "generation", "path": "x.jsonl"}
+    assert (
+        _error(EvalConfig, {"tasks": ["builtin:bias-pairs", task]})
+        == "c.yaml: tasks[1]: unknown key 'path' (did you mean 'file'?)"
+    )
+    bad_limit = {"name": "t", "type": "generation", "file": "x.jsonl", "limit": 0}
+    msg = _error(EvalConfig, {"tasks": [bad_limit]})
+    assert msg.startswith("c.yaml: 'tasks[0].limit': Input should be greater than or equal to 1")
+    assert ".str" not in msg and "more problem" not in msg
+    assert _error(EvalConfig, {"tasks": [5]}) == (
+        "c.yaml: 'tasks[0]': not a valid value (got 5); expected str | mapping"
+    )
+
+
+def test_a_data_step_with_a_wrong_key_or_name_says_which_step():
+    from lmforge.data.config import DataConfig
+
+    steps = [{"step": "normalize"}, {"step": "length", "min_word": 3}]
+    assert _error(DataConfig, {"steps": steps}) == (
+        "c.yaml: steps[1]: unknown key 'min_word' (did you mean 'min_words'?)"
+    )
+    assert _error(DataConfig, {"steps": [{"step": "lenght"}]}).startswith(
+        "c.yaml: steps[0]: unknown step 'lenght' (did you mean 'length'?); one of: normalize, length"
+    )
+    assert _error(DataConfig, {"steps": [{"min_words": 3}]}).startswith(
+        "c.yaml: steps[0]: missing key 'step'; one of: normalize, length"
+    )
+    assert _error(DataConfig, {"sources": [{"pth": "x"}]}).startswith(
+        "c.yaml: sources[0]: unknown key 'pth' (did you mean 'path'?)"
+    )
+
+
+# ---------------------------------------------------------------- help and reference text
+
+REPRS = re.compile(
+    r"FieldInfo|Annotated\[|Union\[|Optional\[|Literal\[|\blmforge\.[a-z_]+\.|name=None"
+)
+
+
+def test_field_types_and_defaults_read_as_yaml():
+    from lmforge.config import fields_help
+    from lmforge.data.config import DataConfig
+
+    docs = {d.key: d for d in describe_fields(DataConfig)}
+    assert docs["steps"].type.startswith("list of steps (normalize | length | quality |")
+    assert (
+        docs["steps"].default == "[{step: normalize}, {step: length}, {step: quality}, {step: pii}]"
+    )
+    assert docs["sources"].default == "[{path: 'builtin:python-docs'}]"
+    assert docs["sources[].format"].type.startswith("auto | txt | jsonl")
+    assert docs["sources[].name"].type == "str | null"
+    assert docs["dedup.ngram_unit"].default == "word"
+    assert "sources[].path (str, required)" in fields_help(DataConfig)
+
+
+def test_no_python_reprs_in_any_help_or_the_reference(cli, capsys):
+    from lmforge.config_command import reference_markdown
+    from lmforge.stage import STAGES
+
+    texts = {"reference": reference_markdown()}
+    for name in [*STAGES, "serve"]:
+        argv = ["data", "prepare", "--help"] if name == "data" else [name, "--help"]
+        with pytest.raises(SystemExit):
+            cli(*argv)
+        texts[name] = capsys.readouterr().out
+    for name, text in texts.items():
+        assert "config fields" in text or name == "reference"
+        assert not REPRS.search(text), (name, REPRS.search(text).group())

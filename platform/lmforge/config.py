@@ -13,7 +13,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -31,6 +31,9 @@ class StrictModel(BaseModel):
     """Base of every lmforge config: unknown keys are errors; assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+    # Unknown key -> the field meant, for mistakes too far from the name for difflib to catch
+    # (e.g. a task's `path:` for `file:`); the error then says "did you mean".
+    key_hints: ClassVar[dict[str, str]] = {}
 
 
 # ---------------------------------------------------------------- loading and overrides
@@ -102,6 +105,8 @@ def build_config(cls: type[T], data: dict[str, Any], source: str = "config") -> 
     try:
         return cls.model_validate(data)
     except ValidationError as e:
+        from lmforge.config_errors import format_validation_error
+
         raise ConfigError(f"{source}: {format_validation_error(cls, e)}") from None
 
 
@@ -110,27 +115,6 @@ def load_config(cls: type[T], path: str | None, overrides: list[str] | None = No
     data = read_yaml(path) if path else {}
     data = apply_overrides(cls, data, list(overrides or []))
     return build_config(cls, data, source=path or "config")
-
-
-def format_validation_error(cls: type[BaseModel], error: ValidationError) -> str:
-    errors = error.errors()
-    first = errors[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    more = (
-        f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-        if len(errors) > 1
-        else ""
-    )
-    if first["type"] == "extra_forbidden":
-        hint = _suggest(cls, loc)
-        return f"unknown key '{loc}'{hint}{more}"
-    if first["type"] == "missing":
-        return f"missing required key '{loc}'{more}"
-    expected = _type_name(_field_annotation(cls, loc, strict=False))
-    got = first.get("input")
-    got_text = f" (got {got!r})" if not isinstance(got, dict | list) else ""
-    exp_text = f"; expected {expected}" if expected else ""
-    return f"'{loc}': {first['msg']}{got_text}{exp_text}{more}"
 
 
 def _yaml_scalar(key: str, raw: str) -> Any:
@@ -179,20 +163,17 @@ def _is_str_annotation(annotation: Any) -> bool:
     return False
 
 
-def _type_name(annotation: Any) -> str:
-    if annotation is None:
-        return ""
-    if isinstance(annotation, type):
-        return annotation.__name__
-    return str(annotation).replace("typing.", "")
-
-
-def _suggest(cls: type[BaseModel], dotted: str) -> str:
-    keys = [f.key for f in describe_fields(cls)]
+def _suggest(cls: type[BaseModel], dotted: str, shown_prefix: str = "") -> str:
+    """` (did you mean 'x'?)` or `; valid keys here: ...` for an unknown dotted key of `cls`."""
+    parent, _, leaf = dotted.rpartition(".")
+    owner = _model_of(_field_annotation(cls, parent, strict=False)) if parent else cls
+    hint = getattr(owner, "key_hints", {}).get(leaf) if owner else None
+    if hint:
+        return f" (did you mean '{shown_prefix}{parent + '.' if parent else ''}{hint}'?)"
+    keys = [f.key for f in describe_fields(cls) if "[]" not in f.key]
     close = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
     if close:
-        return f" (did you mean '{close[0]}'?)"
-    parent = dotted.rpartition(".")[0]
+        return f" (did you mean '{shown_prefix}{close[0]}'?)"
     siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]
     return f"; valid keys here: {', '.join(siblings)}" if siblings else ""
 
@@ -240,42 +221,143 @@ def _hashed_part(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class FieldDoc:
-    key: str
+    key: str  # dotted; `[].` steps into each entry of a list, e.g. `sources[].path`
     type: str
     default: str
     description: str
+    section: bool = False  # a nested config whose own fields follow
 
 
-def describe_fields(cls: type[BaseModel], prefix: str = "") -> list[FieldDoc]:
-    """Every leaf field of a config, dotted, with type, default and description."""
+def describe_fields(cls: type[BaseModel], prefix: str = "", entries: bool = True) -> list[FieldDoc]:
+    """Every leaf field of a config, dotted, with type, default and description; with
+    `entries`, the fields of a list's entries too when they are one config class
+    (`sources[].path`; one level deep)."""
     docs: list[FieldDoc] = []
     for name, field in cls.model_fields.items():
         key = f"{prefix}{name}"
         sub = _model_of(field.annotation)
         if sub is not None:
-            docs.append(FieldDoc(key, sub.__name__, "", field.description or ""))
-            docs.extend(describe_fields(sub, prefix=f"{key}."))
+            docs.append(FieldDoc(key, "mapping", "", field.description or "", section=True))
+            docs.extend(describe_fields(sub, prefix=f"{key}.", entries=entries))
             continue
-        if field.is_required():
-            default = "(required)"
-        else:
-            value = field.get_default(call_default_factory=True)
-            default = json.dumps(
-                value.model_dump(mode="json") if isinstance(value, BaseModel) else value,
-                default=str,
-            )
-        docs.append(FieldDoc(key, _type_name(field.annotation), default, field.description or ""))
+        default = "(required)" if field.is_required() else yaml_inline(field_default(field))
+        docs.append(FieldDoc(key, type_name(field.annotation), default, field.description or ""))
+        entry = _list_entry_model(field.annotation) if entries else None
+        if entry is not None:
+            docs.extend(describe_fields(entry, prefix=f"{key}[].", entries=False))
     return docs
+
+
+def field_default(field: Any) -> Any:
+    """A field's default as plain data; config objects keep only the keys that differ from
+    their own defaults, so a default list of sources reads `[{path: builtin:python-docs}]`."""
+    value = field.get_default(call_default_factory=True)
+    return _plain(value)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_defaults=True)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return json.loads(json.dumps(value, default=str))
+
+
+class _InlineDumper(yaml.SafeDumper):
+    """Flow-style YAML on one line: strings with newlines or tabs are double-quoted (`"\\n"`)."""
+
+
+_InlineDumper.add_representer(
+    str,
+    lambda dumper, s: dumper.represent_scalar(
+        "tag:yaml.org,2002:str", s, style='"' if any(c in s for c in "\n\r\t") else None
+    ),
+)
+
+
+def yaml_inline(value: Any) -> str:
+    """`value` as one line of YAML, as a user would write it in a config file."""
+    text = yaml.dump(
+        value, Dumper=_InlineDumper, default_flow_style=True, width=1 << 30, sort_keys=False
+    )
+    return text.strip().removesuffix("...").strip()
+
+
+def type_name(annotation: Any) -> str:
+    """A type as users write its values: `int | null`, `bf16 | fp32`, `list of str`,
+    `list of steps (normalize | length | ...)`; never a Python repr."""
+    if annotation is None:
+        return ""
+    annotation, discriminator = unwrap_annotated(annotation)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return "null"
+    if annotation is Any:
+        return "any"
+    if origin is typing.Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        if discriminator:
+            tags = [t for m in args for t in discriminator_tags(m, discriminator)]
+            return f"{discriminator} ({' | '.join(tags)})"
+        return " | ".join(type_name(a) for a in args)
+    if origin in (list, tuple, set, frozenset):
+        item = type_name(args[0]) if args else "any"
+        if " (" in item:  # a discriminated union: `list of steps (normalize | ...)`
+            word, _, rest = item.partition(" ")
+            return f"list of {word}s {rest}"
+        if item == "mapping":
+            return "list of mappings"
+        return f"list of {f'({item})' if ' | ' in item else item}"
+    if origin is dict:
+        value = type_name(args[1]) if len(args) == 2 else "any"
+        return "mapping" if value == "any" else f"mapping of {type_name(args[0])} to {value}"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def unwrap_annotated(annotation: Any) -> tuple[Any, str | None]:
+    """`Annotated[X, Field(discriminator=...)]` -> (X, the discriminator field name)."""
+    discriminator = None
+    while typing.get_origin(annotation) is typing.Annotated:
+        inner, *meta = typing.get_args(annotation)
+        for m in meta:
+            found = getattr(m, "discriminator", None)
+            discriminator = found if isinstance(found, str) else discriminator
+        annotation = inner
+    return annotation, discriminator
+
+
+def discriminator_tags(member: Any, discriminator: str) -> list[str]:
+    """The tag values (`step: length`) that select `member` of a discriminated union."""
+    field = getattr(member, "model_fields", {}).get(discriminator)
+    return [str(a) for a in typing.get_args(field.annotation)] if field else []
+
+
+def _list_entry_model(annotation: Any) -> type[BaseModel] | None:
+    """The config class of a list's entries (`list[Source]`, `list[str | TaskSpec]`), if one."""
+    annotation, _ = unwrap_annotated(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        non_none = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = non_none[0] if len(non_none) == 1 else None
+    if typing.get_origin(annotation) is not list:
+        return None
+    entry, discriminator = unwrap_annotated(typing.get_args(annotation)[0])
+    if discriminator:
+        return None  # several configs, one per tag: documented with the tags instead
+    return _model_of(entry)
 
 
 def fields_help(cls: type[BaseModel]) -> str:
     """The config fields as text for `--help`: one entry per field, from its description."""
     lines = []
     for doc in describe_fields(cls):
-        if doc.default == "" and doc.type[:1].isupper():
+        if doc.section:
             lines.append(f"  {doc.key}: {doc.description}")
             continue
-        lines.append(f"  {doc.key} ({doc.type}, default {doc.default})")
+        default = "required" if doc.default == "(required)" else f"default {doc.default}"
+        lines.append(f"  {doc.key} ({doc.type}, {default})")
         if doc.description:
             lines.append(f"      {doc.description}")
     return "\n".join(lines)

@@ -47,6 +47,8 @@ DEFAULT_PROMPT = {
 class TaskSpec(StrictModel):
     """One eval task: its items, how to prompt, and what to measure."""
 
+    key_hints = {"path": "file"}  # a data source says `path:`; a task says `file:`
+
     name: str = Field(description="Task name: the key in report.json.")
     type: TaskType = Field(description="How items are scored (see docs/evaluation.md).")
     file: str | None = Field(
