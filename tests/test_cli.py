@@ -64,3 +64,18 @@ def test_config_reference_lists_every_stage(cli):
     for name in STAGES:
         assert f"## `{name}`" in out
     assert "| `min_gpus` | `float` | `0` |" in out
+
+
+def test_config_show_resolves_run_references_as_the_run_does(cli, tmp_path):
+    runs = tmp_path / "runs"
+    model = runs / "train" / "base-0123456789ab"
+    model.mkdir(parents=True)
+    (runs / "train" / "base.latest").write_text(f"{model}\n")
+    args = ["--set", "model=@train/base", "--set", f"runs_dir={runs}"]
+    code, shown, err = cli("config", "show", "eval", *args)
+    assert code == 0, err
+    assert f"model: {model}\n" in shown and "@train/base" not in shown
+    assert cli("eval", *args, "--print-config")[1] == shown
+    # the hash is that of the resolved path, not of the reference
+    code, unresolved, _ = cli("config", "show", "eval", "--set", f"model={model}", *args[2:])
+    assert unresolved == shown

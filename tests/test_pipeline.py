@@ -154,3 +154,15 @@ def test_a_later_job_names_its_input_by_run(tmp_path, capsys):
         stage_main(
             "tests.stages_for_tests:DOUBLE", ["--set", f"runs_dir={runs}", "--set", "source=@write"]
         )
+
+
+def test_a_run_reference_in_a_pipeline_step_resolves_as_on_the_command_line(project, tmp_path):
+    first = run_pipeline(project(value=4))
+    only_double = tmp_path / "double.yaml"
+    only_double.write_text(
+        f"runs_dir: {tmp_path / 'runs'}\nstages:\n  - stage: tests.stages_for_tests:DOUBLE\n"
+        "    set: {source: '@write/default'}\n"
+    )
+    _, steps = plan(str(only_double))
+    assert steps[0].config.source == first[0].output
+    assert steps[0].output == first[1].output  # the same config, so the same hash and output

@@ -7,15 +7,8 @@ import typing
 
 from pydantic import BaseModel
 
-from lmforge.config import (
-    config_hash,
-    config_yaml,
-    discriminator_tags,
-    fields_markdown,
-    load_config,
-    unwrap_annotated,
-)
-from lmforge.stage import STAGES, add_config_arguments, get_stage, output_dir
+from lmforge.config import discriminator_tags, fields_markdown, unwrap_annotated
+from lmforge.stage import STAGES, add_config_arguments, get_stage, print_resolved, resolve_config
 
 
 def reference_markdown() -> str:
@@ -86,9 +79,7 @@ def config_command(argv: list[str], prog: str) -> int:
     args = parser.parse_args(argv)
     if args.action == "show":
         stage = get_stage(args.stage)
-        cfg = load_config(stage.config_cls, args.config, args.overrides)
-        print(config_yaml(cfg), end="")
-        print(f"# config hash: {config_hash(cfg)}\n# output: {output_dir(stage, cfg)}")
+        print_resolved(stage, resolve_config(stage, args.config, args.overrides))
         return 0
     text = reference_markdown()
     if args.out:

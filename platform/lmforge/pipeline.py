@@ -30,7 +30,15 @@ from pydantic import Field, model_validator
 
 from lmforge import ConfigError, LmforgeError, StageFailed
 from lmforge.config import StrictModel, apply_overrides, build_config, read_yaml
-from lmforge.stage import Stage, StageConfig, StageResult, get_stage, output_dir, run_stage
+from lmforge.stage import (
+    Stage,
+    StageConfig,
+    StageResult,
+    get_stage,
+    output_dir,
+    resolve_input_reference,
+    run_stage,
+)
 
 
 class PipelineStep(StrictModel):
@@ -131,6 +139,10 @@ def plan(
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
         cfg = build_config(stage.config_cls, data, source=where)
+        try:  # an `@stage/name` input is resolved as `lmforge <stage>` resolves it
+            cfg = resolve_input_reference(stage, cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
         out = output_dir(stage, cfg)
         outputs[step.step_id] = out
         planned.append(PlannedStep(step.step_id, stage, cfg, out))

@@ -164,6 +164,19 @@ def resolve_input_reference(stage: Stage, cfg: StageConfig) -> StageConfig:
     return build_config(type(cfg), data, source=f"{stage.input_field} ({value})")
 
 
+def resolve_config(stage: Stage, path: str | None, overrides: list[str]) -> StageConfig:
+    """The config a run of `stage` uses: the YAML file and overrides, then its input reference
+    resolved. The run, `--print-config` and `lmforge config show` all go through this, so they
+    show the same hash and output path."""
+    return resolve_input_reference(stage, load_config(stage.config_cls, path, overrides))
+
+
+def print_resolved(stage: Stage, cfg: StageConfig) -> None:
+    """`--print-config` and `lmforge config show`: the config, its hash and output path."""
+    print(config_yaml(cfg), end="")
+    print(f"# config hash: {config_hash(cfg)}\n# output: {output_dir(stage, cfg)}")
+
+
 def run_stage(
     stage: Stage,
     cfg: StageConfig,
@@ -254,10 +267,9 @@ def stage_main(name: str, argv: list[str] | None = None, prog: str | None = None
     """`lmforge <stage>` and `python jobs/<stage>.py`: parse, validate, run."""
     stage = get_stage(name)
     args = stage_parser(stage, prog or f"lmforge {name}").parse_args(argv)
-    cfg = resolve_input_reference(stage, load_config(stage.config_cls, args.config, args.overrides))
+    cfg = resolve_config(stage, args.config, args.overrides)
     if args.print_config:
-        print(config_yaml(cfg), end="")
-        print(f"# config hash: {config_hash(cfg)}\n# output: {output_dir(stage, cfg)}")
+        print_resolved(stage, cfg)
         return 0
     run_stage(stage, cfg, address=args.address, force=args.force)
     return 0
