@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -79,3 +80,48 @@ def test_config_show_resolves_run_references_as_the_run_does(cli, tmp_path):
     # the hash is that of the resolved path, not of the reference
     code, unresolved, _ = cli("config", "show", "eval", "--set", f"model={model}", *args[2:])
     assert unresolved == shown
+
+
+def test_missing_inputs_are_one_line_before_ray_starts_and_no_run_folder(tmp_path):
+    """Each stage checks its inputs before it prints the config, creates its output folder or
+    starts Ray (Stage.validate), in one process without a cluster."""
+    missing = tmp_path / "missing"
+    (tmp_path / "not-data").mkdir()
+    cases = {
+        "data": ["data", "prepare", "--set", f"sources=[{{path: {missing}.jsonl}}]"],
+        "train": ["train", "--set", f"data.path={missing}"],
+        "train-not-data": ["train", "--set", f"data.path={tmp_path / 'not-data'}"],
+        "finetune": ["finetune", "--set", f"base={missing}"],
+        "eval": ["eval", "--set", f"model={missing}"],
+        "improve": ["improve", "--set", "request_log=logs"],
+    }
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from lmforge.cli import main\n"
+        "out = {}\n"
+        f"for name, argv in {cases!r}.items():\n"
+        f"    argv = argv + ['--set', 'runs_dir={tmp_path / 'runs'}']\n"
+        "    err, std = io.StringIO(), io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):\n"
+        "        rc = main(argv)\n"
+        "    ray = sys.modules.get('ray')\n"
+        "    out[name] = [rc, err.getvalue(), std.getvalue(), bool(ray and ray.is_initialized())]\n"
+        "print(json.dumps(out))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=240, check=True
+    )
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    expect = {
+        "data": str(missing),
+        "train": "manifest.json",
+        "train-not-data": "manifest.json",
+        "finetune": str(missing),
+        "eval": str(missing),
+        "improve": "current",
+    }
+    for name, (rc, err, out, ray_started) in found.items():
+        assert rc == 2 and err.startswith("lmforge: error: ") and err.count("\n") == 1, (name, err)
+        assert expect[name] in err, (name, err)
+        assert out == "" and not ray_started, name  # no config printed, no Ray
+    assert not (tmp_path / "runs").exists()

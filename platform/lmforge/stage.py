@@ -1,9 +1,10 @@
 """Stages: the unit of work that `lmforge <stage>`, `jobs/<stage>.py` and pipelines run.
 
 A stage is a config class plus a `run(cfg, ctx)` function. Running one always goes through
-`run_stage`: resolve and print the config, hash it, put the hash in the output path, skip the
-stage when that output is already complete, write `resolved_config.yaml`, run, and write the
-`_SUCCESS` marker last. So a rerun of a finished stage is a no-op and a RayJob retry is safe.
+`run_stage`: resolve the config, hash it, put the hash in the output path, skip the stage when
+that output is already complete, check its inputs (`Stage.validate`, before anything is printed
+or created and before Ray starts), print the config, write `resolved_config.yaml`, run, and
+write the `_SUCCESS` marker last. So a rerun of a finished stage is a no-op and a RayJob retry is safe.
 
 Stages are looked up by name in `STAGES` (imported lazily), or given as `module:attribute`
 for stages that live outside lmforge.
@@ -86,6 +87,10 @@ class Stage:
     scaffold: Callable[[str], dict[str, Any]] | None = None
     # The RayJob entry point is jobs/<job>.py (default: the stage name).
     job: str | None = None
+    # Checks that need no cluster (inputs exist and are complete): `run_stage` calls it before
+    # it prints the config, creates the output folder or starts Ray, so a missing input is one
+    # line in a second, not a Ray start and an empty run folder. Raises a ConfigError.
+    validate: Callable[[Any], None] | None = None
 
     @property
     def job_script(self) -> str:
@@ -191,6 +196,8 @@ def run_stage(
             print(f"[{stage.name}] output is complete, skipping: {out}", flush=True)
         storage.write_text(latest_pointer(cfg.runs_dir, stage.name, cfg.name), out + "\n")
         return StageResult(stage.name, out, "skipped")
+    if stage.validate is not None:
+        stage.validate(cfg)
     if not quiet:
         print(f"[{stage.name}] resolved config (hash {config_hash(cfg)}):", flush=True)
         print("  " + config_yaml(cfg).rstrip().replace("\n", "\n  "), flush=True)

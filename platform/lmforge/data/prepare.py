@@ -398,6 +398,18 @@ def _shard_counts(
     }
 
 
+def validate(cfg: DataConfig) -> None:
+    """Before Ray starts (`Stage.validate`): the sources exist, the steps' resources load,
+    the given tokenizer loads."""
+    sources.resolve_sources(cfg.sources)
+    try:
+        build_steps(cfg.steps)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"steps: {type(e).__name__}: {e}") from None
+    if cfg.tokenizer.path:
+        tokenizer.load_tokenizer(cfg.tokenizer.path)
+
+
 def scaffold(preset: str) -> dict[str, Any]:
     vocab = {"tiny": 4096, "small": 16384, "1b": 32768, "8b": 65535}.get(preset, 8192)
     seq = {"tiny": 256, "small": 1024, "1b": 2048, "8b": 4096}.get(preset, 1024)
@@ -412,6 +424,7 @@ STAGE = Stage(
     "(exact + MinHash LSH), train a BPE tokenizer, tokenize and pack into Parquet shards.",
     job="prepare_data",
     scaffold=scaffold,
+    validate=validate,
 )
 
 

@@ -206,9 +206,23 @@ def evaluate_in_process(
     return {t: {m: v["value"] for m, v in ms.items()} for t, ms in report.items()}
 
 
-def run(cfg: EvalConfig, ctx: StageContext) -> dict[str, Any]:
+def validate(cfg: EvalConfig) -> None:
+    """Before Ray starts (`Stage.validate`): the models and where each task comes from (a
+    task's items are read, and bad lines reported, when it runs)."""
     if not cfg.model:
         raise ConfigError("model: give the model artifact or training run directory to evaluate")
+    for model in [cfg.model, *cfg.checkpoints]:
+        resolve_artifact(model)
+    for ref in cfg.tasks:
+        resolve_task(ref)
+    explicit_val = cfg.val_data not in (None, "auto")
+    if explicit_val and not storage.exists(storage.join(cfg.val_data, "manifest.json")):
+        raise ConfigError(
+            f"val_data: no data stage output at {cfg.val_data} (manifest.json missing)"
+        )
+
+
+def run(cfg: EvalConfig, ctx: StageContext) -> dict[str, Any]:
     models = [resolve_artifact(m) for m in [cfg.model, *cfg.checkpoints]]
     tasks = load_tasks(cfg)
     vals = [val_task(cfg, artifact) for artifact in models]  # checked before any actor starts
@@ -267,4 +281,5 @@ STAGE = Stage(
     input_field="model",
     scaffold=scaffold,
     job="evaluate",
+    validate=validate,
 )

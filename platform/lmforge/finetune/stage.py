@@ -42,6 +42,19 @@ def base_artifact(cfg: FinetuneConfig) -> str:
     return path
 
 
+def validate(cfg: FinetuneConfig) -> None:
+    """Before Ray starts (`Stage.validate`): the base artifact, the chat data files, the
+    worker count."""
+    from lmforge.finetune.data import plan_inputs
+
+    base_artifact(cfg)
+    plan_inputs(cfg.data)
+    if cfg.resources.num_workers > 1 and not cfg.parallel.fsdp:
+        raise LmforgeError(
+            "parallel.fsdp=false trains on one worker only: set resources.num_workers=1"
+        )
+
+
 def prepare_data(cfg: FinetuneConfig, base: str, output: str) -> tuple[str, dict[str, Any]]:
     """`<run>/sft_data/` (made once; a resumed run reuses it) and its manifest."""
     from lmforge.finetune.data import prepare_sft
@@ -68,10 +81,6 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
     from lmforge.train.trainer import build_trainer, fit, validate_resources
 
     base = storage.absolute(base_artifact(cfg))
-    if cfg.resources.num_workers > 1 and not cfg.parallel.fsdp:
-        raise LmforgeError(
-            "parallel.fsdp=false trains on one worker only: set resources.num_workers=1"
-        )
     data_dir, manifest = prepare_data(cfg, base, ctx.output)
     seq_len = PackedShards(storage.join(data_dir, "train")).seq_len
     batch_plan(
@@ -128,4 +137,5 @@ STAGE = Stage(
     input_field="base",
     scaffold=scaffold,
     job="finetune",
+    validate=validate,
 )

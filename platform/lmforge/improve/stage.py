@@ -52,6 +52,14 @@ def served_artifact(cfg: ImproveConfig) -> tuple[str, bool]:
     return resolve_artifact(current), True
 
 
+def validate(cfg: ImproveConfig) -> None:
+    """Before Ray starts (`Stage.validate`): the request log is named and the served model
+    (the serving pointer, else `current`) is a model artifact."""
+    if not cfg.request_log:
+        raise ConfigError("request_log: give the serving app's request log path (request_log.path)")
+    served_artifact(cfg)
+
+
 def previous_decisions(output: str) -> list[dict[str, Any]]:
     path = storage.join(output, DECISIONS)
     if not storage.exists(path):
@@ -71,9 +79,7 @@ def run(cfg: ImproveConfig, ctx: StageContext) -> dict[str, Any]:
     from lmforge.model.version import read_version, write_serving_pointer
     from lmforge.monitor.stats import parse_since
 
-    if not cfg.request_log:
-        raise ConfigError("request_log: give the serving app's request log path (request_log.path)")
-    current, adopted = served_artifact(cfg)
+    current, adopted = served_artifact(cfg)  # checked by validate before Ray started
     if adopted:
         write_serving_pointer(cfg.runs_dir, current, version=read_version(current)["version"],
                               reason="adopted by improve as the served model")  # fmt: skip
@@ -248,4 +254,5 @@ STAGE = Stage(
     "every decision is recorded with its numbers.",
     cacheable=False,
     job="improve",
+    validate=validate,
 )

@@ -19,7 +19,8 @@ from lmforge.train.data import PackedShards, batch_plan, read_manifest
 
 
 def validate_inputs(cfg: TrainConfig) -> dict[str, Any]:
-    """Everything that can be checked before workers start: data, shapes, batch split."""
+    """Everything that can be checked before Ray starts: data, shapes, batch split
+    (`Stage.validate`: run_stage calls it before creating the run folder)."""
     manifest = read_manifest(cfg.data.path or "")
     train = PackedShards(storage.join(cfg.data.path, "train"))
     batch_plan(
@@ -120,8 +121,7 @@ def build_trainer(cfg: TrainConfig, output: str, data_path: str | None = None, k
 def run(cfg: TrainConfig, ctx: StageContext) -> dict[str, Any]:
     import ray
 
-    validate_inputs(cfg)
-    validate_resources(cfg.resources, ray.nodes())
+    validate_resources(cfg.resources, ray.nodes())  # inputs: validate_inputs, before Ray
     return fit(build_trainer(cfg, ctx.output), ctx.output)
 
 
@@ -150,4 +150,5 @@ STAGE = Stage(
     input_field="data.path",
     scaffold=scaffold,
     job="pretrain",
+    validate=validate_inputs,
 )
