@@ -63,6 +63,7 @@ class Plan:
     memory_gib: dict[str, float] = field(default_factory=dict)
     device_memory_gib: float | None = None
     warnings: list[str] = field(default_factory=list)
+    seq_len_source: str = ""  # where seq_len came from: --seq-len, the data, a data config
 
 
 def memory_per_device(
@@ -86,11 +87,23 @@ def memory_per_device(
     return {k: v / GIB for k, v in parts.items()}
 
 
-def make_plan(cfg: TrainConfig, seq_len: int | None = None, vocab_size: int | None = None) -> Plan:
+def make_plan(
+    cfg: TrainConfig,
+    seq_len: int | None = None,
+    vocab_size: int | None = None,
+    seq_len_source: str = "given",
+) -> Plan:
+    """The plan of `cfg`. `seq_len`/`vocab_size` (from `--seq-len` or a data config) win over
+    the data output's manifest at data.path; with neither, seq_len is the model's max_seq_len
+    and the plan says it assumed it."""
     manifest = _manifest(cfg.data.path)
-    seq_len = seq_len or manifest.get("seq_len") or None
+    if not seq_len and manifest.get("seq_len"):
+        seq_len, seq_len_source = manifest["seq_len"], f"the data at {cfg.data.path}"
     arch = cfg.model.to_llama(vocab_size=vocab_size or manifest.get("vocab_size"), seq_len=seq_len)
-    seq_len = seq_len or arch.max_seq_len
+    assumed = not seq_len
+    if assumed:
+        seq_len = arch.max_seq_len
+        seq_len_source = "assumed: the model's max_seq_len"
     res = cfg.resources
     gpu = res.accelerator_type or cfg.plan.gpu_type
     on_gpu = res.gpus_per_worker > 0
@@ -126,6 +139,12 @@ def make_plan(cfg: TrainConfig, seq_len: int | None = None, vocab_size: int | No
         CHINCHILLA_TOKENS_PER_PARAM * n, devices, device, peak, cfg.plan.assumed_mfu,
         seconds / 3600, seconds / 3600 * devices, memory, capacity, warnings,
     )  # fmt: skip
+    plan.seq_len_source = seq_len_source
+    if assumed:
+        plan.warnings.append(
+            f"seq_len {seq_len} is assumed (the model's max_seq_len): data.path names no data "
+            "output; give --seq-len or --data-config (the data stage's config)"
+        )
     _check(plan, cfg, seq_len)
     return plan
 
@@ -158,6 +177,7 @@ def format_plan(plan: Plan) -> str:
     mem = plan.memory_gib
     rows = [
         ("parameters", f"{plan.params / 1e6:,.1f}M ({plan.params_non_embedding / 1e6:,.1f}M non-embedding)"),
+        ("sequence length", f"{plan.seq_len:,} ({plan.seq_len_source})"),
         ("FLOPs per token", f"{plan.flops_per_token / 1e9:,.3f} GFLOP (6 N_matmul + 12 L D T, T={plan.seq_len})"),
         ("tokens", f"{plan.tokens:,} in {plan.steps:,} steps"),
         ("compute-optimal", f"{plan.chinchilla_tokens:,} tokens (Chinchilla, {CHINCHILLA_TOKENS_PER_PARAM}/param); this run {plan.tokens / plan.chinchilla_tokens:.2f}x"),
@@ -185,13 +205,53 @@ def plan_command(argv: list[str], prog: str) -> int:
         "else plan.gpu_type).",
     )
     add_config_arguments(parser)
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the data's)")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        help="tokens per sequence (default: the data's at data.path, else --data-config's)",
+    )
+    parser.add_argument(
+        "--data-config",
+        metavar="DATA.yaml",
+        help="the data stage's config, for seq_len and vocabulary size before the data exists "
+        "(default: data.yaml beside CONFIG, as `lmforge init` writes them, if there is one)",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
-    cfg = load_config(TrainConfig, args.config, args.overrides)
-    plan = make_plan(cfg, seq_len=args.seq_len)
+    cfg = _with_data_reference(load_config(TrainConfig, args.config, args.overrides))
+    seq_len, vocab, source = args.seq_len, None, "--seq-len"
+    data_config = args.data_config or _sibling_data_config(args.config)
+    if data_config and not (seq_len or _manifest(cfg.data.path)):
+        from lmforge.data.config import DataConfig
+
+        data = load_config(DataConfig, data_config)
+        vocab = None if data.tokenizer.path else data.tokenizer.vocab_size
+        seq_len, source = data.seq_len, data_config
+    plan = make_plan(cfg, seq_len=seq_len, vocab_size=vocab, seq_len_source=source)
     print(json.dumps(asdict(plan), indent=2) if args.json else format_plan(plan))
     return 0
+
+
+def _with_data_reference(cfg: TrainConfig) -> TrainConfig:
+    """`data.path: "@data/name"` resolved as `lmforge train` resolves it; none yet is no data."""
+    from lmforge import ConfigError
+    from lmforge.stage import get_stage, resolve_input_reference
+
+    try:
+        return resolve_input_reference(get_stage("train"), cfg)
+    except ConfigError:
+        return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": None})})
+
+
+def _sibling_data_config(config: str | None) -> str | None:
+    if not config or storage.is_uri(config):
+        return None
+    import os
+
+    path = os.path.join(os.path.dirname(config), "data.yaml")
+    return (
+        path if os.path.abspath(path) != os.path.abspath(config) and os.path.exists(path) else None
+    )
 
 
 def _manifest(path: str | None) -> dict:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -60,3 +61,36 @@ def test_plan_command_prints_a_table_and_json(cli, tmp_path):
     assert code == 0 and json.loads(out)["devices"] == 8
     code, _, err = cli("plan", "-c", config, "--set", "model.presett=1b")
     assert code == 2 and "unknown key 'model.presett'" in err
+
+
+def test_plan_takes_seq_len_from_the_data_then_the_data_config_and_says_so(cli, tmp_path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    train = configs / "train.yaml"
+    train.write_text(
+        f"runs_dir: {tmp_path / 'runs'}\nmodel: {{preset: 1b}}\n"
+        "resources: {num_workers: 8, gpus_per_worker: 1}\n"
+    )
+    # no data and no data config: the 1b preset's 4096, said to be assumed
+    code, out, err = cli("plan", "-c", train, "--json")
+    plan = json.loads(out)
+    assert code == 0 and plan["seq_len"] == 4096, err
+    assert plan["seq_len_source"].startswith("assumed") and "--data-config" in plan["warnings"][0]
+    # `lmforge init` writes configs/data.yaml beside it: its seq_len and vocabulary
+    (configs / "data.yaml").write_text("seq_len: 2048\ntokenizer: {vocab_size: 32768}\n")
+    code, out, _ = cli("plan", "-c", train, "--json")
+    plan = json.loads(out)
+    assert plan["seq_len"] == 2048 and plan["seq_len_source"] == str(configs / "data.yaml")
+    assert plan["params"] == num_params(dataclasses.replace(PRESETS["1b"], vocab_size=32768))
+    assert not [w for w in plan["warnings"] if "assumed" in w]
+    code, out, _ = cli("plan", "-c", train)
+    assert f"sequence length  2,048 ({configs / 'data.yaml'})" in out
+    # --seq-len wins; a data output (named by a run reference) wins over the data config
+    assert json.loads(cli("plan", "-c", train, "--seq-len", "1024", "--json")[1])["seq_len"] == 1024
+    data = tmp_path / "runs" / "data" / "corpus-0123"
+    data.mkdir(parents=True)
+    (data / "manifest.json").write_text('{"seq_len": 512, "vocab_size": 8192}')
+    (tmp_path / "runs" / "data" / "corpus.latest").write_text(f"{data}\n")
+    code, out, _ = cli("plan", "-c", train, "--set", "data.path=@data/corpus", "--json")
+    plan = json.loads(out)
+    assert plan["seq_len"] == 512 and plan["seq_len_source"] == f"the data at {data}"
