@@ -231,3 +231,23 @@ def test_no_python_reprs_in_any_help_or_the_reference(cli, capsys):
     for name, text in texts.items():
         assert "config fields" in text or name == "reference"
         assert not REPRS.search(text), (name, REPRS.search(text).group())
+
+
+def test_more_config_mistakes_are_one_line(tmp_path):
+    from lmforge.eval.config import EvalConfig
+    from lmforge.train.config import TrainConfig
+
+    (tmp_path / "bin.yaml").write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"bin\.yaml: not UTF-8 text"):
+        load_config(Job, str(tmp_path / "bin.yaml"))
+    with pytest.raises(ConfigError, match="is a directory; give a YAML config file"):
+        load_config(Job, str(tmp_path))
+    # every stage's run name stays one path component, though each redefines `name`
+    for cls in (TrainConfig, EvalConfig):
+        with pytest.raises(ConfigError, match=r"'name': run name '\.\./x': use letters"):
+            load_config(cls, None, ["name=../x"])
+    with pytest.raises(ConfigError, match=r"--set tasks\.0\.file: 'tasks' is a list"):
+        load_config(EvalConfig, None, ["tasks.0.file=x.jsonl"])
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, None, ["optim=3"])
+    assert str(e.value) == "config: 'optim': Input should be a mapping of keys to values (got 3)"

@@ -43,10 +43,14 @@ def read_yaml(path: str) -> dict[str, Any]:
     """Read a YAML mapping from a local path or URI; a missing file or bad YAML is a ConfigError."""
     from lmforge import storage
 
+    if storage.is_dir(path):
+        raise ConfigError(f"{path} is a directory; give a YAML config file")
     try:
         text = storage.read_text(path)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); is it a YAML file?") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -139,7 +143,8 @@ def _field_annotation(cls: type[BaseModel], dotted: str, strict: bool = True) ->
     """The annotation of a dotted field path; an unknown key raises a ConfigError (if strict)."""
     model: type[BaseModel] | None = cls
     annotation: Any = None
-    for part in dotted.split("."):
+    parts = dotted.split(".")
+    for part in parts:
         if model is None:
             # Inside a free-form dict (e.g. dict[str, Any]): no further type information.
             return None
@@ -150,6 +155,12 @@ def _field_annotation(cls: type[BaseModel], dotted: str, strict: bool = True) ->
             raise ConfigError(f"unknown key '{dotted}'{_suggest(cls, dotted)}")
         annotation = fields[part].annotation
         model = _model_of(annotation)
+        if model is None and _list_entry_model(annotation) is not None and part != parts[-1]:
+            # `--set tasks.0.file=x` would make a mapping {"0": ...} where a list belongs
+            raise ConfigError(
+                f"--set {dotted}: '{part}' is a list; set the whole list, e.g. "
+                f"--set '{part}=[{{...}}, ...]', or edit it in the YAML file"
+            )
     return annotation
 
 

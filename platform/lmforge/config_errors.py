@@ -171,12 +171,18 @@ def _describe(cls: type[BaseModel], where: Located) -> str:
         name = str(e["ctx"]["discriminator"]).strip("'\"")
         return f"{head}missing key '{name}'; one of: {', '.join(_union_tags(where))}"
     msg = str(e["msg"]).removeprefix("Value error, ")
+    if kind in ("model_type", "model_attributes_type"):  # not "or instance of OptimConfig"
+        msg = "Input should be a mapping of keys to values"
     got = e.get("input")
-    got_text = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+    # a check of our own (value_error) words its message with the value already
+    got_text = (
+        f" (got {got!r})" if not isinstance(got, dict | list) and kind != "value_error" else ""
+    )
     expected = type_name(where.annotation) if where.annotation is not None else ""
     if _mismatch(where):  # every member of the union refused the input: say what it takes
         msg, expected = "not a valid value", type_name(where.union)
-    exp_text = f"; expected {expected}" if expected and expected != "mapping" else ""
+    plain = kind == "value_error" or expected == "mapping"
+    exp_text = f"; expected {expected}" if expected and not plain else ""
     name = format_path(where.path)
     return f"'{name}': {msg}{got_text}{exp_text}" if name else f"{msg}{got_text}"
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lmforge import ConfigError, LmforgeError, storage
 from lmforge.config import (
@@ -49,6 +50,7 @@ STAGES: dict[str, str] = {
 DEFAULT_PIPELINE: list[str] = ["check", "data", "train", "eval"]
 
 RESOLVED_CONFIG = "resolved_config.yaml"
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class StageConfig(StrictModel):
@@ -64,6 +66,18 @@ class StageConfig(StrictModel):
         description="Root of all outputs: a local path or a URI (s3://, gs://, file://). Not part of the config hash.",
         json_schema_extra=NOT_HASHED,
     )
+
+    # Each stage redefines `name` with its own default, which drops the pattern above: this
+    # check is inherited, so `--set name=a/b` cannot put an output outside <stage>/.
+    @field_validator("name", check_fields=False)
+    @classmethod
+    def _safe_run_name(cls, value: str) -> str:
+        if not RUN_NAME.fullmatch(value):
+            raise ValueError(
+                f"run name {value!r}: use letters, digits, '.', '_' and '-' "
+                "(starting with a letter or digit)"
+            )
+        return value
 
 
 @dataclass(frozen=True)
