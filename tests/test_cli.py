@@ -85,9 +85,20 @@ def test_config_show_resolves_run_references_as_the_run_does(cli, tmp_path):
 def test_missing_inputs_are_one_line_before_ray_starts_and_no_run_folder(tmp_path):
     """Each stage checks its inputs before it prints the config, creates its output folder or
     starts Ray (Stage.validate), in one process without a cluster."""
+    from tests.serve.conftest import make_artifact
+
     missing = tmp_path / "missing"
     (tmp_path / "not-data").mkdir()
+    model = make_artifact(tmp_path / "model")
     cases = {
+        "finetune-data": [
+            "finetune",
+            "--set",
+            f"base={model}",
+            "--set",
+            f"data.sources=[{missing}]",
+        ],
+        "eval-task": ["eval", "--set", f"model={model}", "--set", f"tasks=[{missing}.yaml]"],
         "data": ["data", "prepare", "--set", f"sources=[{{path: {missing}.jsonl}}]"],
         "train": ["train", "--set", f"data.path={missing}"],
         "train-not-data": ["train", "--set", f"data.path={tmp_path / 'not-data'}"],
@@ -113,6 +124,8 @@ def test_missing_inputs_are_one_line_before_ray_starts_and_no_run_folder(tmp_pat
     )
     found = json.loads(result.stdout.strip().splitlines()[-1])
     expect = {
+        "finetune-data": f"data.sources[0]: no such file {missing}",
+        "eval-task": f"no task file {missing}.yaml",
         "data": str(missing),
         "train": "manifest.json",
         "train-not-data": "manifest.json",
