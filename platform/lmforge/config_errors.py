@@ -51,7 +51,7 @@ def format_validation_error(cls: type[BaseModel], error: ValidationError) -> str
     first = chosen[0]
     more = len(chosen) - 1
     more_text = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return _describe(cls, first) + more_text
+    return _describe(first) + more_text
 
 
 def locate(cls: type[BaseModel], error: dict[str, Any]) -> Located:
@@ -151,7 +151,7 @@ def _split(where: Located) -> tuple[str, list[str | int], type[BaseModel] | None
     return format_path(prefix), where.path[last_index + 1 :], where.models.get(len(prefix))
 
 
-def _describe(cls: type[BaseModel], where: Located) -> str:
+def _describe(where: Located) -> str:
     e, kind = where.error, where.error["type"]
     prefix, rest, model = _split(where)
     head = f"{prefix}: " if prefix else ""
