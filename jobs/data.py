@@ -1,4 +1,4 @@
-"""RayJob entry point of the `data` stage: python jobs/prepare_data.py -c CONFIG [--set k=v ...]"""
+"""RayJob entry point of the `data` stage: python jobs/data.py -c CONFIG [--set k=v ...]"""
 
 import _bootstrap  # noqa: F401  (puts the shipped lmforge source on sys.path)
 

@@ -1,4 +1,4 @@
-"""RayJob entry point of the `eval` stage: python jobs/evaluate.py -c CONFIG [--set k=v ...]"""
+"""RayJob entry point of the `eval` stage: python jobs/eval.py -c CONFIG [--set k=v ...]"""
 
 import _bootstrap  # noqa: F401  (puts the shipped lmforge source on sys.path)
 

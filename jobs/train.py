@@ -1,4 +1,4 @@
-"""RayJob entry point of the `train` stage: python jobs/pretrain.py -c CONFIG [--set k=v ...]"""
+"""RayJob entry point of the `train` stage: python jobs/train.py -c CONFIG [--set k=v ...]"""
 
 import _bootstrap  # noqa: F401  (puts the shipped lmforge source on sys.path)
 

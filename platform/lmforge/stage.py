@@ -44,8 +44,9 @@ STAGES: dict[str, str] = {
     "eval": "lmforge.eval.evaluate:STAGE",
 }
 
-# The stages of a model project in order: `lmforge init` writes one config each.
-DEFAULT_PIPELINE: list[str] = ["check", "data", "train", "eval"]
+# The stages of a model project's pipeline, in order: `lmforge init` writes one config each
+# (and configs for `serve` and `improve`, which run after the pipeline, on its model).
+DEFAULT_PIPELINE: list[str] = ["check", "data", "train", "finetune", "eval"]
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 
@@ -84,7 +85,7 @@ class Stage:
     cacheable: bool = True
     # `lmforge init` calls this with the preset name for the config it writes.
     scaffold: Callable[[str], dict[str, Any]] | None = None
-    # The RayJob entry point is jobs/<job>.py (default: the stage name).
+    # The RayJob entry point is jobs/<job>.py (default, and for every built-in stage: the name).
     job: str | None = None
 
     @property

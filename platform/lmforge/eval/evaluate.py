@@ -266,5 +266,4 @@ STAGE = Stage(
     "--max-regression X` is the promotion gate.",
     input_field="model",
     scaffold=scaffold,
-    job="evaluate",
 )

@@ -127,5 +127,4 @@ STAGE = Stage(
     "automatic resume; the merged model artifact goes to <run>/model/.",
     input_field="base",
     scaffold=scaffold,
-    job="finetune",
 )

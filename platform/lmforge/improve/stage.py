@@ -247,5 +247,4 @@ STAGE = Stage(
     "data -> fine-tune -> eval gate against the served model -> promote only if it passes; "
     "every decision is recorded with its numbers.",
     cacheable=False,
-    job="improve",
 )

@@ -149,5 +149,4 @@ STAGE = Stage(
     "sharded checkpoints, automatic resume, MFU; the model artifact goes to <run>/model/.",
     input_field="data.path",
     scaffold=scaffold,
-    job="pretrain",
 )
