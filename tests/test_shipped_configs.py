@@ -89,3 +89,20 @@ def test_quickstart_pipeline_resolves():
 def test_config_reference_is_current():
     current = (REPO / "docs" / "config-reference.md").read_text()
     assert current == reference_markdown(), "docs/config-reference.md is stale: run `make docs`"
+
+
+def test_the_chart_runs_each_stage_by_its_own_name():
+    """helm/lmforge names the entry points jobs/<stage>.py, the names the README gives."""
+    import yaml
+
+    values = yaml.safe_load((REPO / "helm" / "lmforge" / "values.yaml").read_text())
+    jobs = {key: stage["job"] for key, stage in values["stages"].items()}
+    assert jobs == {
+        "check": "check",
+        "prepareData": "data",
+        "pretrain": "train",
+        "finetune": "finetune",
+        "evaluate": "eval",
+    }
+    assert values["improve"]["job"] == "improve"
+    assert all((REPO / get_stage(job).job_script).exists() for job in [*jobs.values(), "improve"])
