@@ -111,3 +111,4 @@ def test_init_refuses_to_overwrite_without_force(tmp_path):
 def test_init_cli(cli, tmp_path):
     code, out, _ = cli("init", tmp_path / "q", "--preset", "small")
     assert code == 0 and "pipeline.yaml" in out and "jobs/finetune.py" in out
+    assert "lmforge serve -c configs/serve.yaml" in out

@@ -173,4 +173,7 @@ def init_command(argv: list[str], prog: str) -> int:
     for path in init_project(args.directory, args.preset, args.force):
         print(f"wrote {path}")
     print(f"next: cd {args.directory} && lmforge pipeline run pipeline.yaml")
+    print(
+        "then: lmforge serve -c configs/serve.yaml; on a Ray cluster: lmforge submit <stage> -c configs/<stage>.yaml"
+    )
     return 0
