@@ -33,6 +33,10 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     RAY_USAGE_STATS_ENABLED=0
 
+# The lock file (constraints.txt): lmforge and its dependencies get the versions CI and
+# `make setup` install; torch is chosen by TORCH_VERSION and FLAVOR.
+COPY --chown=ray:users constraints.txt ./
+
 # PyTorch first, in its own layer: it is the biggest and changes least often.
 RUN set -eux; \
     index="${TORCH_INDEX_URL}"; \
@@ -43,7 +47,7 @@ RUN set -eux; \
 COPY --chown=ray:users pyproject.toml README.m[d] ./
 COPY --chown=ray:users platform ./platform
 RUN set -eux; \
-    pip install . ; \
+    pip install -c constraints.txt . ; \
     rm -rf platform build ./*.egg-info; \
     python -c "import lmforge, ray, torch; assert ray.__version__ == '${RAY_VERSION}', ray.__version__; print('lmforge', lmforge.__version__, 'ray', ray.__version__, 'torch', torch.__version__)"
 

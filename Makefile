@@ -11,8 +11,10 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 TORCH_SPEC      ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 PYTEST_ARGS     ?=
+# Every install goes through the lock file, so CI, the image and a user get the same versions.
+CONSTRAINTS     := -c constraints.txt
 
-.PHONY: help setup dev quickstart test test-fast lint format docs bench clean manifests
+.PHONY: help setup dev quickstart test test-fast lint format docs bench clean manifests lock
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -21,17 +23,20 @@ $(VENV)/bin/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "lmforge needs Python >= 3.11, found " + sys.version.split()[0]'
 	$(PYTHON) -m venv $(VENV)
 
-# The stamp files re-run the install whenever pyproject.toml changes.
+# The stamp files re-run the install whenever pyproject.toml or constraints.txt changes.
+# torch is not in constraints.txt (TORCH_SPEC chooses the build; a wheel index such as
+# PyTorch's need not carry the pinned versions of its dependencies): the install after it
+# brings those dependencies to their pins.
 $(VENV)/.torch: | $(VENV)/bin/python
 	$(PIP) install $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
 	@touch $@
 
-$(VENV)/.runtime: pyproject.toml $(VENV)/.torch
-	$(PIP) install -e .
+$(VENV)/.runtime: pyproject.toml constraints.txt $(VENV)/.torch
+	$(PIP) install $(CONSTRAINTS) -e .
 	@touch $@
 
-$(VENV)/.dev: pyproject.toml $(VENV)/.runtime
-	$(PIP) install -e ".[dev]"
+$(VENV)/.dev: pyproject.toml constraints.txt $(VENV)/.runtime
+	$(PIP) install $(CONSTRAINTS) -e ".[dev]"
 	@touch $@
 
 setup: $(VENV)/.runtime  ## create .venv and install lmforge
@@ -64,6 +69,11 @@ format: $(VENV)/.dev
 
 docs: $(VENV)/.runtime  ## regenerate docs/config-reference.md from the config field descriptions
 	$(VENV)/bin/lmforge config reference --out docs/config-reference.md
+
+# Re-pin constraints.txt to what this venv has (run after `make dev` and a passing `make test`).
+lock: $(VENV)/.dev  ## regenerate constraints.txt from the venv (pip freeze less lmforge and torch)
+	{ sed -n '/^#/p' constraints.txt; $(PIP) freeze --exclude-editable --exclude lmforge --exclude torch; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 manifests: $(VENV)/.dev $(VENV)/bin/helm  ## re-render manifests/ (kubectl-ready YAML) from helm/lmforge
 	$(PY) scripts/render_manifests.py

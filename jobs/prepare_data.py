@@ -1,4 +1,5 @@
-"""RayJob entry point of the `data` stage: python jobs/prepare_data.py -c CONFIG [--set k=v ...]"""
+"""The former name of jobs/data.py (the `data` stage), kept so that RayJobs, Helm values and
+scripts that name it keep working: python jobs/prepare_data.py -c CONFIG [--set k=v ...]"""
 
 import _bootstrap  # noqa: F401  (puts the shipped lmforge source on sys.path)
 

@@ -3,7 +3,8 @@
 `helm template` with helm/lmforge/ci/manifests.yaml, split into one file per stage
 (`rayjob.<stage>.yaml`: the stage's config ConfigMap and its RayJob), `raycronjob.improve.yaml`
 (the improvement loop's config and its RayCronJob), `rayservice.yaml` (the serving RayService)
-and `base.yaml` (what they share: ServiceAccount, NetworkPolicy, storage claim). A RayJob file's
+and `base.yaml` (what they share: ServiceAccount, NetworkPolicy, storage claim), plus
+`kustomization.yaml` (all of them, and an `images:` entry for `kubectl apply -k`). A RayJob file's
 header says which earlier run its config reads (`@<stage>/<run name>`, e.g. finetune's
 `base: "@train/base"`), i.e. when to apply it. Helm's bookkeeping labels
 and `# Source:` lines are dropped; the templates' comments stay. tests/k8s fails when the files
@@ -114,7 +115,68 @@ def render(values: Path = VALUES) -> dict[str, str]:
                 f"#   kubectl get rayjob lmforge-{stage} -w; kubectl logs -f job/lmforge-{stage}\n"
             )
         files[name] = HEADER.format(title=title, usage=usage) + "---\n" + "---\n".join(chunks)
+    files[KUSTOMIZATION] = kustomization(files, image_names(docs))
     return files
+
+
+KUSTOMIZATION = "kustomization.yaml"
+# Apply order: what the others use, the stages as a pipeline runs them, then serving and the loop.
+ORDER = (
+    "base",
+    "rayjob.check",
+    "rayjob.prepare-data",
+    "rayjob.pretrain",
+    "rayjob.finetune",
+    "rayjob.evaluate",
+    "rayservice",
+    "raycronjob.improve",
+)
+
+
+def image_names(docs: list[tuple[str, dict]]) -> list[str]:
+    """The image names (without tag) of every container the manifests run."""
+    names: set[str] = set()
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("containers", "initContainers") and isinstance(value, list):
+                    names.update(c["image"].rsplit(":", 1)[0] for c in value if "image" in c)
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    for _, doc in docs:
+        walk(doc)
+    return sorted(names)
+
+
+def kustomization(files: dict[str, str], images: list[str]) -> str:
+    """manifests/kustomization.yaml: every file as a resource, and an `images:` entry per image
+    so that `kubectl apply -k` (or an overlay naming this directory) can point them elsewhere."""
+
+    def rank(name: str) -> tuple[int, str]:
+        stem = name.removesuffix(".yaml")
+        return (ORDER.index(stem) if stem in ORDER else len(ORDER), name)
+
+    doc = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": sorted(files, key=rank),
+        "images": [{"name": name, "newName": name} for name in images],
+    }
+    return KUSTOMIZE_HEADER + yaml.safe_dump(doc, sort_keys=False)
+
+
+KUSTOMIZE_HEADER = """\
+# kustomize's view of manifests/ (`kubectl apply -k manifests/`): every file, and the image.
+# Rendered by `make manifests` with the other files; docs/kubernetes.md, "4. Run the pipeline".
+# Your image: set `newName` below (the tags stay <version>-cpu / -gpu). To keep manifests/
+# as rendered, put the same `images:` into a kustomization.yaml of your own that has
+# `resources: [<path>/manifests]`, and apply that directory instead.
+# One stage at a time: kubectl apply -k manifests/ -l lmforge.dev/stage=<stage>
+"""
 
 
 def run_references(chunks: list[str]) -> list[tuple[str, str]]:

@@ -30,11 +30,11 @@ def test_shipped_config_is_valid(config):
 
 @pytest.mark.parametrize(
     ("finetune", "pretrain"),
-    [("finetune-tiny.yaml", "pretrain-tiny.yaml"), ("finetune.yaml", "pretrain-1b.yaml")],
+    [("finetune-tiny.yaml", "train-tiny.yaml"), ("finetune.yaml", "train-1b.yaml")],
 )
 def test_finetune_config_fits_its_pretrain_config(finetune, pretrain):
     """Each fine-tuning config starts from a `@train/<run>` and splits its batch evenly; the tiny
-    one fine-tunes exactly what pretrain-tiny.yaml trains, on the built-in chat data."""
+    one fine-tunes exactly what train-tiny.yaml trains, on the built-in chat data."""
     from lmforge.finetune.config import scaffold
     from lmforge.model.presets import PRESETS
     from lmforge.train.data import batch_plan
@@ -61,9 +61,24 @@ def test_finetune_config_fits_its_pretrain_config(finetune, pretrain):
         assert ft.lora.enabled is True and ft.resources.gpus_per_worker == 1
 
 
+# Entry points renamed to their stage's name, kept under the old name for RayJobs that use it.
+FORMER_NAMES = {
+    "jobs/prepare_data.py": "data",
+    "jobs/pretrain.py": "train",
+    "jobs/evaluate.py": "eval",
+}
+
+
 def test_every_job_entry_point_is_a_stage():
     scripts = {f"jobs/{p.name}" for p in (REPO / "jobs").glob("*.py") if not p.name.startswith("_")}
-    assert scripts == set(JOBS)
+    assert scripts == set(JOBS) | set(FORMER_NAMES)
+    # Each built-in stage's entry point is jobs/<stage>.py, as the README says.
+    assert {script: stage.name for script, stage in JOBS.items()} == {
+        f"jobs/{name}.py": name for name in STAGES
+    }
+    for script in scripts:
+        stage = FORMER_NAMES.get(script) or JOBS[script].name
+        assert f'job_main("{stage}")' in (REPO / script).read_text(), script
 
 
 def test_quickstart_pipeline_resolves():
@@ -74,3 +89,20 @@ def test_quickstart_pipeline_resolves():
 def test_config_reference_is_current():
     current = (REPO / "docs" / "config-reference.md").read_text()
     assert current == reference_markdown(), "docs/config-reference.md is stale: run `make docs`"
+
+
+def test_the_chart_runs_each_stage_by_its_own_name():
+    """helm/lmforge names the entry points jobs/<stage>.py, the names the README gives."""
+    import yaml
+
+    values = yaml.safe_load((REPO / "helm" / "lmforge" / "values.yaml").read_text())
+    jobs = {key: stage["job"] for key, stage in values["stages"].items()}
+    assert jobs == {
+        "check": "check",
+        "prepareData": "data",
+        "pretrain": "train",
+        "finetune": "finetune",
+        "evaluate": "eval",
+    }
+    assert values["improve"]["job"] == "improve"
+    assert all((REPO / get_stage(job).job_script).exists() for job in [*jobs.values(), "improve"])

@@ -46,8 +46,9 @@ STAGES: dict[str, str] = {
     "eval": "lmforge.eval.evaluate:STAGE",
 }
 
-# The stages of a model project in order: `lmforge init` writes one config each.
-DEFAULT_PIPELINE: list[str] = ["check", "data", "train", "eval"]
+# The stages of a model project's pipeline, in order: `lmforge init` writes one config each
+# (and configs for `serve` and `improve`, which run after the pipeline, on its model).
+DEFAULT_PIPELINE: list[str] = ["check", "data", "train", "finetune", "eval"]
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -99,7 +100,7 @@ class Stage:
     cacheable: bool = True
     # `lmforge init` calls this with the preset name for the config it writes.
     scaffold: Callable[[str], dict[str, Any]] | None = None
-    # The RayJob entry point is jobs/<job>.py (default: the stage name).
+    # The RayJob entry point is jobs/<job>.py (default, and for every built-in stage: the name).
     job: str | None = None
     # Checks that need no cluster (inputs exist and are complete): `run_stage` calls it before
     # it prints the config, creates the output folder or starts Ray, so a missing input is one

@@ -98,11 +98,11 @@ def test_rayjobs_chain_through_run_references():
         (job,) = [d for d in docs if d["kind"] == "RayJob"]
         script, _, text, _ = rayjob_entrypoint_config(docs, job)
         configs[script] = yaml.safe_load(text)
-    data, pretrain = configs["jobs/prepare_data.py"], configs["jobs/pretrain.py"]
+    data, pretrain = configs["jobs/data.py"], configs["jobs/train.py"]
     finetune = configs["jobs/finetune.py"]
     assert pretrain["data"]["path"] == f"@data/{data['name']}" == "@data/corpus"
     assert finetune["base"] == f"@train/{pretrain['name']}" == "@train/base"
-    assert configs["jobs/evaluate.py"]["model"] == "@train/base"
+    assert configs["jobs/eval.py"]["model"] == "@train/base"
     header = (MANIFESTS / "rayjob.finetune.yaml").read_text().split("\n---\n")[0].splitlines()
     assert header[-3:] == [
         "# when the run @train/base has SUCCEEDED (`base` reads its latest output):",

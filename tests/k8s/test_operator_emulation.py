@@ -239,7 +239,7 @@ def test_rayjob_runs_as_kuberay_would_run_it(path, pod_files, emulated_clusters)
         assert resolved["model"] == OUTPUTS["train"]
         report = json.loads(Path(outputs[0], "report.json").read_text())
         assert {"val", "stdlib-module-mc", "bias-pairs"} <= set(report["tasks"])
-        assert report["tasks"]["stdlib-module-mc"]["acc"]["n"] == 3  # limit: 3 (evaluate-tiny)
+        assert report["tasks"]["stdlib-module-mc"]["acc"]["n"] == 3  # limit: 3 (eval-tiny)
     if stage.name == "train":  # `data.path: "@data/corpus"` resolved to the emulated data run
         assert resolved["data"]["path"] == OUTPUTS["data"]
     if stage.name == "finetune":

@@ -114,7 +114,7 @@ Checks of whole-chart values that a JSON schema cannot express; each failure nam
 {{- end }}
 {{- if $stage.enabled }}
 {{- if not (regexMatch "^[a-z][a-z0-9_]*$" ($stage.job | default "")) }}
-{{- fail (printf "stages.%s.job is %q; it must name jobs/<job>.py, e.g. prepare_data" $key ($stage.job | default "")) }}
+{{- fail (printf "stages.%s.job is %q; it must name jobs/<job>.py, e.g. data" $key ($stage.job | default "")) }}
 {{- end }}
 {{- range $i, $o := $stage.overrides }}
 {{- if not (regexMatch "^[A-Za-z0-9_.]+=[^']*$" $o) }}

@@ -422,7 +422,6 @@ STAGE = Stage(
     run=run,
     help="Prepare training data on Ray Data: read sources, clean, filter, redact PII, dedup "
     "(exact + MinHash LSH), train a BPE tokenizer, tokenize and pack into Parquet shards.",
-    job="prepare_data",
     scaffold=scaffold,
     validate=validate,
 )

@@ -280,6 +280,5 @@ STAGE = Stage(
     "--max-regression X` is the promotion gate.",
     input_field="model",
     scaffold=scaffold,
-    job="evaluate",
     validate=validate,
 )

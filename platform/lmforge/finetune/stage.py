@@ -136,6 +136,5 @@ STAGE = Stage(
     "automatic resume; the merged model artifact goes to <run>/model/.",
     input_field="base",
     scaffold=scaffold,
-    job="finetune",
     validate=validate,
 )

@@ -253,6 +253,5 @@ STAGE = Stage(
     "data -> fine-tune -> eval gate against the served model -> promote only if it passes; "
     "every decision is recorded with its numbers.",
     cacheable=False,
-    job="improve",
     validate=validate,
 )

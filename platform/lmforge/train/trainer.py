@@ -149,6 +149,5 @@ STAGE = Stage(
     "sharded checkpoints, automatic resume, MFU; the model artifact goes to <run>/model/.",
     input_field="data.path",
     scaffold=scaffold,
-    job="pretrain",
     validate=validate_inputs,
 )
