@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lmforge import ConfigError, storage
 from lmforge.config import StrictModel
@@ -112,6 +112,17 @@ class RequestLogConfig(StrictModel):
     flush_seconds: float = Field(
         60, gt=0, description="write what waits at least this often (seconds)"
     )
+    durable_feedback: bool = Field(
+        True,
+        description="answer feedback `stored: true` only once the row is fsynced to the "
+        "replica's journal (survives a kill; compacted to Parquet on the flush triggers); "
+        "false: buffered in memory like request rows, lost if the replica is killed",
+    )
+    spool_dir: str | None = Field(
+        None,
+        description="local directory of the feedback journal, which must outlive the replica "
+        "(default: <path>/_spool for a local path; $LMFORGE_HOME/spool/... for a URI)",
+    )
     redact_pii: bool = Field(
         True, description="replace emails, phone numbers and IPs in logged text (the `pii` step)"
     )
@@ -121,6 +132,13 @@ class RequestLogConfig(StrictModel):
         description="completion ids each API replica remembers, to tag feedback with the model "
         "and version that answered",
     )
+
+    @field_validator("spool_dir")
+    @classmethod
+    def _local_spool(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value:
+            raise ValueError("must be a local directory (the journal is fsynced and locked)")
+        return value
 
 
 class DriftConfig(StrictModel):

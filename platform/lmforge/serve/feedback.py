@@ -3,7 +3,9 @@
     {"completion_id": "chatcmpl-...", "rating": 1, "correction": null, "tags": ["helpful"]}
 
 The record goes to the feedback store of the request log (always, never sampled) and to
-`lmforge_feedback_total{model, model_version, rating}`. The model and version are those that
+`lmforge_feedback_total{model, model_version, rating}`. `"stored": true` is answered only once
+the row is durable (fsynced to the replica's feedback journal; `request_log.durable_feedback`);
+a row that could not be written is a 503, so the client retries. The model and version are those that
 answered the completion when this API replica still remembers it (a bounded cache of recent
 completion ids), else null: the improvement job joins feedback to the request log by id.
 """
@@ -16,6 +18,7 @@ import uuid
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from lmforge.serve.protocol import APIError
 from lmforge.serve.requestlog import utcnow
 
 
@@ -68,7 +71,16 @@ def add_feedback_route(app: FastAPI) -> None:
             "model": model,
             "model_version": version,
         }
-        stored = request_log.record_feedback(record)
+        try:
+            stored = await request_log.store_feedback(record)
+        except OSError as e:
+            raise APIError(
+                503,
+                f"the feedback could not be stored ({e}); retry later",
+                type="server_error",
+                code="feedback_not_stored",
+                headers={"Retry-After": str(state.limits.retry_after_s)},
+            ) from None
         state.metrics.feedback.labels(
             model or "unknown", version or "unknown", rating_label(body.rating)
         ).inc()

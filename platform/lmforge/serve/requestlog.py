@@ -3,10 +3,17 @@
     <path>/requests/date=YYYY-MM-DD/<replica>-<uuid>-<seq>.parquet   sampled requests
     <path>/feedback/date=YYYY-MM-DD/<replica>-<uuid>-<seq>.parquet   every feedback record
 
-Each API replica buffers rows and writes them in batches: when `flush_rows` are buffered, every
-`flush_seconds` (a background thread), and at shutdown. A batch gets its file name when it is
-sealed and is dropped from memory only after that file is durable (written atomically through
-lmforge.storage), so a retry after a failed write rewrites the same file: never a duplicate.
+Each API replica buffers request rows and writes them in batches: when `flush_rows` are
+buffered, every `flush_seconds` (a background thread), and at shutdown. A batch gets its file
+name when it is sealed and is dropped from memory only after that file is durable (written
+atomically through lmforge.storage), so a retry after a failed write rewrites the same file:
+never a duplicate. A killed replica loses the request rows it buffered (best effort).
+
+Feedback is durable (`durable_feedback`): a row is fsynced to the replica's journal
+(lmforge.serve.journal: group commit, in a local spool) before `record_feedback` returns, and
+the same flush triggers compact the journal into the Parquet layout above, the file named after
+its journal segment, so compacting a segment twice (a crash in between) writes no duplicate.
+A restarted replica compacts (uploads, for an object store) the segments a killed one left.
 Text fields go through the data pipeline's `pii` step first (`redact_pii`).
 
 `read_log(path, kind, since)` is how the monitor report and the improvement job read them.
@@ -15,7 +22,9 @@ No Ray in here: the writer runs (and is tested) in any process.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import concurrent.futures as cf
 import datetime as dt
 import hashlib
 import io
@@ -35,6 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lmforge import LmforgeError, storage
+from lmforge.serve.journal import Journal, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +170,7 @@ class LogWriter:
 
     def add(self, row: dict[str, Any]) -> bool:
         """Buffer a row; True when `flush_rows` are now buffered (the caller may flush)."""
-        missing = [f.name for f in self.schema if not f.nullable and row.get(f.name) is None]
-        if missing:
-            raise LmforgeError(f"{self.kind} log row lacks {', '.join(missing)}")
+        check_row(self.kind, row)
         with self._lock:
             if len(self.buffer) >= self.max_buffer_rows:
                 self.dropped += 1  # storage is failing for long: keep memory bounded
@@ -191,18 +199,50 @@ class LogWriter:
             while self.pending:
                 batch = self.pending[0]
                 for date in sorted(batch.by_date):
-                    self._write(date, batch.name, batch.by_date[date])
+                    write_rows(self.root, self.kind, date, batch.name, batch.by_date[date])
                     count += len(batch.by_date.pop(date))
                 self.pending.pop(0)
             self.written += count
             return count
 
-    def _write(self, date: str, name: str, rows: list[dict]) -> None:
-        table = pa.Table.from_pylist(rows, schema=self.schema)
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
-        path = storage.join(self.root, self.kind, f"date={date}", name)
-        storage.write_bytes(path, sink.getvalue())
+
+def check_row(kind: str, row: dict[str, Any]) -> None:
+    missing = [f.name for f in SCHEMAS[kind] if not f.nullable and row.get(f.name) is None]
+    if missing:
+        raise LmforgeError(f"{kind} log row lacks {', '.join(missing)}")
+
+
+def write_rows(root: str, kind: str, date: str, name: str, rows: list[dict]) -> str:
+    """Write one day's rows of a kind as one Parquet file, atomically; return its path."""
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMAS[kind]), sink)
+    path = storage.join(root, kind, f"date={date}", name)
+    storage.write_bytes(path, sink.getvalue())
+    return path
+
+
+def compact_feedback(root: str, stem: str, rows: list[dict]) -> None:
+    """Journal rows (JSON) -> `<root>/feedback/date=.../<stem>.parquet`, made durable before
+    the journal segment is deleted."""
+    for row in rows:
+        row["time"] = dt.datetime.fromisoformat(row["time"])
+    for date, day in _Batch(rows, f"{stem}.parquet").by_date.items():
+        path = write_rows(root, "feedback", date, f"{stem}.parquet", day)
+        if storage.is_local(path):  # the rename, before the segment's unlink
+            fsync_dir(os.path.dirname(storage.local_path(path)))
+
+
+def spool_dir(path: str, spool: str | None = None) -> str:
+    """Where a replica journals feedback: `spool`, else `<path>/_spool` for a local log, else
+    a directory per log URI under $LMFORGE_HOME/spool."""
+    if spool:
+        return os.path.abspath(os.path.expanduser(spool))
+    if storage.is_local(path):
+        return os.path.join(storage.local_path(path), "_spool")
+    from lmforge.cluster import lmforge_home
+
+    digest = hashlib.sha256(path.encode()).hexdigest()[:12]
+    return str(lmforge_home() / "spool" / f"{_safe(path)[:40]}-{digest}")
 
 
 class RequestLog:
@@ -220,17 +260,30 @@ class RequestLog:
         redact_pii: bool = True,
         replica: str | None = None,
         recent_completions: int = 10_000,
+        durable_feedback: bool = True,
+        spool: str | None = None,
     ) -> None:
         self.path, self.sample_rate, self.flush_seconds = path, sample_rate, flush_seconds
         self.replica = _safe(replica) if replica else default_replica()
         self.redact = Redactor() if redact_pii else None
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self.journal = None
+        if path and durable_feedback:
+            self.journal = Journal(
+                os.path.join(spool_dir(path, spool), "feedback"),
+                self.replica,
+                flush_rows,
+                compact=lambda stem, rows: compact_feedback(path, stem, rows),
+                on_full=self._wake.set,
+            )
         self.writers = {
             kind: LogWriter(path, kind, self.replica, flush_rows)
             for kind in (SCHEMAS if path else ())
         }
+        if self.journal is not None:
+            self.writers["feedback"] = self.journal  # same flush triggers, same retries
         self.recent: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
         self.recent_size = recent_completions
-        self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self._recent_lock = threading.Lock()
         if path:
@@ -269,14 +322,31 @@ class RequestLog:
         return True
 
     def record_feedback(self, row: dict[str, Any]) -> bool:
-        """Store a feedback record (never sampled); False when the log is off."""
+        """Store a feedback record (never sampled): durable on return when `durable_feedback`
+        (raises the OSError that kept it from disk); False when the log is off."""
+        future = self._feedback(row)
+        if future is not None:
+            future.result()
+        return self.enabled
+
+    async def store_feedback(self, row: dict[str, Any]) -> bool:
+        """`record_feedback` for the event loop: awaits the journal's fsync."""
+        future = self._feedback(row)
+        if future is not None:
+            await asyncio.wrap_future(future)
+        return self.enabled
+
+    def _feedback(self, row: dict[str, Any]) -> cf.Future | None:
         if not self.enabled:
-            return False
+            return None
         row = {"replica": self.replica, **row}
         if self.redact is not None:
             row["correction"] = self.redact(row.get("correction"))
-        self._add("feedback", row)
-        return True
+        if self.journal is None:
+            self._add("feedback", row)
+            return None
+        check_row("feedback", row)
+        return self.journal.append(row)
 
     def _add(self, kind: str, row: dict) -> None:
         if self.writers[kind].add(row):
@@ -284,14 +354,16 @@ class RequestLog:
 
     def flush(self) -> int:
         total = 0
-        for writer in self.writers.values():
+        for kind, writer in self.writers.items():
             try:
                 total += writer.flush()
             except Exception as e:  # rows stay pending; the next flush retries them
-                log.warning("could not write the %s log to %s: %s", writer.kind, self.path, e)
+                log.warning("could not write the %s log to %s: %s", kind, self.path, e)
         return total
 
     def _loop(self) -> None:
+        if self.journal is not None:
+            self.flush()  # replay at once what a killed replica acknowledged
         while not self._stop.is_set():
             woken = self._wake.wait(timeout=self._due_in())
             self._wake.clear()
@@ -316,6 +388,8 @@ class RequestLog:
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
+        if self.journal is not None:
+            self.journal.stop()  # what was queued is committed, then compacted below
         return self.flush()
 
 

@@ -33,6 +33,8 @@ def add_monitoring(
         c.redact_pii,
         replica=replica,
         recent_completions=c.recent_completions,
+        durable_feedback=c.durable_feedback,
+        spool=c.spool_dir,
     )
     state.drift = DriftMonitor(args.drift, state.metrics)
     for name, backend in backends.items():
