@@ -162,18 +162,20 @@ def test_serve_answers_equal_transformers_greedy_output(imported):
     from lmforge.serve.config import ServeArgs
     from lmforge.serve.openai import local_app
 
-    art, tok, model, _, expected = imported
+    art, tok, model, prompt, expected = imported
     args = ServeArgs(models=[{"name": "imported", "artifact": art, "max_batch_size": 2}])
     with TestClient(local_app(args)) as client:
         body = {"model": "imported", "messages": MESSAGES, "max_tokens": MAX_NEW, "temperature": 0}
         answer = client.post("/v1/chat/completions", json=body).json()
         assert "choices" in answer, answer
         info = client.get("/tokenizer_info").json()
+        chat_ids = client.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
         text = "the quick brown"
         completion = client.post(
             "/v1/completions",
             json={"model": "imported", "prompt": text, "max_tokens": 8, "temperature": 0},
         ).json()
+    assert chat_ids == prompt  # one BOS: the template's, none added by tokenizing
     choice = answer["choices"][0]
     assert choice["message"]["content"] == tok.decode(expected, skip_special_tokens=True)
     assert choice["finish_reason"] == "stop"

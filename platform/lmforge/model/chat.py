@@ -11,6 +11,8 @@ A conversation is rendered as role-tagged turns, each closed by `<|end|>`:
 
 Generation stops at `<|end|>` (or `<|eos|>`). The role tokens are special tokens of every
 tokenizer the data stage trains, so they are single ids and never appear in plain text.
+An imported model has its own Jinja template instead; `render_chat` renders either, as
+transformers' apply_chat_template does (lmforge.model.special picks the model's).
 """
 
 from __future__ import annotations

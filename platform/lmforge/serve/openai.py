@@ -124,13 +124,16 @@ def _check_counts(limits: LimitsConfig, n: int, max_tokens: int) -> None:
         )
 
 
-def _render_chat(backend: Backend, messages: list[dict], add_generation_prompt: bool) -> str:
-    """A chat prompt in the model's own template (or the built-in format); a conversation the
-    template refuses (its raise_exception, e.g. roles that must alternate) is the client's 400."""
+def _chat_prompt(
+    backend: Backend, messages: list[dict], add_generation_prompt: bool
+) -> tuple[str, list[int]]:
+    """(text, ids) of a chat prompt in the model's own template (or the built-in format); a
+    conversation the template refuses (its raise_exception, e.g. roles that must alternate) is
+    the client's 400."""
     from jinja2 import TemplateError
 
     try:
-        return backend.special.render_chat(messages, add_generation_prompt)
+        return backend.special.encode_chat(backend.tokenizer, messages, add_generation_prompt)
     except (ValueError, TemplateError) as e:
         raise APIError(400, f"messages: {e}", param="messages") from None
 
@@ -270,11 +273,14 @@ def _add_routes(app: FastAPI) -> None:
         backend = _backend(request, body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of prompt and messages", param="prompt")
-        text = body.prompt
+        # The ids the chat and completions routes would use for the same input.
         if body.messages is not None:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            text = _render_chat(backend, messages, body.add_generation_prompt)
-        ids = backend.tokenizer.encode(text, add_special_tokens=body.add_special_tokens).ids
+            _, ids = _chat_prompt(backend, messages, body.add_generation_prompt)
+        elif body.add_special_tokens:
+            ids = backend.special.encode_prompt(backend.tokenizer, body.prompt)
+        else:
+            ids = backend.tokenizer.encode(body.prompt, add_special_tokens=False).ids
         return {"tokens": ids, "count": len(ids), "max_model_len": backend.max_seq_len}
 
     @app.post("/detokenize", summary="token ids -> text (vLLM-compatible)")
@@ -398,8 +404,7 @@ async def _chat(request: Request, body: ChatRequest):
     state = request.app.state
     backend, limits = _backend(request, body.model), state.limits
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    rendered = _render_chat(backend, messages, True)
-    ids = backend.tokenizer.encode(rendered, add_special_tokens=False).ids  # as transformers
+    rendered, ids = _chat_prompt(backend, messages, True)
     asked = (
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     )
