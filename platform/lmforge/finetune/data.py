@@ -169,7 +169,7 @@ def encode_conversation(
         counted = spans[-1:] if loss_on == "last_turn" else spans
         mask = [int(any(a <= start < b for a, b in counted)) for start, _ in enc.offsets]
     eos, start = special.eos_id, special.prefix_id
-    ended = ids[-1:] and ids[-1] in special.stop_ids  # the template closed it with a stop id
+    ended = bool(ids) and ids[-1] in special.stop_ids  # the template closed it with a stop id
     if messages[-1]["role"] == "assistant" and eos is not None and not ended:
         ids.append(eos)
         mask.append(1)
