@@ -87,9 +87,12 @@ def test_stdlib_qa_generation_stops_at_end_of_turn():
     import torch
 
     from lmforge.data.tokenizer import train_bpe
-    from lmforge.eval.lm import END_ID, EOS_ID, Scorer
+    from lmforge.eval.lm import Scorer
     from lmforge.eval.scoring import build_requests, encode
     from lmforge.eval.tasks import Items
+    from lmforge.model.special import LMFORGE
+
+    EOS_ID, END_ID = LMFORGE.eos_id, LMFORGE.stop_ids[1]
 
     class Scripted(torch.nn.Module):
         def __init__(self, script: list[int], prompt_len: int, vocab: int) -> None:

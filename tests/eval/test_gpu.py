@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.eval.lm import EOS_ID, Scorer, rolling_windows
+from lmforge.eval.lm import Scorer, rolling_windows
+from lmforge.model.special import LMFORGE
 
 pytestmark = pytest.mark.gpu
 
@@ -24,9 +25,11 @@ def test_cuda_log_likelihoods_and_generation_match_cpu(scorers):
     tokens = cpu.tokenizer.encode(text, add_special_tokens=False).ids
     requests = [
         {"kind": "loglikelihood", "context": c, "continuation": t}
-        for c, t in rolling_windows(tokens, 16)
+        for c, t in rolling_windows(tokens, 16, LMFORGE.prefix_id)
     ]
-    requests.append({"kind": "generate", "prompt": [EOS_ID, *tokens[:10]], "max_new_tokens": 8})
+    requests.append(
+        {"kind": "generate", "prompt": [LMFORGE.prefix_id, *tokens[:10]], "max_new_tokens": 8}
+    )
     on_cpu, on_gpu = cpu.score(requests), gpu.score(requests)
     for a, b in zip(on_cpu[:-1], on_gpu[:-1], strict=True):
         assert b["loglikelihood"] == pytest.approx(a["loglikelihood"], rel=1e-3, abs=1e-3)

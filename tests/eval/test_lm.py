@@ -8,8 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmforge.eval.lm import EOS_ID, Scorer, cut_at_stop, rolling_windows
+from lmforge.eval.lm import Scorer, cut_at_stop, rolling_windows
 from lmforge.eval.scoring import document_requests, encode
+from lmforge.model.special import LMFORGE
+
+EOS_ID = LMFORGE.prefix_id  # what an lmforge model's documents and eval contexts follow
 
 
 class FixedDistribution(torch.nn.Module):
@@ -44,7 +47,7 @@ def test_perplexity_of_a_fixed_distribution_through_the_scorer():
     probs = [0.1, 0.2, 0.3, 0.4]
     scorer = Scorer(FixedDistribution(probs), tokenizer=None)
     doc = [3, 3, 2, 1, 0, 3]
-    reqs = document_requests(doc, max_length=4, item=0, slot=0)  # 2 windows
+    reqs = document_requests(doc, max_length=4, item=0, slot=0, prefix=EOS_ID)  # 2 windows
     results = scorer.score(reqs)
     ll = sum(r["loglikelihood"] for r in results)
     assert sum(r["tokens"] for r in results) == len(doc)
@@ -56,7 +59,7 @@ def test_perplexity_of_a_fixed_distribution_through_the_scorer():
 def test_rolling_windows_score_every_token_once_within_the_context():
     tokens = list(range(10, 33))  # 23 tokens
     for max_length in (1, 4, 7, 23, 50):
-        windows = rolling_windows(tokens, max_length)
+        windows = rolling_windows(tokens, max_length, EOS_ID)
         assert [t for _, cont in windows for t in cont] == tokens
         assert windows[0][0] == [EOS_ID]
         padded = [EOS_ID, *tokens]
@@ -71,7 +74,7 @@ def test_rolling_loss_equals_full_context_loss_when_the_text_fits(scorer):
     text = "Serialize obj to a JSON formatted str using this conversion table."
     tokens = encode(scorer.tokenizer, text)
     assert len(tokens) < scorer.max_length
-    results = scorer.score(document_requests(tokens, scorer.max_length, 0, 0))
+    results = scorer.score(document_requests(tokens, scorer.max_length, 0, 0, EOS_ID))
     assert len(results) == 1
     with torch.no_grad():
         x = torch.tensor([[EOS_ID, *tokens]])
@@ -79,7 +82,7 @@ def test_rolling_loss_equals_full_context_loss_when_the_text_fits(scorer):
         full = -torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="sum").item()
     assert results[0]["loglikelihood"] == pytest.approx(full, rel=1e-5)
     # and with windows shorter than the text, every token is still scored exactly once
-    short = scorer.score(document_requests(tokens, 5, 0, 0))
+    short = scorer.score(document_requests(tokens, 5, 0, 0, EOS_ID))
     assert sum(r["tokens"] for r in short) == len(tokens)
 
 
@@ -124,7 +127,7 @@ def test_bits_per_byte_of_text_split_into_documents_differently(scorer):
     def bpb(s: Scorer, docs: list[str]) -> float:
         lls, toks = [], []
         for i, doc in enumerate(docs):
-            res = s.score(document_requests(encode(tok, doc), s.max_length, i, 0))
+            res = s.score(document_requests(encode(tok, doc), s.max_length, i, 0, EOS_ID))
             lls.append(sum(r["loglikelihood"] for r in res))
             toks.append(sum(r["tokens"] for r in res))
         return language_modelling(lls, toks, [count_bytes(d) for d in docs])["bits_per_byte"].value

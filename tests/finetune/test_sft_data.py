@@ -14,6 +14,7 @@ from lmforge.data.tokenizer import train_bpe
 from lmforge.finetune import data as D
 from lmforge.finetune.packing import PACK_WINDOW, pack_examples
 from lmforge.model import chat
+from lmforge.model.special import SpecialTokens
 
 PAD, EOS_ID = 0, 2
 
@@ -88,8 +89,11 @@ def test_last_turn_and_all(tok):
 def test_a_jinja_chat_template_is_followed(tok):
     # the built-in format as a template gives exactly the built-in encoding
     builtin = D.encode_conversation(tok, CONVERSATION, "assistant")
-    assert D.encode_conversation(tok, CONVERSATION, "assistant", chat.CHAT_TEMPLATE) == builtin
-    ids, mask = D.encode_conversation(tok, CONVERSATION, "assistant", CHATML)
+    as_template = SpecialTokens(chat_template=chat.CHAT_TEMPLATE)
+    assert D.encode_conversation(tok, CONVERSATION, "assistant", as_template) == builtin
+    ids, mask = D.encode_conversation(
+        tok, CONVERSATION, "assistant", SpecialTokens(chat_template=CHATML)
+    )
     assert tok.decode(ids, skip_special_tokens=False).startswith(
         "<|eos|>[start]system\nBe brief.[stop]"
     )
@@ -97,7 +101,7 @@ def test_a_jinja_chat_template_is_followed(tok):
     # a template whose earlier turns change with later ones cannot be masked: a clear error
     unstable = "{{ messages | length }}" + CHATML
     with pytest.raises(LmforgeError, match=r"does not extend messages\[:2\]"):
-        D.encode_conversation(tok, CONVERSATION, "assistant", unstable)
+        D.encode_conversation(tok, CONVERSATION, "assistant", SpecialTokens(chat_template=unstable))
 
 
 def test_prompt_completion_lines_and_bad_lines():

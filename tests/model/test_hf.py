@@ -147,7 +147,7 @@ CHATML = (
 
 
 def test_import_keeps_the_models_own_chat_template(tmp_path):
-    from lmforge.model.hf import artifact_chat_template
+    from lmforge.model.special import artifact_chat_template
 
     make_artifact(tmp_path / "art", tie=True)
     assert artifact_chat_template(str(tmp_path / "art")) is None  # trained here: built-in format
@@ -168,7 +168,7 @@ def test_import_keeps_the_models_own_chat_template(tmp_path):
 
 
 def test_import_folds_a_chat_template_file_into_the_tokenizer_config(tmp_path):
-    from lmforge.model.hf import artifact_chat_template
+    from lmforge.model.special import artifact_chat_template
 
     make_artifact(tmp_path / "art", tie=True)
     export_hf(str(tmp_path / "art"), str(tmp_path / "hf"))

@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lmforge.model.generate import SamplingParams
+from lmforge.model.special import LMFORGE
 from lmforge.serve.config import ServeArgs
 from lmforge.serve.engine import Output
 from lmforge.serve.openai import create_app, local_app
@@ -220,6 +221,7 @@ class ScriptedBackend:
     """A fake model: one token every `delay` seconds, optionally failing after `fail_after`."""
 
     max_seq_len = 128
+    special = LMFORGE
 
     def __init__(self, tokenizer, delay: float, fail_after: int | None = None):
         self.name, self.tokenizer, self.delay, self.fail_after = (

@@ -21,6 +21,7 @@ from lmforge import ConfigError, storage
 from lmforge.eval.config import EvalConfig, scaffold
 from lmforge.eval.report import plot_over_steps, text_table, write_report
 from lmforge.eval.tasks import Items, TaskSpec, load_items, resolve_task
+from lmforge.model.special import LMFORGE, SpecialTokens, load_special_tokens
 from lmforge.stage import Stage, StageContext
 
 
@@ -134,12 +135,16 @@ def score_tasks(
     generation: dict[str, Any],
     score: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
     output: str | None = None,
+    special: SpecialTokens = LMFORGE,
 ) -> dict[str, dict[str, Any]]:
     """task -> metric -> {value, stderr, n}: every task's requests through `score` in one go;
-    per-item samples go to `output`/samples/<task>.jsonl when `output` is given."""
+    per-item samples go to `output`/samples/<task>.jsonl when `output` is given. Contexts start
+    with the model's `special.prefix_id` (lmforge.model.special)."""
     from lmforge.eval.scoring import build_requests, task_metrics
 
-    per_task = [build_requests(t.spec, t.items, tokenizer, max_length, generation) for t in tasks]
+    per_task = [
+        build_requests(t.spec, t.items, tokenizer, max_length, generation, special) for t in tasks
+    ]
     results = score([r for reqs in per_task for r in reqs])
     report: dict[str, dict[str, Any]] = {}
     start = 0
@@ -162,6 +167,7 @@ def evaluate_model(cfg: EvalConfig, artifact: str, tasks: list[Task], output: st
     from lmforge.model.artifact import load_config
 
     tokenizer = Tokenizer.from_str(storage.read_text(storage.join(artifact, "tokenizer.json")))
+    special = load_special_tokens(artifact, tokenizer)
     max_length = min(cfg.max_length or 1 << 30, load_config(artifact).max_seq_len)
     res = cfg.resources
 
@@ -172,7 +178,8 @@ def evaluate_model(cfg: EvalConfig, artifact: str, tasks: list[Task], output: st
             res.gpus_per_actor, max_length, cfg.max_batch_tokens,
         )  # fmt: skip
 
-    return score_tasks(tasks, tokenizer, max_length, cfg.generation.model_dump(), score, output)
+    generation = cfg.generation.model_dump()
+    return score_tasks(tasks, tokenizer, max_length, generation, score, output, special)
 
 
 def evaluate_in_process(

@@ -12,23 +12,34 @@ length into batches before distributing them). Two kinds:
         -> {"text": the generated text, cut before the first stop sequence}
 
 The model has no attention mask, but attention is causal: right-padding a batch never changes
-the logits of the real positions, so batches are right-padded with <|pad|>. The model has no
+the logits of the real positions, so batches are right-padded (with id 0). The model has no
 KV cache yet either, so generation re-runs the (truncated) sequence for every new token: slow
-but simple and correct, and fine for the short answers of eval tasks.
+but simple and correct, and fine for the short answers of eval tasks. Generation stops at the
+model's own stop ids (lmforge.model.special).
 """
 
 from __future__ import annotations
 
 import torch
 
-PAD_ID, EOS_ID, END_ID = 0, 2, 6
+from lmforge.model.special import LMFORGE, SpecialTokens
+
+PAD_ID = 0  # any id works: padding comes after the real tokens, which never attend to it
 
 
 class Scorer:
     """A model, its tokenizer and a context length: what one eval worker holds."""
 
-    def __init__(self, model, tokenizer, max_length: int | None = None, device: str = "cpu"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_length: int | None = None,
+        device: str = "cpu",
+        special: SpecialTokens = LMFORGE,
+    ):
         self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
+        self.special = special
         self.max_length = min(max_length or model.cfg.max_seq_len, model.cfg.max_seq_len)
 
     @classmethod
@@ -37,10 +48,12 @@ class Scorer:
 
         from lmforge import storage
         from lmforge.model.artifact import TOKENIZER, load_model
+        from lmforge.model.special import load_special_tokens
 
         model = load_model(directory, device=device)
         tokenizer = Tokenizer.from_str(storage.read_text(storage.join(directory, TOKENIZER)))
-        return cls(model, tokenizer, max_length, device)
+        special = load_special_tokens(directory, tokenizer)
+        return cls(model, tokenizer, max_length, device, special)
 
     def score(self, requests: list[dict]) -> list[dict]:
         """Results of a batch of requests, in order (log-likelihoods in one forward pass)."""
@@ -89,7 +102,7 @@ class Scorer:
 
     @torch.no_grad()
     def generate(self, request: dict) -> str:
-        ids = list(request["prompt"]) or [EOS_ID]
+        ids = list(request["prompt"]) or [self.special.prefix_id or 0]
         stops = [s for s in request.get("stop") or [] if s]
         temperature = float(request.get("temperature") or 0.0)
         top_k = request.get("top_k")
@@ -108,7 +121,7 @@ class Scorer:
                     kth = torch.topk(logits, min(int(top_k), logits.numel())).values[-1]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).item())
-            if token in (EOS_ID, END_ID):
+            if token in self.special.stop_ids:
                 break
             new.append(token)
             text = self.tokenizer.decode(new, skip_special_tokens=True)
@@ -128,13 +141,14 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
 
 
 def rolling_windows(
-    tokens: list[int], max_length: int, prefix: int = EOS_ID
+    tokens: list[int], max_length: int, prefix: int
 ) -> list[tuple[list[int], list[int]]]:
     """(context, continuation) pairs that score every token of a long document exactly once.
 
     lm-evaluation-harness's `get_rolling_token_windows(..., context_len=1)` made disjoint: the
-    first window predicts the first max_length tokens after the prefix token (<|eos|>, which is
-    what precedes every document in the packed training stream); each later window predicts the
+    first window predicts the first max_length tokens after the prefix token (the model's
+    SpecialTokens.prefix_id: lmforge's <|eos|>, which precedes every document in the packed
+    training stream, or an imported model's BOS); each later window predicts the
     next max_length tokens from the tokens right before them, max_length input tokens in all.
     A document that fits gets one window: exactly the full-context loss.
     """

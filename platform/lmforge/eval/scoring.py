@@ -5,7 +5,8 @@ a slot (the choice index, the sentence of a pair, the window of a long document)
 `task_metrics` folds the results back, per item and then per task. Tokenization follows
 lm-evaluation-harness: trailing spaces of a context move to the continuation, the continuation's
 tokens are those of tokenize(context + continuation) after tokenize(context), and every context
-starts with <|eos|>, the token that precedes each document in the packed training stream.
+starts with the model's prefix token (lmforge.model.special: <|eos|>, which precedes each
+document in lmforge's packed training stream, or an imported model's BOS).
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ from __future__ import annotations
 from typing import Any
 
 from lmforge.eval import metrics as M
-from lmforge.eval.lm import EOS_ID, rolling_windows
+from lmforge.eval.lm import rolling_windows
 from lmforge.eval.tasks import Items, TaskSpec, class_labels, references, render_prompt
+from lmforge.model.special import LMFORGE, SpecialTokens
 
 
 def encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False).ids
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(
+    tokenizer, context: str, continuation: str, prefix: int
+) -> tuple[list[int], list[int]]:
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
@@ -29,10 +33,10 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     whole = encode(tokenizer, context + continuation)
     # as lm-eval; only if the continuation merged into the context entirely, encode it alone
     cont = whole[len(ctx) :] or encode(tokenizer, continuation)
-    return [EOS_ID, *ctx], cont
+    return [prefix, *ctx], cont
 
 
-def document_requests(tokens: list[int], max_length: int, item: int, slot: int, prefix=EOS_ID):
+def document_requests(tokens: list[int], max_length: int, item: int, slot: int, prefix: int):
     return [
         {"kind": "loglikelihood", "context": c, "continuation": t, "item": item, "slot": slot}
         for c, t in rolling_windows(tokens, max_length, prefix)
@@ -40,17 +44,23 @@ def document_requests(tokens: list[int], max_length: int, item: int, slot: int, 
 
 
 def build_requests(
-    spec: TaskSpec, items: Items, tokenizer, max_length: int, generation: dict[str, Any]
+    spec: TaskSpec,
+    items: Items,
+    tokenizer,
+    max_length: int,
+    generation: dict[str, Any],
+    special: SpecialTokens = LMFORGE,
 ) -> list[dict[str, Any]]:
-    """Every request of a task, in item order."""
+    """Every request of a task, in item order; contexts start with `special.prefix_id`."""
     out: list[dict[str, Any]] = []
+    start = special.prefix_id if special.prefix_id is not None else 0
     labels = class_labels(spec, items) if spec.type == "classification" else []
     for i, row in enumerate(items.rows):
         if spec.type in ("multiple_choice", "classification"):
             prompt = render_prompt(spec, items, i)
             choices = row["choices"] if spec.type == "multiple_choice" else labels
             for slot, choice in enumerate(choices):
-                ctx, cont = encode_pair(tokenizer, prompt, spec.target_delimiter + choice)
+                ctx, cont = encode_pair(tokenizer, prompt, spec.target_delimiter + choice, start)
                 out.append(
                     {
                         "kind": "loglikelihood",
@@ -64,7 +74,7 @@ def build_requests(
             out.append(
                 {
                     "kind": "generate",
-                    "prompt": [EOS_ID, *encode(tokenizer, render_prompt(spec, items, i))],
+                    "prompt": [start, *encode(tokenizer, render_prompt(spec, items, i))],
                     "stop": spec.stop,
                     "max_new_tokens": spec.max_new_tokens or generation["max_new_tokens"],
                     "temperature": generation["temperature"],
@@ -78,10 +88,11 @@ def build_requests(
             toks = list(row["tokens"])
             out += document_requests(toks[1:], max_length, i, 0, prefix=toks[0])
         elif spec.type == "perplexity":
-            out += document_requests(encode(tokenizer, row["text"]), max_length, i, 0)
+            out += document_requests(encode(tokenizer, row["text"]), max_length, i, 0, start)
         elif spec.type == "bias_pairs":
-            out += document_requests(encode(tokenizer, row["sent_more"]), max_length, i, 0)
-            out += document_requests(encode(tokenizer, row["sent_less"]), max_length, i, 1)
+            for slot, key in enumerate(("sent_more", "sent_less")):
+                tokens = encode(tokenizer, row[key])
+                out += document_requests(tokens, max_length, i, slot, start)
     return out
 
 

@@ -6,13 +6,15 @@ Input, one JSON object per line of a JSONL file (or `builtin:stdlib-sft`, see bu
     {"prompt": str, "completion": str}        (= a user turn and an assistant turn)
 
 A conversation is rendered with the model's own chat template when its artifact has one
-(`lmforge.model.hf.artifact_chat_template`, rendered with Jinja as transformers does) or else
-the built-in format (`lmforge.model.chat`), tokenized once, and each token marked 1 when it is a
-training target: the assistant turns' text and their closing end token (`loss_on: assistant`),
-only the last assistant turn (`last_turn`) or everything (`all`); never a role header or a user
-turn. An `<|eos|>` (a target) follows a conversation that ends with an assistant turn. With an
-lmforge tokenizer an `<|eos|>` (not a target) also precedes it: every pretraining document and
-every `lmforge eval` prompt starts after that token, so fine-tuning sees the same start.
+(`lmforge.model.special`, rendered with Jinja as transformers does) or else the built-in format
+(`lmforge.model.chat`), tokenized once, and each token marked 1 when it is a training target:
+the assistant turns' text and their closing end token (`loss_on: assistant`), only the last
+assistant turn (`last_turn`) or everything (`all`); never a role header or a user turn. The
+model's EOS (a target) follows a conversation that ends with an assistant turn, unless the
+template already closed it with a stop id. The model's prefix token (not a target) precedes it:
+lmforge's `<|eos|>`, or an imported model's BOS (unless its template writes it); every
+pretraining document and every `lmforge eval` prompt starts after that token, so fine-tuning
+sees the same start.
 
 Output (the contract with the trainer), under `out/`: train/part-NNNNN.parquet and
 val/part-NNNNN.parquet (val/ only when the split has examples), tokenizer.json, manifest.json
@@ -49,9 +51,9 @@ from pydantic import Field
 
 from lmforge import ConfigError, LmforgeError, storage
 from lmforge.config import StrictModel
-from lmforge.data.tokenizer import EOS
 from lmforge.finetune.packing import RowPacker
 from lmforge.model import chat
+from lmforge.model.special import LMFORGE, SpecialTokens
 
 BUILTIN = "builtin:stdlib-sft"
 PAD = "<|pad|>"
@@ -131,49 +133,19 @@ def parse_example(obj: Any) -> list[dict[str, str]]:
     raise ValueError("expected {'messages': [...]} or {'prompt': str, 'completion': str}")
 
 
-@lru_cache(maxsize=4)
-def _jinja(template: str):
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str):
-        raise ValueError(f"chat template: {message}")
-
-    # As transformers' apply_chat_template renders it.
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-    )
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template)
-
-
-def render_chat(
-    messages: list[dict[str, str]],
-    add_generation_prompt: bool = False,
-    template: str | None = None,
-    **variables: str,
-) -> str:
-    """A conversation as text: with a Jinja chat template, or the built-in format."""
-    if template is None:
-        return chat.render(messages, add_generation_prompt)
-    return _jinja(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, **variables
-    )
-
-
 def assistant_spans(
-    messages: list[dict[str, str]], template: str | None = None, **variables: str
+    messages: list[dict[str, str]], special: SpecialTokens = LMFORGE
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the character span of each assistant turn in it: what rendering
     messages[:i + 1] adds to messages[:i] with the generation prompt (the role header), i.e.
     the content and its end token, without trailing whitespace."""
-    text = render_chat(messages, False, template, **variables)
+    text = special.render_chat(messages, False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = render_chat(messages[:i], True, template, **variables)
-        upto = render_chat(messages[: i + 1], False, template, **variables)
+        prefix = special.render_chat(messages[:i], True)
+        upto = special.render_chat(messages[: i + 1], False)
         if not (upto.startswith(prefix) and text.startswith(upto)):
             raise LmforgeError(
                 f"chat template: rendering messages[:{i + 1}] does not extend messages[:{i}] "
@@ -185,15 +157,10 @@ def assistant_spans(
 
 
 def encode_conversation(
-    tokenizer, messages: list[dict[str, str]], loss_on: LossOn, template: str | None = None
+    tokenizer, messages: list[dict[str, str]], loss_on: LossOn, special: SpecialTokens = LMFORGE
 ) -> tuple[list[int], list[int]]:
     """(ids, mask) of a conversation: mask 1 on the tokens the loss covers (see module doc)."""
-    variables = {
-        name: tok
-        for name, tok in (("bos_token", "<|bos|>"), ("eos_token", EOS))
-        if tokenizer.token_to_id(tok) is not None
-    }
-    text, spans = assistant_spans(messages, template, **variables)
+    text, spans = assistant_spans(messages, special)
     enc = tokenizer.encode(text, add_special_tokens=False)
     ids = list(enc.ids)
     if loss_on == "all":
@@ -201,14 +168,16 @@ def encode_conversation(
     else:
         counted = spans[-1:] if loss_on == "last_turn" else spans
         mask = [int(any(a <= start < b for a, b in counted)) for start, _ in enc.offsets]
-    eos = tokenizer.token_to_id(EOS)
-    if messages[-1]["role"] == "assistant" and eos is not None:
+    eos, start = special.eos_id, special.prefix_id
+    ended = bool(ids) and ids[-1] in special.stop_ids  # the template closed it with a stop id
+    if messages[-1]["role"] == "assistant" and eos is not None and not ended:
         ids.append(eos)
         mask.append(1)
-    if eos is not None and tokenizer.token_to_id("<|assistant|>") is not None:
-        # An lmforge tokenizer: the conversation starts after <|eos|>, as every pretraining
-        # document and every `lmforge eval` prompt does, so the model sees the same context.
-        ids.insert(0, eos)
+    if start is not None and ids[:1] != [start]:
+        # The conversation starts after the model's prefix (lmforge's <|eos|>, an imported
+        # model's BOS unless its template writes it), as every pretraining document and every
+        # `lmforge eval` prompt does, so the model sees the same context.
+        ids.insert(0, start)
         mask.insert(0, 0)
     return ids, mask
 
@@ -306,15 +275,11 @@ def is_val(where: str, seed: int, fraction: float) -> bool:
 class EncodeExamples:
     """Ray Data actor (or a plain callable): JSONL lines -> ENCODED rows (see module doc)."""
 
-    def __init__(self, tokenizer_json: str, cfg: SftDataConfig, block: int, template: str | None):
+    def __init__(self, tokenizer_json: str, cfg: SftDataConfig, block: int, special: SpecialTokens):
         from tokenizers import Tokenizer
 
-        self.tok, self.cfg, self.block, self.template = (
-            Tokenizer.from_str(tokenizer_json),
-            cfg,
-            block,
-            template,
-        )
+        self.tok, self.cfg, self.block = Tokenizer.from_str(tokenizer_json), cfg, block
+        self.special = special
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows: dict[str, list] = {name: [] for name in ENCODED.names}
@@ -339,7 +304,7 @@ class EncodeExamples:
             return [], [], "bad", f"not valid JSON ({e})"
         try:  # a template's raise_exception (e.g. roles must alternate) rejects one example
             messages = parse_example(obj)
-            ids, mask = encode_conversation(self.tok, messages, self.cfg.loss_on, self.template)
+            ids, mask = encode_conversation(self.tok, messages, self.cfg.loss_on, self.special)
         except ValueError as e:
             return [], [], "bad", str(e)
         if len(ids) <= self.block:
@@ -357,7 +322,7 @@ def prepare_sft(
     tokenizer_json: str,
     out: str,
     seq_len: int,
-    chat_template: str | None = None,
+    special: SpecialTokens = LMFORGE,
     use_ray: bool = True,
 ) -> dict[str, Any]:
     """Read, encode (on Ray Data, or in-process with use_ray=False), pack and write the SFT
@@ -366,7 +331,7 @@ def prepare_sft(
     inputs = plan_inputs(cfg)
     block = seq_len + 1
     encode = _encode_with_ray if use_ray else _encode_local
-    batches = encode(inputs, tokenizer_json, cfg, block, chat_template)
+    batches = encode(inputs, tokenizer_json, cfg, block, special)
     meta_columns = ["key", "split", "where", "status", "error"]
     meta = pa.concat_tables(
         list(batches(meta_columns)) or [ENCODED.empty_table().select(meta_columns)]
@@ -421,7 +386,7 @@ def prepare_sft(
         "packing": cfg.packing,
         "sources": cfg.sources,
         "val_sources": cfg.val_sources,
-        "chat_template": "tokenizer" if chat_template else "builtin",
+        "chat_template": "tokenizer" if special.chat_template else "builtin",
         "token_dtype": "int32",
         "columns": ["tokens", "loss_mask", "segments"],
         "problems": problems[:MAX_PROBLEMS],
@@ -456,14 +421,14 @@ def _tokenizer(tokenizer_json: str):
 Batches = Callable[[list[str]], Iterator[pa.Table]]  # the encoded rows' columns, in key order
 
 
-def _encode_local(inputs, tokenizer_json, cfg, block, template) -> Batches:
-    encode = EncodeExamples(tokenizer_json, cfg, block, template)
+def _encode_local(inputs, tokenizer_json, cfg, block, special) -> Batches:
+    encode = EncodeExamples(tokenizer_json, cfg, block, special)
     tables = [encode(t) for item in inputs for t in read_input(item)]
     encoded = pa.concat_tables(tables or [ENCODED.empty_table()]).sort_by("key")
     return lambda columns: iter([encoded.select(columns)])
 
 
-def _encode_with_ray(inputs, tokenizer_json, cfg, block, template) -> Batches:
+def _encode_with_ray(inputs, tokenizer_json, cfg, block, special) -> Batches:
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -478,7 +443,7 @@ def _encode_with_ray(inputs, tokenizer_json, cfg, block, template) -> Batches:
                 "tokenizer_json": tokenizer_json,
                 "cfg": cfg,
                 "block": block,
-                "template": template,
+                "special": special,
             },
             compute=ActorPoolStrategy(min_size=1, max_size=workers),
             batch_size=512,

@@ -1,7 +1,7 @@
 """The `finetune` stage: supervised fine-tuning (full or LoRA) of a model artifact on chat data.
 
 1. Resolve the base artifact (a path, a training run, or `@train/<name>`), its tokenizer and
-   chat template (the tokenizer's own `tokenizer_config.json` template when it has one).
+   special tokens and chat template (its own when imported: lmforge.model.special).
 2. Prepare the chat data with Ray Data into `<run>/sft_data/`: tokenized, loss-masked, packed
    Parquet shards in the trainer's format (lmforge.finetune.data); reused on resume.
 3. Train with the pretraining stage's Ray Train + FSDP2 loop (lmforge.train.loop): the same
@@ -17,9 +17,8 @@ from typing import Any
 
 from lmforge import LmforgeError, storage
 from lmforge.finetune.config import FinetuneConfig, scaffold
+from lmforge.model.special import copy_special_files
 from lmforge.stage import Stage, StageContext
-
-TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 def base_artifact(cfg: FinetuneConfig) -> str:
@@ -59,7 +58,7 @@ def prepare_data(cfg: FinetuneConfig, base: str, output: str) -> tuple[str, dict
     """`<run>/sft_data/` (made once; a resumed run reuses it) and its manifest."""
     from lmforge.finetune.data import prepare_sft
     from lmforge.model.artifact import TOKENIZER, load_config
-    from lmforge.model.hf import artifact_chat_template
+    from lmforge.model.special import load_special_tokens
 
     data_dir = storage.join(output, "sft_data")
     if not storage.is_complete(data_dir):
@@ -69,7 +68,7 @@ def prepare_data(cfg: FinetuneConfig, base: str, output: str) -> tuple[str, dict
             storage.read_text(storage.join(base, TOKENIZER)),
             data_dir,
             seq_len,
-            chat_template=artifact_chat_template(base),
+            special=load_special_tokens(base),
         )
     return data_dir, storage.read_json(storage.join(data_dir, "manifest.json"))
 
@@ -93,11 +92,8 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
     # The workers read the resolved base path from their config.
     worker_cfg = cfg.model_copy(update={"base": base})
     summary = fit(build_trainer(worker_cfg, ctx.output, data_dir, kind="finetune"), ctx.output)
-    template = storage.join(base, TOKENIZER_CONFIG)
-    if storage.exists(template):  # the fine-tuned model keeps the base's chat template
-        storage.write_text(
-            storage.join(ctx.output, "model", TOKENIZER_CONFIG), storage.read_text(template)
-        )
+    # The fine-tuned model keeps the base's special tokens and chat template.
+    copy_special_files(base, storage.join(ctx.output, "model"))
     summary.update(
         base=base,
         lora=cfg.lora.enabled,

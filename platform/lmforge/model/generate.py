@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.model.llama import Llama, LlamaConfig
-
-EOS_ID, END_ID = 2, 6  # <|eos|> and the chat format's <|end|>: generation stops at either
+from lmforge.model.special import LMFORGE, SpecialTokens
 
 
 class LayerCache:
@@ -98,9 +97,14 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    stop_token_ids: tuple[int, ...] = (EOS_ID, END_ID)
+    stop_token_ids: tuple[int, ...] | None = None  # None: the model's (SpecialTokens.stop_ids)
     logprobs: int | None = None  # None = no logprobs; k >= 0 = the chosen token's + top k
     echo: bool = False  # also return the prompt tokens (with logprobs when asked)
+
+
+def stop_ids(params: SamplingParams, special: SpecialTokens) -> tuple[int, ...]:
+    """The token ids that end a sequence: the request's own, else the model's."""
+    return special.stop_ids if params.stop_token_ids is None else params.stop_token_ids
 
 
 def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator:
@@ -215,8 +219,11 @@ def generate(
     tokenizer,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams | Sequence[SamplingParams],
+    special: SpecialTokens = LMFORGE,
 ) -> list[dict]:
     """Decode each prompt with the KV cache; the prompts share one batch of decode steps.
+    Generation stops at `special.stop_ids` (an artifact's: model.special.load_special_tokens)
+    unless a request names its own `stop_token_ids`.
 
     Returns per prompt {"tokens": [...], "text": str, "finish_reason": "stop" | "length",
     "logprobs": [float] (when asked)}. Prefill runs one prompt at a time (no padding needed).
@@ -247,7 +254,7 @@ def generate(
                     token_logprobs(s["last"][None], torch.tensor([token], device=device), 0)[0][0]
                 )
             s["tokens"].append(token)
-            if token in p.stop_token_ids:
+            if token in stop_ids(p, special):
                 s["finish"] = "stop"
                 continue
             s["text"].add(token)

@@ -20,6 +20,14 @@ from lmforge import LmforgeError, storage
 from lmforge.model.artifact import CONFIG, TOKENIZER, WEIGHTS, load_config, save_artifact
 from lmforge.model.chat import CHAT_TEMPLATE, END
 from lmforge.model.llama import LlamaConfig
+from lmforge.model.special import (
+    GENERATION_CONFIG,
+    TOKENIZER_CONFIG,
+    artifact_chat_template,
+    import_special_files,
+    is_lmforge_tokenizer,
+    load_special_tokens,
+)
 
 # lmforge name -> HF name; {i} is the layer index.
 _LAYER_NAMES = {
@@ -39,10 +47,6 @@ _TOP_NAMES = {
     "output.weight": "lm_head.weight",
 }
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-# The tokenizer's settings and chat template, as transformers saves them; an artifact keeps it so
-# that fine-tuning (lmforge.finetune.data) and export use the model's own chat template.
-TOKENIZER_CONFIG = "tokenizer_config.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.43 may save the template
 
 
 def to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -105,13 +109,23 @@ def state_dict_from_hf(
 # ---------------------------------------------------------------- export
 
 
-def _special_ids(tokenizer_json: str | None) -> dict[str, int | None]:
+def _special_ids(artifact: str, tokenizer_json: str | None) -> dict[str, int | None]:
     if tokenizer_json is None:
         return {}
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(tokenizer_json)
-    return {name: tok.token_to_id(f"<|{name}|>") for name in ("bos", "eos", "pad", "end")}
+    if is_lmforge_tokenizer(tok):
+        return {name: tok.token_to_id(f"<|{name}|>") for name in ("bos", "eos", "pad", "end")}
+    special = load_special_tokens(artifact, tok)  # an imported model's own (model/special.py)
+    config_path = storage.join(artifact, TOKENIZER_CONFIG)
+    pad = storage.read_json(config_path).get("pad_token") if storage.exists(config_path) else None
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    return {
+        "bos": special.bos_id,
+        "eos": special.eos_id,
+        "pad": tok.token_to_id(pad) if isinstance(pad, str) else None,
+    }
 
 
 def hf_config(
@@ -156,7 +170,7 @@ def export_hf(artifact: str, out: str) -> list[str]:
     dtype = tensors["tok_embeddings.weight"].dtype
     tok_path = storage.join(artifact, TOKENIZER)
     tokenizer_json = storage.read_text(tok_path) if storage.exists(tok_path) else None
-    special = _special_ids(tokenizer_json)
+    special = _special_ids(artifact, tokenizer_json)
     files = {
         "config.json": json.dumps(hf_config(cfg, dtype, special), indent=2) + "\n",
         "generation_config.json": json.dumps(
@@ -193,6 +207,9 @@ def export_hf(artifact: str, out: str) -> list[str]:
             )
             + "\n"
         )
+    for name in (TOKENIZER_CONFIG, GENERATION_CONFIG):  # an imported model's own, kept
+        if tokenizer_json is not None and storage.exists(storage.join(artifact, name)):
+            files[name] = storage.read_text(storage.join(artifact, name))
     storage.makedirs(out)
     written = []
     for name, text in files.items():
@@ -206,41 +223,7 @@ def export_hf(artifact: str, out: str) -> list[str]:
     return written
 
 
-def artifact_chat_template(artifact: str) -> str | None:
-    """The model's own chat template (Jinja) that an artifact or HF folder carries: in
-    chat_template.jinja, or `chat_template` of tokenizer_config.json (a string, or the entry
-    named 'default' of a list); None when it has none, i.e. the built-in format applies."""
-    jinja = storage.join(artifact, CHAT_TEMPLATE_FILE)
-    if storage.exists(jinja):
-        return storage.read_text(jinja)
-    path = storage.join(artifact, TOKENIZER_CONFIG)
-    template = storage.read_json(path).get("chat_template") if storage.exists(path) else None
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) and template else None
-
-
 # ---------------------------------------------------------------- import
-
-
-def import_tokenizer_config(hf_dir: str, out: str) -> bool:
-    """Copy the HF folder's tokenizer_config.json into the artifact, with the template of a
-    separate chat_template.jinja folded in as `chat_template` (so one file carries it);
-    False when the folder has neither."""
-    config_path = storage.join(hf_dir, TOKENIZER_CONFIG)
-    jinja_path = storage.join(hf_dir, CHAT_TEMPLATE_FILE)
-    has_config, has_jinja = storage.exists(config_path), storage.exists(jinja_path)
-    if not (has_config or has_jinja):
-        return False
-    text = storage.read_text(config_path) if has_config else "{}"
-    if has_jinja:
-        config = json.loads(text)
-        if not config.get("chat_template"):
-            config["chat_template"] = storage.read_text(jinja_path)
-            text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
-    storage.write_text(storage.join(out, TOKENIZER_CONFIG), text)
-    return True
 
 
 def config_from_hf(hf: dict[str, Any], source: str) -> LlamaConfig:
@@ -305,7 +288,8 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None) -> LlamaConfig:
     cfg_path = storage.join(hf_dir, "config.json")
     if not storage.exists(cfg_path):
         raise LmforgeError(f"{hf_dir}: no config.json; expected a Hugging Face model folder")
-    cfg = config_from_hf(storage.read_json(cfg_path), hf_dir)
+    hf = storage.read_json(cfg_path)
+    cfg = config_from_hf(hf, hf_dir)
     tok_path = storage.join(hf_dir, "tokenizer.json")
     if not storage.exists(tok_path):
         raise LmforgeError(
@@ -321,7 +305,7 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None) -> LlamaConfig:
         tokenizer_json=storage.read_text(tok_path),
         resolved_config=f"# imported from {hf_dir}\n",
     )
-    import_tokenizer_config(hf_dir, out)
+    import_special_files(hf_dir, out, hf)
     storage.mark_success(out, {"imported_from": hf_dir})
     return cfg
 

@@ -41,7 +41,9 @@ class ModelServer:
     async def score(self, text: str) -> float | None:
         """Bits per byte of a prompt (drift), in a thread beside the decoding one."""
         engine = self.engine
-        return await asyncio.to_thread(prompt_bits_per_byte, engine.model, engine.tokenizer, text)
+        return await asyncio.to_thread(
+            prompt_bits_per_byte, engine.model, engine.tokenizer, text, engine.special.prefix_id
+        )
 
     def check_health(self) -> None:
         if not self.engine.healthy():
@@ -64,12 +66,14 @@ class ServeBackend:
         from lmforge import storage
         from lmforge.model.artifact import TOKENIZER, load_config
         from lmforge.model.hf import resolve_artifact
+        from lmforge.model.special import load_special_tokens
 
         directory = resolve_artifact(cfg.artifact)
         self.name, self.handle = cfg.name, handle.options(stream=True)
         self.score_handle = handle
         self.info = served_model_info(directory, cfg.val_bpb)
         self.tokenizer = Tokenizer.from_str(storage.read_text(storage.join(directory, TOKENIZER)))
+        self.special = load_special_tokens(directory, self.tokenizer)
         self.max_seq_len = load_config(directory).max_seq_len
 
     async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Output]:

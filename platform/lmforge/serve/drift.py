@@ -54,15 +54,16 @@ def served_model_info(directory: str, val_bpb: float | None = None) -> ServedMod
     return ServedModelInfo(lineage["version"], val_bpb)
 
 
-def prompt_bits_per_byte(model, tokenizer, text: str) -> float | None:
-    """Bits per byte of `text` under `model`: every token predicted, the first after <|eos|>
-    (as documents are in training). None for an empty text. Texts longer than the context
-    are scored on their first `max_seq_len - 1` tokens (and those tokens' bytes)."""
+def prompt_bits_per_byte(model, tokenizer, text: str, prefix: int | None = None) -> float | None:
+    """Bits per byte of `text` under `model`: every token predicted, the first after `prefix`
+    (the artifact's SpecialTokens.prefix_id; default <|eos|>, as documents are in lmforge's
+    training). None for an empty text. Texts longer than the context are scored on their first
+    `max_seq_len - 1` tokens (and those tokens' bytes)."""
     ids = tokenizer.encode(text, add_special_tokens=False).ids[: model.cfg.max_seq_len - 1]
     if not ids:
         return None
     n_bytes = len(tokenizer.decode(ids, skip_special_tokens=False).encode("utf-8"))
-    eos = tokenizer.token_to_id(EOS)
+    eos = prefix if prefix is not None else tokenizer.token_to_id(EOS)
     device = next(model.parameters()).device
     tokens = torch.tensor([[eos if eos is not None else ids[0], *ids]], device=device)
     with torch.inference_mode():

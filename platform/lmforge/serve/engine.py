@@ -30,8 +30,10 @@ from lmforge.model.generate import (
     forward,
     make_generator,
     sample_batch,
+    stop_ids,
     token_logprobs,
 )
+from lmforge.model.special import LMFORGE, SpecialTokens
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +87,9 @@ class Engine:
         max_batch_size: int = 16,
         max_waiting: int = 256,
         max_seq_len: int | None = None,
+        special: SpecialTokens = LMFORGE,
     ) -> None:
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.special = model, tokenizer, special
         param = next(model.parameters())
         self.device = param.device
         self.max_seq_len = min(max_seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
@@ -222,7 +225,7 @@ class Engine:
                 request.last_logits[None], torch.tensor([token], device=self.device), p.logprobs
             )
             out.logprobs = [TokenLogprob(token, picked[0], tops[0])]
-        if token in p.stop_token_ids:
+        if token in stop_ids(p, self.special):
             out.text = request.text.flush()
             return self._finish(request, "stop", out)
         out.text = request.text.add(token)
@@ -312,6 +315,7 @@ def load_engine(cfg) -> Engine:
     from lmforge import storage
     from lmforge.model.artifact import TOKENIZER, load_model
     from lmforge.model.hf import resolve_artifact
+    from lmforge.model.special import load_special_tokens
 
     directory = resolve_artifact(cfg.artifact)
     if cfg.torch_threads:
@@ -324,4 +328,10 @@ def load_engine(cfg) -> Engine:
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     model = load_model(directory, device=device).to(getattr(torch, dtype))
     tokenizer = Tokenizer.from_str(storage.read_text(storage.join(directory, TOKENIZER)))
-    return Engine(model, tokenizer, max_batch_size=cfg.max_batch_size, max_waiting=cfg.max_waiting)
+    return Engine(
+        model,
+        tokenizer,
+        max_batch_size=cfg.max_batch_size,
+        max_waiting=cfg.max_waiting,
+        special=load_special_tokens(directory, tokenizer),
+    )

@@ -124,8 +124,22 @@ def _check_counts(limits: LimitsConfig, n: int, max_tokens: int) -> None:
         )
 
 
+def _chat_prompt(
+    backend: Backend, messages: list[dict], add_generation_prompt: bool
+) -> tuple[str, list[int]]:
+    """(text, ids) of a chat prompt in the model's own template (or the built-in format); a
+    conversation the template refuses (its raise_exception, e.g. roles that must alternate) is
+    the client's 400."""
+    from jinja2 import TemplateError
+
+    try:
+        return backend.special.encode_chat(backend.tokenizer, messages, add_generation_prompt)
+    except (ValueError, TemplateError) as e:
+        raise APIError(400, f"messages: {e}", param="messages") from None
+
+
 def _prompts(
-    body: CompletionRequest, tokenizer, limits: LimitsConfig
+    body: CompletionRequest, backend: Backend, limits: LimitsConfig
 ) -> list[tuple[str, list[int]]]:
     """(text, ids) of each prompt, whatever form the request used."""
     p = body.prompt
@@ -139,10 +153,10 @@ def _prompts(
         raise APIError(
             400, f"{len(items)} prompts; the limit is {limits.max_prompts}", param="prompt"
         )
-    out = []
+    out, tokenizer = [], backend.tokenizer
     for item in items:
-        if isinstance(item, str):
-            out.append((item, tokenizer.encode(item, add_special_tokens=False).ids))
+        if isinstance(item, str):  # with BOS first where the model's tokenizer adds one
+            out.append((item, backend.special.encode_prompt(tokenizer, item)))
         else:
             vocab = tokenizer.get_vocab_size()
             if any(t < 0 or t >= vocab for t in item):
@@ -243,15 +257,15 @@ def _add_routes(app: FastAPI) -> None:
     @app.get("/tokenizer_info", summary="tokenizer details (vLLM-compatible)")
     async def tokenizer_info(request: Request, model: str | None = None):
         backend = _backend(request, model)
-        tok = backend.tokenizer
+        tok, special = backend.tokenizer, backend.special
         return {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "model_max_length": backend.max_seq_len,
             "vocab_size": tok.get_vocab_size(),
-            "bos_token": "<|bos|>",
-            "eos_token": "<|eos|>",
-            "pad_token": "<|pad|>",
-            "chat_template": chat.CHAT_TEMPLATE,
+            "bos_token": special.bos_token,
+            "eos_token": special.eos_token,
+            "pad_token": "<|pad|>" if tok.token_to_id("<|pad|>") is not None else None,
+            "chat_template": special.chat_template or chat.CHAT_TEMPLATE,
         }
 
     @app.post("/tokenize", summary="text or chat -> token ids (vLLM-compatible)")
@@ -259,11 +273,14 @@ def _add_routes(app: FastAPI) -> None:
         backend = _backend(request, body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of prompt and messages", param="prompt")
-        text = body.prompt
+        # The ids the chat and completions routes would use for the same input.
         if body.messages is not None:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            text = chat.render(messages, add_generation_prompt=body.add_generation_prompt)
-        ids = backend.tokenizer.encode(text, add_special_tokens=body.add_special_tokens).ids
+            _, ids = _chat_prompt(backend, messages, body.add_generation_prompt)
+        elif body.add_special_tokens:
+            ids = backend.special.encode_prompt(backend.tokenizer, body.prompt)
+        else:
+            ids = backend.tokenizer.encode(body.prompt, add_special_tokens=False).ids
         return {"tokens": ids, "count": len(ids), "max_model_len": backend.max_seq_len}
 
     @app.post("/detokenize", summary="token ids -> text (vLLM-compatible)")
@@ -301,7 +318,7 @@ async def _completions(request: Request, body: CompletionRequest):
     _check_counts(limits, body.n, max_tokens)
     if max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens 0 is only allowed with echo", param="max_tokens")
-    prompts = _prompts(body, backend.tokenizer, limits)
+    prompts = _prompts(body, backend, limits)
     for _, ids in prompts:
         _check_lengths(backend, limits, len(ids), max_tokens, "prompt")
     jobs = [
@@ -387,8 +404,7 @@ async def _chat(request: Request, body: ChatRequest):
     state = request.app.state
     backend, limits = _backend(request, body.model), state.limits
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    rendered = chat.render(messages, add_generation_prompt=True)
-    ids = backend.tokenizer.encode(rendered).ids
+    rendered, ids = _chat_prompt(backend, messages, True)
     asked = (
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     )

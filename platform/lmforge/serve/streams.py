@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from lmforge.model.generate import SamplingParams
+from lmforge.model.special import SpecialTokens
 from lmforge.serve.config import LimitsConfig
 from lmforge.serve.drift import ServedModelInfo, prompt_bits_per_byte
 from lmforge.serve.engine import Engine, EngineOverloaded, Output
@@ -16,10 +17,12 @@ from lmforge.serve.protocol import APIError
 
 
 class Backend(Protocol):
-    """A served model as the API sees it: its tokenizer, context length and token stream."""
+    """A served model as the API sees it: its tokenizer, special tokens and chat template,
+    context length and token stream."""
 
     name: str
     tokenizer: Any
+    special: SpecialTokens
     max_seq_len: int
 
     def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Output]: ...
@@ -33,6 +36,7 @@ class LocalBackend:
     def __init__(self, name: str, engine: Engine, info: ServedModelInfo | None = None) -> None:
         self.name, self.engine = name, engine.start()
         self.tokenizer, self.max_seq_len = engine.tokenizer, engine.max_seq_len
+        self.special = engine.special
         self.info = info or ServedModelInfo()
 
     def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Output]:
@@ -41,7 +45,8 @@ class LocalBackend:
     async def score(self, text: str) -> float | None:
         """The model's bits per byte on `text` (drift), in a thread beside the engine's."""
         model = self.engine.model
-        return await asyncio.to_thread(prompt_bits_per_byte, model, self.tokenizer, text)
+        prefix = self.special.prefix_id
+        return await asyncio.to_thread(prompt_bits_per_byte, model, self.tokenizer, text, prefix)
 
     async def healthy(self) -> bool:
         return self.engine.healthy()
