@@ -67,6 +67,7 @@ def test_every_update_also_goes_to_ray_metrics_and_the_local_registry(monkeypatc
     FakeRayMetric.made = {}
     monkeypatch.setattr(M, "_ray_metric", FakeRayMetric)
     m = M.ServeMetrics(ray=True)
+    m.close()  # no timed refresh during the test: refresh() is called below
     assert len(FakeRayMetric.made) == len(M.SPECS) == 14
     m.requests.labels("/v1/completions", 200).inc()
     m.prompt_tokens.labels("tiny").inc(0)  # an empty prompt: nothing for Ray's counter
@@ -86,6 +87,10 @@ def test_every_update_also_goes_to_ray_metrics_and_the_local_registry(monkeypatc
         ("observe", 0.5, {"model": "tiny", "route": "/v1/completions"})
     ]
     assert made["lmforge_drift_ratio"].calls == [("set", 1.25, {"model": "tiny"})]
+    m.refresh()  # Ray forgets gauges not recorded for a while: their last values again
+    assert made["lmforge_drift_ratio"].calls[-1] == ("set", 1.25, {"model": "tiny"})
+    assert made["lmforge_requests_waiting"].calls[-1] == ("set", 1.0, {"model": "tiny"})
+    assert len(made["lmforge_requests"].calls) == 1  # counters are cumulative in Ray
     assert m.waiting.labels("tiny") is waiting  # one object per series (streams.py relies on it)
     local = {s.name: s.value for f in m.registry.collect() for s in f.samples if s.labels}
     assert local["lmforge_requests_total"] == 1 and local["lmforge_requests_waiting"] == 1
@@ -147,9 +152,11 @@ def test_serving_metrics_are_on_rays_metrics_port_with_their_values(ray_local, a
                 u["completion_tokens"] for u in usage
             ),
             ("ray_lmforge_request_latency_seconds_count", ("route", "/v1/completions")): 3,
-            ("ray_lmforge_completion_length_tokens_sum", ("model", "tiny")): sum(
-                u["completion_tokens"] for u in usage
+            # (the buckets: Ray's _sum is approximated from bucket midpoints)
+            ("ray_lmforge_completion_length_tokens_bucket", ("model", "tiny"), ("le", "4.0")): sum(
+                u["completion_tokens"] <= 4 for u in usage
             ),
+            ("ray_lmforge_completion_length_tokens_bucket", ("model", "tiny"), ("le", "8.0")): 3,
             ("ray_lmforge_feedback_total", ("rating", "negative")): 1,
             ("ray_lmforge_model_info", ("model_version", read_version(artifact)["version"])): 1,
             ("ray_lmforge_validation_bits_per_byte", ("model", "tiny")): 2.0,
@@ -157,7 +164,9 @@ def test_serving_metrics_are_on_rays_metrics_port_with_their_values(ray_local, a
             ("ray_lmforge_requests_waiting", ("model", "tiny")): 0,
         }
         # Ray's agent exports what the router recorded a few seconds later; drift scores come
-        # back from the model replica off the request path.
+        # back from the model replica off the request path. Gauges set once at start (model
+        # info) must still be there long after: Ray forgets a gauge not recorded for ~20 s.
+        time.sleep(30)
         deadline, got = time.monotonic() + 120, {}
         while True:
             samples = scrape(metrics_port)

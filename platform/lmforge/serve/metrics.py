@@ -7,10 +7,18 @@ agent exports it on its metrics port, the port the chart's PodMonitor scrapes. R
 application metrics with `ray_` and labels each series with the process (`WorkerId`, ...):
 `lmforge_requests` is scraped there as `ray_lmforge_requests_total`, one series per router
 replica. `ray_series()` lists the names the dashboard and alert rules may use.
+
+Ray's agent forgets a gauge value its process has not recorded for two export intervals (about
+20 s), so a thread records every Ray gauge's last value again each REFRESH_S: otherwise the
+model info, set once at start, and the drift ratio of a quiet model would drop out of
+Prometheus, and an alert's `for:` would restart. Ray's histograms' `_sum` is approximated
+from bucket midpoints (its agent rebuilds observations from bucket counts); `_count` and the
+buckets are exact.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -21,6 +29,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LENGTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 RAY_PREFIX = "ray_"
+REFRESH_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -145,8 +154,28 @@ class ServeMetrics:
 
     def __init__(self, ray: bool = False) -> None:
         self.registry = CollectorRegistry()
+        self.gauges: list[Metric] = []
         for spec in SPECS:
             setattr(self, spec.attr, Metric(spec, self.registry, ray))
+            if spec.kind == "gauge":
+                self.gauges.append(getattr(self, spec.attr))
+        self.stopped = threading.Event()
+        if ray:
+            threading.Thread(target=self._refresh, name="ray-gauges", daemon=True).start()
+
+    def _refresh(self) -> None:
+        while not self.stopped.wait(REFRESH_S):
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Record each Ray gauge's last value again (module doc)."""
+        for gauge in self.gauges:
+            for child in list(gauge.children.values()):  # the event loop may add one meanwhile
+                if child.remote is not None:
+                    child.remote.set(child.value, tags=child.tags)
+
+    def close(self) -> None:
+        self.stopped.set()
 
 
 class MetricsMiddleware:
