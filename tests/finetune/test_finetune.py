@@ -167,6 +167,10 @@ def test_finetune_stage_on_two_fsdp_workers_matches_one_process(ray_local, base,
     assert result.summary["examples_train"] > 100 and result.summary["lora"] is True
     assert 0 < result.summary["packing_efficiency_train"] <= 1
     assert "val_loss" in result.summary["before"]
+    # The artifact's drift baseline is its own (the data has a val split), and says so.
+    version = read_version(str(out / "model"))
+    assert version["val_bpb_source"] == "finetune val split"
+    assert version["val_bpb"] == result.summary["val_bpb"] > 0
     local = tmp_path / "local"
     one = ft_config(base, tmp_path, **sections)
     run_local(one, str(local), data_path=str(out / "sft_data"))
