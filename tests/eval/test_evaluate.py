@@ -46,6 +46,41 @@ def test_compare_gates_in_each_metrics_direction():
     assert [(c.task, c.metric, c.failed) for c in only] == [("mc", "acc", True)]
 
 
+def test_compare_skips_metrics_only_one_report_has_and_says_so(tmp_path, cli):
+    """A pretrained model's eval has task `val` (its packed val split); a fine-tune's has none
+    (its data is chat examples): their common metrics are gated, the rest skipped, not FAILed."""
+    from lmforge.eval.compare import one_sided
+
+    trained = report({"val": {"loss": 2.0, "perplexity": 7.4, "bits_per_byte": 1.1,
+                              "byte_perplexity": 2.1}, "mc": {"acc": 0.5}})  # fmt: skip
+    tuned = report({"mc": {"acc": 0.55}, "chat": {"exact_match": 0.3}})
+    checks = compare(trained, tuned, 0.0)
+    assert [(c.task, c.metric, c.failed) for c in checks] == [("mc", "acc", False)]
+    assert one_sided(trained, tuned) == [
+        ("val", "loss", "baseline"), ("val", "perplexity", "baseline"),
+        ("val", "bits_per_byte", "baseline"), ("val", "byte_perplexity", "baseline"),
+        ("chat", "exact_match", "candidate"),
+    ]  # fmt: skip
+    (tmp_path / "train.json").write_text(json.dumps(trained))
+    (tmp_path / "tuned.json").write_text(json.dumps(tuned))
+    code, out, _ = cli("eval", "compare", tmp_path / "train.json", tmp_path / "tuned.json")
+    assert code == 0 and "FAIL" not in out and "gate passed: 1 metric(s)" in out
+    assert "skipped (only the baseline report has them): val/loss, val/perplexity, " in out
+    assert "skipped (only the candidate report has them): chat/exact_match" in out
+    # A metric named with --metric is required: its absence fails the gate.
+    code, out, _ = cli("eval", "compare", tmp_path / "train.json", tmp_path / "tuned.json",
+                       "--metric", "val/bits_per_byte", "--metric", "mc/acc")  # fmt: skip
+    assert code == 1 and "gate FAILED: 1 of 2" in out and "missing" in out
+    # `*` matches what is there: the val metrics are skipped, mc/acc is gated.
+    code, out, _ = cli("eval", "compare", tmp_path / "train.json", tmp_path / "tuned.json",
+                       "--metric", "*/bits_per_byte", "--metric", "*/acc")  # fmt: skip
+    assert code == 0 and "skipped (only the baseline report has them): val/bits_per_byte" in out
+    # Nothing in common: a usage error, not a pass.
+    (tmp_path / "other.json").write_text(json.dumps(report({"chat": {"exact_match": 0.3}})))
+    code, _, err = cli("eval", "compare", tmp_path / "train.json", tmp_path / "other.json")
+    assert code == 2 and "no gated metric is in both reports" in err
+
+
 def test_compare_command_exit_codes(tmp_path, cli):
     base = report({"mc": {"acc": 0.6}})
     (tmp_path / "a.json").write_text(json.dumps(base))

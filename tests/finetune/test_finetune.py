@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -72,11 +73,38 @@ def test_full_fine_tuning_lowers_the_held_out_loss_and_records_lineage(base, sft
     version = read_version(str(out / "model"))
     assert version["parent"] == read_version(str(base))["version"]
     assert version["stage"] == "finetune" and version["parent_path"] == str(base)
+    # Its own drift baseline: the val loss on the answers' tokens, in bits per answer byte.
+    manifest = json.loads((sft_data / "manifest.json").read_text())
+    per_byte = manifest["loss_tokens_val"] / manifest["loss_bytes_val"]
+    assert version["val_bpb"] == pytest.approx(val[12] / math.log(2) * per_byte)
+    assert summary["val_bpb"] == version["val_bpb"] and "val_bpb" in metrics(out)[-1]
     # The artifact is a plain model that loads and differs from the base everywhere.
     tuned = load_model(str(out / "model")).state_dict()
     first = load_model(str(base)).state_dict()
     assert set(tuned) == set(first)
     assert not torch.equal(tuned["layers.0.attn.wq.weight"], first["layers.0.attn.wq.weight"])
+
+
+def test_the_drift_baseline_is_the_fine_tunes_own_else_its_bases_with_a_note(tmp_path):
+    from lmforge.finetune.stage import drift_baseline
+    from lmforge.model.version import write_version
+    from lmforge.serve.drift import served_model_info
+
+    base, tuned = str(tmp_path / "base"), str(tmp_path / "tuned")
+    write_version(base, version="v-base00000000", stage="train", val_bpb=1.25)
+    write_version(tuned, version="v-tuned0000000", stage="finetune", parent="v-base00000000")
+    assert drift_baseline(tuned, base) == {
+        "val_bpb": 1.25,
+        "val_bpb_source": "parent v-base00000000",
+    }
+    record = read_version(tuned)
+    assert (record["version"], record["parent"]) == ("v-tuned0000000", "v-base00000000")
+    assert served_model_info(tuned).val_bpb == 1.25  # what serving's drift ratio divides by
+    write_version(tuned, version="v-tuned0000000", stage="finetune", val_bpb=0.9)
+    assert drift_baseline(tuned, base) == {"val_bpb": 0.9, "val_bpb_source": "finetune val split"}
+    write_version(base, version="v-base00000000", stage="train")  # nothing to inherit
+    write_version(tuned, version="v-tuned0000000", stage="finetune")
+    assert drift_baseline(tuned, base) == {"val_bpb": None, "val_bpb_source": None}
 
 
 def test_lora_trains_and_checkpoints_only_adapters_and_merges_them(base, sft_data, tmp_path):
@@ -139,6 +167,10 @@ def test_finetune_stage_on_two_fsdp_workers_matches_one_process(ray_local, base,
     assert result.summary["examples_train"] > 100 and result.summary["lora"] is True
     assert 0 < result.summary["packing_efficiency_train"] <= 1
     assert "val_loss" in result.summary["before"]
+    # The artifact's drift baseline is its own (the data has a val split), and says so.
+    version = read_version(str(out / "model"))
+    assert version["val_bpb_source"] == "finetune val split"
+    assert version["val_bpb"] == result.summary["val_bpb"] > 0
     local = tmp_path / "local"
     one = ft_config(base, tmp_path, **sections)
     run_local(one, str(local), data_path=str(out / "sft_data"))

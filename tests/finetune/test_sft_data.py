@@ -309,6 +309,23 @@ def test_val_split_by_fraction_or_by_val_sources(tmp_path, tok):
     assert m["examples_val"] == 5 and m["examples_train"] == 50
 
 
+def test_val_target_bytes_give_the_val_loss_in_bits_per_byte(tmp_path, tok):
+    """The manifest counts the UTF-8 bytes of the val split's target tokens (the answers; the
+    end-of-turn tokens count none), so the trainer reports a fine-tune's val_bpb."""
+    from lmforge.train.data import tokens_per_byte
+
+    src = write_jsonl(tmp_path / "chat.jsonl", good_lines(20))
+    val_lines = good_lines(5)
+    val = write_jsonl(tmp_path / "val.jsonl", val_lines)
+    cfg = D.SftDataConfig(sources=[src], val_sources=[val])
+    m = D.prepare_sft(cfg, tok.to_str(), str(tmp_path / "sft"), seq_len=64, use_ray=False)
+    answers = [line.get("completion") or line["messages"][-1]["content"] for line in val_lines]
+    assert m["loss_bytes_val"] == sum(len(a.encode()) for a in answers)
+    per_byte = tokens_per_byte(m, "val", m["rows_val"], 65)
+    assert per_byte == m["loss_tokens_val"] / m["loss_bytes_val"]
+    assert tokens_per_byte({**m, "loss_bytes_val": 0}, "val", 1, 65) is None
+
+
 @pytest.mark.ray
 def test_prepare_sft_on_ray_data_writes_the_same_dataset(tmp_path, tok, ray_local):
     lines = good_lines(30)

@@ -70,12 +70,17 @@ IMPROVE = "improve.enabled=true"
 
 
 def exported_series() -> set[str]:
-    from lmforge.serve.metrics import ServeMetrics
+    """What Ray's metrics agent exports of the serving metrics (tests/serve/test_ray_metrics.py
+    reads them off a live Ray's metrics port)."""
+    from lmforge.serve.metrics import ray_series
 
-    names = set()
-    for family in ServeMetrics().registry.collect():
-        names |= {family.name, f"{family.name}_total", f"{family.name}_bucket"}
-    return names
+    return ray_series()
+
+
+def serving_series_used(text: str) -> set[str]:
+    """Every serving series a query names (training's ray_lmforge_train_* come from training)."""
+    return {n for n in re.findall(r"\b(?:ray_)?lmforge_[a-z_]+", text)
+            if not n.startswith("ray_lmforge_train_")}  # fmt: skip
 
 
 def balanced(expr: str) -> bool:
@@ -106,12 +111,12 @@ def test_prometheus_rule_is_valid_and_uses_exported_metrics():
     exported = exported_series()
     for name, rule in by_name.items():
         assert balanced(rule["expr"]), f"{name}: unbalanced brackets or quotes in {rule['expr']}"
-        used = set(re.findall(r"\blmforge_[a-z_]+", rule["expr"]))
+        used = serving_series_used(rule["expr"])
         assert used and used <= exported, f"{name}: {used - exported} are not exported"
         assert {"summary", "description"} <= set(rule["annotations"]), name
         assert "docs/operations.md" in rule["annotations"]["description"], name
         assert rule["labels"] == {"severity": "warning"}
-    assert 'lmforge_requests_total{status=~"5.."}' in by_name["LmforgeHighErrorRate"]["expr"]
+    assert 'ray_lmforge_requests_total{status=~"5.."}' in by_name["LmforgeHighErrorRate"]["expr"]
     assert "histogram_quantile(0.99" in by_name["LmforgeHighLatencyP99"]["expr"]
     assert 'rating="negative"' in by_name["LmforgeNegativeFeedback"]["expr"]
 
@@ -133,7 +138,7 @@ def test_thresholds_and_durations_come_from_values():
     assert error["expr"].endswith("> 0.02") and error["for"] == "3m" and "[10m]" in error["expr"]
     assert by_name["LmforgeHighLatencyP99"]["expr"].endswith("> 7.5")
     drift = by_name["LmforgeInputDrift"]
-    assert drift["expr"].endswith("lmforge_drift_ratio) > 1.25") and drift["for"] == "2h"
+    assert drift["expr"].endswith("ray_lmforge_drift_ratio) > 1.25") and drift["for"] == "2h"
     feedback = by_name["LmforgeNegativeFeedback"]["expr"]
     assert "> 0.4)" in feedback and feedback.endswith(">= 50")
     assert {r["labels"]["severity"] for r in by_name.values()} == {"page"}
@@ -163,15 +168,19 @@ def test_dashboard_quality_panels():
     panels = json.loads(dashboard["data"]["lmforge.json"])["panels"]
     assert len({p["id"] for p in panels}) == len(panels)
     by_title = {p["title"]: " ".join(t["expr"] for t in p.get("targets", [])) for p in panels}
-    assert "lmforge_model_info" in by_title["Model versions served"]
+    assert "ray_lmforge_model_info" in by_title["Model versions served"]
     assert "model_version" in by_title["Feedback per hour by version and rating"]
     assert (
-        "lmforge_completion_length_tokens_bucket" in by_title["Output length (completion tokens)"]
+        "ray_lmforge_completion_length_tokens_bucket"
+        in by_title["Output length (completion tokens)"]
     )
-    assert "lmforge_drift_ratio" in by_title["Input drift (prompt / validation bits per byte)"]
+    assert "ray_lmforge_drift_ratio" in by_title["Input drift (prompt / validation bits per byte)"]
     assert 'rating="negative"' in by_title["Negative feedback share by version"]
+    exported = exported_series()
     for title, expr in by_title.items():
         assert balanced(expr), title
+        used = serving_series_used(expr)
+        assert used <= exported, f"{title}: {used - exported} are not exported"
 
 
 # ---------------------------------------------------------------- the improvement RayCronJob

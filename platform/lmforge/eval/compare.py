@@ -3,8 +3,10 @@
 Each side is a report.json or an eval output directory holding one. A gated metric regresses
 when the candidate is worse than the baseline by more than the allowed amount, in the metric's
 direction (accuracy-like metrics: lower is worse; loss-like metrics: higher is worse). The
-amount is absolute, or with --relative a fraction of the baseline's value. A gated metric
-missing from the candidate fails too. Exit 0: no regression; 1: a regression; 2: usage error.
+amount is absolute, or with --relative a fraction of the baseline's value. A metric only one
+report has (a task only one side ran, such as `val` of a fine-tune, whose data has no packed
+val split) is skipped, and the output says so; a metric named with `--metric TASK/METRIC` that
+the candidate lacks fails. Exit 0: no regression; 1: a regression; 2: usage error.
 """
 
 from __future__ import annotations
@@ -63,6 +65,31 @@ def parse_gates(specs: list[str], default: float) -> dict[tuple[str, str], float
     return gates
 
 
+def gated(task: str, metric: str, gates: dict[tuple[str, str], float] | None) -> bool:
+    if gates:
+        return (task, metric) in gates or ("*", metric) in gates
+    return metric in HIGHER_IS_BETTER or metric in LOWER_IS_BETTER
+
+
+def one_sided(
+    baseline: dict[str, Any],
+    candidate: dict[str, Any],
+    gates: dict[tuple[str, str], float] | None = None,
+) -> list[tuple[str, str, str]]:
+    """(task, metric, the side that has it) of each gated metric only one report has; a metric
+    named exactly in `gates` is not here: its absence from the candidate fails the gate."""
+    sides = {"baseline": baseline["tasks"], "candidate": candidate["tasks"]}
+    found = []
+    for side, tasks in sides.items():
+        other = sides["candidate" if side == "baseline" else "baseline"]
+        for task, metrics in tasks.items():
+            for metric in metrics:
+                named = bool(gates) and (task, metric) in gates
+                if gated(task, metric, gates) and metric not in other.get(task, {}) and not named:
+                    found.append((task, metric, side))
+    return found
+
+
 def compare(
     baseline: dict[str, Any],
     candidate: dict[str, Any],
@@ -72,9 +99,11 @@ def compare(
     sigmas: float = 0.0,
 ) -> list[Check]:
     """One Check per gated metric of the baseline: the named gates, else every metric with a
-    known direction. With `sigmas` > 0 the allowed amount grows by that many combined standard
+    known direction; metrics the candidate lacks are skipped (`one_sided`) unless named
+    exactly in `gates`, then they fail. With `sigmas` > 0 the allowed amount grows by that many combined standard
     errors of the two values (sqrt(se_a^2 + se_b^2)), so sampling noise alone does not fail."""
     checks = []
+    skipped = {(task, metric) for task, metric, _ in one_sided(baseline, candidate, gates)}
     for task, metrics in baseline["tasks"].items():
         for metric, m in metrics.items():
             if gates:
@@ -84,6 +113,8 @@ def compare(
             elif metric in HIGHER_IS_BETTER or metric in LOWER_IS_BETTER:
                 allowed = max_regression
             else:
+                continue
+            if (task, metric) in skipped:
                 continue
             base = m["value"]
             other = candidate["tasks"].get(task, {}).get(metric, {})
@@ -147,8 +178,18 @@ def compare_command(argv: list[str], prog: str) -> int:
         args.relative,
         args.sigmas,
     )
+    skipped = one_sided(base, cand, parse_gates(args.metric, args.max_regression))
+    for side in ("baseline", "candidate"):
+        names = [f"{task}/{metric}" for task, metric, s in skipped if s == side]
+        if names:
+            print(f"skipped (only the {side} report has them): {', '.join(names)}")
     if not checks:
-        raise LmforgeError("no gated metric found in the baseline report (check --metric)")
+        raise LmforgeError(
+            "no gated metric is in both reports (check --metric, and that both evals ran the "
+            "same tasks)"
+        )
+    if skipped:
+        print()
     unit = " (relative)" if args.relative else ""
     rows = [("task", "metric", "baseline", "candidate", f"worse by{unit}", "allowed", "")]
     for c in checks:

@@ -18,7 +18,9 @@ sees the same start.
 
 Output (the contract with the trainer), under `out/`: train/part-NNNNN.parquet and
 val/part-NNNNN.parquet (val/ only when the split has examples), tokenizer.json, manifest.json
-(`kind: sft`), _SUCCESS. Every row holds seq_len + 1 slots in three fixed-size-list columns:
+(`kind: sft`; `loss_tokens_val` / `loss_bytes_val`, the val split's target tokens and the UTF-8
+bytes they decode to, turn the trainer's val loss into bits per byte), _SUCCESS. Every row
+holds seq_len + 1 slots in three fixed-size-list columns:
 
     tokens     int32  the ids; several examples one after another (packing), then <|pad|>
     loss_mask  int8   1 where tokens[i] is a prediction target, i.e. predicted from tokens[:i];
@@ -180,6 +182,19 @@ def encode_conversation(
         ids.insert(0, start)
         mask.insert(0, 0)
     return ids, mask
+
+
+def loss_bytes(tokenizer, ids: list[int], mask: list[int]) -> int:
+    """UTF-8 bytes of the target tokens of an example (each run of them decoded together;
+    special tokens such as the end of a turn count no bytes, as <|eos|> in pretraining)."""
+    total, run = 0, []
+    for token, target in zip([*ids, None], [*mask, 0], strict=True):
+        if target:
+            run.append(token)
+        elif run:
+            total += len(tokenizer.decode(run, skip_special_tokens=True).encode("utf-8"))
+            run = []
+    return total
 
 
 # ---------------------------------------------------------------- reading sources
@@ -345,6 +360,7 @@ def prepare_sft(
     rows_per_table = max(1, 2**24 // block)
     packers = {s: RowPacker(block, cfg.packing, pad_id, rows_per_table) for s in (TRAIN, VAL)}
     parts = {TRAIN: 0, VAL: 0}
+    val_bytes = 0  # of the val targets: the baseline bits per byte of the fine-tuned model
 
     def write(split: int, tables: Iterable[pa.Table]) -> None:
         for table in tables:
@@ -359,6 +375,7 @@ def prepare_sft(
             *(batch.column(c).to_pylist() for c in ("key", "split", "tokens", "mask")), strict=True
         ):
             if key in keep:
+                val_bytes += loss_bytes(tok, tokens, mask) if split == VAL else 0
                 write(split, packers[split].add(tokens, mask))
     for split, packer in packers.items():
         write(split, packer.finish())
@@ -376,6 +393,7 @@ def prepare_sft(
             f"rows_{name}": st["rows"],
             f"tokens_{name}": st["tokens"],
             f"loss_tokens_{name}": st["loss_tokens"],
+            **({"loss_bytes_val": val_bytes} if split == VAL else {}),
             f"packing_efficiency_{name}": round(st["tokens"] / max(1, st["rows"] * block), 4),
         }
     manifest |= {

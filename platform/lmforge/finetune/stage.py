@@ -94,6 +94,7 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
     summary = fit(build_trainer(worker_cfg, ctx.output, data_dir, kind="finetune"), ctx.output)
     # The fine-tuned model keeps the base's special tokens and chat template.
     copy_special_files(base, storage.join(ctx.output, "model"))
+    summary.update(drift_baseline(storage.join(ctx.output, "model"), base))
     summary.update(
         base=base,
         lora=cfg.lora.enabled,
@@ -103,6 +104,28 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
     if changes:
         summary["before"] = {k: before for k, (before, _) in changes.items()}
     return summary
+
+
+def drift_baseline(artifact: str, base: str) -> dict[str, Any]:
+    """Give the fine-tuned artifact a `val_bpb` (serving's drift baseline) and say where it
+    comes from: its own val split's target tokens (the trainer's), else its base's."""
+    from lmforge.model.version import read_version, write_version
+
+    record = read_version(artifact)
+    if isinstance(record.get("val_bpb"), int | float):
+        source = "finetune val split"
+    else:
+        parent = read_version(base)
+        record["val_bpb"] = parent.get("val_bpb")
+        source = f"parent {parent['version']}" if record["val_bpb"] is not None else None
+        if source:
+            print(
+                f"[finetune] no validation bits per byte of its own (no val split, or data "
+                f"prepared by an older lmforge): the drift baseline is its base's, {source}"
+            )
+    record["val_bpb_source"] = source
+    write_version(artifact, **record)
+    return {"val_bpb": record["val_bpb"], "val_bpb_source": source}
 
 
 def before_after(output: str) -> dict[str, tuple[float, float]]:

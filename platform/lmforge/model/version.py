@@ -7,7 +7,13 @@ what the trainer knows of the artifact's lineage:
 
     {"version": "v-3f2a9c0d1b7e", "parent": "v-...", "parent_path": ".../model",
      "data_manifest_hash": "...", "config_hash": "...", "created": "2026-01-01T00:00:00Z",
-     "stage": "train", "run": "base-1a2b3c4d5e6f", "val_bpb": 1.23, "eval_report": null}
+     "stage": "train", "run": "base-1a2b3c4d5e6f", "val_bpb": 1.23, "val_bpb_source": null,
+     "eval_report": null}
+
+`val_bpb` is the artifact's bits per byte on its training data's val split, the baseline of
+serving's drift ratio: pretraining's packed val split (`val_bpb_source` null), a fine-tune's
+val split on its target tokens (`"finetune val split"`), or, for a fine-tune without a val
+split of its own, its parent's (`"parent v-..."`, see finetune/stage.py).
 
 An artifact without version.json (older ones, `lmforge import`) gets the same id computed on
 the fly and empty lineage.
@@ -39,6 +45,7 @@ LINEAGE_FIELDS: tuple[str, ...] = (
     "stage",
     "run",
     "val_bpb",
+    "val_bpb_source",
     "eval_report",
 )
 

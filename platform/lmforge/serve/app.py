@@ -114,8 +114,9 @@ class Router:
         from lmforge.serve.openai import create_app
         from lmforge.serve.requestlog import default_replica
 
-        # (`self.app` is taken: the ingress wrapper's own property)
-        self.api = create_app(self.backends, self.args, replica=default_replica())
+        # (`self.app` is taken: the ingress wrapper's own property). The metrics go through
+        # Ray's metrics agent: its port is the one Prometheus scrapes on a Ray cluster.
+        self.api = create_app(self.backends, self.args, replica=default_replica(), ray_metrics=True)
         return self.api
 
     def __del__(self) -> None:

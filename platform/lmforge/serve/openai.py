@@ -57,9 +57,13 @@ def local_app(args: ServeArgs) -> FastAPI:
 
 
 def create_app(
-    backends: dict[str, Backend], args: ServeArgs, replica: str | None = None
+    backends: dict[str, Backend],
+    args: ServeArgs,
+    replica: str | None = None,
+    ray_metrics: bool = False,
 ) -> FastAPI:
-    """The API over `backends`; `replica` names this process in request-log file names."""
+    """The API over `backends`; `replica` names this process in request-log file names;
+    `ray_metrics` also exports the metrics through Ray's metrics agent (under Serve)."""
     app = FastAPI(
         title="lmforge OpenAI-compatible API",
         version="1",
@@ -67,7 +71,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.backends, app.state.limits = backends, args.limits
-    app.state.metrics = ServeMetrics()
+    app.state.metrics = ServeMetrics(ray=ray_metrics)
     app.state.inflight = 0
     add_monitoring(app, backends, args, replica)
     add_error_handlers(app)
@@ -224,6 +228,7 @@ def _add_routes(app: FastAPI) -> None:
             {"status": "ok" if ok else "unhealthy", "models": states}, 200 if ok else 503
         )
 
+    # This process's metrics; under Ray, Ray's metrics port has every router replica's.
     @app.get("/metrics", summary="Prometheus metrics (lmforge_*)")
     async def metrics(request: Request):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

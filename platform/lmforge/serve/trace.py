@@ -46,6 +46,7 @@ def add_monitoring(
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI):
     yield
+    app.state.metrics.close()
     app.state.drift.close()
     app.state.request_log.close()  # graceful shutdown: what is buffered is written
 

@@ -178,7 +178,11 @@ def read_manifest(data_path: str) -> dict[str, Any]:
 def tokens_per_byte(
     manifest: dict[str, Any], split: str, rows: int, block_len: int
 ) -> float | None:
-    """Tokens per UTF-8 byte of a split's text, for bits-per-byte; None when the manifest lacks bytes."""
+    """Tokens per UTF-8 byte of a split's text, for bits-per-byte; None when the manifest lacks bytes.
+    Fine-tuning data (`kind: sft`): of the loss tokens, the only ones the val loss averages."""
+    if manifest.get("kind") == "sft":
+        tokens, nbytes = manifest.get(f"loss_tokens_{split}"), manifest.get(f"loss_bytes_{split}")
+        return tokens / nbytes if tokens and nbytes else None
     nbytes = manifest.get(f"bytes_{split}")
     if not nbytes:
         return None
