@@ -17,6 +17,7 @@ import json
 import os
 import posixpath
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import IO, Any
@@ -28,6 +29,27 @@ SUCCESS = "_SUCCESS"
 # `memory://` is an in-process object store (pyarrow's mock filesystem): it behaves like S3
 # (no rename, no directories of its own), which makes the object-store code paths testable.
 _MEMORY_FS: pafs.FileSystem | None = None
+
+_UMASK_LOCK = threading.Lock()
+
+
+def umask() -> int:
+    """The process's umask. Reading it means setting it, so threads take turns."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode `open()` gives a new file (0644 under umask 022). `tempfile.mkstemp` makes
+    0600 files, which a serving pod or a colleague on a shared volume cannot read."""
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    """The mode `os.makedirs` gives a new directory (0755 under umask 022); `mkdtemp` gives 0700."""
+    return 0o777 & ~umask()
 
 
 def is_uri(path: str) -> bool:
@@ -153,6 +175,7 @@ def atomic_writer(path: str) -> Iterator[IO[bytes]]:
         os.makedirs(parent, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(p)}-", dir=parent)
         try:
+            os.fchmod(fd, file_mode())
             with os.fdopen(fd, "wb") as f:
                 yield f
                 f.flush()
