@@ -105,6 +105,38 @@ def absolute(path: str) -> str:
     return local_path(path) if is_local(path) else path
 
 
+def relative_to(root: str, path: str) -> str | None:
+    """`path` relative to `root` (with `/`) when it lies under it, else None. Pointer files
+    store this, so they survive a moved or re-mounted root and any working directory."""
+    if is_uri(root) or is_uri(path):
+        base = root.rstrip("/") + "/"
+        return path[len(base) :].strip("/") if path.startswith(base) else None
+    rel = os.path.relpath(resolve(path)[1], resolve(root)[1])
+    outside = rel == os.pardir or rel.startswith(os.pardir + os.sep)
+    return None if outside else rel.replace(os.sep, "/")
+
+
+def find_under(root: str, stored: str) -> str:
+    """The path a pointer file under `root` names, as this process can open it.
+
+    What lmforge writes is relative to `root`. Older pointers hold an absolute path or URI,
+    or a path relative to the working directory their run started in: those are looked up
+    by their trailing parts under `root` (so a moved `root` still works), then as they are.
+    Nothing found: the new-style reading, for the caller's error message.
+    """
+    relative = not is_uri(stored) and not os.path.isabs(stored)
+    if relative and exists(join(root, stored)):
+        return join(root, stored)
+    parts = [p for p in stored.replace("\\", "/").split("/") if p]
+    for i in range(1, len(parts) - 1):  # at least <stage>/<run>: never a bare name
+        candidate = join(root, *parts[i:])
+        if exists(candidate):
+            return candidate
+    if exists(stored):
+        return stored
+    return join(root, stored) if relative else stored
+
+
 def exists(path: str) -> bool:
     fs, p = resolve(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
