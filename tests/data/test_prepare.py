@@ -178,13 +178,16 @@ def test_a_corpus_with_nothing_left_is_one_line_and_keeps_its_rejects(
     )
     code, _, err = cli("data", "prepare", "-c", cfg)
     assert code == 2
-    assert err.strip().count("\n") == 0 and line in err, err
-    (out,) = (tmp_path / "runs" / "data").glob("default-*")
+    # one line of ours, last (Ray Data's own progress logs may precede it)
+    errors = [ln for ln in err.splitlines() if ln.startswith("lmforge: error:")]
+    assert len(errors) == 1 and line in errors[0] and err.strip().endswith(errors[0]), err[-2000:]
+    assert "ArrowInvalid" not in err and "Invalid sort key" not in err  # the old dedup failure
+    (out,) = (tmp_path / "runs" / "data").iterdir()
     assert not (out / "_SUCCESS").exists() and not (out / "manifest.json").exists()
     rejects = [json.loads(ln) for f in (out / "rejects").glob("*.json") for ln in f.open()]
     assert sorted(r["reason"] for r in rejects) == ["too_few_words"] * len(texts)
     if texts:
-        assert f"see {out / 'rejects'}" in err
+        assert errors[0].endswith(f"see {out / 'rejects'}")
 
 
 @pytest.mark.slow
