@@ -106,3 +106,14 @@ def test_down_stops_only_this_head():
         if saved:
             saved.save()
     assert saved is None or saved.is_alive()  # the other head is untouched
+
+
+def test_submit_refuses_a_relative_runs_dir(cli, monkeypatch):
+    """A job runs in Ray's temporary copy of the working dir: relative outputs vanish with it."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")  # never reached: refused first
+    code, _, err = cli("submit", "data", "--set", "runs_dir=runs/x")
+    assert code == 2 and err.count("\n") == 1
+    assert "runs_dir 'runs/x' is relative" in err and "--set runs_dir=/mnt/lmforge/runs" in err
+    code, _, err = cli("submit", "data")  # the default, `runs`, too
+    assert code == 2 and "runs_dir 'runs' is relative" in err

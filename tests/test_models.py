@@ -90,6 +90,32 @@ def test_serving_pointer_round_trip_keeps_the_previous_one(tmp_path):
         mv.write_serving_pointer(runs, str(tmp_path / "nowhere"))
 
 
+def test_serving_pointer_survives_another_directory_and_a_moved_runs_dir(tmp_path, monkeypatch):
+    """current.json held the artifact as the promoting process's working directory saw it."""
+    from lmforge.model.hf import resolve_artifact
+
+    monkeypatch.chdir(tmp_path)
+    save_tiny(tmp_path / "runs" / "improve" / "loop-1" / "model")
+    save_tiny(tmp_path / "runs" / "improve" / "loop-2" / "model", seed=1)
+    mv.write_serving_pointer("runs", "runs/improve/loop-1/model")
+    mv.write_serving_pointer("runs", "runs/improve/loop-2/model")
+    stored = json.loads((tmp_path / "runs" / "serving" / "current.json").read_text())
+    assert stored["artifact"] == "improve/loop-2/model"
+    assert stored["previous"]["artifact"] == "improve/loop-1/model"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (tmp_path / "runs").rename(tmp_path / "moved")
+    served = resolve_artifact(f"{tmp_path / 'moved'}/@serving")
+    assert served == str(tmp_path / "moved" / "improve" / "loop-2" / "model")
+    pointer = mv.read_serving_pointer(str(tmp_path / "moved"))
+    assert pointer["previous"]["artifact"] == str(tmp_path / "moved/improve/loop-1/model")
+    # a pointer written before (relative to the old working directory) still reads
+    stored["artifact"] = "runs/improve/loop-1/model"
+    (tmp_path / "moved" / "serving" / "current.json").write_text(json.dumps(stored))
+    served = resolve_artifact(f"{tmp_path / 'moved'}/@serving")
+    assert served == str(tmp_path / "moved" / "improve" / "loop-1" / "model")
+
+
 # ---------------------------------------------------------------- lmforge models list / show
 
 

@@ -1,3 +1,7 @@
+import os
+import pathlib
+import shutil
+
 import pytest
 
 from lmforge import ConfigError, StageFailed, storage
@@ -166,3 +170,49 @@ def test_a_run_reference_in_a_pipeline_step_resolves_as_on_the_command_line(proj
     _, steps = plan(str(only_double))
     assert steps[0].config.source == first[0].output
     assert steps[0].output == first[1].output  # the same config, so the same hash and output
+
+
+def _write_then_double(runs: str, name: str = "w") -> str:
+    from lmforge.stage import get_stage, run_stage
+
+    cfg = fake.WriteConfig(name=name, value=4, runs_dir=runs)
+    return run_stage(get_stage("tests.stages_for_tests:WRITE"), cfg, quiet=True).output
+
+
+def test_run_references_resolve_from_any_directory_and_after_a_move(tmp_path, monkeypatch):
+    """Pointers used to hold the output path as the run's working directory saw it
+    (`runs/write/w-...`), which no other directory (nor a moved runs_dir) could open."""
+    from lmforge.stage import latest_pointer, read_run_reference
+
+    start, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(start)
+    out = _write_then_double("runs")
+    stored = (start / "runs" / "write" / "w.latest").read_text().strip()
+    assert stored == "write/" + os.path.basename(out)  # relative to runs_dir
+    monkeypatch.chdir(elsewhere)
+    found = read_run_reference(str(start / "runs"), "@write/w", where="source")
+    assert found == str(start / "runs" / "write" / os.path.basename(out))
+    shutil.move(start / "runs", tmp_path / "moved")  # a re-mounted or copied runs_dir
+    found = read_run_reference(str(tmp_path / "moved"), "@write/w", where="source")
+    assert (pathlib.Path(found) / "value.txt").read_text() == "4"
+    # pointers written before: a path relative to the old working directory, or absolute
+    pointer = latest_pointer(str(tmp_path / "moved"), "write", "w")
+    for old in (f"runs/{stored}", f"/gone/mount/runs/{stored}"):
+        storage.write_text(pointer, old + "\n")
+        assert read_run_reference(str(tmp_path / "moved"), "@write/w", "source") == found
+
+
+def test_an_input_names_a_run_under_another_runs_dir(tmp_path, monkeypatch):
+    """`<runs_dir>/@stage/run`, as export and serve take it, works as a stage input too, and
+    is hashed as the path it names."""
+    from lmforge.stage import get_stage, output_dir, resolve_input_reference
+
+    out = _write_then_double(str(tmp_path / "a"))
+    double = get_stage("tests.stages_for_tests:DOUBLE")
+    cfg = fake.DoubleConfig(runs_dir=str(tmp_path / "b"), source=f"{tmp_path / 'a'}/@write/w")
+    resolved = resolve_input_reference(double, cfg)
+    assert resolved.source == out
+    by_path = fake.DoubleConfig(runs_dir=str(tmp_path / "b"), source=out)
+    assert output_dir(double, resolved) == output_dir(double, by_path)

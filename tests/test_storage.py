@@ -1,5 +1,6 @@
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -84,3 +85,19 @@ def test_join_and_locality():
 def test_bad_uri_is_a_clear_error():
     with pytest.raises(ValueError, match="cannot open storage URI 'nosuchscheme://x'"):
         storage.resolve("nosuchscheme://x")
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_follow_the_umask_as_open_does(tmp_path, mask, mode):
+    """An export or a report on a shared volume must be readable as the umask allows, not
+    0600 (what tempfile.mkstemp gives)."""
+    old = os.umask(mask)
+    try:
+        storage.write_text(str(tmp_path / "a" / "report.json"), "{}")
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a" / "report.json").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == mode
+    assert os.umask(old) == old  # reading the umask left it as it was

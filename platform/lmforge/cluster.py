@@ -23,7 +23,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lmforge import LmforgeError, StageFailed
+from lmforge import ConfigError, LmforgeError, StageFailed, storage
 
 DEFAULT_GCS_PORT = 6379
 DEFAULT_DASHBOARD_PORT = 8265
@@ -323,7 +323,9 @@ def submit(
         raise LmforgeError(
             f"{entry} not found: --working-dir must be an lmforge checkout or a project with {stage.job_script}"
         )
-    load_config(stage.config_cls, config, overrides)  # validate before spending
+    cfg = load_config(stage.config_cls, config, overrides)  # validate before spending
+    if stage.cacheable:  # a check's report is its log; other stages' outputs are the point
+        refuse_relative_runs_dir(cfg.runs_dir)
     args = [stage.job_script]
     if config:
         cfg_path = Path(config).resolve()
@@ -351,6 +353,17 @@ def submit(
         flush=True,
     )
     return 0 if final == "SUCCEEDED" else 1
+
+
+def refuse_relative_runs_dir(runs_dir: str) -> None:
+    """A Ray job runs in a temporary copy of the working dir: a relative runs_dir would write
+    its outputs there, and they vanish with it."""
+    if not storage.is_uri(runs_dir) and not os.path.isabs(os.path.expanduser(runs_dir)):
+        raise ConfigError(
+            f"runs_dir {runs_dir!r} is relative: a submitted job runs in a temporary copy of the "
+            "working dir, so its outputs would vanish with it; give an absolute path on storage "
+            "every Ray node sees, or a URI (e.g. --set runs_dir=/mnt/lmforge/runs)"
+        )
 
 
 def _submit_with_retry(client, entrypoint: str, runtime_env: dict, timeout: float = 180.0) -> str:

@@ -155,6 +155,41 @@ def test_cli_errors_are_one_line_before_work(cli, ray_local, tmp_path):
     assert exit_.value.code == 0
 
 
+@pytest.mark.parametrize(
+    "texts, line",
+    [
+        (
+            ["too short", "also short"],
+            "no documents left after the filters: 2 read, 2 rejected (too_few_words 2); see ",
+        ),
+        ([], "no documents read from the sources: check data.sources"),
+    ],
+)
+def test_a_corpus_with_nothing_left_is_one_line_and_keeps_its_rejects(
+    cli, ray_local, tmp_path, texts, line
+):
+    """An empty corpus, or one the filters reject whole, used to end in an Arrow traceback
+    from the dedup shuffle (exit 1); the rejects say why, so they are written first."""
+    write_jsonl(tmp_path / "docs.jsonl", texts)
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text(
+        f"runs_dir: {tmp_path / 'runs'}\nsources: [{{path: {tmp_path / 'docs.jsonl'}}}]\n"
+        "steps: [{step: length, min_chars: 1, min_words: 5}]\n"
+    )
+    code, _, err = cli("data", "prepare", "-c", cfg)
+    assert code == 2
+    # one line of ours, last (Ray Data's own progress logs may precede it)
+    errors = [ln for ln in err.splitlines() if ln.startswith("lmforge: error:")]
+    assert len(errors) == 1 and line in errors[0] and err.strip().endswith(errors[0]), err[-2000:]
+    assert "ArrowInvalid" not in err and "Invalid sort key" not in err  # the old dedup failure
+    (out,) = (tmp_path / "runs" / "data").iterdir()
+    assert not (out / "_SUCCESS").exists() and not (out / "manifest.json").exists()
+    rejects = [json.loads(ln) for f in (out / "rejects").glob("*.json") for ln in f.open()]
+    assert sorted(r["reason"] for r in rejects) == ["too_few_words"] * len(texts)
+    if texts:
+        assert errors[0].endswith(f"see {out / 'rejects'}")
+
+
 @pytest.mark.slow
 def test_two_node_cluster_gives_the_same_shards(prepared, tmp_path):
     """The same config on a 2-node ray.cluster_utils.Cluster (in a subprocess, since this

@@ -182,3 +182,21 @@ def test_compare_allows_sampling_noise_in_standard_errors():
     # 2 sigmas of sqrt(0.03^2 + 0.03^2) = 0.0849 > 0.05: within noise
     [noisy] = compare(base, cand, 0.0, sigmas=2)
     assert not noisy.failed and noisy.allowed == pytest.approx(2 * 0.03 * 2**0.5)
+
+
+def test_val_data_auto_follows_a_fine_tune_to_its_base_in_a_moved_runs_dir(tmp_path):
+    """data.path and base were stored as the runs' working directory saw them; the val task
+    used to vanish (no message) from any other directory, and always for a fine-tuned model."""
+    from lmforge.eval.evaluate import trained_on
+
+    runs = tmp_path / "mnt" / "runs"  # was ./runs/qs where the pipeline ran
+    (runs / "data" / "d-1").mkdir(parents=True)
+    for run, text in (
+        ("train/t-1", "data: {path: runs/qs/data/d-1}\n"),
+        ("finetune/f-1", "base: /old/mount/runs/qs/train/t-1/model\ndata: {seq_len: 64}\n"),
+    ):
+        (runs / run / "model").mkdir(parents=True)
+        (runs / run / "model" / "resolved_config.yaml").write_text(text)
+    want = str(runs / "data" / "d-1")
+    assert trained_on(str(runs / "train" / "t-1" / "model")) == want
+    assert trained_on(str(runs / "finetune" / "f-1" / "model")) == want

@@ -159,6 +159,9 @@ def _run(cfg: DataConfig, ctx: StageContext, files, given_tok) -> dict[str, Any]
         read = dataset_stats(docs)
     parts = max(1, _partitions(read["kept_bytes"], workers))
     reject_parts = [_rows(docs, rejected=True)]
+    if not read["kept"]:  # nothing to dedup, train a tokenizer on, or pack
+        _write_rejects(ctx.output, reject_parts)
+        raise ConfigError(nothing_left(read, storage.join(ctx.output, "rejects")))
     kept = _rows(docs, rejected=False)
     duplicates_exact = duplicates_near = 0
     if cfg.dedup.exact or cfg.dedup.near:
@@ -207,6 +210,21 @@ def _run(cfg: DataConfig, ctx: StageContext, files, given_tok) -> dict[str, Any]
         )
     keys = ("documents_in", "documents_out", "tokens_train", "tokens_val", "vocab_size")
     return {k: manifest[k] for k in keys}
+
+
+def nothing_left(read: dict[str, Any], rejects: str) -> str:
+    """The one line for a corpus that is empty or wholly filtered out, with the reasons."""
+    if not read["docs"]:
+        return "no documents read from the sources: check data.sources (paths, formats, limits)"
+    reasons: dict[str, int] = {}
+    for by_reason in read["rejected"].values():
+        for reason, n in by_reason.items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    listed = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items(), key=lambda x: -x[1]))
+    return (
+        f"no documents left after the filters: {read['docs']} read, "
+        f"{sum(reasons.values())} rejected ({listed}); see {rejects}"
+    )
 
 
 class _Clock:

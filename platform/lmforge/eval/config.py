@@ -69,7 +69,7 @@ class EvalConfig(StageConfig):
     )
     val_data: str | None = Field(
         "auto",
-        description="A data stage output dir whose val/ split gets loss, perplexity and bits-per-byte (task `val`). auto: the one the model was trained on (from its resolved_config.yaml), if any. None: skip.",
+        description="A data stage output dir whose val/ split gets loss, perplexity and bits-per-byte (task `val`). auto: the one the model was pretrained on (its run's resolved_config.yaml data.path; for a fine-tuned model its base's), looked up under the runs dir that holds the model; if none, the report says so. None: skip.",
     )
     val_blocks: int | None = Field(
         256, ge=1, description="Evaluate at most this many val blocks. None: all."

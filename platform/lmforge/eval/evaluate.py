@@ -26,7 +26,12 @@ from lmforge.stage import Stage, StageContext
 
 
 def resolve_artifact(path: str) -> str:
-    """The artifact dir of an artifact or a training run dir (`<run>/model`)."""
+    """The artifact dir of an artifact or a training run dir (`<run>/model`), or of a run
+    reference (`[<runs_dir>/]@<stage>/<run name>`, `[<runs_dir>/]@serving`)."""
+    if path.startswith("@") or "/@" in path:
+        from lmforge.model.hf import resolve_artifact as resolve_reference
+
+        path = resolve_reference(path)
     for candidate in (path, storage.join(path, "model")):
         if storage.exists(storage.join(candidate, "config.json")) and storage.exists(
             storage.join(candidate, "model.safetensors")
@@ -58,19 +63,40 @@ class Task:
     bytes_per_token: float | None = None
 
 
+def trained_on(artifact: str, depth: int = 4) -> str | None:
+    """The data stage output a model was pretrained on: `data.path` of the run that made it,
+    or of its base for a fine-tuned model (which keeps the base's tokenizer). Both were
+    written as the run saw them (relative to its working directory, or absolute), so they are
+    looked up under the runs dir that holds the artifact, as a moved runs dir needs."""
+    resolved = storage.join(artifact, "resolved_config.yaml")
+    if depth == 0 or not storage.exists(resolved):
+        return None
+    run_cfg = yaml.safe_load(storage.read_text(resolved)) or {}
+    data = (run_cfg.get("data") or {}).get("path")
+    # <runs_dir>/<stage>/<run>/model: the runs dir this artifact was written under
+    runs_dir = artifact.rstrip("/").rsplit("/", 3)[0] if "/" in artifact else artifact
+    if data:
+        return storage.find_under(runs_dir, data)
+    base = run_cfg.get("base")
+    if not isinstance(base, str) or base.startswith("@") or "/@" in base:
+        return None  # fine-tune configs store the resolved base; a reference is not one
+    base = storage.find_under(runs_dir, base)
+    if not storage.exists(storage.join(base, "resolved_config.yaml")):
+        base = storage.join(base, "model")  # a training run dir
+    return trained_on(base, depth - 1)
+
+
 def val_task(cfg: EvalConfig, artifact: str) -> Task | None:
     """Task `val`: the packed val blocks of the data the model was trained on (or `val_data`)."""
-    data = cfg.val_data
-    if data == "auto":
-        resolved = storage.join(artifact, "resolved_config.yaml")
-        if not storage.exists(resolved):
-            return None
-        data = ((yaml.safe_load(storage.read_text(resolved)) or {}).get("data") or {}).get("path")
+    data = trained_on(artifact) if cfg.val_data == "auto" else cfg.val_data
     if not data:
+        if cfg.val_data == "auto":
+            print(f"[eval] val: {artifact} names no training data; skipped", flush=True)
         return None
     manifest_path = storage.join(data, "manifest.json")
     if not storage.exists(manifest_path):
         if cfg.val_data == "auto":
+            print(f"[eval] val: no data stage output at {data} (trained on); skipped", flush=True)
             return None
         raise ConfigError(f"val_data: no data stage output at {data} (manifest.json missing)")
     manifest = json.loads(storage.read_text(manifest_path))

@@ -238,7 +238,7 @@ def promote_candidate(
     write_version(candidate, **record_)
     write_serving_pointer(cfg.runs_dir, candidate, version=record_["version"],
                           previous_artifact=current, decided_by=run_dir)  # fmt: skip
-    serve = {"models": [{"name": cfg.serve_name, "artifact": candidate}],
+    serve = {"models": [{"name": cfg.serve_name, "artifact": storage.absolute(candidate)}],
              "request_log": {"path": cfg.request_log}}  # fmt: skip
     text = yaml.safe_dump(serve, sort_keys=False)
     storage.write_text(storage.join(cfg.runs_dir, "serving", "serve.yaml"), text)

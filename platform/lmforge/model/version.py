@@ -128,7 +128,17 @@ def read_serving_pointer(runs_dir: str) -> dict[str, Any] | None:
         raise LmforgeError(f"{path}: not valid JSON ({e}); rewrite it") from None
     if not isinstance(pointer, dict) or not isinstance(pointer.get("artifact"), str):
         raise LmforgeError(f'{path}: expected {{"artifact": PATH, "version": ID, ...}}')
+    pointer["artifact"] = storage.find_under(runs_dir, pointer["artifact"])
+    previous = pointer.get("previous")
+    if isinstance(previous, dict) and isinstance(previous.get("artifact"), str):
+        previous["artifact"] = storage.find_under(runs_dir, previous["artifact"])
     return pointer
+
+
+def _stored(runs_dir: str, artifact: str) -> str:
+    """An artifact as the pointer stores it: relative to `runs_dir` when it lies under it (so
+    the pointer survives a moved runs_dir and any working directory), else absolute."""
+    return storage.relative_to(runs_dir, artifact) or storage.absolute(artifact)
 
 
 def write_serving_pointer(runs_dir: str, artifact: str, **extra: Any) -> dict[str, Any]:
@@ -142,12 +152,15 @@ def write_serving_pointer(runs_dir: str, artifact: str, **extra: Any) -> dict[st
         raise LmforgeError(f"cannot serve {artifact}: no {WEIGHTS} there (not a model artifact)")
     old = read_serving_pointer(runs_dir)
     pointer: dict[str, Any] = {
-        "artifact": artifact,
+        "artifact": _stored(runs_dir, artifact),
         "version": extra.pop("version", None) or read_version(artifact)["version"],
         "updated": now_iso(),
     }
     if old is not None and "previous" not in extra:
-        pointer["previous"] = {"artifact": old.get("artifact"), "version": old.get("version")}
+        pointer["previous"] = {
+            "artifact": _stored(runs_dir, old["artifact"]),
+            "version": old.get("version"),
+        }
     pointer.update(extra)
     storage.write_json(serving_pointer_path(runs_dir), pointer)
-    return pointer
+    return read_serving_pointer(runs_dir) or pointer  # the paths as this process opens them

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmforge import ConfigError
+from lmforge import ConfigError, storage
 from lmforge.config import apply_overrides, build_config, fields_help, read_yaml
 from lmforge.serve.config import ServeArgs
 
@@ -103,8 +103,15 @@ def serve_command(argv: list[str], prog: str) -> int:
 
 
 def check_artifacts(args: ServeArgs) -> None:
-    """Every model's artifact resolves (before any Ray or GPU is requested)."""
+    """Every model's artifact resolves (before any Ray or GPU is requested), and is given to
+    the replicas as a path they can use: they run in another working directory. A run
+    reference stays one (a replica that starts later serves what it names then)."""
     from lmforge.model.hf import resolve_artifact
 
     for m in args.models:
         resolve_artifact(m.artifact)
+        runs_dir, at, ref = m.artifact.rpartition("@")
+        if at and (not runs_dir or runs_dir.endswith("/")):
+            m.artifact = storage.join(storage.absolute(runs_dir or "runs"), "@" + ref)
+        else:
+            m.artifact = storage.absolute(m.artifact)
