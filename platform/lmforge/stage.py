@@ -127,6 +127,13 @@ def latest_pointer(runs_dir: str, stage_name: str, run_name: str) -> str:
     return storage.join(runs_dir, stage_name, f"{run_name}.latest")
 
 
+def write_latest_pointer(runs_dir: str, stage_name: str, run_name: str, output: str) -> None:
+    """Point `@<stage>/<run name>` at `output`, stored relative to `runs_dir` so the reference
+    resolves from any working directory and after `runs_dir` moves."""
+    stored = storage.relative_to(runs_dir, output) or storage.absolute(output)
+    storage.write_text(latest_pointer(runs_dir, stage_name, run_name), stored + "\n")
+
+
 def read_run_reference(runs_dir: str, reference: str, where: str) -> str:
     """The output path that `@<stage>/<run name>` names: that run's latest complete output
     under `runs_dir`, read from its pointer file. `where` names the setting in errors."""
@@ -141,7 +148,7 @@ def read_run_reference(runs_dir: str, reference: str, where: str) -> str:
             f"{where}: {reference} names no completed '{ref_stage}' run called '{ref_name}' "
             f"under {runs_dir} (no {pointer}); run that stage first, or give a path"
         )
-    return storage.read_text(pointer).strip()
+    return storage.find_under(runs_dir, storage.read_text(pointer).strip())
 
 
 def resolve_input_reference(stage: Stage, cfg: StageConfig) -> StageConfig:
@@ -157,9 +164,16 @@ def resolve_input_reference(stage: Stage, cfg: StageConfig) -> StageConfig:
     value: Any = cfg
     for part in stage.input_field.split("."):
         value = getattr(value, part, None)
-    if not isinstance(value, str) or not value.startswith("@"):
+    if not isinstance(value, str) or not (value.startswith("@") or "/@" in value):
         return cfg
-    path = read_run_reference(cfg.runs_dir, value, where=stage.input_field)
+    runs_dir, _, ref = value.rpartition("@")  # `<runs_dir>/@stage/run` names another runs dir
+    runs_dir = runs_dir.rstrip("/") or cfg.runs_dir
+    if ref == "serving":  # the artifact serving runs now (hashed as its path, so not stale)
+        from lmforge.model.hf import resolve_artifact
+
+        path = resolve_artifact(storage.join(runs_dir, "@serving"))
+    else:
+        path = read_run_reference(runs_dir, "@" + ref, where=stage.input_field)
     data = apply_overrides(type(cfg), config_dict(cfg), [f"{stage.input_field}={path}"])
     return build_config(type(cfg), data, source=f"{stage.input_field} ({value})")
 
@@ -176,7 +190,7 @@ def run_stage(
     if stage.cacheable and not force and storage.is_complete(out):
         if not quiet:
             print(f"[{stage.name}] output is complete, skipping: {out}", flush=True)
-        storage.write_text(latest_pointer(cfg.runs_dir, stage.name, cfg.name), out + "\n")
+        write_latest_pointer(cfg.runs_dir, stage.name, cfg.name, out)
         return StageResult(stage.name, out, "skipped")
     if not quiet:
         print(f"[{stage.name}] resolved config (hash {config_hash(cfg)}):", flush=True)
@@ -201,7 +215,7 @@ def run_stage(
             "summary": summary,
         },
     )
-    storage.write_text(latest_pointer(cfg.runs_dir, stage.name, cfg.name), out + "\n")
+    write_latest_pointer(cfg.runs_dir, stage.name, cfg.name, out)
     if not quiet:
         print(f"[{stage.name}] done in {seconds:.1f}s: {out}", flush=True)
     return StageResult(stage.name, out, "ran", seconds, summary)

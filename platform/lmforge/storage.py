@@ -17,6 +17,7 @@ import json
 import os
 import posixpath
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import IO, Any
@@ -28,6 +29,27 @@ SUCCESS = "_SUCCESS"
 # `memory://` is an in-process object store (pyarrow's mock filesystem): it behaves like S3
 # (no rename, no directories of its own), which makes the object-store code paths testable.
 _MEMORY_FS: pafs.FileSystem | None = None
+
+_UMASK_LOCK = threading.Lock()
+
+
+def umask() -> int:
+    """The process's umask. Reading it means setting it, so threads take turns."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode `open()` gives a new file (0644 under umask 022). `tempfile.mkstemp` makes
+    0600 files, which a serving pod or a colleague on a shared volume cannot read."""
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    """The mode `os.makedirs` gives a new directory (0755 under umask 022); `mkdtemp` gives 0700."""
+    return 0o777 & ~umask()
 
 
 def is_uri(path: str) -> bool:
@@ -81,6 +103,38 @@ def absolute(path: str) -> str:
     another working directory): a local path or file:// URI as an absolute local path; any
     other URI as it is."""
     return local_path(path) if is_local(path) else path
+
+
+def relative_to(root: str, path: str) -> str | None:
+    """`path` relative to `root` (with `/`) when it lies under it, else None. Pointer files
+    store this, so they survive a moved or re-mounted root and any working directory."""
+    if is_uri(root) or is_uri(path):
+        base = root.rstrip("/") + "/"
+        return path[len(base) :].strip("/") if path.startswith(base) else None
+    rel = os.path.relpath(resolve(path)[1], resolve(root)[1])
+    outside = rel == os.pardir or rel.startswith(os.pardir + os.sep)
+    return None if outside else rel.replace(os.sep, "/")
+
+
+def find_under(root: str, stored: str) -> str:
+    """The path a pointer file under `root` names, as this process can open it.
+
+    What lmforge writes is relative to `root`. Older pointers hold an absolute path or URI,
+    or a path relative to the working directory their run started in: those are looked up
+    by their trailing parts under `root` (so a moved `root` still works), then as they are.
+    Nothing found: the new-style reading, for the caller's error message.
+    """
+    relative = not is_uri(stored) and not os.path.isabs(stored)
+    if relative and exists(join(root, stored)):
+        return join(root, stored)
+    parts = [p for p in stored.replace("\\", "/").split("/") if p]
+    for i in range(1, len(parts) - 1):  # at least <stage>/<run>: never a bare name
+        candidate = join(root, *parts[i:])
+        if exists(candidate):
+            return candidate
+    if exists(stored):
+        return stored
+    return join(root, stored) if relative else stored
 
 
 def exists(path: str) -> bool:
@@ -153,6 +207,7 @@ def atomic_writer(path: str) -> Iterator[IO[bytes]]:
         os.makedirs(parent, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(p)}-", dir=parent)
         try:
+            os.fchmod(fd, file_mode())
             with os.fdopen(fd, "wb") as f:
                 yield f
                 f.flush()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import urllib.parse
 
 from lmforge import ConfigError
 from lmforge.config import apply_overrides, build_config, fields_help, read_yaml
@@ -28,7 +31,8 @@ def load_serve_args(path: str | None, overrides: list[str], model: str | None) -
     else:
         raise ConfigError("nothing to serve: give -c CONFIG or --model ARTIFACT_DIR")
     data = apply_overrides(ServeArgs, data, overrides)
-    return build_config(ServeArgs, data, source=path or "--model")
+    # Without a file, --model alone always validates: a problem is in a --set (or --port ...).
+    return build_config(ServeArgs, data, source=path or "--set")
 
 
 def serve_command(argv: list[str], prog: str) -> int:
@@ -71,15 +75,9 @@ def serve_command(argv: list[str], prog: str) -> int:
             setattr(m, field, value)  # validated on assignment (StrictModel)
     check_artifacts(args)
     args.api_keys()  # a missing key file is an error now, not in a replica
-    base = f"http://{args.host}:{args.port}"
-    print(f"lmforge serve: models {', '.join(m.name for m in args.models)} at {base}/v1")
-    print(
-        f"  try: curl {base}/v1/models"
-        + ("" if not args.api_keys() else " -H 'Authorization: Bearer $KEY'")
-    )
-    print(f"  playground: {base}{args.route_prefix.rstrip('/')}/playground")
-    if args.request_log.path:
-        print(f"  request log and feedback: {args.request_log.path}")
+    if ns.no_ray or serves_on_this_machine(ns.address):
+        check_port_free(args.host, args.port)
+    print(banner(args), flush=True)
     if ns.no_ray:
         import uvicorn
 
@@ -100,6 +98,45 @@ def serve_command(argv: list[str], prog: str) -> int:
     finally:
         serve.shutdown()
     return 0
+
+
+def banner(args: ServeArgs) -> str:
+    """Where the API is and a curl line that works as printed (double quotes: $KEY expands)."""
+    base = f"http://{args.host}:{args.port}"
+    auth = ' -H "Authorization: Bearer $KEY"' if args.api_keys() else ""
+    lines = [
+        f"lmforge serve: models {', '.join(m.name for m in args.models)} at {base}/v1",
+        f"  try: curl {base}/v1/models{auth}",
+        f"  playground: {base}{args.route_prefix.rstrip('/')}/playground",
+    ]
+    if args.request_log.path:
+        lines.append(f"  request log and feedback: {args.request_log.path}")
+    return "\n".join(lines)
+
+
+def serves_on_this_machine(address: str | None) -> bool:
+    """Whether Serve's HTTP proxy will listen here: an embedded Ray, or a head on this host."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        return True
+    host = urllib.parse.urlsplit(address if "://" in address else f"ray://{address}").hostname
+    return host in ("127.0.0.1", "localhost", "::1", socket.gethostname())
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port something already listens on, before Ray starts (else: ~100 lines of
+    Serve proxy traceback ending in `Failed to bind`)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As uvicorn binds: a port whose old connections linger in TIME_WAIT is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(
+                f"cannot serve on {host}:{port}: {e.strerror.lower()} (another server?); "
+                "pick another port with --port N"
+            ) from None
 
 
 def check_artifacts(args: ServeArgs) -> None:
