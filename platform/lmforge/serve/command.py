@@ -126,17 +126,13 @@ def serves_on_this_machine(address: str | None) -> bool:
 def check_port_free(host: str, port: int) -> None:
     """Refuse a port something already listens on, before Ray starts (else: ~100 lines of
     Serve proxy traceback ending in `Failed to bind`)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        # As uvicorn binds: a port whose old connections linger in TIME_WAIT is free.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise ConfigError(
-                f"cannot serve on {host}:{port}: {e.strerror.lower()} (another server?); "
-                "pick another port with --port N"
-            ) from None
+    from lmforge.cluster import port_in_use
+
+    why = port_in_use(host, port)
+    if why:
+        raise ConfigError(
+            f"cannot serve on {host}:{port}: {why} (another server?); pick another port with --port N"
+        )
 
 
 def check_artifacts(args: ServeArgs) -> None:
