@@ -347,14 +347,21 @@ def connect(address: str | None = None) -> None:
         ensure_token()  # its processes need the token at start
         use_token_auth(str(token_path()))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import logging
+
     import ray
 
+    from lmforge.console import quiet_ray_console, verbose
+
+    # Our progress lines come from workers too: logs reach the driver, which filters them.
+    options = {"log_to_driver": True, "logging_level": logging.INFO if verbose() else logging.ERROR}
     if embedded:
         # address="local": a new instance even when a `ray start` head runs on this machine
         # (address=None would silently join that one).
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", include_dashboard=False, **options)
     else:
-        ray.init(address=address or None, log_to_driver=True)
+        ray.init(address=address or None, **options)
+    quiet_ray_console()
 
 
 # ---------------------------------------------------------------- job submission

@@ -61,3 +61,39 @@ def test_the_port_is_checked_only_where_serve_will_listen(monkeypatch):
     assert not serves_on_this_machine("ray://head.example.com:10001")
     monkeypatch.setenv("RAY_ADDRESS", "http://10.1.2.3:8265")
     assert not serves_on_this_machine(None)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_stops_serve_with_one_line_and_exit_0(artifact):
+    """A pod's stop or `kill`: Serve shuts down, no stack dump, no Ray log lines on the console."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LMFORGE_VERBOSE")}
+    env["PYTHONPATH"] = str(REPO / "platform")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmforge.cli", "serve", "--model", artifact, "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline, seen = time.monotonic() + 400, []
+        while not seen or not seen[-1].startswith("serving until"):
+            assert time.monotonic() < deadline and proc.poll() is None, seen
+            seen.append(proc.stdout.readline().rstrip("\n"))
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    lines = seen + out.splitlines()
+    assert proc.returncode == 0, err[-3000:]
+    assert lines[-1] == "lmforge serve: stopped"
+    assert "Traceback" not in err and "pid=" not in out + err, err[-3000:]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
+import threading
 import urllib.parse
 
 from lmforge import ConfigError
@@ -94,10 +96,23 @@ def serve_command(argv: list[str], prog: str) -> int:
 
     serve.start(http_options={"host": args.host, "port": args.port})
     try:
-        serve.run(build_app(args), name="lmforge", route_prefix=args.route_prefix, blocking=True)
+        serve.run(build_app(args), name="lmforge", route_prefix=args.route_prefix)
+        print("serving until Ctrl-C or SIGTERM", flush=True)
+        wait_for_stop()
     finally:
         serve.shutdown()
+    print("lmforge serve: stopped", flush=True)
     return 0
+
+
+def wait_for_stop() -> None:
+    """Block until Ctrl-C or SIGTERM (a pod's stop, `kill`), which are a normal stop: no
+    traceback, exit 0. Replaces Ray's driver handler, which exits mid-call with status 15."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
 
 
 def banner(args: ServeArgs) -> str:
