@@ -52,3 +52,11 @@ def quiet_ray_console() -> None:
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.remove_handler("lmforge_print_logs")
     dispatcher.add_handler("lmforge_print_logs", print_our_worker_lines)
+
+
+def quiet_loggers(*names: str) -> None:
+    """Errors only from these library loggers of the driver (their INFO lines say nothing is
+    wrong); for those with their own console handler, such as `ray.serve`. No-op if verbose."""
+    if not verbose():
+        for name in names:
+            logging.getLogger(name).setLevel(logging.ERROR)

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import urllib.parse
 
 from lmforge import ConfigError
@@ -90,29 +91,45 @@ def serve_command(argv: list[str], prog: str) -> int:
     from lmforge.cluster import connect
 
     connect(ns.address)
+    stop_on_signals()  # after connect: replaces the SIGTERM handlers Ray just installed
     from ray import serve
 
+    from lmforge.console import quiet_loggers
     from lmforge.serve.app import build_app
 
-    serve.start(http_options={"host": args.host, "port": args.port})
+    quiet_loggers("ray.serve")  # "Started Serve ...", "Application ... is ready" (-v shows them)
     try:
+        serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(args), name="lmforge", route_prefix=args.route_prefix)
         print("serving until Ctrl-C or SIGTERM", flush=True)
-        wait_for_stop()
+        while True:
+            time.sleep(3600)
+    except Stopped:
+        pass
     finally:
         serve.shutdown()
     print("lmforge serve: stopped", flush=True)
     return 0
 
 
-def wait_for_stop() -> None:
-    """Block until Ctrl-C or SIGTERM (a pod's stop, `kill`), which are a normal stop: no
-    traceback, exit 0. Replaces Ray's driver handler, which exits mid-call with status 15."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM: a normal stop of `lmforge serve`."""
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM (a pod's stop, `kill`) raise Stopped once: Serve is shut down, no
+    traceback, exit 0. This replaces the handlers Ray's driver installs (Python: exit 15
+    mid-call; its core worker's: a stack dump and abort); a second signal while stopping
+    does not interrupt the shutdown."""
+    stopping = threading.Event()
+
+    def stop(signum, frame) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            raise Stopped(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def banner(args: ServeArgs) -> str:
