@@ -88,9 +88,14 @@ def serve_command(argv: list[str], prog: str) -> int:
 
         uvicorn.run(local_app(args), host=args.host, port=args.port, log_level="info")
         return 0
+    return run_on_ray(args, ns.address)
+
+
+def run_on_ray(args: ServeArgs, address: str | None) -> int:
+    """Deploy the app on Ray Serve (embedded, or the cluster at `address`) until stopped."""
     from lmforge.cluster import connect
 
-    connect(ns.address)
+    connect(address)
     stop_on_signals()  # after connect: replaces the SIGTERM handlers Ray just installed
     from ray import serve
 
