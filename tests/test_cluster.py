@@ -222,7 +222,8 @@ def test_submit_reaches_the_head_cluster_up_started_with_no_ray_variables(tmp_pa
     assert down.returncode == 0 and cluster._processes_using(temp_dir) == []
 
 
-def test_ports_inside_the_worker_range_are_refused_naming_the_range(cli, tmp_path):
+def test_ports_inside_the_worker_range_are_refused_naming_the_range(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))  # no head recorded: `up` starts one
     temp_dir = str(tmp_path / "ray")
     code, _, err = cli("cluster", "up", "--port", "18400", "--temp-dir", temp_dir)
     assert code == 2 and err.count("\n") == 1
