@@ -95,11 +95,12 @@ def usage() -> str:
     width = max(map(len, COMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {cmd.help}" for name, cmd in COMMANDS.items())
     return (
-        f"usage: lmforge [--version] <command> [args]\n\n"
+        f"usage: lmforge [--version] [-v] <command> [args]\n\n"
         f"lmforge {__version__}: build a language model end to end on Ray.\n\n"
         f"commands:\n{rows}\n\n"
         "Run `lmforge <command> --help` for a command's options and config fields.\n"
         "Ray address: --address or RAY_ADDRESS; none means an embedded local Ray.\n"
+        "-v, --verbose: Ray's own logs on the console too (else they stay in Ray's log files).\n"
     )
 
 
@@ -113,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"lmforge {__version__}")
         return 0
+    if argv[0] in ("-v", "--verbose"):
+        from lmforge.console import set_verbose
+
+        set_verbose()  # Ray's own logs on the console too
+        return main(argv[1:])
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         import difflib

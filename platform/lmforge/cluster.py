@@ -28,6 +28,8 @@ from lmforge import ConfigError, LmforgeError, StageFailed, storage
 DEFAULT_GCS_PORT = 6379
 DEFAULT_DASHBOARD_PORT = 8265
 DEFAULT_AGENT_PORT = 52365
+# Ray's range for worker processes' gRPC ports; its other ports may not fall inside it.
+DEFAULT_MIN_WORKER_PORT, DEFAULT_MAX_WORKER_PORT = 10002, 19999
 SUBMIT_EXCLUDES = [
     ".venv",
     "runs",
@@ -49,6 +51,21 @@ def port_or_free(preferred: int) -> int:
         except OSError:
             s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why `port` on `host` cannot be listened on (e.g. "address already in use"), or None."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As servers bind: a port whose old connections linger in TIME_WAIT is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return (e.strerror or str(e)).lower()
+    return None
 
 
 def lmforge_home() -> Path:
@@ -144,6 +161,7 @@ def up(
     port: int = DEFAULT_GCS_PORT,
     dashboard_port: int = DEFAULT_DASHBOARD_PORT,
     temp_dir: str | None = None,
+    worker_ports: tuple[int, int] = (DEFAULT_MIN_WORKER_PORT, DEFAULT_MAX_WORKER_PORT),
 ) -> LocalCluster:
     """Start a local Ray head with token auth, or return the one already running."""
     current = LocalCluster.load()
@@ -153,6 +171,7 @@ def up(
         )
         _print_how_to_use(current)
         return current
+    check_ports(port, dashboard_port, worker_ports)
     ensure_token()
     tokfile = str(token_path())
     # Ray's Unix sockets live under the temp dir, whose path must stay short (~107 bytes).
@@ -169,6 +188,8 @@ def up(
         "--include-dashboard=true",
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
+        f"--min-worker-port={worker_ports[0]}",
+        f"--max-worker-port={worker_ports[1]}",
         # The job agent's HTTP port: Ray's default unless another Ray on this machine holds it
         # (then jobs fail with "No available agent to submit job").
         f"--dashboard-agent-listen-port={port_or_free(DEFAULT_AGENT_PORT)}",
@@ -179,9 +200,10 @@ def up(
         cmd.append(f"--num-gpus={num_gpus:g}")
     proc = subprocess.run(cmd, env=_ray_env(tokfile), capture_output=True, text=True)
     if proc.returncode != 0:
+        _stop_processes(_processes_using(temp_dir))  # what started before the failure
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
         raise LmforgeError(
-            f"`ray start --head` failed (exit {proc.returncode}): {tail[0]}; is port {port} or {dashboard_port} in use? Try --port / --dashboard-port"
+            f"`ray start --head` failed (exit {proc.returncode}): {tail[0]}; Ray's logs: {temp_dir}/session_latest/logs"
         )
     cluster = LocalCluster(
         f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", temp_dir, tokfile, num_cpus
@@ -199,6 +221,28 @@ def up(
     )
     _print_how_to_use(cluster)
     return cluster
+
+
+def check_ports(port: int, dashboard_port: int, worker_ports: tuple[int, int]) -> None:
+    """Refuse, in one line each, the ports `ray start` would refuse or fail on obscurely."""
+    low, high = worker_ports
+    if not 1024 < low < high <= 65535:
+        raise LmforgeError(
+            f"worker port range {low}-{high} is not a range of ports: give --min-worker-port below --max-worker-port, both in 1025-65535"
+        )
+    for flag, value in (("--port", port), ("--dashboard-port", dashboard_port)):
+        if low <= value <= high:
+            span = high - low
+            above = max(value, port, dashboard_port) + 1
+            raise LmforgeError(
+                f"{flag} {value} is inside Ray's worker port range {low}-{high} (one port per "
+                f"worker process); pick a port outside it, or move the range, e.g. "
+                f"--min-worker-port {above} --max-worker-port {min(above + span, 65535)}"
+            )
+        if port_in_use("127.0.0.1", value):
+            raise LmforgeError(
+                f"{flag} {value}: something on this machine already listens there (another Ray head? `lmforge cluster status`); pick a free port with {flag} N"
+            )
 
 
 def _print_how_to_use(cluster: LocalCluster) -> None:
@@ -237,14 +281,22 @@ def down(grace_period: float = 10.0) -> int:
     Like `ray stop`: SIGTERM, then SIGKILL what is still alive after the grace period. Unlike
     `ray stop`, other Ray clusters on this machine are left alone.
     """
-    import psutil
-
     cluster = LocalCluster.load()
     if cluster is None:
         print("no local Ray head is recorded; nothing to stop")
         return 0
+    stopped = _stop_processes(_processes_using(cluster.temp_dir), grace_period)
+    LocalCluster.state_file().unlink(missing_ok=True)
+    print(f"stopped the local Ray head at {cluster.address} ({stopped} processes)")
+    return 0
+
+
+def _stop_processes(pids: list[int], grace_period: float = 10.0) -> int:
+    """SIGTERM `pids`, SIGKILL what is alive after the grace period; how many there were."""
+    import psutil
+
     procs = []
-    for pid in _processes_using(cluster.temp_dir):
+    for pid in pids:
         with contextlib.suppress(psutil.NoSuchProcess):
             procs.append(psutil.Process(pid))
     for proc in procs:
@@ -255,9 +307,7 @@ def down(grace_period: float = 10.0) -> int:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
     psutil.wait_procs(alive, timeout=5)
-    LocalCluster.state_file().unlink(missing_ok=True)
-    print(f"stopped the local Ray head at {cluster.address} ({len(procs)} processes)")
-    return 0
+    return len(procs)
 
 
 def _processes_using(temp_dir: str) -> list[int]:
@@ -272,6 +322,18 @@ def _processes_using(temp_dir: str) -> list[int]:
     return found
 
 
+def use_token_auth(token_file: str) -> None:
+    """Token auth for Ray clients of this process, with the token in `token_file`, unless the
+    environment says otherwise. Ray reads the auth mode when it is imported, so this runs
+    before `import ray` (or refreshes the config Ray read without it)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN_PATH", token_file)
+    if "ray" in sys.modules:
+        from ray._raylet import Config
+
+        Config.initialize("")
+
+
 def connect(address: str | None = None) -> None:
     """Connect this process to Ray: `address`, else RAY_ADDRESS, else start an embedded local Ray.
 
@@ -282,23 +344,24 @@ def connect(address: str | None = None) -> None:
         return
     embedded = not (address or os.environ.get("RAY_ADDRESS"))
     if embedded and os.environ.get("RAY_AUTH_MODE", "token") == "token":
-        # Ray reads the auth mode when it is imported and its processes need the token at
-        # start, so both are settled before `import ray`.
-        os.environ["RAY_AUTH_MODE"] = "token"
-        ensure_token()
-        if "ray" in sys.modules:
-            from ray._raylet import Config  # refresh a config read before the mode was set
-
-            Config.initialize("")
+        ensure_token()  # its processes need the token at start
+        use_token_auth(str(token_path()))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import logging
+
     import ray
 
+    from lmforge.console import quiet_ray_console, verbose
+
+    # Our progress lines come from workers too: logs reach the driver, which filters them.
+    options = {"log_to_driver": True, "logging_level": logging.INFO if verbose() else logging.ERROR}
     if embedded:
         # address="local": a new instance even when a `ray start` head runs on this machine
         # (address=None would silently join that one).
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", include_dashboard=False, **options)
     else:
-        ray.init(address=address or None, log_to_driver=True)
+        ray.init(address=address or None, **options)
+    quiet_ray_console()
 
 
 # ---------------------------------------------------------------- job submission
@@ -379,21 +442,18 @@ def _submit_with_retry(client, entrypoint: str, runtime_env: dict, timeout: floa
 
 
 def _job_client(address: str | None):
-    from ray.job_submission import JobSubmissionClient
-
     local = LocalCluster.load()
     address = address or os.environ.get("RAY_ADDRESS")
     if not address and local and local.is_alive():
         address = local.dashboard_url
-        os.environ.setdefault("RAY_AUTH_TOKEN_PATH", local.token_path)
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
     if not address:
         raise LmforgeError(
             "no Ray cluster to submit to: pass --address URL, set RAY_ADDRESS, or start one with `lmforge cluster up`"
         )
     if local and address.rstrip("/") == local.dashboard_url:
-        os.environ.setdefault("RAY_AUTH_TOKEN_PATH", local.token_path)
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        use_token_auth(local.token_path)  # the head `cluster up` started wants its token
+    from ray.job_submission import JobSubmissionClient
+
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # the SDK raises plain RuntimeError/ConnectionError with long texts
@@ -449,6 +509,18 @@ def cluster_command(argv: list[str], prog: str) -> int:
         help="dashboard / jobs API port (default %(default)s)",
     )
     p_up.add_argument(
+        "--min-worker-port",
+        type=int,
+        default=DEFAULT_MIN_WORKER_PORT,
+        help="lowest port of worker processes (default %(default)s); --port and --dashboard-port must lie outside the range",
+    )
+    p_up.add_argument(
+        "--max-worker-port",
+        type=int,
+        default=DEFAULT_MAX_WORKER_PORT,
+        help="highest port of worker processes (default %(default)s)",
+    )
+    p_up.add_argument(
         "--temp-dir",
         help="Ray's session and log dir (default: a short path under the system temp dir)",
     )
@@ -456,7 +528,8 @@ def cluster_command(argv: list[str], prog: str) -> int:
     sub.add_parser("down", help="stop the local head started by `cluster up`")
     args = parser.parse_args(argv)
     if args.action == "up":
-        up(args.num_cpus, args.num_gpus, args.port, args.dashboard_port, args.temp_dir)
+        workers = (args.min_worker_port, args.max_worker_port)
+        up(args.num_cpus, args.num_gpus, args.port, args.dashboard_port, args.temp_dir, workers)
         return 0
     return status() if args.action == "status" else down()
 

@@ -1,9 +1,11 @@
-"""lm-evaluation-harness (local-completions, tokenizer_backend=remote) against the live API
-scores a local multiple-choice task exactly as `lmforge eval` does: same count of correct items."""
+"""lm-evaluation-harness (local-completions, tokenizer_backend=remote) against the live API,
+with API keys on as a deployment has them, scores a local multiple-choice task exactly as
+`lmforge eval` does: same count of correct items."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from tokenizers import Tokenizer
@@ -11,6 +13,7 @@ from tokenizers import Tokenizer
 from lmforge.model.artifact import load_model
 from lmforge.serve.config import ServeArgs
 from lmforge.serve.openai import local_app
+from tests.conftest import REPO
 from tests.serve.conftest import live_server
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -67,12 +70,15 @@ def test_lm_eval_over_the_api_equals_lmforge_eval(artifact, tmp_path, monkeypatc
     tasks.mkdir()
     (tasks / "lmforge_serve_mc.yaml").write_text(TASK_YAML.format(file=items))
     model_cfg = {"name": "tiny", "artifact": artifact, "max_batch_size": 4}
-    app = local_app(ServeArgs(models=[model_cfg], api_key_env="LMFORGE_UNSET_ENV"))
+    monkeypatch.setenv("LMFORGE_TEST_LM_EVAL_KEYS", "sk-eval")
+    app = local_app(ServeArgs(models=[model_cfg], api_key_env="LMFORGE_TEST_LM_EVAL_KEYS"))
+    # As docs/serving.md says: completions send OPENAI_API_KEY, the remote tokenizer auth_token.
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-eval")
     with live_server(app) as url:
         out = simple_evaluate(
             model="local-completions",
             model_args=f"model=tiny,base_url={url}/v1/completions,tokenizer_backend=remote,"
-            "num_concurrent=2,max_retries=1",
+            "num_concurrent=2,max_retries=1,auth_token=sk-eval",
             tasks=["lmforge_serve_mc"],
             task_manager=TaskManager(include_path=str(tasks)),
             log_samples=True,
@@ -82,3 +88,16 @@ def test_lm_eval_over_the_api_equals_lmforge_eval(artifact, tmp_path, monkeypatc
     assert len(samples) == len(ITEMS)
     assert theirs == ours
     assert 0 < ours < len(ITEMS)  # a mix of right and wrong: the equality says something
+
+
+def test_the_documented_lm_eval_command_sends_the_key_to_the_tokenizer_too():
+    """lm-eval's remote tokenizer sends only `auth_token`, never OPENAI_API_KEY: without it,
+    `GET /tokenizer_info` answers 401 and lm-eval gives up."""
+    doc = (REPO / "docs" / "serving.md").read_text()
+    section = doc.split("## With lm-evaluation-harness", 1)[1].split("\n## ", 1)[0]
+    (model_args,) = re.findall(r"--model_args (\S+)", section)
+    assert "tokenizer_backend=remote" in model_args
+    assert (
+        'auth_token="$OPENAI_API_KEY"' in model_args or "auth_token=$OPENAI_API_KEY" in model_args
+    )
+    assert "export OPENAI_API_KEY=" in section

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.parse
 
 from lmforge import ConfigError, storage
 from lmforge.config import apply_overrides, build_config, fields_help, read_yaml
@@ -28,7 +34,8 @@ def load_serve_args(path: str | None, overrides: list[str], model: str | None) -
     else:
         raise ConfigError("nothing to serve: give -c CONFIG or --model ARTIFACT_DIR")
     data = apply_overrides(ServeArgs, data, overrides)
-    return build_config(ServeArgs, data, source=path or "--model")
+    # Without a file, --model alone always validates: a problem is in a --set (or --port ...).
+    return build_config(ServeArgs, data, source=path or "--set")
 
 
 def serve_command(argv: list[str], prog: str) -> int:
@@ -71,15 +78,9 @@ def serve_command(argv: list[str], prog: str) -> int:
             setattr(m, field, value)  # validated on assignment (StrictModel)
     check_artifacts(args)
     args.api_keys()  # a missing key file is an error now, not in a replica
-    base = f"http://{args.host}:{args.port}"
-    print(f"lmforge serve: models {', '.join(m.name for m in args.models)} at {base}/v1")
-    print(
-        f"  try: curl {base}/v1/models"
-        + ("" if not args.api_keys() else " -H 'Authorization: Bearer $KEY'")
-    )
-    print(f"  playground: {base}{args.route_prefix.rstrip('/')}/playground")
-    if args.request_log.path:
-        print(f"  request log and feedback: {args.request_log.path}")
+    if ns.no_ray or serves_on_this_machine(ns.address):
+        check_port_free(args.host, args.port)
+    print(banner(args), flush=True)
     if ns.no_ray:
         import uvicorn
 
@@ -87,19 +88,88 @@ def serve_command(argv: list[str], prog: str) -> int:
 
         uvicorn.run(local_app(args), host=args.host, port=args.port, log_level="info")
         return 0
+    return run_on_ray(args, ns.address)
+
+
+def run_on_ray(args: ServeArgs, address: str | None) -> int:
+    """Deploy the app on Ray Serve (embedded, or the cluster at `address`) until stopped."""
     from lmforge.cluster import connect
 
-    connect(ns.address)
+    connect(address)
+    stop_on_signals()  # after connect: replaces the SIGTERM handlers Ray just installed
     from ray import serve
 
+    from lmforge.console import quiet_loggers
     from lmforge.serve.app import build_app
 
-    serve.start(http_options={"host": args.host, "port": args.port})
+    quiet_loggers("ray.serve")  # "Started Serve ...", "Application ... is ready" (-v shows them)
     try:
-        serve.run(build_app(args), name="lmforge", route_prefix=args.route_prefix, blocking=True)
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(args), name="lmforge", route_prefix=args.route_prefix)
+        print("serving until Ctrl-C or SIGTERM", flush=True)
+        while True:
+            time.sleep(3600)
+    except Stopped:
+        pass
     finally:
         serve.shutdown()
+    print("lmforge serve: stopped", flush=True)
     return 0
+
+
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM: a normal stop of `lmforge serve`."""
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM (a pod's stop, `kill`) raise Stopped once: Serve is shut down, no
+    traceback, exit 0. This replaces the handlers Ray's driver installs (Python: exit 15
+    mid-call; its core worker's: a stack dump and abort); a second signal while stopping
+    does not interrupt the shutdown."""
+    stopping = threading.Event()
+
+    def stop(signum, frame) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            raise Stopped(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+def banner(args: ServeArgs) -> str:
+    """Where the API is and a curl line that works as printed (double quotes: $KEY expands)."""
+    base = f"http://{args.host}:{args.port}"
+    auth = ' -H "Authorization: Bearer $KEY"' if args.api_keys() else ""
+    lines = [
+        f"lmforge serve: models {', '.join(m.name for m in args.models)} at {base}/v1",
+        f"  try: curl {base}/v1/models{auth}",
+        f"  playground: {base}{args.route_prefix.rstrip('/')}/playground",
+    ]
+    if args.request_log.path:
+        lines.append(f"  request log and feedback: {args.request_log.path}")
+    return "\n".join(lines)
+
+
+def serves_on_this_machine(address: str | None) -> bool:
+    """Whether Serve's HTTP proxy will listen here: an embedded Ray, or a head on this host."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        return True
+    host = urllib.parse.urlsplit(address if "://" in address else f"ray://{address}").hostname
+    return host in ("127.0.0.1", "localhost", "::1", socket.gethostname())
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port something already listens on, before Ray starts (else: ~100 lines of
+    Serve proxy traceback ending in `Failed to bind`)."""
+    from lmforge.cluster import port_in_use
+
+    why = port_in_use(host, port)
+    if why:
+        raise ConfigError(
+            f"cannot serve on {host}:{port}: {why} (another server?); pick another port with --port N"
+        )
 
 
 def check_artifacts(args: ServeArgs) -> None:
