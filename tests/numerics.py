@@ -70,3 +70,12 @@ def loglikelihood_tolerance(cfg, logits: torch.Tensor) -> float:
     T, V, size = logits.shape[1], logits.shape[-1], logits.abs().max().item()
     one = tolerance(torch.float32, **model_terms(cfg, T), magnitude=size)
     return T * (one + tolerance(torch.float32, terms=V, magnitude=size))
+
+
+def loss_curve_tolerance(cfg, seq_len: int, loss: float, step: int) -> float:
+    """Two fp32 training runs of the same batches that differ only in summation order (FSDP's
+    reduce-scatter, another worker or accumulation split): the rounding of a pass through the
+    model, compounded once per optimizer step so far, at the loss's magnitude."""
+    bound = model_terms(cfg, seq_len)
+    depth = bound["depth"] * max(step, 1)
+    return tolerance(torch.float32, terms=bound["terms"], magnitude=loss, depth=depth)

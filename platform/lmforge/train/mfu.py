@@ -1,8 +1,10 @@
 """Model FLOPs utilisation: model FLOPs per second (lmforge.model.flops_per_token) over the peak.
 
 The peak of a GPU comes from a table of dense (no sparsity) tensor-core throughput by device
-name; on CPU it is measured: a short square matmul probe in the training dtype, so CPU MFU is
-against what this machine's matmul kernels actually reach, not a datasheet. Torch only.
+name; on CPU it is measured: a square matmul in the training dtype and thread count, at a size
+where the kernel saturates, probed once per node and cached by CPU model (`cpu_peak`), so CPU
+MFU is against what this machine's matmul kernels actually reach, not a datasheet. An MFU over
+1 means the peak is wrong: `mfu` never reports one. Torch only.
 """
 
 from __future__ import annotations
@@ -50,13 +52,14 @@ def gpu_peak_tflops(device_name: str, dtype: torch.dtype = torch.bfloat16) -> fl
 
 
 def cpu_matmul_tflops(
-    dtype: torch.dtype, seconds: float = 1.0, max_matmul_s: float = 0.25, size: int | None = None
+    dtype: torch.dtype, seconds: float = 1.0, max_matmul_s: float = 2.0, size: int | None = None
 ) -> float:
     """Square-matmul TFLOP/s of this process's CPU threads in `dtype`, at a size that saturates.
 
-    The size doubles from 256 while the rate still rises by 10% and one matmul takes under
-    `max_matmul_s` (a small matrix reads low: the kernel's blocking and threads are not yet
-    busy; without a native kernel bf16 runs ~100x slower, and the cap keeps the probe short).
+    The size doubles from 256 while the rate still rises by 10% and one matmul of the next size
+    would take under `max_matmul_s` (a small matrix reads low: the kernel's blocking and threads
+    are not yet busy; without a native kernel bf16 runs ~30x slower, and the cap keeps the
+    probe to seconds).
     At the chosen size: the best of short windows, not the mean, because on a shared machine
     other processes steal some windows, and the peak is what the cores reach when they are ours.
     """
@@ -71,7 +74,7 @@ def cpu_matmul_tflops(
         if rate < best_rate * 1.1:
             break
         best_rate, chosen = max(best_rate, rate), n
-        if took * 8 > 2 * max_matmul_s:  # the next size costs 8x
+        if took * 8 > max_matmul_s:  # the next size costs 8x
             break
     a, b = torch.randn(chosen, chosen).to(dtype), torch.randn(chosen, chosen).to(dtype)
     return max(best_rate, _best_window(a, b, seconds))
@@ -82,7 +85,7 @@ def _best_window(a: torch.Tensor, b: torch.Tensor, seconds: float) -> float:
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline or best == 0.0:
         count, start = 0, time.perf_counter()
-        while count < 2 or time.perf_counter() - start < 0.05:
+        while count < 1 or time.perf_counter() - start < 0.05:
             a @ b
             count += 1
         best = max(best, 2 * n**3 * count / (time.perf_counter() - start) / 1e12)
