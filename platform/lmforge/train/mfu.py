@@ -56,14 +56,15 @@ def cpu_matmul_tflops(
 ) -> float:
     """Square-matmul TFLOP/s of this process's CPU threads in `dtype`, at a size that saturates.
 
-    The size doubles from 256 while the rate still rises by 10% and one matmul of the next size
+    The size doubles from 64 while the rate still rises by 10% and one matmul of the next size
     would take under `max_matmul_s` (a small matrix reads low: the kernel's blocking and threads
     are not yet busy; without a native kernel bf16 runs ~30x slower, and the cap keeps the
     probe to seconds).
     At the chosen size: the best of short windows, not the mean, because on a shared machine
     other processes steal some windows, and the peak is what the cores reach when they are ours.
     """
-    sizes = [size] if size else [256 * 2**i for i in range(6)]  # 256 .. 8192
+    # From 64: an emulated bf16 kernel (no native one) is fastest on small blocks, slower above.
+    sizes = [size] if size else [64 * 2**i for i in range(8)]  # 64 .. 8192
     best_rate, chosen = 0.0, sizes[0]
     for n in sizes:
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
@@ -71,7 +72,7 @@ def cpu_matmul_tflops(
         a @ b  # warm-up: thread pool, kernel selection, page faults
         took = time.perf_counter() - start
         rate = _best_window(a, b, min(0.2, seconds))
-        if rate < best_rate * 1.1:
+        if n >= 512 and rate < best_rate * 1.1:  # below 512 timing noise can hide the rise
             break
         best_rate, chosen = max(best_rate, rate), n
         if took * 8 > max_matmul_s:  # the next size costs 8x
