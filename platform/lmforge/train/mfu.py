@@ -60,7 +60,7 @@ def cpu_matmul_tflops(
     would take under `max_matmul_s` (a small matrix reads low: the kernel's blocking and threads
     are not yet busy; without a native kernel bf16 runs ~30x slower, and the cap keeps the
     probe to seconds).
-    At the chosen size: the best of short windows, not the mean, because on a shared machine
+    At the size with the best rate: the best of short windows, not the mean, because on a shared machine
     other processes steal some windows, and the peak is what the cores reach when they are ours.
     """
     # From 64: an emulated bf16 kernel (no native one) is fastest on small blocks, slower above.
@@ -74,7 +74,8 @@ def cpu_matmul_tflops(
         rate = _best_window(a, b, min(0.2, seconds))
         if n >= 512 and rate < best_rate * 1.1:  # below 512 timing noise can hide the rise
             break
-        best_rate, chosen = max(best_rate, rate), n
+        if rate > best_rate:
+            best_rate, chosen = rate, n
         if took * 8 > max_matmul_s:  # the next size costs 8x
             break
     a, b = torch.randn(chosen, chosen).to(dtype), torch.randn(chosen, chosen).to(dtype)
