@@ -16,6 +16,7 @@ os.environ["RAY_AUTH_TOKEN_PATH"] = str(_SESSION_HOME / "ray_auth_token")
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.pop("RAY_ADDRESS", None)
+os.environ["LMFORGE_STRICT_MFU"] = "1"  # an MFU over 100% (a wrong peak) fails the test
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"

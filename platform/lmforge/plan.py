@@ -110,7 +110,11 @@ def make_plan(
     devices = (
         res.num_workers * max(1, math.ceil(res.gpus_per_worker)) if on_gpu else res.num_workers
     )
-    bf16 = cfg.train.precision == "bf16"
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
+    if cfg.train.precision == "auto" and not on_gpu:
+        from lmforge.train.hardware import choose_precision
+
+        bf16, _ = choose_precision("auto", "cpu", max(1, int(res.cpus_per_worker)))
     if on_gpu:
         import torch
 
@@ -273,14 +277,9 @@ def _gpu_memory(gpu: str) -> float | None:
 def _cpu_peak(threads: float, bf16: bool) -> float:
     import torch
 
-    from lmforge.train.mfu import cpu_matmul_tflops
+    from lmforge.train.mfu import cpu_peak
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(threads)))
-    try:
-        return cpu_matmul_tflops(torch.bfloat16 if bf16 else torch.float32, seconds=0.3)
-    finally:
-        torch.set_num_threads(before)
+    return cpu_peak(torch.bfloat16 if bf16 else torch.float32, max(1, int(threads)))[0]
 
 
 def _duration(hours: float) -> str:

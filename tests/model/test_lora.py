@@ -11,6 +11,7 @@ from lmforge.model.lora import (
     merge_lora_state,
     trainable_parameters,
 )
+from tests.numerics import assert_same_math, model_terms
 
 
 def lora_model(targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"), rank=4, alpha=8.0):
@@ -43,6 +44,8 @@ def test_zero_initialised_b_leaves_outputs_unchanged_and_only_adapters_train():
 
 def test_merged_weights_give_the_same_logits_as_the_adapted_model():
     model, reference, _ = lora_model(alpha=16.0)
+    # float64: the merge's math, not fp32 rounding (tests/numerics.py)
+    model, reference = model.double(), reference.double()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):
@@ -54,7 +57,7 @@ def test_merged_weights_give_the_same_logits_as_the_adapted_model():
         merged = merge_lora_state(model.state_dict(), scale=16.0 / 4)
         assert not any(".lora_" in k for k in merged)
         reference.load_state_dict(merged)
-        torch.testing.assert_close(reference(tokens), adapted, atol=1e-5, rtol=1e-5)
+        assert_same_math(reference(tokens), adapted, torch.float64, **model_terms(model.cfg, 16))
 
 
 def test_gradients_reach_only_the_adapters():

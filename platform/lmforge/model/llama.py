@@ -101,13 +101,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the activation dtype: the mean of squares underflows in bf16.
-        x32 = x.float()
+        # Normalise in fp32 (or wider) whatever the activation dtype: the mean of squares
+        # underflows in bf16.
+        x32 = at_least_fp32(x)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return x32.type_as(x) * self.weight
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32, or as is if wider: a float64 model (the tests' reference) stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def rope_table(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
@@ -125,7 +131,7 @@ def apply_rope(
     Positions are 0..T-1 unless `positions` (B, T) gives each row its own (incremental decoding).
     """
     T = x.shape[1]
-    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, heads, E/2, 2)
+    pairs = at_least_fp32(x).reshape(*x.shape[:-1], -1, 2)  # (B, T, heads, E/2, 2)
     angles = table[:T, None] if positions is None else table[positions].unsqueeze(2)
     cos, sin = angles[..., 0], angles[..., 1]  # (T or B x T, 1, E/2), broadcast over heads
     x0, x1 = pairs[..., 0], pairs[..., 1]
@@ -296,7 +302,7 @@ def document_mask(segments: torch.Tensor) -> torch.Tensor:
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss in nats, computed in fp32; targets equal to -100 are ignored."""
+    """Mean next-token loss in nats, computed in fp32 (or wider); targets of -100 are ignored."""
     return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(0, 1).long(), ignore_index=-100
+        at_least_fp32(logits.flatten(0, 1)), targets.flatten(0, 1).long(), ignore_index=-100
     )

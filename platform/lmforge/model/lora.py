@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.model.llama import at_least_fp32
+
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
@@ -110,7 +112,8 @@ def merge_lora_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, 
             continue
         prefix = key[: -len(".lora_a")]
         b, w = state[f"{prefix}.lora_b"], state[f"{prefix}.weight"]
-        merged[f"{prefix}.weight"] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+        w32, b32, a32 = at_least_fp32(w), at_least_fp32(b), at_least_fp32(a)
+        merged[f"{prefix}.weight"] = (w32 + scale * (b32 @ a32)).to(w.dtype)
     return merged
 
 

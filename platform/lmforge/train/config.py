@@ -113,9 +113,9 @@ class LoopConfig(StrictModel):
         None, ge=1, description="Token budget, used when max_steps is None."
     )
     seed: int = Field(0, description="Seed of the weight init and the data order.")
-    precision: Literal["bf16", "fp32"] = Field(
-        "bf16",
-        description="bf16: bf16 compute with fp32 master weights (autocast on CPU; FSDP2 MixedPrecisionPolicy, bf16 params and fp32 reduce, on GPU). fp32: everything fp32.",
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="auto: bf16 on GPUs; on CPU bf16 only where its matmuls measure faster than fp32 (a native kernel such as AMX), else fp32; the training log says which and why. bf16: bf16 compute with fp32 master weights (autocast on CPU; FSDP2 MixedPrecisionPolicy, bf16 params and fp32 reduce, on GPU). fp32: everything fp32.",
     )
     log_every: int = Field(
         10, ge=1, description="Steps between metric lines (metrics.jsonl, Ray Train report)."
@@ -140,7 +140,7 @@ class LoopConfig(StrictModel):
     peak_tflops: float | None = Field(
         None,
         gt=0,
-        description="Peak TFLOP/s per device for MFU. None: a table by GPU name, or on CPU a short matmul probe in the training dtype.",
+        description="Peak TFLOP/s per device for MFU. None: a table by GPU name, or on CPU a square-matmul probe in the training dtype and the worker's thread count, run once per node and cached by CPU model in $LMFORGE_HOME/cpu_peak.json.",
         json_schema_extra=NOT_HASHED,
     )
     fault_at_step: int | None = Field(

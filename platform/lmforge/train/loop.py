@@ -43,15 +43,20 @@ from lmforge.train.data import (
     read_manifest,
     tokens_per_byte,
 )
-from lmforge.train.mfu import mfu, peak_tflops
+from lmforge.train.hardware import for_worker
+from lmforge.train.mfu import mfu
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
 from lmforge.train.parallelize import build_model, set_gradient_sync
 
 
 def train_loop(
-    cfg: TrainConfig, output: str, env: WorkerEnv, data_path: str | None = None
+    cfg: TrainConfig,
+    output: str,
+    env: WorkerEnv,
+    data_path: str | None = None,
+    hardware: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    run = setup_run(cfg, env, data_path or cfg.data.path)
+    run = setup_run(cfg, env, data_path or cfg.data.path, hardware)
     model = build_model(
         run.arch, env.device, seed=cfg.train.seed, fsdp=cfg.parallel.fsdp and env.world_size > 1,
         activation_checkpointing=cfg.parallel.activation_checkpointing,
@@ -137,6 +142,7 @@ class Run:
     plan: BatchPlan
     total_steps: int
     bf16: bool
+    precision_reason: str
     flops_per_token: float
     peak_tflops: float
     peak_source: str
@@ -154,7 +160,10 @@ class Run:
         return lambda model: apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
 
 
-def setup_run(cfg: TrainConfig, env: WorkerEnv, data_path: str) -> Run:
+def setup_run(
+    cfg: TrainConfig, env: WorkerEnv, data_path: str, hardware: dict[str, Any] | None = None
+) -> Run:
+    """`hardware`: the driver's precision and peak (`lmforge.train.hardware`); None: decide here."""
     manifest = read_manifest(data_path)
     shuffle = getattr(cfg.data, "shuffle", True)
     train = PackedShards(storage.join(data_path, "train"), cfg.train.seed, shuffle)
@@ -184,15 +193,13 @@ def setup_run(cfg: TrainConfig, env: WorkerEnv, data_path: str) -> Run:
         cfg.train.global_batch_tokens, cfg.train.micro_batch_size, env.world_size, train.seq_len
     )
     total = cfg.train.max_steps or max(1, (cfg.train.max_tokens or 0) // plan.global_batch_tokens)
-    bf16 = cfg.train.precision == "bf16"
+    hw = for_worker(hardware, cfg.train, env.device)
     torch.manual_seed(cfg.train.seed)
-    peak, source = peak_tflops(
-        env.device, torch.bfloat16 if bf16 else torch.float32, cfg.train.peak_tflops
-    )
     tok = storage.join(data_path, "tokenizer.json")
     return Run(
         cfg, data_path, arch, base, lora if lora and lora.enabled else None, train, val, plan,
-        total, bf16, flops_per_token(arch, train.seq_len), peak, source,
+        total, hw.bf16, hw.precision_reason, flops_per_token(arch, train.seq_len), hw.peak_tflops,
+        hw.peak_source,
         tokens_per_byte(manifest, "val", val.num_rows, val.block_len) if val else None,
         storage.read_text(tok) if storage.exists(tok) else None,
     )  # fmt: skip
@@ -421,6 +428,7 @@ class MetricsLog:
             f"= {run.plan.global_batch_tokens} tokens/step; {run.total_steps} steps; "
             f"peak {run.peak_tflops:.3g} TFLOP/s per device from {run.peak_source}"
         )
+        self.say(f"precision {'bf16' if run.bf16 else 'fp32'} ({run.precision_reason})")
 
     def say(self, text: str) -> None:
         if self.env.rank == 0:
@@ -460,8 +468,10 @@ class MetricsLog:
                          ("grad_norm", ".3f"), ("tokens_per_s", ",.0f"), ("memory_gib", ".2f")]:  # fmt: skip
             if key in metrics:
                 parts.append(f"{key} {metrics[key]:{fmt}}")
-        if "mfu" in metrics:
-            parts.append(f"mfu {100 * metrics['mfu']:.1f}% eta {metrics['eta_s']:.0f}s")
+        if metrics.get("mfu") is not None:  # None: over 100%, a wrong peak (train/mfu.py)
+            parts.append(f"mfu {100 * metrics['mfu']:.1f}%")
+        if "eta_s" in metrics:
+            parts.append(f"eta {metrics['eta_s']:.0f}s")
         self.say(" | ".join(parts))
 
     def summary(self, last: dict[str, Any]) -> dict[str, Any]:
@@ -474,6 +484,7 @@ class MetricsLog:
             "tokens_per_s": tps, "train_seconds": self.seconds,
             "mfu": mfu(tps, self.run.flops_per_token, self.run.peak_tflops * self.env.world_size),
             "peak_tflops_per_device": self.run.peak_tflops, "peak_source": self.run.peak_source,
+            "flops_per_token": self.run.flops_per_token, "precision": "bf16" if self.run.bf16 else "fp32",
             **{k: last[k] for k in ("loss", "val_loss", "val_bpb") if k in last},
         }  # fmt: skip
 
@@ -491,7 +502,9 @@ def ray_train_worker(config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`: the config travels as plain data."""
     cfg = config_class(config.get("kind", "train")).model_validate(config["config"])
     env = WorkerEnv.from_ray()
-    summary = train_loop(cfg, config["output"], env, config.get("data_path"))
+    summary = train_loop(
+        cfg, config["output"], env, config.get("data_path"), config.get("hardware")
+    )
     if env.rank == 0:
         storage.write_json(storage.join(config["output"], "train_summary.json"), summary)
 

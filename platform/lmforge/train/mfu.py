@@ -1,13 +1,22 @@
 """Model FLOPs utilisation: model FLOPs per second (lmforge.model.flops_per_token) over the peak.
 
 The peak of a GPU comes from a table of dense (no sparsity) tensor-core throughput by device
-name; on CPU it is measured: a short square matmul probe in the training dtype, so CPU MFU is
-against what this machine's matmul kernels actually reach, not a datasheet. Torch only.
+name; on CPU it is measured: a square matmul in the training dtype and thread count, at a size
+where the kernel saturates, probed once per node and cached by CPU model (`cpu_peak`), so CPU
+MFU is against what this machine's matmul kernels actually reach, not a datasheet. An MFU over
+1 means the peak is wrong: `mfu` never reports one. Torch only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import os
+import platform
 import time
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -42,24 +51,89 @@ def gpu_peak_tflops(device_name: str, dtype: torch.dtype = torch.bfloat16) -> fl
     return None
 
 
-def cpu_matmul_tflops(dtype: torch.dtype, size: int = 1024, seconds: float = 0.5) -> float:
-    """Square-matmul TFLOP/s of this process's CPU threads in `dtype`: the best of short windows.
+def cpu_matmul_tflops(
+    dtype: torch.dtype, seconds: float = 1.0, max_matmul_s: float = 2.0, size: int | None = None
+) -> float:
+    """Square-matmul TFLOP/s of this process's CPU threads in `dtype`, at a size that saturates.
 
-    The best window, not the mean: on a shared machine other processes steal time from some
-    windows, and the peak is what the cores reach when they are ours.
+    The size doubles from 64 while the rate still rises by 10% and one matmul of the next size
+    would take under `max_matmul_s` (a small matrix reads low: the kernel's blocking and threads
+    are not yet busy; without a native kernel bf16 runs ~30x slower, and the cap keeps the
+    probe to seconds).
+    At the size with the best rate: the best of short windows, not the mean, because on a shared machine
+    other processes steal some windows, and the peak is what the cores reach when they are ours.
     """
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    for _ in range(2):  # warm up: thread pool, kernel selection
-        a @ b
+    # From 64: an emulated bf16 kernel (no native one) is fastest on small blocks, slower above.
+    sizes = [size] if size else [64 * 2**i for i in range(8)]  # 64 .. 8192
+    best_rate, chosen = 0.0, sizes[0]
+    for n in sizes:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        start = time.perf_counter()
+        a @ b  # warm-up: thread pool, kernel selection, page faults
+        took = time.perf_counter() - start
+        rate = _best_window(a, b, min(0.2, seconds))
+        if n >= 512 and rate < best_rate * 1.1:  # below 512 timing noise can hide the rise
+            break
+        if rate > best_rate:
+            best_rate, chosen = rate, n
+        if took * 8 > max_matmul_s:  # the next size costs 8x
+            break
+    a, b = torch.randn(chosen, chosen).to(dtype), torch.randn(chosen, chosen).to(dtype)
+    return max(best_rate, _best_window(a, b, seconds))
+
+
+def _best_window(a: torch.Tensor, b: torch.Tensor, seconds: float) -> float:
+    n = a.shape[0]
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline or best == 0.0:
-        n, start = 0, time.perf_counter()
-        while n < 2 or time.perf_counter() - start < 0.05:
+        count, start = 0, time.perf_counter()
+        while count < 1 or time.perf_counter() - start < 0.05:
             a @ b
-            n += 1
-        best = max(best, 2 * size**3 * n / (time.perf_counter() - start) / 1e12)
+            count += 1
+        best = max(best, 2 * n**3 * count / (time.perf_counter() - start) / 1e12)
     return best
+
+
+def cpu_model() -> str:
+    """This CPU's model name (the cache key of its peak): /proc/cpuinfo, else the platform's."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_peak(dtype: torch.dtype, threads: int, cache: Path | None = None) -> tuple[float, str]:
+    """(peak TFLOP/s of `threads` CPU threads in `dtype`, where it came from), probed once per node.
+
+    Cached in `$LMFORGE_HOME/cpu_peak.json` by CPU model, dtype, threads, torch and kernel
+    capability; a file lock makes the ranks of one node wait for one probe and share it. The
+    driver probes before any worker starts, so the probe runs on a quiet machine.
+    """
+    from lmforge.cluster import lmforge_home
+
+    path = cache or lmforge_home() / "cpu_peak.json"
+    kernels = torch.backends.cpu.get_cpu_capability()
+    name = str(dtype).removeprefix("torch.")
+    key = f"{cpu_model()} | {name} | {threads} threads | torch {torch.__version__} | {kernels}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one probe per node; the others wait for it
+        known = json.loads(path.read_text()) if path.exists() else {}
+        if key not in known:
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                known[key] = cpu_matmul_tflops(dtype)
+            finally:
+                torch.set_num_threads(before)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
+            tmp.replace(path)
+            source = "cpu matmul probe"
+        else:
+            source = f"cpu matmul probe cached in {path}"
+    return known[key], f"{source} ({name}, {threads} threads, {kernels})"
 
 
 def peak_tflops(
@@ -83,11 +157,27 @@ def peak_tflops(
             a @ a
         torch.cuda.synchronize(device)
         return 2 * 4096**3 * n / (time.perf_counter() - start) / 1e12, f"matmul probe ({name})"
-    return cpu_matmul_tflops(
-        dtype
-    ), f"cpu matmul probe ({str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads)"
+    return cpu_peak(dtype, torch.get_num_threads())
 
 
-def mfu(tokens_per_second: float, flops_per_token: float, peak_tflops_total: float) -> float:
-    """Fraction of the peak: tokens/s x FLOPs/token / (peak per device x devices)."""
-    return tokens_per_second * flops_per_token / (peak_tflops_total * 1e12)
+class MfuAboveOne(ValueError):
+    """An MFU over 1: the peak it divides by is wrong (too low), never a fast run."""
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, peak_tflops_total: float) -> float | None:
+    """Fraction of the peak: tokens/s x FLOPs/token / (peak per device x devices).
+
+    Over 1 is a bug in the peak: None (no figure rather than a false one), and with
+    LMFORGE_STRICT_MFU=1 (the test suite) an error.
+    """
+    value = tokens_per_second * flops_per_token / (peak_tflops_total * 1e12)
+    if value <= 1.0:
+        return value
+    message = (
+        f"MFU {100 * value:.0f}% is over 100%: the peak {peak_tflops_total:.3g} TFLOP/s is too "
+        "low; set train.peak_tflops, or delete the cached CPU peak ($LMFORGE_HOME/cpu_peak.json)"
+    )
+    if os.environ.get("LMFORGE_STRICT_MFU") == "1":
+        raise MfuAboveOne(message)
+    warnings.warn(message, stacklevel=2)
+    return None

@@ -78,6 +78,20 @@ def validate_resources(resources: ResourcesConfig, nodes: list[dict[str, Any]]) 
     )
 
 
+def decide_hardware(cfg: TrainConfig) -> dict[str, Any] | None:
+    """Precision and CPU peak, decided here before any worker starts: one quiet probe per node
+    (cached), and every rank gets the same answer. GPU workers decide alone (bf16 on GPU, the
+    peak by GPU name), since this driver may have no GPU."""
+    import torch
+
+    from lmforge.train.hardware import decide
+
+    if cfg.resources.gpus_per_worker:
+        return None
+    threads = max(1, int(cfg.resources.cpus_per_worker))
+    return decide(cfg.train, torch.device("cpu"), threads).as_dict()
+
+
 def build_trainer(cfg: TrainConfig, output: str, data_path: str | None = None, kind: str = "train"):
     """Ray Train's TorchTrainer for a training (`kind="train"`) or fine-tuning config."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -97,6 +111,7 @@ def build_trainer(cfg: TrainConfig, output: str, data_path: str | None = None, k
             "kind": kind,
             "output": output,
             "data_path": data_path,
+            "hardware": decide_hardware(cfg),
         },
         torch_config=TorchConfig(backend="nccl" if res.gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(
