@@ -186,6 +186,8 @@ class Journal:
                 os.close(fd)
                 continue  # its writer is alive
             try:
+                if os.fstat(fd).st_nlink == 0:
+                    continue  # its writer compacted and deleted it while we waited to open it
                 if not name.startswith(TMP):
                     count += self._compact(path, fd)
                     log.info("replayed the feedback journal segment %s", path)
