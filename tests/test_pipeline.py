@@ -216,3 +216,20 @@ def test_an_input_names_a_run_under_another_runs_dir(tmp_path, monkeypatch):
     assert resolved.source == out
     by_path = fake.DoubleConfig(runs_dir=str(tmp_path / "b"), source=out)
     assert output_dir(double, resolved) == output_dir(double, by_path)
+
+
+def test_a_job_in_rays_working_dir_copy_refuses_a_relative_runs_dir(tmp_path, monkeypatch):
+    """`ray job submit --working-dir .` runs jobs/<stage>.py in Ray's unpacked copy of the
+    directory; a relative runs_dir would put the outputs there, deleted with the job."""
+    from lmforge import ConfigError
+    from lmforge.stage import stage_main
+
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    with pytest.raises(ConfigError, match="runs_dir 'runs' is relative"):
+        stage_main("tests.stages_for_tests:WRITE", ["--set", "value=3"])
+    assert not (copy / "runs").exists()
+    runs = tmp_path / "shared-runs"
+    assert stage_main("tests.stages_for_tests:WRITE", ["--set", f"runs_dir={runs}"]) == 0
+    assert list(runs.glob("write/default-*/value.txt"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
 import time
@@ -307,8 +308,20 @@ def stage_main(name: str, argv: list[str] | None = None, prog: str | None = None
     if args.print_config:
         print_resolved(stage, cfg)
         return 0
+    refuse_outputs_that_would_vanish(stage, cfg)
     run_stage(stage, cfg, address=args.address, force=args.force)
     return 0
+
+
+def refuse_outputs_that_would_vanish(stage: Stage, cfg: StageConfig) -> None:
+    """`ray job submit --working-dir .` runs the job in Ray's unpacked copy of that directory
+    (`.../runtime_resources/working_dir_files/_ray_pkg_<hash>`), deleted with the job's
+    resources: a relative runs_dir there writes outputs nobody will find. `lmforge submit`
+    refuses it before submitting; this catches a plain `ray job submit`."""
+    if stage.cacheable and f"{os.sep}working_dir_files{os.sep}" in os.getcwd():
+        from lmforge.cluster import refuse_relative_runs_dir
+
+        refuse_relative_runs_dir(cfg.runs_dir)
 
 
 def job_main(name: str) -> None:
