@@ -35,6 +35,23 @@ def total(samples: list, name: str, **labels: str) -> float | None:
     return sum(found) if found else None
 
 
+NAME = "tiny-metrics"  # no other test serves this name: its series are this test's alone
+
+
+def this_apps(samples: list) -> list:
+    """The samples of this test's app: its model's series, and every series of its router
+    process (the one exporting its model info). Earlier tests' Serve apps ran on the same
+    session's Ray, and their counters (requests by route) are still exported."""
+    routers = {
+        s.labels.get("WorkerId")
+        for s in samples
+        if s.name == "ray_lmforge_model_info" and s.labels.get("model") == NAME
+    }
+    return [
+        s for s in samples if s.labels.get("model") == NAME or s.labels.get("WorkerId") in routers
+    ]
+
+
 def serving_series_queried() -> set[str]:
     """The serving series the Grafana dashboard and the alert rules query."""
     text = (CHART / "files" / "grafana-dashboard.json").read_text()
@@ -109,7 +126,7 @@ def test_serving_metrics_are_on_rays_metrics_port_with_their_values(ray_local, a
     keys = tmp_path / "keys"
     keys.write_text("sk-metrics\n")
     model = {
-        "name": "tiny",
+        "name": NAME,
         "artifact": artifact,
         "val_bpb": 2.0,
         "torch_threads": 1,
@@ -131,7 +148,7 @@ def test_serving_metrics_are_on_rays_metrics_port_with_their_values(ray_local, a
         usage = []
         with httpx2.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60) as c:
             for prompt in ("hello world", "the quick brown fox", "def add(a, b):"):
-                body = {"model": "tiny", "prompt": prompt, "max_tokens": 5, "temperature": 0}
+                body = {"model": NAME, "prompt": prompt, "max_tokens": 5, "temperature": 0}
                 answer = c.post("/v1/completions", json=body)
                 assert answer.status_code == 200, answer.text
                 usage.append(answer.json()["usage"])
@@ -145,23 +162,23 @@ def test_serving_metrics_are_on_rays_metrics_port_with_their_values(ray_local, a
         want = {
             ("ray_lmforge_requests_total", ("route", "/v1/completions"), ("status", "200")): 3,
             ("ray_lmforge_requests_total", ("route", "/v1/completions"), ("status", "404")): 1,
-            ("ray_lmforge_prompt_tokens_total", ("model", "tiny")): sum(
+            ("ray_lmforge_prompt_tokens_total", ("model", NAME)): sum(
                 u["prompt_tokens"] for u in usage
             ),
-            ("ray_lmforge_generation_tokens_total", ("model", "tiny")): sum(
+            ("ray_lmforge_generation_tokens_total", ("model", NAME)): sum(
                 u["completion_tokens"] for u in usage
             ),
             ("ray_lmforge_request_latency_seconds_count", ("route", "/v1/completions")): 3,
             # (the buckets: Ray's _sum is approximated from bucket midpoints)
-            ("ray_lmforge_completion_length_tokens_bucket", ("model", "tiny"), ("le", "4.0")): sum(
+            ("ray_lmforge_completion_length_tokens_bucket", ("model", NAME), ("le", "4.0")): sum(
                 u["completion_tokens"] <= 4 for u in usage
             ),
-            ("ray_lmforge_completion_length_tokens_bucket", ("model", "tiny"), ("le", "8.0")): 3,
+            ("ray_lmforge_completion_length_tokens_bucket", ("model", NAME), ("le", "8.0")): 3,
             ("ray_lmforge_feedback_total", ("rating", "negative")): 1,
             ("ray_lmforge_model_info", ("model_version", read_version(artifact)["version"])): 1,
-            ("ray_lmforge_validation_bits_per_byte", ("model", "tiny")): 2.0,
-            ("ray_lmforge_requests_running", ("model", "tiny")): 0,
-            ("ray_lmforge_requests_waiting", ("model", "tiny")): 0,
+            ("ray_lmforge_validation_bits_per_byte", ("model", NAME)): 2.0,
+            ("ray_lmforge_requests_running", ("model", NAME)): 0,
+            ("ray_lmforge_requests_waiting", ("model", NAME)): 0,
         }
         # Ray's agent exports what the router recorded a few seconds later; drift scores come
         # back from the model replica off the request path. Gauges set once at start (model
@@ -170,13 +187,14 @@ def test_serving_metrics_are_on_rays_metrics_port_with_their_values(ray_local, a
         deadline, got = time.monotonic() + 120, {}
         while True:
             samples = scrape(metrics_port)
-            got = {key: total(samples, key[0], **dict(key[1:])) for key in want}
-            drift = total(samples, "ray_lmforge_drift_ratio", model="tiny")
+            ours = this_apps(samples)
+            got = {key: total(ours, key[0], **dict(key[1:])) for key in want}
+            drift = total(ours, "ray_lmforge_drift_ratio", model=NAME)
             if (got == want and drift is not None) or time.monotonic() > deadline:
                 break
             time.sleep(2)
         assert got == want
-        prompt_bpb = total(samples, "ray_lmforge_prompt_bits_per_byte", model="tiny")
+        prompt_bpb = total(ours, "ray_lmforge_prompt_bits_per_byte", model=NAME)
         assert drift == pytest.approx(prompt_bpb / 2.0)
         exported = {s.name for s in samples}
         assert ray_series() <= exported, f"not exported: {ray_series() - exported}"

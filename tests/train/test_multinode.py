@@ -29,8 +29,7 @@ SCRIPT = textwrap.dedent(
     import ray
     from lmforge.cluster import ensure_token
     from lmforge.stage import get_stage, run_stage
-    from lmforge.model import model_config
-from lmforge.train.config import TrainConfig
+    from lmforge.train.config import TrainConfig
 
     ensure_token()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
