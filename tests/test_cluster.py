@@ -213,24 +213,31 @@ def test_submit_reaches_the_head_cluster_up_started_with_no_ray_variables(tmp_pa
             timeout=timeout,
         )
 
-    gcs_port = next(p for p in range(18400, 19999) if not cluster.port_in_use("127.0.0.1", p))
-    up = lmforge(
-        "cluster", "up", "--num-cpus", "1", "--port", str(gcs_port),
-        "--dashboard-port", str(free_port()), "--temp-dir", temp_dir,
-        "--min-worker-port", "20002", "--max-worker-port", "29999",
-    )  # fmt: skip
-    try:
-        assert up.returncode == 0, up.stderr
-        assert (tmp_path / ".ray" / "auth_token").exists()  # the token went to the user's ~/.ray
-        done = lmforge(
-            "submit", "check", "-c", "jobs/configs/check-local.yaml", "--set", "name=clean"
-        )
-        assert "Missing authentication token" not in done.stdout + done.stderr
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert "SUCCEEDED" in done.stdout
-    finally:
-        down = lmforge("cluster", "down")
-    assert down.returncode == 0 and cluster._processes_using(temp_dir) == []
+    # Once in a full-suite run (many Rays started before it), the new head's job agent never
+    # registered ("No available agent to submit job" for 180 s): not an auth failure, so that
+    # one condition gets a second head; any auth error fails at once.
+    for attempt in range(2):
+        gcs_port = next(p for p in range(18400, 19999) if not cluster.port_in_use("127.0.0.1", p))
+        up = lmforge(
+            "cluster", "up", "--num-cpus", "1", "--port", str(gcs_port),
+            "--dashboard-port", str(free_port()), "--temp-dir", temp_dir,
+            "--min-worker-port", "20002", "--max-worker-port", "29999",
+        )  # fmt: skip
+        try:
+            assert up.returncode == 0, up.stderr
+            assert (tmp_path / ".ray" / "auth_token").exists()  # the token is in the user's ~/.ray
+            done = lmforge(
+                "submit", "check", "-c", "jobs/configs/check-local.yaml", "--set", "name=clean"
+            )
+            assert "Missing authentication token" not in done.stdout + done.stderr
+            if attempt == 0 and "No available agent" in done.stderr:
+                continue
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "SUCCEEDED" in done.stdout
+            break
+        finally:
+            down = lmforge("cluster", "down")
+            assert down.returncode == 0 and cluster._processes_using(temp_dir) == []
 
 
 def test_ports_inside_the_worker_range_are_refused_naming_the_range(cli, tmp_path, monkeypatch):
