@@ -80,10 +80,15 @@ def test_quickstart_then_the_newcomer_path_from_another_directory(tmp_path):
     finally:
         os.umask(old_umask)
     runs = project / "runs" / "quickstart"
-    _, steps = plan(quickstart_pipeline(), runs_dir=str(runs))
+    cwd = os.getcwd()
+    os.chdir(project)  # plan as the run did: inputs resolve to paths as seen from there
+    try:
+        _, steps = plan(quickstart_pipeline(), runs_dir="runs/quickstart")
+    finally:
+        os.chdir(cwd)
     assert steps, "the quickstart pipeline has no steps"
     for step in steps:
-        assert storage.is_complete(step.output), step.id
+        assert storage.is_complete(str(project / step.output)), step.id
         assert os.path.basename(step.output) in proc.stdout  # it ends saying where each is
     # it fine-tuned and printed the held-out scores before and after
     assert "fine-tuning on held-out questions" in proc.stdout
