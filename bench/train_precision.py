@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -29,20 +28,14 @@ sys.path.insert(0, str(REPO))
 
 from lmforge.train.config import TrainConfig  # noqa: E402
 from lmforge.train.loop import run_local  # noqa: E402
+from lmforge.train.mfu import best_matmul_rate  # noqa: E402
 
 
 def matmul_peak(dtype: torch.dtype, size: int, seconds: float = 2.0) -> float:
     """TFLOP/s of a fixed square matmul: the best of 0.1 s windows over `seconds`."""
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     a @ b
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline or best == 0.0:
-        n, start = 0, time.perf_counter()
-        while n < 1 or time.perf_counter() - start < 0.1:
-            a @ b
-            n += 1
-        best = max(best, 2 * size**3 * n / (time.perf_counter() - start) / 1e12)
-    return best
+    return best_matmul_rate(a, b, seconds, window=0.1)
 
 
 def config(data: str, runs: str, args, precision: str) -> TrainConfig:

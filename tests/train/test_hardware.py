@@ -44,7 +44,7 @@ def test_the_cpu_peak_is_probed_once_per_cpu_model_dtype_and_threads(monkeypatch
 
 
 def test_a_real_probe_grows_the_matrix_until_the_rate_stops_rising():
-    small = mfu._best_window(torch.randn(32, 32), torch.randn(32, 32), 0.05)
+    small = mfu.best_matmul_rate(torch.randn(32, 32), torch.randn(32, 32), 0.05)
     probed = mfu.cpu_matmul_tflops(torch.float32, seconds=0.1)
     assert probed > small > 0  # a 32 x 32 matmul is far from the kernel's peak
 

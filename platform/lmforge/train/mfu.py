@@ -71,7 +71,7 @@ def cpu_matmul_tflops(
         start = time.perf_counter()
         a @ b  # warm-up: thread pool, kernel selection, page faults
         took = time.perf_counter() - start
-        rate = _best_window(a, b, min(0.2, seconds))
+        rate = best_matmul_rate(a, b, min(0.2, seconds))
         if n >= 512 and rate < best_rate * 1.1:  # below 512 timing noise can hide the rise
             break
         if rate > best_rate:
@@ -79,15 +79,18 @@ def cpu_matmul_tflops(
         if took * 8 > max_matmul_s:  # the next size costs 8x
             break
     a, b = torch.randn(chosen, chosen).to(dtype), torch.randn(chosen, chosen).to(dtype)
-    return max(best_rate, _best_window(a, b, seconds))
+    return max(best_rate, best_matmul_rate(a, b, seconds))
 
 
-def _best_window(a: torch.Tensor, b: torch.Tensor, seconds: float) -> float:
+def best_matmul_rate(
+    a: torch.Tensor, b: torch.Tensor, seconds: float, window: float = 0.05
+) -> float:
+    """TFLOP/s of `a @ b` (square): the best of `window`-second windows over `seconds`."""
     n = a.shape[0]
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline or best == 0.0:
         count, start = 0, time.perf_counter()
-        while count < 1 or time.perf_counter() - start < 0.05:
+        while count < 1 or time.perf_counter() - start < window:
             a @ b
             count += 1
         best = max(best, 2 * n**3 * count / (time.perf_counter() - start) / 1e12)
