@@ -144,3 +144,69 @@ def test_threaded_engine_streams_concurrent_requests(parts):
     finally:
         engine.shutdown(drain_s=1)
     assert [len(r) for r in results] == [6, 6, 6] and not engine.healthy()
+
+
+def test_a_request_that_fails_alone_fails_alone_and_gives_its_slot_back(parts, monkeypatch):
+    """A seed torch refuses (prefill) and a sampling call that raises for one row: those two
+    requests end with an error, the others in the same batch finish, every slot comes back."""
+    from lmforge.serve import engine as engine_module
+
+    model, tok = parts
+    sample = engine_module.sample_batch
+
+    def fragile(logits, params, gens):  # raises whenever the poisoned row is in the call
+        if any(p.top_p == 0.5 for p in params):
+            raise RuntimeError("sampling exploded")
+        return sample(logits, params, gens)
+
+    monkeypatch.setattr(engine_module, "sample_batch", fragile)
+    engine = Engine(model, tok, max_batch_size=4)
+    greedy = SamplingParams(max_tokens=5, temperature=0, stop_token_ids=())
+    bad_seed = SamplingParams(max_tokens=5, temperature=1.0, seed=2**64, stop_token_ids=())
+    bad_sample = SamplingParams(max_tokens=5, top_p=0.5, stop_token_ids=())
+    good_a, outs_a = collect(tok.encode("hello").ids, greedy)
+    seed, outs_seed = collect(tok.encode("def").ids, bad_seed)
+    sampled, outs_sampled = collect(tok.encode("Paris").ids, bad_sample)
+    good_b, outs_b = collect(tok.encode("the quick").ids, greedy)
+    for r in (good_a, seed, sampled, good_b):
+        engine.submit(r)
+    run_until_idle(engine)
+    assert len(tokens_of(outs_a)) == 5 and outs_a[-1].finish_reason == "length"
+    assert len(tokens_of(outs_b)) == 5 and outs_b[-1].finish_reason == "length"
+    for outs, stage in ((outs_seed, "prefill"), (outs_sampled, "sampling")):
+        assert [o.finish_reason for o in outs] == ["error"] and stage in outs[0].error
+    assert sorted(engine.free) == [0, 1, 2, 3] and engine.last_error is None
+    # And the engine still serves: the freed slots take the next batch.
+    again, outs_again = collect(tok.encode("hello").ids, greedy)
+    engine.submit(again)
+    run_until_idle(engine)
+    assert tokens_of(outs_again) == tokens_of(outs_a)
+
+
+def test_a_broken_batch_step_makes_the_engine_unhealthy(parts, monkeypatch):
+    from lmforge.serve import engine as engine_module
+
+    model, tok = parts
+    engine = Engine(model, tok, max_batch_size=2).start()
+    real_forward = engine_module.forward
+
+    def broken(model, cache, slots, tokens, positions):
+        if len(tokens[0]) == 1:  # the batched decode step (prefills pass whole prompts)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_forward(model, cache, slots, tokens, positions)
+
+    monkeypatch.setattr(engine_module, "forward", broken)
+    params = SamplingParams(max_tokens=6, temperature=0, stop_token_ids=())
+
+    async def one():
+        return [o async for o in engine.stream(tok.encode("hello world").ids, params)]
+
+    try:
+        assert engine.healthy()
+        outs = asyncio.run(one())
+        assert outs[-1].finish_reason == "error" and "illegal memory" in outs[-1].error
+        assert not engine.healthy() and "illegal memory" in engine.last_error
+        with pytest.raises(EngineOverloaded, match="engine is down"):
+            engine.submit(collect([1, 2], params)[0])
+    finally:
+        engine.shutdown(drain_s=1)

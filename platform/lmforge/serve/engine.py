@@ -104,6 +104,8 @@ class Engine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # Set when a batched step itself failed: the replica is then unhealthy for good (its
+        # cache or device may be in any state) and Serve's health check has it replaced.
         self.last_error: str | None = None
 
     # ------------------------------------------------------------ requests in and out
@@ -119,6 +121,8 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise EngineOverloaded("the engine is shutting down")
+            if self.last_error is not None:
+                raise EngineOverloaded(f"the engine is down ({self.last_error})")
             # Free slots are claimed at the next step, so they count as room in the queue.
             if len(self.waiting) >= self.max_waiting + len(self.free):
                 raise EngineOverloaded(
@@ -137,10 +141,6 @@ class Engine:
     @property
     def num_running(self) -> int:
         return len(self.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
 
     async def stream(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Output]:
         """Submit a request and yield its outputs; closing the iterator cancels it."""
@@ -163,7 +163,11 @@ class Engine:
     # ------------------------------------------------------------ the loop
 
     def step(self) -> int:
-        """Admit, sample one token per running request, decode; return how many still run."""
+        """Admit, sample one token per running request, decode; return how many still run.
+
+        What can fail for one request alone (its prefill, its sampling params, its text) fails
+        that request only and frees its slot; an exception out of here means the batch itself
+        is broken (the batched forward pass)."""
         with self._cond:
             self._drop_cancelled()
             admitted = []
@@ -172,13 +176,12 @@ class Engine:
                 request.slot = self.free.pop()
                 admitted.append(request)
         for request in admitted:
-            self._prefill(request)
+            self._guarded(self._prefill, request)
         batch = [r for r in self.running if not r.cancelled]
         if batch:
-            logits = torch.stack([r.last_logits for r in batch])  # (B, V)
-            tokens = sample_batch(logits, [r.params for r in batch], [r.gen for r in batch])
-            for request, token in zip(batch, tokens, strict=True):
-                self._next_token(request, token, len(batch))
+            for request, token in zip(batch, self._sample(batch), strict=True):
+                if token is not None:
+                    self._guarded(self._next_token, request, token, len(batch))
         with self._cond:
             self._drop_cancelled()
         if self.running:
@@ -193,6 +196,42 @@ class Engine:
                 request.last_logits = row
         self.steps += 1
         return len(self.running)
+
+    def _sample(self, batch: list[Request]) -> list[int | None]:
+        """One token per request, in one batched call; if that call fails, row by row, so
+        that only the rows that fail alone are failed (None)."""
+        try:
+            logits = torch.stack([r.last_logits for r in batch])  # (B, V)
+            return sample_batch(logits, [r.params for r in batch], [r.gen for r in batch])
+        except Exception:
+            if len(batch) == 1:
+                self._fail_one(batch[0], "sampling")
+                return [None]
+        tokens: list[int | None] = []
+        for request in batch:
+            try:
+                row = request.last_logits[None]
+                tokens.append(sample_batch(row, [request.params], [request.gen])[0])
+            except Exception:
+                self._fail_one(request, "sampling")
+                tokens.append(None)
+        return tokens
+
+    def _guarded(self, fn: Callable, request: Request, *args) -> None:
+        try:
+            fn(request, *args)
+        except Exception:
+            self._fail_one(request, fn.__name__.strip("_"))
+
+    def _fail_one(self, request: Request, stage: str) -> None:
+        """Fail one request (logged with its traceback) and give its slot back."""
+        log.exception("request %s failed in %s", request.id, stage)
+        error = f"generation failed in {stage}"
+        self._release(request)
+        try:  # the failure may be the callback itself (its event loop gone): nothing to tell
+            request.on_output(Output([], "", finish_reason="error", error=error))
+        except Exception:
+            log.warning("request %s: its failure could not be delivered", request.id)
 
     def _prefill(self, request: Request) -> None:
         p = request.params
@@ -247,9 +286,12 @@ class Engine:
         request.on_output(out)
 
     def _release(self, request: Request) -> None:
+        """Give back the request's slot (once), whether or not it got to run."""
         if request in self.running:
             self.running.remove(request)
+        if request.slot >= 0:
             self.free.append(request.slot)
+            request.slot = -1
         request.last_logits = None
 
     def _drop_cancelled(self) -> None:
@@ -286,13 +328,18 @@ class Engine:
             try:
                 with torch.inference_mode():
                     self.step()
-            except Exception as e:  # a bad step fails its requests, not the replica
-                log.exception("engine step failed")
+            except Exception as e:  # the batch itself is broken: the replica must go
+                log.exception("engine step failed; the engine is now unhealthy")
                 self.last_error = f"{type(e).__name__}: {e}"
                 self._fail_all(f"generation failed: {self.last_error}")
 
     def healthy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return (
+            self._thread is not None
+            and self._thread.is_alive()
+            and not self._stopping
+            and self.last_error is None
+        )
 
     def shutdown(self, drain_s: float = 30.0) -> None:
         """Refuse new requests, let running ones finish for up to `drain_s`, cancel the rest."""

@@ -55,7 +55,9 @@ class _Request(BaseModel):
         None, description="{include_usage: true} adds a usage chunk"
     )
     stop: str | list[str] | None = Field(None, description="stop strings (not in the output)")
-    seed: int | None = Field(None, description="per-request seed: same seed, same sample")
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="per-request seed: same seed, same sample"
+    )
     presence_penalty: float = Field(0.0, description="not supported: must be 0")
     frequency_penalty: float = Field(0.0, description="not supported: must be 0")
 
@@ -85,7 +87,8 @@ class _Request(BaseModel):
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=max(self.top_k, 0),
-            seed=None if self.seed is None else self.seed + i,
+            # Wrapped so that choice i of a seed near the top stays in torch's seed range.
+            seed=None if self.seed is None else (self.seed + i) % 2**63,
             stop=self.stop_list(),
             logprobs=logprobs,
             echo=echo,
