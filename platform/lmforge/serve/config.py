@@ -93,6 +93,24 @@ class LimitsConfig(StrictModel):
         120, gt=0, description="a request still generating after this answers 504"
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503")
+    max_body_bytes: int = Field(
+        4 * 2**20,
+        ge=1024,
+        description="largest request body in bytes; a larger Content-Length is refused with 413 "
+        "before any of it is read, a chunked body once it grows past this",
+    )
+    body_timeout_s: float = Field(
+        30,
+        gt=0,
+        description="a request body not fully received this many seconds after the request "
+        "arrived is refused with 408 (slow uploads cannot hold the API's request slots)",
+    )
+    max_prompt_chars: int | None = Field(
+        None,
+        ge=1,
+        description="longest prompt text in characters (a chat: all its messages), refused "
+        "with 400 before it is encoded (None: 32 x the prompt token limit)",
+    )
 
 
 class RequestLogConfig(StrictModel):

@@ -23,6 +23,7 @@ from lmforge.model import chat
 from lmforge.serve.config import LimitsConfig, ServeArgs
 from lmforge.serve.drift import served_model_info
 from lmforge.serve.feedback import add_feedback_route
+from lmforge.serve.intake import IntakeMiddleware
 from lmforge.serve.metrics import MetricsMiddleware, ServeMetrics
 from lmforge.serve.middleware import AuthMiddleware, add_error_handlers
 from lmforge.serve.protocol import (
@@ -78,6 +79,7 @@ def create_app(
     _add_routes(app)
     add_feedback_route(app)
     routes = {getattr(r, "path", "") for r in app.routes}
+    app.add_middleware(IntakeMiddleware, state=app.state)  # inside auth and metrics
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)
     app.add_middleware(AuthMiddleware, keys=args.api_keys())
     return app
@@ -115,6 +117,25 @@ def _check_lengths(
             f"{n_prompt + max_tokens} were requested ({n_prompt} in the prompt, {max_tokens} for "
             "the completion); shorten the prompt or lower max_tokens",
             param="max_tokens",
+            code="context_length_exceeded",
+        )
+
+
+# Characters per token a prompt may average before it is refused unread: far above what any
+# tokenizer gives on text (about 4), so that only prompts that cannot fit are refused.
+CHARS_PER_TOKEN = 32
+
+
+def _check_chars(backend: Backend, limits: LimitsConfig, n_chars: int, param: str) -> None:
+    """Refuse a prompt text too long to fit before encoding it (encoding costs its length)."""
+    tokens = min(limits.max_prompt_tokens or backend.max_seq_len, backend.max_seq_len)
+    cap = limits.max_prompt_chars or CHARS_PER_TOKEN * tokens
+    if n_chars > cap:
+        raise APIError(
+            400,
+            f"the prompt has {n_chars} characters; the limit is {cap} "
+            f"(limits.max_prompt_chars, for a {tokens}-token prompt limit): shorten it",
+            param=param,
             code="context_length_exceeded",
         )
 
@@ -157,6 +178,9 @@ def _prompts(
         raise APIError(
             400, f"{len(items)} prompts; the limit is {limits.max_prompts}", param="prompt"
         )
+    for item in items:
+        if isinstance(item, str):
+            _check_chars(backend, limits, len(item), "prompt")
     out, tokenizer = [], backend.tokenizer
     for item in items:
         if isinstance(item, str):  # with BOS first where the model's tokenizer adds one
@@ -278,14 +302,25 @@ def _add_routes(app: FastAPI) -> None:
         backend = _backend(request, body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of prompt and messages", param="prompt")
-        # The ids the chat and completions routes would use for the same input.
+        # The ids the chat and completions routes would use for the same input; encoded in a
+        # worker thread, as everywhere: a long text must not stall the event loop.
+        limits = request.app.state.limits
         if body.messages is not None:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            _, ids = _chat_prompt(backend, messages, body.add_generation_prompt)
-        elif body.add_special_tokens:
-            ids = backend.special.encode_prompt(backend.tokenizer, body.prompt)
+            _check_chars(backend, limits, sum(len(m["content"]) for m in messages), "messages")
+            _, ids = await asyncio.to_thread(
+                _chat_prompt, backend, messages, body.add_generation_prompt
+            )
         else:
-            ids = backend.tokenizer.encode(body.prompt, add_special_tokens=False).ids
+            _check_chars(backend, limits, len(body.prompt), "prompt")
+            if body.add_special_tokens:
+                encode = backend.special.encode_prompt
+                ids = await asyncio.to_thread(encode, backend.tokenizer, body.prompt)
+            else:
+                encoding = await asyncio.to_thread(
+                    backend.tokenizer.encode, body.prompt, add_special_tokens=False
+                )
+                ids = encoding.ids
         return {"tokens": ids, "count": len(ids), "max_model_len": backend.max_seq_len}
 
     @app.post("/detokenize", summary="token ids -> text (vLLM-compatible)")
@@ -294,7 +329,10 @@ def _add_routes(app: FastAPI) -> None:
         vocab = backend.tokenizer.get_vocab_size()
         if any(t < 0 or t >= vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
-        return {"prompt": backend.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        text = await asyncio.to_thread(
+            backend.tokenizer.decode, body.tokens, skip_special_tokens=False
+        )
+        return {"prompt": text}
 
     @app.post("/v1/completions", summary="OpenAI completions")
     async def completions(request: Request, body: CompletionRequest):
@@ -323,7 +361,7 @@ async def _completions(request: Request, body: CompletionRequest):
     _check_counts(limits, body.n, max_tokens)
     if max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens 0 is only allowed with echo", param="max_tokens")
-    prompts = _prompts(body, backend, limits)
+    prompts = await asyncio.to_thread(_prompts, body, backend, limits)  # off the event loop
     for _, ids in prompts:
         _check_lengths(backend, limits, len(ids), max_tokens, "prompt")
     jobs = [
@@ -409,7 +447,8 @@ async def _chat(request: Request, body: ChatRequest):
     state = request.app.state
     backend, limits = _backend(request, body.model), state.limits
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    rendered, ids = _chat_prompt(backend, messages, True)
+    _check_chars(backend, limits, sum(len(m["content"]) for m in messages), "messages")
+    rendered, ids = await asyncio.to_thread(_chat_prompt, backend, messages, True)
     asked = (
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     )
