@@ -10,6 +10,7 @@ cause a 500.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -23,8 +24,9 @@ from lmforge.model import chat
 from lmforge.serve.config import LimitsConfig, ServeArgs
 from lmforge.serve.drift import served_model_info
 from lmforge.serve.feedback import add_feedback_route
+from lmforge.serve.limits import KeyQuotas, check_counts, check_lengths
 from lmforge.serve.metrics import MetricsMiddleware, ServeMetrics
-from lmforge.serve.middleware import AuthMiddleware, add_error_handlers
+from lmforge.serve.middleware import AuthMiddleware, add_error_handlers, key_of
 from lmforge.serve.protocol import (
     APIError,
     ChatRequest,
@@ -32,7 +34,13 @@ from lmforge.serve.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from lmforge.serve.render import chat_chunk, chat_response, completion_choice, logprob_state
+from lmforge.serve.render import (
+    chat_chunk,
+    chat_response,
+    completion_choice,
+    completion_response,
+    logprob_state,
+)
 from lmforge.serve.streams import Backend, Generation, LocalBackend, Slot, collect_all, merge
 from lmforge.serve.trace import RequestTrace, add_monitoring, lifespan, model_info
 
@@ -72,14 +80,17 @@ def create_app(
     )
     app.state.backends, app.state.limits = backends, args.limits
     app.state.metrics = ServeMetrics(ray=ray_metrics)
-    app.state.inflight = 0
+    app.state.inflight, app.state.quotas = 0, KeyQuotas(args.limits)
     add_monitoring(app, backends, args, replica)
     add_error_handlers(app)
     _add_routes(app)
     add_feedback_route(app)
     routes = {getattr(r, "path", "") for r in app.routes}
+    keys = args.api_keys()
+    app.state.trusted_keys = args.trusted_key_ids(keys)
+    app.add_middleware(AuthMiddleware, keys=keys)
+    # Outermost: 401s are counted too.
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)
-    app.add_middleware(AuthMiddleware, keys=args.api_keys())
     return app
 
 
@@ -95,37 +106,6 @@ def _backend(request: Request, name: str | None) -> Backend:
             code="model_not_found",
         )
     return backends[name]
-
-
-def _check_lengths(
-    backend: Backend, limits: LimitsConfig, n_prompt: int, max_tokens: int, param: str
-) -> None:
-    cap = min(limits.max_prompt_tokens or backend.max_seq_len, backend.max_seq_len)
-    if n_prompt > cap:
-        raise APIError(
-            400,
-            f"the prompt has {n_prompt} tokens; the limit is {cap}",
-            param=param,
-            code="context_length_exceeded",
-        )
-    if n_prompt + max_tokens > backend.max_seq_len:
-        raise APIError(
-            400,
-            f"this model's maximum context length is {backend.max_seq_len} tokens, but "
-            f"{n_prompt + max_tokens} were requested ({n_prompt} in the prompt, {max_tokens} for "
-            "the completion); shorten the prompt or lower max_tokens",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
-
-
-def _check_counts(limits: LimitsConfig, n: int, max_tokens: int) -> None:
-    if n > limits.max_n:
-        raise APIError(400, f"n is {n}; the limit is {limits.max_n}", param="n")
-    if max_tokens > limits.max_tokens:
-        raise APIError(
-            400, f"max_tokens is {max_tokens}; the limit is {limits.max_tokens}", param="max_tokens"
-        )
 
 
 def _chat_prompt(
@@ -305,9 +285,14 @@ def _add_routes(app: FastAPI) -> None:
         return await _chat(request, body)
 
 
-async def _start_generation(state, backend, route: str, jobs):
-    """Take a concurrency slot and submit the jobs; the slot is released if submitting fails."""
-    slot = Slot(state)
+async def _start_generation(request: Request, backend, route: str, jobs):
+    """Take a concurrency slot (the replica's and the key's) and submit the jobs, tagged with
+    the key so the engine shares its batch fairly among keys; the slot is released if
+    submitting fails."""
+    state, key = request.app.state, key_of(request)
+    reserved = sum(len(ids) + params.max_tokens for ids, params in jobs)
+    jobs = [(ids, dataclasses.replace(params, tenant=key)) for ids, params in jobs]
+    slot = Slot(state, key, reserved)
     generation = Generation(state, backend, route, slot)
     try:
         return slot, generation, await generation.open(jobs)
@@ -320,19 +305,19 @@ async def _completions(request: Request, body: CompletionRequest):
     state = request.app.state
     backend, limits = _backend(request, body.model), state.limits
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
-    _check_counts(limits, body.n, max_tokens)
     if max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens 0 is only allowed with echo", param="max_tokens")
     prompts = _prompts(body, backend, limits)
+    check_counts(limits, body, max_tokens, len(prompts))
     for _, ids in prompts:
-        _check_lengths(backend, limits, len(ids), max_tokens, "prompt")
+        check_lengths(backend, limits, len(ids), max_tokens, "prompt")
     jobs = [
         (ids, body.sampling(max_tokens, body.logprobs, body.echo, j))
         for _, ids in prompts
         for j in range(body.n)
     ]
     trace = RequestTrace(request, backend, "completions", prompts[0][0])
-    slot, generation, gens = await _start_generation(state, backend, "/v1/completions", jobs)
+    slot, generation, gens = await _start_generation(request, backend, "/v1/completions", jobs)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     trace.rid = rid
     texts = [prompts[k // body.n][0] for k in range(len(jobs))]
@@ -352,15 +337,7 @@ async def _completions(request: Request, body: CompletionRequest):
         usage["completion_tokens"] += outs[-1].completion_tokens
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     trace.end(200, usage)
-    response = {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": body.model,
-        "system_fingerprint": trace.version,
-        "choices": choices,
-        "usage": usage,
-    }
+    response = completion_response(rid, created, body.model, trace.version, choices, usage)
     return JSONResponse(response, headers=trace.headers())
 
 
@@ -377,32 +354,13 @@ async def _completion_events(
         if not (out.tokens or out.text or prefix or out.finish_reason or out.prompt_logprobs):
             continue
         choice = completion_choice(k, prefix + out.text, [out], lps[k], out.finish_reason)
-        yield _sse(
-            {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": body.model,
-                "system_fingerprint": trace.version,
-                "choices": [choice],
-            }
-        )
+        yield _sse(completion_response(rid, created, body.model, trace.version, [choice]))
         if out.finish_reason is not None:
             usage["prompt_tokens"] += out.prompt_tokens if k % body.n == 0 else 0
             usage["completion_tokens"] += out.completion_tokens
     if (body.stream_options or {}).get("include_usage"):
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        yield _sse(
-            {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": body.model,
-                "system_fingerprint": trace.version,
-                "choices": [],
-                "usage": usage,
-            }
-        )
+        yield _sse(completion_response(rid, created, body.model, trace.version, [], usage))
 
 
 async def _chat(request: Request, body: ChatRequest):
@@ -416,13 +374,14 @@ async def _chat(request: Request, body: ChatRequest):
     max_tokens = (
         asked if asked is not None else min(limits.max_tokens, backend.max_seq_len - len(ids))
     )
-    _check_counts(limits, body.n, max_tokens)
-    _check_lengths(backend, limits, len(ids), max_tokens, "messages")
+    check_counts(limits, body, max_tokens)
+    check_lengths(backend, limits, len(ids), max_tokens, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     jobs = [(ids, body.sampling(max_tokens, logprobs, False, j)) for j in range(body.n)]
     trace = RequestTrace(request, backend, "chat", rendered)
     trace.messages = messages
-    slot, generation, gens = await _start_generation(state, backend, "/v1/chat/completions", jobs)
+    route = "/v1/chat/completions"
+    slot, generation, gens = await _start_generation(request, backend, route, jobs)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     trace.rid = rid
     if body.stream:
