@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lmforge.model import chat
 from lmforge.serve.config import LimitsConfig, ServeArgs
@@ -219,10 +219,9 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/playground", summary="a chat page to try the models and rate answers")
     async def playground():
-        from importlib.resources import files
+        from lmforge.serve.playground import playground_response
 
-        page = files("lmforge") / "resources" / "playground" / "index.html"
-        return HTMLResponse(page.read_text(encoding="utf-8"))
+        return playground_response()
 
     @app.get("/v1/models", summary="the served models")
     async def models(request: Request):
