@@ -190,7 +190,7 @@ class ServeArgs(StrictModel):
     api_key_file: str | None = Field(
         None,
         description="file of API keys, one per line, `KEY` or `KEY_ID:KEY` (the id names the key "
-        "in metrics, logs and feedback; e.g. a mounted Kubernetes Secret)",
+        "in feedback records and trusted_keys; e.g. a mounted Kubernetes Secret)",
     )
     trusted_keys: list[str] | None = Field(
         None,
