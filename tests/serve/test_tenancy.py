@@ -377,3 +377,43 @@ def test_who_is_trusted_by_default():
     assert one.trusted_key_ids({}) == {"anonymous"}  # the open API on the loopback
     assert args_with(host="0.0.0.0", insecure_no_auth=True).trusted_key_ids({}) == set()
     assert args_with(trusted_keys=["k2"]).trusted_key_ids({"sk-1": "k1", "sk-2": "k2"}) == {"k2"}
+
+
+def test_a_short_request_is_not_starved_by_another_keys_fan_out(artifact, monkeypatch):
+    monkeypatch.setenv("LMFORGE_TEST_QUOTA_KEYS", "sk-a,sk-b")
+    app = quota_app(artifact)
+    engine = app.state.backends["tiny"].engine
+    engine.max_batch_size = 2
+    engine.free = engine.free[:2]
+    step, finished = engine.step, {}
+
+    def slow_step():  # 100 steps/s: the order of events does not depend on the machine's speed
+        import time
+
+        time.sleep(0.01)
+        return step()
+
+    engine.step = slow_step
+
+    async def run():
+        transport = httpx2.ASGITransport(app=app)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://t", timeout=60) as h:
+
+            async def post(name, key, body, delay):
+                await asyncio.sleep(delay)
+                r = await h.post("/v1/completions", json=body, headers=auth(key))
+                finished[name] = engine.steps
+                return r
+
+            fan_out = {"model": "tiny", "prompt": "the quick", "n": 6, "max_tokens": 40}
+            short = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
+            return await asyncio.gather(
+                post("fan_out", "sk-a", fan_out, 0), post("short", "sk-b", short, 0.1)
+            )
+
+    big, small = asyncio.run(run())
+    assert big.status_code == small.status_code == 200
+    generated = big.json()["usage"]["completion_tokens"]
+    assert generated > 3 * 12  # the six sequences ran long enough to matter
+    # The short one waited for one of the two running sequences, not for the four queued.
+    assert finished["short"] < finished["fan_out"] / 2, finished
