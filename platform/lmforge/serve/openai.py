@@ -122,17 +122,18 @@ def _chat_prompt(
         raise APIError(400, f"messages: {e}", param="messages") from None
 
 
+def _prompt_items(body: CompletionRequest) -> list:
+    p = body.prompt
+    if isinstance(p, str):
+        return [p]
+    return [p] if p and isinstance(p[0], int) else list(p)
+
+
 def _prompts(
     body: CompletionRequest, backend: Backend, limits: LimitsConfig
 ) -> list[tuple[str, list[int]]]:
     """(text, ids) of each prompt, whatever form the request used."""
-    p = body.prompt
-    if isinstance(p, str):
-        items: list = [p]
-    elif p and isinstance(p[0], int):
-        items = [p]
-    else:
-        items = list(p)
+    items = _prompt_items(body)
     if len(items) > limits.max_prompts:
         raise APIError(
             400, f"{len(items)} prompts; the limit is {limits.max_prompts}", param="prompt"
@@ -306,8 +307,8 @@ async def _completions(request: Request, body: CompletionRequest):
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens 0 is only allowed with echo", param="max_tokens")
+    check_counts(limits, body, max_tokens, len(_prompt_items(body)))
     prompts = _prompts(body, backend, limits)
-    check_counts(limits, body, max_tokens, len(prompts))
     for _, ids in prompts:
         check_lengths(backend, limits, len(ids), max_tokens, "prompt")
     jobs = [
