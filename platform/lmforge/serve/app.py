@@ -4,8 +4,10 @@
                                  -> ModelServer "model-<name>" (an Engine per replica)
 
 `serve run lmforge.serve.app:build_app`, `serve deploy jobs/serve_config.yaml`, the Helm
-chart's RayService and `lmforge serve` all deploy this same builder. Serve calls it with the
-`args:` mapping of the config file and validates it as `ServeArgs` (a typed builder).
+chart's RayService and `lmforge serve` all deploy this same application. Serve calls the
+builder with the `args:` mapping of the config file and validates it as `ServeArgs` (a typed
+builder); `lmforge serve` and the quickstart, which know the address they bind, call
+`application` once their keys were checked against it.
 """
 
 from __future__ import annotations
