@@ -417,3 +417,16 @@ def test_a_short_request_is_not_starved_by_another_keys_fan_out(artifact, monkey
     assert generated > 3 * 12  # the six sequences ran long enough to matter
     # The short one waited for one of the two running sequences, not for the four queued.
     assert finished["short"] < finished["fan_out"] / 2, finished
+
+
+def test_the_playground_runs_only_its_own_script_and_style(live):
+    """The page still works under this policy: tests/serve/test_playground.py drives it in
+    Chromium."""
+    url, _, _ = live
+    r = httpx2.get(url + "/playground")
+    policy = dict(p.strip().split(" ", 1) for p in r.headers["content-security-policy"].split(";"))
+    assert policy["default-src"] == "'none'" and policy["connect-src"] == "'self'"
+    assert policy["frame-ancestors"] == "'none'"
+    for directive in ("script-src", "style-src"):
+        assert policy[directive].startswith("'sha256-") and "unsafe" not in policy[directive]
+    assert 'style="' not in r.text  # inline style attributes would be blocked
