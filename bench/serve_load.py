@@ -53,7 +53,13 @@ def start_server(
     cmd = [str(Path(sys.executable).parent / "lmforge"), "serve", "--model", model]
     cmd += ["--port", str(port), "--name", "bench", "--max-batch-size", str(batch)]
     cmd += ["--device", device, "--max-waiting", "512"]
-    cmd += ["--set", "limits.max_concurrent_requests=512"]
+    # Every load client is the one (keyless) key: no per-key cap.
+    cmd += [
+        "--set",
+        "limits.max_concurrent_requests=512",
+        "--set",
+        "limits.key_max_concurrent_requests=null",
+    ]
     if threads:
         cmd += ["--torch-threads", str(threads)]
     if not ray:

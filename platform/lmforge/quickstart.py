@@ -53,7 +53,7 @@ def serve_and_ask(artifact: str, port: int, keep_serving: bool) -> dict[str, str
     from ray import serve
 
     from lmforge.cluster import connect, port_or_free
-    from lmforge.serve.app import build_app
+    from lmforge.serve.app import application
     from lmforge.serve.config import ServeArgs
 
     connect(None)
@@ -65,7 +65,7 @@ def serve_and_ask(artifact: str, port: int, keep_serving: bool) -> dict[str, str
     print(f"\n=== serving {artifact} as '{MODEL_NAME}' at {base}/v1 ===", flush=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app(args), name="lmforge-quickstart", route_prefix="/", blocking=False)
+        serve.run(application(args), name="lmforge-quickstart", route_prefix="/", blocking=False)
         client = OpenAI(
             base_url=f"{base}/v1", api_key="not-needed-locally", max_retries=2, timeout=120
         )

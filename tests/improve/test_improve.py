@@ -34,11 +34,13 @@ def request_row(cid: str, messages: list[dict], completion: str, status: int = 2
     }  # fmt: skip
 
 
-def feedback_row(cid: str, rating: float, correction: str | None = None) -> dict:
+def feedback_row(
+    cid: str, rating: float, correction: str | None = None, key: str = "ops", trusted=True
+) -> dict:
     return {
         "feedback_id": f"fb-{cid}-{rating}", "completion_id": cid, "time": now(),
         "rating": rating, "correction": correction, "tags": [], "model": "lmforge",
-        "model_version": "v-test", "replica": "r0",
+        "model_version": "v-test", "replica": "r0", "key_id": key, "trusted": trusted,
     }  # fmt: skip
 
 
@@ -91,6 +93,32 @@ def test_feedback_becomes_examples_by_rating_and_correction_redacted_deduplicate
     contaminated = ngram_filter(["the quick brown fox jumps over the lazy dog"], 5)
     assert contaminated("Yes: the quick brown fox jumps over it")
     assert not contaminated("the quick brown cat jumps over a lazy dog")
+
+
+def test_only_trusted_keys_feed_the_loop_unless_told_and_excluded_keys_never():
+    q = [{"role": "user", "content": f"What does g{i} do?"} for i in range(4)]
+    requests = [request_row(f"c{i}", [q[i]], f"Return {i}.") for i in range(4)]
+    feedback = [
+        feedback_row("c0", 1.0, key="ops"),
+        feedback_row("c1", 1.0, key="key-5f2a", trusted=False),
+        feedback_row("c2", 1.0, key="spammer", trusted=True),
+        feedback_row("c3", 1.0, key=None, trusted=None),  # a row logged before keys were
+        feedback_row("c0", -1.0, "Return nothing.", key="key-5f2a", trusted=False),
+    ]
+    feedback[-1]["time"] = now() + dt.timedelta(seconds=5)
+    tables = (
+        pa.Table.from_pylist(feedback, schema=FEEDBACK_SCHEMA),
+        pa.Table.from_pylist(requests, schema=REQUEST_SCHEMA),
+    )
+    built = build_examples(*tables, 0.5, True, exclude_keys={"spammer"})
+    # The untrusted later correction of c0 does not override the trusted rating.
+    assert [e["id"] for e in built.examples] == ["c0"]
+    assert built.examples[0]["messages"][-1]["content"] == "Return 0."
+    assert built.counts["skipped_untrusted_key"] == 3
+    assert built.counts["skipped_excluded_key"] == 1
+    everyone = build_examples(*tables, 0.5, True, trusted_only=False)
+    assert [e["id"] for e in everyone.examples] == ["c0", "c1", "c2", "c3"]
+    assert everyone.examples[0]["messages"][-1]["content"] == "Return nothing."
 
 
 # ---------------------------------------------------------------- the loop, with Ray

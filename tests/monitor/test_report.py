@@ -198,3 +198,25 @@ def test_reads_what_the_serving_apps_writer_writes(tmp_path):
     assert r1["latency_s"]["p50"] == pytest.approx(0.3)
     assert (r1["feedback"], r1["negative"], r1["corrections"]) == (1, 1, 1)
     assert [d["date"] for d in summary["daily"]] == ["2026-01-10", "2026-01-11"]
+
+
+def test_markdown_report_writes_feedback_tags_as_literal_text(tmp_path, cli):
+    """A tag is what a user sent: in the Markdown report it must not add a column, an image, a
+    link or HTML."""
+    root = tmp_path / "logs"
+    write_rows(root, "requests", REQUEST_SCHEMA, [request(0, "v-aaa", DAY1, 0.1)])
+    evil = "x | y ![t](http://evil.example/p.png) <img src=x onerror=alert(1)>\n# h"
+    write_rows(
+        root, "feedback", FEEDBACK_SCHEMA, [feedback(0, "v-aaa-0", "v-aaa", DAY1, 1.0, [evil])]
+    )
+    code, out, _ = cli("monitor", "report", "--logs", root)
+    assert code == 0
+    (row,) = [line for line in out.splitlines() if "evil.example" in line]
+    assert row.count(" | ") == 2  # version, tags, finish reasons: no extra column
+    assert (
+        "<" not in row.replace("\\<", "")
+        and "![" not in row
+        and "\\<img" in row
+        and "\\!\\[t\\]" in row
+    )
+    assert "x \\| y" in row and "\\# h" in row

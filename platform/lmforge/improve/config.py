@@ -29,6 +29,14 @@ class FeedbackDataConfig(StrictModel):
         True,
         description="A correction (the answer the user wanted) becomes the training answer, whatever the rating.",
     )
+    keys: Literal["trusted", "all"] = Field(
+        "trusted",
+        description="Whose feedback is used: `trusted` (sent with a key in the serving config's trusted_keys; rows without the mark are skipped) or `all` (any key, e.g. a closed beta).",
+    )
+    exclude_keys: list[str] = Field(
+        default_factory=list,
+        description="Key ids (the feedback rows' key_id) whose feedback is never used, whatever `keys` says.",
+    )
     min_examples: int = Field(
         8,
         ge=1,

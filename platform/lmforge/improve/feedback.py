@@ -9,7 +9,9 @@ what the model answered. An example is the conversation up to the answer, with a
 - else the model's own completion, when the rating is at least `min_rating`.
 
 Feedback on a completion that was not logged (request sampling) is counted and skipped, as are
-negative ratings without a correction. The latest feedback on a completion wins.
+negative ratings without a correction. Only feedback sent with a trusted API key is used by
+default (the serving config's `trusted_keys`; each row carries `key_id` and `trusted`), and
+never that of an excluded key. The latest feedback on a completion wins.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def read_with_ray(root: str, kind: str, since: dt.datetime | None, until: dt.dat
     """Rows of one kind with since <= time < until, read by Ray Data (one task per file)."""
     import ray.data
 
-    from lmforge.serve.requestlog import SCHEMAS, TIME, log_files
+    from lmforge.serve.requestlog import SCHEMAS, TIME, conform, log_files
 
     schema = SCHEMAS[kind]
     files = log_files(root, kind, since)
@@ -50,7 +52,7 @@ def read_with_ray(root: str, kind: str, since: dt.datetime | None, until: dt.dat
             pc.greater_equal(times, pa.scalar(lo, type=TIME)),
             pc.less(times, pa.scalar(until, type=TIME)),
         )
-        return batch.filter(keep).select(schema.names).cast(schema)
+        return conform(batch.filter(keep), schema)
 
     ds = ds.map_batches(window, batch_format="pyarrow", batch_size=None)
     tables = [t for t in ds.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows]
@@ -87,17 +89,25 @@ def build_examples(
     min_rating: float,
     use_corrections: bool,
     contaminated=None,
+    trusted_only: bool = True,
+    exclude_keys: frozenset[str] | set[str] = frozenset(),
 ) -> Built:
-    """SFT examples ({"messages": [...], "id": completion_id}) from feedback joined to requests."""
+    """SFT examples ({"messages": [...], "id": completion_id}) from feedback joined to requests;
+    only feedback of trusted keys (`trusted_only`), never of `exclude_keys`."""
     from lmforge.serve.requestlog import Redactor
 
     redact = Redactor()
     by_id = {r["completion_id"]: r for r in requests.to_pylist()}
     latest: dict[str, dict[str, Any]] = {}
-    for row in feedback.sort_by("time").to_pylist():
-        latest[row["completion_id"]] = row  # the last word on a completion wins
     built, seen = Built(), set()
-    built.counts = {"feedback": feedback.num_rows, "completions_rated": len(latest)}
+    for row in feedback.sort_by("time").to_pylist():
+        if row.get("key_id") in exclude_keys:
+            built.count("skipped_excluded_key")
+        elif trusted_only and not row.get("trusted"):
+            built.count("skipped_untrusted_key")
+        else:  # an untrusted key cannot override a trusted one's word on a completion
+            latest[row["completion_id"]] = row  # the last word on a completion wins
+    built.counts.update(feedback=feedback.num_rows, completions_rated=len(latest))
     for cid in sorted(latest):
         row = latest[cid]
         request = by_id.get(cid)

@@ -102,8 +102,15 @@ def run(cfg: ImproveConfig, ctx: StageContext) -> dict[str, Any]:
     # The requests that feedback names may be older than the window: read them all up to now.
     requests = fb.read_with_ray(cfg.request_log, fb.REQUESTS, None, until)
     contaminated = fb.ngram_filter(fb.task_texts(cfg.gate.tasks), cfg.feedback.decontaminate_ngram)
-    built = fb.build_examples(feedback, requests, cfg.feedback.min_rating,
-                              cfg.feedback.use_corrections, contaminated)  # fmt: skip
+    built = fb.build_examples(
+        feedback,
+        requests,
+        cfg.feedback.min_rating,
+        cfg.feedback.use_corrections,
+        contaminated,
+        trusted_only=cfg.feedback.keys == "trusted",
+        exclude_keys=set(cfg.feedback.exclude_keys),
+    )
     decision["data"] = built.counts
     say("feedback: " + ", ".join(f"{k} {v}" for k, v in built.counts.items()))
     if len(built.examples) < cfg.feedback.min_examples:

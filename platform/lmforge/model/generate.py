@@ -100,6 +100,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's (SpecialTokens.stop_ids)
     logprobs: int | None = None  # None = no logprobs; k >= 0 = the chosen token's + top k
     echo: bool = False  # also return the prompt tokens (with logprobs when asked)
+    tenant: str = ""  # who asked (an API key id): the engine shares its batch fairly among them
 
 
 def stop_ids(params: SamplingParams, special: SpecialTokens) -> tuple[int, ...]:

@@ -14,6 +14,7 @@ import datetime as dt
 import html
 import io
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,12 +200,21 @@ def to_markdown(blocks: list[Block], out: str | None) -> tuple[str, dict[str, by
         elif b.kind == "table":
             lines.append("| " + " | ".join(b.header) + " |")
             lines.append("|" + "---|" * len(b.header))
-            lines += ["| " + " | ".join(r) + " |" for r in b.rows] + [""]
+            lines += ["| " + " | ".join(map(md_cell, r)) + " |" for r in b.rows] + [""]
         elif b.kind == "plot" and out:
             name = f"{stem}-{b.text}.png"
             files[storage.join(os.path.dirname(out) or ".", name)] = b.png
             lines += [f"![{b.text}]({name})", ""]
     return "\n".join(lines), files
+
+
+MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|!~#&])")
+
+
+def md_cell(text: str) -> str:
+    """A table cell's text as literal Markdown: cells hold what users sent (feedback tags), which
+    must not become links, images, HTML or extra columns in a rendered report."""
+    return MD_SPECIAL.sub(r"\\\1", " ".join(text.split()))
 
 
 def to_html(blocks: list[Block]) -> str:

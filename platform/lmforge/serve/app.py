@@ -4,8 +4,10 @@
                                  -> ModelServer "model-<name>" (an Engine per replica)
 
 `serve run lmforge.serve.app:build_app`, `serve deploy jobs/serve_config.yaml`, the Helm
-chart's RayService and `lmforge serve` all deploy this same builder. Serve calls it with the
-`args:` mapping of the config file and validates it as `ServeArgs` (a typed builder).
+chart's RayService and `lmforge serve` all deploy this same application. Serve calls the
+builder with the `args:` mapping of the config file and validates it as `ServeArgs` (a typed
+builder); `lmforge serve` and the quickstart, which know the address they bind, call
+`application` once their keys were checked against it.
 """
 
 from __future__ import annotations
@@ -155,9 +157,19 @@ def deployment_options(cfg: ModelServeConfig) -> dict:
 
 
 def build_app(args: ServeArgs) -> Application:
-    """The Serve application of `args` (the typed builder `serve run/deploy` calls)."""
+    """The Serve application of a Serve config file's `args` (the typed builder `serve
+    run/deploy` and the chart's RayService call). Its proxy listens where the file's
+    http_options say, on every node, which the app cannot see: it is taken as exposed, so
+    it needs API keys unless `insecure_no_auth`."""
     if isinstance(args, dict):
         args = ServeArgs.model_validate(args)
+    args.check_auth(host="0.0.0.0")
+    return application(args)
+
+
+def application(args: ServeArgs) -> Application:
+    """The Serve application of `args`, once the caller checked its keys against the address
+    it serves (`lmforge serve`, the quickstart: ServeArgs.check_auth)."""
     models = {
         m.name: serve.deployment(ModelServer).options(**deployment_options(m)).bind(m.model_dump())
         for m in args.models

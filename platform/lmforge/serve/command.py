@@ -53,6 +53,11 @@ def serve_command(argv: list[str], prog: str) -> int:
     parser.add_argument("--host", help="HTTP host (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
     parser.add_argument("--api-key-file", help="file of API keys, one per line")
+    parser.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow a non-loopback --host with no API keys (anyone who reaches it can use it)",
+    )
     parser.add_argument("--max-batch-size", type=int, help="every model's max batch (1: off)")
     parser.add_argument("--max-waiting", type=int, help="every model's waiting-queue limit")
     parser.add_argument("--device", help="every model's device: auto, cpu, cuda")
@@ -67,6 +72,8 @@ def serve_command(argv: list[str], prog: str) -> int:
     for key, value in (("host", ns.host), ("port", ns.port), ("api_key_file", ns.api_key_file)):
         if value is not None:
             overrides.append(f"{key}={value}")
+    if ns.insecure_no_auth:
+        overrides.append("insecure_no_auth=true")
     args = load_serve_args(ns.config, overrides, ns.model)
     if ns.name:
         if len(args.models) != 1:
@@ -77,7 +84,7 @@ def serve_command(argv: list[str], prog: str) -> int:
         for m in args.models if value is not None else []:
             setattr(m, field, value)  # validated on assignment (StrictModel)
     check_artifacts(args)
-    args.api_keys()  # a missing key file is an error now, not in a replica
+    args.check_auth()  # no key, or an empty key source, is an error now, not in a replica
     if ns.no_ray or serves_on_this_machine(ns.address):
         check_port_free(args.host, args.port)
     print(banner(args), flush=True)
@@ -100,12 +107,12 @@ def run_on_ray(args: ServeArgs, address: str | None) -> int:
     from ray import serve
 
     from lmforge.console import quiet_loggers
-    from lmforge.serve.app import build_app
+    from lmforge.serve.app import application
 
     quiet_loggers("ray.serve")  # "Started Serve ...", "Application ... is ready" (-v shows them)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_app(args), name="lmforge", route_prefix=args.route_prefix)
+        serve.run(application(args), name="lmforge", route_prefix=args.route_prefix)
         print("serving until Ctrl-C or SIGTERM", flush=True)
         while True:
             time.sleep(3600)

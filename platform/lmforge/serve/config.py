@@ -6,6 +6,8 @@ RayService all build the same `ServeArgs` (the `args:` of the Serve config file)
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import os
 from typing import Literal
 
@@ -111,6 +113,26 @@ class LimitsConfig(StrictModel):
         description="longest prompt text in characters (a chat: all its messages), refused "
         "with 400 before it is encoded (None: 32 x the prompt token limit)",
     )
+    max_sequences: int = Field(
+        64,
+        ge=1,
+        description="most sequences one request may generate (prompts x n); beyond it 400",
+    )
+    max_stop: int = Field(4, ge=0, description="most stop strings per request")
+    max_stop_chars: int = Field(256, ge=1, description="longest stop string, in characters")
+    key_max_concurrent_requests: int | None = Field(
+        16,
+        ge=1,
+        description="requests in flight per API key per API replica; beyond it 429 + Retry-After "
+        "(None: only max_concurrent_requests)",
+    )
+    key_tokens_per_minute: int | None = Field(
+        None,
+        ge=1,
+        description="tokens per minute per API key per API replica (prompt tokens plus "
+        "max_tokens of every sequence, reserved at admission, unused ones given back); beyond it "
+        "429 with the Retry-After that frees enough (None: no token quota)",
+    )
 
 
 class RequestLogConfig(StrictModel):
@@ -184,7 +206,21 @@ class ServeArgs(StrictModel):
         description="env var holding API keys (comma separated); keys from both sources count",
     )
     api_key_file: str | None = Field(
-        None, description="file of API keys, one per line (e.g. a mounted Kubernetes Secret)"
+        None,
+        description="file of API keys, one per line, `KEY` or `KEY_ID:KEY` (the id names the key "
+        "in feedback records and trusted_keys; e.g. a mounted Kubernetes Secret)",
+    )
+    trusted_keys: list[str] | None = Field(
+        None,
+        description="ids of the API keys (KEY_ID in the key file, else key-<sha256 prefix>) "
+        "whose feedback is marked trusted, which alone feeds `lmforge improve` by default. None: "
+        "the only key when exactly one is configured, and the keyless API on the loopback (a "
+        "single user: the quickstart); with several keys, none",
+    )
+    insecure_no_auth: bool = Field(
+        False,
+        description="serve a non-loopback address with no API keys (anyone who reaches the port "
+        "can use it); without it, serving is refused",
     )
     host: str = Field("127.0.0.1", description="HTTP host (`lmforge serve`)")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
@@ -205,13 +241,75 @@ class ServeArgs(StrictModel):
             raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
         return self
 
-    def api_keys(self) -> set[str]:
-        """Configured keys; empty means the API is open."""
-        keys = {k.strip() for k in os.environ.get(self.api_key_env, "").split(",") if k.strip()}
+    def api_keys(self) -> dict[str, str]:
+        """Configured keys, {key: key id}; empty means the API is open. A key source that is
+        configured but holds no key is an error: an API meant to be closed must not open."""
+        keys: dict[str, str] = {}
+        raw = os.environ.get(self.api_key_env)
+        if raw is not None:
+            found = [k.strip() for k in raw.split(",") if k.strip()]
+            if not found:
+                raise ConfigError(
+                    f"the env var {self.api_key_env} (api_key_env) is set but holds no API key; "
+                    "put keys in it (comma separated) or unset it"
+                )
+            keys |= {k: key_id(k) for k in found}
         if self.api_key_file:
             try:
                 text = storage.read_text(self.api_key_file)
             except FileNotFoundError:
                 raise ConfigError(f"api_key_file not found: {self.api_key_file}") from None
-            keys |= {line.strip() for line in text.splitlines() if line.strip()}
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            if not lines:
+                raise ConfigError(
+                    f"api_key_file {self.api_key_file} holds no API key; write one key per "
+                    "line (e.g. openssl rand -hex 24), or drop api_key_file"
+                )
+            for line in lines:
+                name, colon, key = line.partition(":")
+                if colon and name.strip() and key.strip():
+                    keys[key.strip()] = name.strip()
+                else:
+                    keys[line] = key_id(line)
         return keys
+
+    def check_auth(self, host: str | None = None) -> dict[str, str]:
+        """The keys, once it is sure that serving on `host` (default: self.host) is not open to
+        others by accident: no keys on a non-loopback address needs insecure_no_auth."""
+        keys = self.api_keys()
+        host = self.host if host is None else host
+        if not keys and not self.insecure_no_auth and not is_loopback(host):
+            raise ConfigError(
+                f"refusing to serve {host} with no API keys: anyone who reaches it could use "
+                f"it; set {self.api_key_env} or api_key_file, bind 127.0.0.1, or pass "
+                "--insecure-no-auth (insecure_no_auth: true) if that is what you mean"
+            )
+        return keys
+
+    def trusted_key_ids(self, keys: dict[str, str], host: str | None = None) -> set[str]:
+        """Key ids whose feedback is trusted (see `trusted_keys`)."""
+        if self.trusted_keys is not None:
+            return set(self.trusted_keys)
+        ids = set(keys.values())
+        if len(ids) == 1:
+            return ids
+        if not ids and not self.insecure_no_auth and is_loopback(host or self.host):
+            return {ANONYMOUS}
+        return set()
+
+
+ANONYMOUS = "anonymous"  # the key id of requests to an API without keys
+
+
+def key_id(key: str) -> str:
+    """A key's name in logs and metrics: never the key, a hash prefix of it."""
+    return "key-" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -17,7 +17,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -171,8 +171,13 @@ class Engine:
         with self._cond:
             self._drop_cancelled()
             admitted = []
+            # The tenant (API key) with the fewest running sequences goes first, FIFO among
+            # its own: one client's fan-out cannot take every free slot while others wait.
+            running = Counter(r.params.tenant for r in self.running)
             while self.waiting and self.free:
-                request = self.waiting.popleft()
+                request = min(self.waiting, key=lambda r: running[r.params.tenant])
+                self.waiting.remove(request)
+                running[request.params.tenant] += 1
                 request.slot = self.free.pop()
                 admitted.append(request)
         for request in admitted:

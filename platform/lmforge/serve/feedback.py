@@ -7,7 +7,9 @@ The record goes to the feedback store of the request log (always, never sampled)
 the row is durable (fsynced to the replica's feedback journal; `request_log.durable_feedback`);
 a row that could not be written is a 503, so the client retries. The model and version are those that
 answered the completion when this API replica still remembers it (a bounded cache of recent
-completion ids), else null: the improvement job joins feedback to the request log by id.
+completion ids), else null: the improvement job joins feedback to the request log by id. The
+record carries the id of the key that sent it and whether that key is trusted
+(ServeArgs.trusted_keys): by default only trusted feedback trains the next model.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from lmforge.serve.protocol import APIError
+from lmforge.serve.middleware import key_of
+from lmforge.serve.protocol import APIError, Body
 from lmforge.serve.requestlog import utcnow
 
 
-class FeedbackRequest(BaseModel):
+class FeedbackRequest(Body):
     model_config = ConfigDict(extra="forbid")
 
     completion_id: str = Field(
@@ -70,6 +73,8 @@ def add_feedback_route(app: FastAPI) -> None:
             "tags": body.tags,
             "model": model,
             "model_version": version,
+            "key_id": key_of(request),
+            "trusted": key_of(request) in state.trusted_keys,
         }
         try:
             stored = await request_log.store_feedback(record)

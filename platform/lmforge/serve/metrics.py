@@ -18,6 +18,7 @@ buckets are exact.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from dataclasses import dataclass
 
@@ -179,7 +180,9 @@ class ServeMetrics:
 
 
 class MetricsMiddleware:
-    """Counts every HTTP response by route and status (pure ASGI, so streams are not buffered)."""
+    """Counts every HTTP response by route and status (pure ASGI, so streams are not buffered),
+    401s included (it wraps the auth middleware). A client that left before the response ended
+    is counted as 499 (nginx's "client closed request"), not as the server's error."""
 
     def __init__(self, app, metrics: ServeMetrics, routes: set[str]) -> None:
         self.app, self.metrics, self.routes = app, metrics, routes
@@ -187,19 +190,31 @@ class MetricsMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = {"code": 500}
+        state = {"code": None, "ended": False, "left": False}
+
+        async def receive_disconnect():
+            message = await receive()
+            if message["type"] == "http.disconnect" and not state["ended"]:
+                state["left"] = True
+            return message
 
         async def send_status(message):
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                state["code"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                state["ended"] = True
             await send(message)
 
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive_disconnect, send_status)
+        except (asyncio.CancelledError, OSError):
+            state["left"] = not state["ended"]  # cancelled (Serve) or a broken connection
+            raise
         finally:
             path = _route_path(scope)
             route = path if path in self.routes else "other"
-            self.metrics.requests.labels(route, str(status["code"])).inc()
+            code = 499 if state["left"] else state["code"] or 500
+            self.metrics.requests.labels(route, str(code)).inc()
 
 
 def _route_path(scope) -> str:

@@ -10,26 +10,34 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmforge.serve.config import ANONYMOUS
 from lmforge.serve.protocol import APIError
 
 log = logging.getLogger(__name__)
 # The only routes that need no API key: liveness, and the playground's static page (it holds
 # no data; the key is typed into it, and every API call it makes sends the key).
 OPEN_PATHS = {"/health", "/playground"}
+KEY_ID = "lmforge.key_id"  # the scope entry the auth middleware sets
 
 
 class AuthMiddleware:
-    """Bearer API keys on every route but OPEN_PATHS (also on the docs, the spec and 404s)."""
+    """Bearer API keys on every route but OPEN_PATHS (also on the docs, the spec, 404s and
+    WebSocket handshakes). The key's id (never the key) goes into the scope as KEY_ID."""
 
-    def __init__(self, app, keys: set[str]) -> None:
-        self.app, self.keys = app, sorted(keys)
+    def __init__(self, app, keys: dict[str, str]) -> None:
+        # Keys compare as UTF-8 bytes: a header is bytes, and a non-ASCII token is just wrong.
+        self.app = app
+        self.keys = sorted((k.encode("utf-8", "surrogatepass"), i) for k, i in keys.items())
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.keys:
+        if scope["type"] in ("http", "websocket"):
+            key = self._key_id(scope) if self.keys else ANONYMOUS
             path, root = scope.get("path", ""), scope.get("root_path", "")
             if root and path.startswith(root):
                 path = path[len(root) :] or "/"
-            if path not in OPEN_PATHS and not self._valid(scope):
+            if key is None and (path not in OPEN_PATHS or scope["type"] == "websocket"):
+                if scope["type"] == "websocket":  # refused in the handshake: HTTP 403
+                    return await send({"type": "websocket.close", "code": 1008})
                 error = APIError(
                     401,
                     "missing or invalid API key: send 'Authorization: Bearer <key>'",
@@ -39,15 +47,26 @@ class AuthMiddleware:
                 headers = {"WWW-Authenticate": "Bearer"}
                 response = JSONResponse(error.body(), status_code=401, headers=headers)
                 return await response(scope, receive, send)
+            scope[KEY_ID] = key
         await self.app(scope, receive, send)
 
-    def _valid(self, scope) -> bool:
-        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return False
+    def _key_id(self, scope) -> str | None:
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        token = token.strip()
+        if scheme.lower() != b"bearer" or not token:
+            return None
         # Compare against every key, always, so the timing does not reveal a partial match.
-        return sum(hmac.compare_digest(token.strip(), k) for k in self.keys) > 0
+        found = None
+        for key, key_id in self.keys:
+            if hmac.compare_digest(token, key):
+                found = key_id
+        return found
+
+
+def key_of(request: Request) -> str:
+    """The id of the API key that sent `request` (ANONYMOUS on an API without keys)."""
+    return request.scope.get(KEY_ID) or ANONYMOUS
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -75,6 +94,9 @@ def add_error_handlers(app: FastAPI) -> None:
 def validation_error(errors) -> APIError:
     """The first pydantic problem, as a 400 that names the field."""
     first = errors[0]
+    if first.get("type") == "lone_surrogate":
+        where = first["ctx"]["where"]
+        return APIError(400, first["msg"], param=where.split(".")[0], code="invalid_value")
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return APIError(400, f"the body is not valid JSON: {first.get('msg')}", code="invalid_json")

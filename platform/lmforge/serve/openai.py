@@ -10,6 +10,7 @@ cause a 500.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -17,15 +18,16 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lmforge.model import chat
 from lmforge.serve.config import LimitsConfig, ServeArgs
 from lmforge.serve.drift import served_model_info
 from lmforge.serve.feedback import add_feedback_route
 from lmforge.serve.intake import IntakeMiddleware
+from lmforge.serve.limits import KeyQuotas, check_chars, check_counts, check_lengths
 from lmforge.serve.metrics import MetricsMiddleware, ServeMetrics
-from lmforge.serve.middleware import AuthMiddleware, add_error_handlers
+from lmforge.serve.middleware import AuthMiddleware, add_error_handlers, key_of
 from lmforge.serve.protocol import (
     APIError,
     ChatRequest,
@@ -33,7 +35,13 @@ from lmforge.serve.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from lmforge.serve.render import chat_chunk, chat_response, completion_choice, logprob_state
+from lmforge.serve.render import (
+    chat_chunk,
+    chat_response,
+    completion_choice,
+    completion_response,
+    logprob_state,
+)
 from lmforge.serve.streams import Backend, Generation, LocalBackend, Slot, collect_all, merge
 from lmforge.serve.trace import RequestTrace, add_monitoring, lifespan, model_info
 
@@ -73,15 +81,19 @@ def create_app(
     )
     app.state.backends, app.state.limits = backends, args.limits
     app.state.metrics = ServeMetrics(ray=ray_metrics)
-    app.state.inflight = 0
+    app.state.inflight, app.state.quotas = 0, KeyQuotas(args.limits)
     add_monitoring(app, backends, args, replica)
     add_error_handlers(app)
     _add_routes(app)
     add_feedback_route(app)
     routes = {getattr(r, "path", "") for r in app.routes}
-    app.add_middleware(IntakeMiddleware, state=app.state)  # inside auth and metrics
+    # The last added runs first: metrics (counts 401s too), then auth (no body is read for a
+    # request without a key), then the intake that reads the body under its limits.
+    app.add_middleware(IntakeMiddleware, state=app.state)
+    keys = args.api_keys()
+    app.state.trusted_keys = args.trusted_key_ids(keys)
+    app.add_middleware(AuthMiddleware, keys=keys)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)
-    app.add_middleware(AuthMiddleware, keys=args.api_keys())
     return app
 
 
@@ -99,56 +111,6 @@ def _backend(request: Request, name: str | None) -> Backend:
     return backends[name]
 
 
-def _check_lengths(
-    backend: Backend, limits: LimitsConfig, n_prompt: int, max_tokens: int, param: str
-) -> None:
-    cap = min(limits.max_prompt_tokens or backend.max_seq_len, backend.max_seq_len)
-    if n_prompt > cap:
-        raise APIError(
-            400,
-            f"the prompt has {n_prompt} tokens; the limit is {cap}",
-            param=param,
-            code="context_length_exceeded",
-        )
-    if n_prompt + max_tokens > backend.max_seq_len:
-        raise APIError(
-            400,
-            f"this model's maximum context length is {backend.max_seq_len} tokens, but "
-            f"{n_prompt + max_tokens} were requested ({n_prompt} in the prompt, {max_tokens} for "
-            "the completion); shorten the prompt or lower max_tokens",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
-
-
-# Characters per token a prompt may average before it is refused unread: far above what any
-# tokenizer gives on text (about 4), so that only prompts that cannot fit are refused.
-CHARS_PER_TOKEN = 32
-
-
-def _check_chars(backend: Backend, limits: LimitsConfig, n_chars: int, param: str) -> None:
-    """Refuse a prompt text too long to fit before encoding it (encoding costs its length)."""
-    tokens = min(limits.max_prompt_tokens or backend.max_seq_len, backend.max_seq_len)
-    cap = limits.max_prompt_chars or CHARS_PER_TOKEN * tokens
-    if n_chars > cap:
-        raise APIError(
-            400,
-            f"the prompt has {n_chars} characters; the limit is {cap} "
-            f"(limits.max_prompt_chars, for a {tokens}-token prompt limit): shorten it",
-            param=param,
-            code="context_length_exceeded",
-        )
-
-
-def _check_counts(limits: LimitsConfig, n: int, max_tokens: int) -> None:
-    if n > limits.max_n:
-        raise APIError(400, f"n is {n}; the limit is {limits.max_n}", param="n")
-    if max_tokens > limits.max_tokens:
-        raise APIError(
-            400, f"max_tokens is {max_tokens}; the limit is {limits.max_tokens}", param="max_tokens"
-        )
-
-
 def _chat_prompt(
     backend: Backend, messages: list[dict], add_generation_prompt: bool
 ) -> tuple[str, list[int]]:
@@ -163,24 +125,25 @@ def _chat_prompt(
         raise APIError(400, f"messages: {e}", param="messages") from None
 
 
+def _prompt_items(body: CompletionRequest) -> list:
+    p = body.prompt
+    if isinstance(p, str):
+        return [p]
+    return [p] if p and isinstance(p[0], int) else list(p)
+
+
 def _prompts(
     body: CompletionRequest, backend: Backend, limits: LimitsConfig
 ) -> list[tuple[str, list[int]]]:
     """(text, ids) of each prompt, whatever form the request used."""
-    p = body.prompt
-    if isinstance(p, str):
-        items: list = [p]
-    elif p and isinstance(p[0], int):
-        items = [p]
-    else:
-        items = list(p)
+    items = _prompt_items(body)
     if len(items) > limits.max_prompts:
         raise APIError(
             400, f"{len(items)} prompts; the limit is {limits.max_prompts}", param="prompt"
         )
     for item in items:
         if isinstance(item, str):
-            _check_chars(backend, limits, len(item), "prompt")
+            check_chars(backend, limits, len(item), "prompt")
     out, tokenizer = [], backend.tokenizer
     for item in items:
         if isinstance(item, str):  # with BOS first where the model's tokenizer adds one
@@ -263,10 +226,9 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/playground", summary="a chat page to try the models and rate answers")
     async def playground():
-        from importlib.resources import files
+        from lmforge.serve.playground import playground_response
 
-        page = files("lmforge") / "resources" / "playground" / "index.html"
-        return HTMLResponse(page.read_text(encoding="utf-8"))
+        return playground_response()
 
     @app.get("/v1/models", summary="the served models")
     async def models(request: Request):
@@ -307,12 +269,12 @@ def _add_routes(app: FastAPI) -> None:
         limits = request.app.state.limits
         if body.messages is not None:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            _check_chars(backend, limits, sum(len(m["content"]) for m in messages), "messages")
+            check_chars(backend, limits, sum(len(m["content"]) for m in messages), "messages")
             _, ids = await asyncio.to_thread(
                 _chat_prompt, backend, messages, body.add_generation_prompt
             )
         else:
-            _check_chars(backend, limits, len(body.prompt), "prompt")
+            check_chars(backend, limits, len(body.prompt), "prompt")
             if body.add_special_tokens:
                 encode = backend.special.encode_prompt
                 ids = await asyncio.to_thread(encode, backend.tokenizer, body.prompt)
@@ -343,9 +305,14 @@ def _add_routes(app: FastAPI) -> None:
         return await _chat(request, body)
 
 
-async def _start_generation(state, backend, route: str, jobs):
-    """Take a concurrency slot and submit the jobs; the slot is released if submitting fails."""
-    slot = Slot(state)
+async def _start_generation(request: Request, backend, route: str, jobs):
+    """Take a concurrency slot (the replica's and the key's) and submit the jobs, tagged with
+    the key so the engine shares its batch fairly among keys; the slot is released if
+    submitting fails."""
+    state, key = request.app.state, key_of(request)
+    reserved = sum(len(ids) + params.max_tokens for ids, params in jobs)
+    jobs = [(ids, dataclasses.replace(params, tenant=key)) for ids, params in jobs]
+    slot = Slot(state, key, reserved)
     generation = Generation(state, backend, route, slot)
     try:
         return slot, generation, await generation.open(jobs)
@@ -358,19 +325,19 @@ async def _completions(request: Request, body: CompletionRequest):
     state = request.app.state
     backend, limits = _backend(request, body.model), state.limits
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
-    _check_counts(limits, body.n, max_tokens)
     if max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens 0 is only allowed with echo", param="max_tokens")
+    check_counts(limits, body, max_tokens, len(_prompt_items(body)))
     prompts = await asyncio.to_thread(_prompts, body, backend, limits)  # off the event loop
     for _, ids in prompts:
-        _check_lengths(backend, limits, len(ids), max_tokens, "prompt")
+        check_lengths(backend, limits, len(ids), max_tokens, "prompt")
     jobs = [
         (ids, body.sampling(max_tokens, body.logprobs, body.echo, j))
         for _, ids in prompts
         for j in range(body.n)
     ]
     trace = RequestTrace(request, backend, "completions", prompts[0][0])
-    slot, generation, gens = await _start_generation(state, backend, "/v1/completions", jobs)
+    slot, generation, gens = await _start_generation(request, backend, "/v1/completions", jobs)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     trace.rid = rid
     texts = [prompts[k // body.n][0] for k in range(len(jobs))]
@@ -390,15 +357,7 @@ async def _completions(request: Request, body: CompletionRequest):
         usage["completion_tokens"] += outs[-1].completion_tokens
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     trace.end(200, usage)
-    response = {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": body.model,
-        "system_fingerprint": trace.version,
-        "choices": choices,
-        "usage": usage,
-    }
+    response = completion_response(rid, created, body.model, trace.version, choices, usage)
     return JSONResponse(response, headers=trace.headers())
 
 
@@ -415,39 +374,20 @@ async def _completion_events(
         if not (out.tokens or out.text or prefix or out.finish_reason or out.prompt_logprobs):
             continue
         choice = completion_choice(k, prefix + out.text, [out], lps[k], out.finish_reason)
-        yield _sse(
-            {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": body.model,
-                "system_fingerprint": trace.version,
-                "choices": [choice],
-            }
-        )
+        yield _sse(completion_response(rid, created, body.model, trace.version, [choice]))
         if out.finish_reason is not None:
             usage["prompt_tokens"] += out.prompt_tokens if k % body.n == 0 else 0
             usage["completion_tokens"] += out.completion_tokens
     if (body.stream_options or {}).get("include_usage"):
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        yield _sse(
-            {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": body.model,
-                "system_fingerprint": trace.version,
-                "choices": [],
-                "usage": usage,
-            }
-        )
+        yield _sse(completion_response(rid, created, body.model, trace.version, [], usage))
 
 
 async def _chat(request: Request, body: ChatRequest):
     state = request.app.state
     backend, limits = _backend(request, body.model), state.limits
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    _check_chars(backend, limits, sum(len(m["content"]) for m in messages), "messages")
+    check_chars(backend, limits, sum(len(m["content"]) for m in messages), "messages")
     rendered, ids = await asyncio.to_thread(_chat_prompt, backend, messages, True)
     asked = (
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -455,13 +395,14 @@ async def _chat(request: Request, body: ChatRequest):
     max_tokens = (
         asked if asked is not None else min(limits.max_tokens, backend.max_seq_len - len(ids))
     )
-    _check_counts(limits, body.n, max_tokens)
-    _check_lengths(backend, limits, len(ids), max_tokens, "messages")
+    check_counts(limits, body, max_tokens)
+    check_lengths(backend, limits, len(ids), max_tokens, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     jobs = [(ids, body.sampling(max_tokens, logprobs, False, j)) for j in range(body.n)]
     trace = RequestTrace(request, backend, "chat", rendered)
     trace.messages = messages
-    slot, generation, gens = await _start_generation(state, backend, "/v1/chat/completions", jobs)
+    route = "/v1/chat/completions"
+    slot, generation, gens = await _start_generation(request, backend, route, jobs)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     trace.rid = rid
     if body.stream:

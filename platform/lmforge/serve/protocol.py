@@ -1,15 +1,19 @@
 """OpenAI request schemas and the error envelope.
 
 Requests are validated here, before any model work: a wrong field is a 400 that names it.
-Fields the OpenAI API has but this server does not act on (user, logit_bias, ...) are ignored,
-so unchanged OpenAI clients work; penalties other than 0 are refused rather than ignored.
+Fields the OpenAI API has but this server does not act on (user, ...) are ignored, so
+unchanged OpenAI clients work; what would change the output if acted on (penalties other than
+0, a non-empty logit_bias) is refused rather than ignored. Text holding a lone UTF-16 surrogate
+(JSON "\\ud800", which no encoder can write) is refused wherever it is.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from lmforge.model.generate import SamplingParams
 
@@ -41,7 +45,48 @@ class APIError(Exception):
         }
 
 
-class _Request(BaseModel):
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def find_surrogate(value: Any, where: str = "") -> str | None:
+    """The path (e.g. `messages.0.content`) of the first string in a JSON value holding a lone
+    surrogate, or None."""
+    if isinstance(value, str):
+        return where if SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if isinstance(key, str) and SURROGATE.search(key):
+            return f"{where}.{key!a}".lstrip(".")
+        found = find_surrogate(item, f"{where}.{key}".lstrip("."))
+        if found is not None:
+            return found
+    return None
+
+
+class Body(BaseModel):
+    """A request body: no lone surrogate anywhere (they make a tokenizer or the JSON encoder
+    raise later, a 500), refused as a 400 that names the field."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_surrogates(cls, data: Any) -> Any:
+        where = find_surrogate(data)
+        if where is not None:
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "{where}: the text holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not "
+                "a character; send valid Unicode (pair surrogates, or UTF-8)",
+                {"where": where or "body"},
+            )
+        return data
+
+
+class _Request(Body):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(..., description="the served model's name (GET /v1/models lists them)")
@@ -60,6 +105,7 @@ class _Request(BaseModel):
     )
     presence_penalty: float = Field(0.0, description="not supported: must be 0")
     frequency_penalty: float = Field(0.0, description="not supported: must be 0")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -68,12 +114,12 @@ class _Request(BaseModel):
             raise ValueError("penalties are not supported; send 0")
         return value
 
-    @field_validator("stop")
+    @field_validator("logit_bias")
     @classmethod
-    def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop strings")
-        return value
+    def _no_logit_bias(cls, value: dict[str, float] | None) -> None:
+        if value:
+            raise ValueError("logit_bias is not supported; leave it out or send {}")
+        return None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -112,7 +158,7 @@ class CompletionRequest(_Request):
         return value
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Body):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"] = Field(..., description="who speaks")
@@ -138,7 +184,7 @@ class ChatRequest(_Request):
     top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: top k")
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(Body):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(None, description="model name (default: the first served model)")
@@ -148,7 +194,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = Field(True, description="with messages: open the answer turn")
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(Body):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(None, description="model name (default: the first served model)")

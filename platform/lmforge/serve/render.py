@@ -56,6 +56,23 @@ def completion_choice(
     }
 
 
+def completion_response(
+    rid: str, created: int, model: str, fingerprint: str | None, choices: list[dict], usage=None
+) -> dict:
+    """A completions response, or one stream chunk of it (`usage`: the whole request's)."""
+    response = {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": choices,
+    }
+    if usage is not None:
+        response["usage"] = usage
+    return response
+
+
 def chat_logprobs(outs: list[Output], tokenizer) -> dict:
     content = []
     for out in outs:

@@ -80,6 +80,8 @@ FEEDBACK_SCHEMA = pa.schema(
         pa.field("model", pa.string()),  # null when this replica did not see the completion
         pa.field("model_version", pa.string()),
         pa.field("replica", pa.string()),
+        pa.field("key_id", pa.string()),  # the id of the API key that sent it (never the key)
+        pa.field("trusted", pa.bool_()),  # from a key in trusted_keys: it may feed `improve`
     ]
 )
 
@@ -415,12 +417,20 @@ def read_log(
     tables = []
     for file in log_files(path, kind, since):
         table = pq.read_table(pa.BufferReader(storage.read_bytes(file)))
-        tables.append(table.select(schema.names).cast(schema))
+        tables.append(conform(table, schema))
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     if since is not None:
         mask = pc.greater_equal(table["time"], pa.scalar(since, type=TIME))
         table = table.filter(mask)
     return table.sort_by("time") if table.num_rows else table
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` in `schema`: a column that files written before it existed lack is null."""
+    for f in schema:
+        if f.name not in table.column_names:
+            table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
+    return table.select(schema.names).cast(schema)
 
 
 def log_files(

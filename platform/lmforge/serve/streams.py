@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from lmforge.model.generate import SamplingParams
 from lmforge.model.special import SpecialTokens
-from lmforge.serve.config import LimitsConfig
+from lmforge.serve.config import ANONYMOUS, LimitsConfig
 from lmforge.serve.drift import ServedModelInfo, prompt_bits_per_byte
 from lmforge.serve.engine import Engine, EngineOverloaded, Output
 from lmforge.serve.protocol import APIError
@@ -53,22 +53,27 @@ class LocalBackend:
 
 
 class Slot:
-    """One of the replica's `max_concurrent_requests`: 429 + Retry-After when none is free."""
+    """One of the replica's `max_concurrent_requests`, and of its key's quotas: 429 +
+    Retry-After when none is free. `reserved` tokens are taken from the key's rate when it is
+    taken; what the request did not use (`used`) is given back when it is released."""
 
-    def __init__(self, state) -> None:
+    def __init__(self, state, key: str = ANONYMOUS, reserved: int = 0) -> None:
         if state.inflight >= state.limits.max_concurrent_requests:
             raise overloaded(
                 429,
                 f"too many concurrent requests (limit {state.limits.max_concurrent_requests})",
                 state.limits,
             )
+        state.quotas.acquire(key, reserved)
         self.state, self.held = state, True
+        self.key, self.reserved, self.used = key, reserved, 0
         state.inflight += 1
 
     def release(self) -> None:
         if self.held:
             self.held = False
             self.state.inflight -= 1
+            self.state.quotas.release(self.key, self.reserved - self.used)
 
 
 # ---------------------------------------------------------------- one choice, with limits
@@ -105,6 +110,7 @@ class Generation:
     async def _outputs(self, ids: list[int], params: SamplingParams) -> AsyncIterator[Output]:
         m, model = self.state.metrics, self.backend.name
         m.prompt_tokens.labels(model).inc(len(ids))
+        self.slot.used += len(ids)
         gauge = m.waiting.labels(model)
         gauge.inc()
         stream = self.backend.generate(ids, params)
@@ -119,6 +125,7 @@ class Generation:
                     gauge.inc()
                     m.ttft.labels(model).observe(time.monotonic() - self.start)
                 if out.tokens:
+                    self.slot.used += len(out.tokens)
                     m.generation_tokens.labels(model).inc(len(out.tokens))
                     m.batch_size.labels(model).observe(out.batch_size)
                 if out.finish_reason in ("stop", "length"):
