@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from lmforge import ConfigError, StageFailed, storage
 from lmforge.data import dedup, pack, sources, tokenizer
 from lmforge.data.config import DataConfig
-from lmforge.data.manifest import PII_KINDS, build_manifest, dataset_stats, print_summary
+from lmforge.data.manifest import COUNTS_TYPE, build_manifest, dataset_stats, print_summary
 from lmforge.data.steps import build_steps, step_labels
 from lmforge.stage import Stage, StageContext
 
@@ -40,7 +40,8 @@ REJECT_SCHEMA = pa.schema(
 
 
 class StepRunner:
-    """Actor: applies the steps to each document of a batch, then adds what dedup needs."""
+    """Actor: applies the steps to each document of a batch, keeps every step's counts, then
+    adds what dedup needs."""
 
     def __init__(self, cfg: DataConfig, bands: int, rows: int) -> None:
         self.steps = list(zip(step_labels(cfg.steps), build_steps(cfg.steps), strict=True))
@@ -52,7 +53,7 @@ class StepRunner:
         texts = batch.column("text").to_pylist()
         reject = batch.column("reject").to_pylist()
         step = batch.column("step").to_pylist()
-        pii = {k: np.zeros(len(texts), dtype=np.int32) for k in PII_KINDS}
+        counts: list[list[dict[str, Any]]] = [[] for _ in texts]
         hashes = np.zeros(len(texts), dtype=np.int64)
         sigs: list[Any] = []
         bands: list[Any] = []
@@ -60,9 +61,9 @@ class StepRunner:
             if not reject[i]:
                 for label, s in self.steps:
                     out = s.process(text)
-                    for k, v in (out.counts or {}).items():
-                        if k.startswith("pii_"):
-                            pii[k[4:]][i] += v
+                    counts[i] += [
+                        {"step": label, "counter": k, "n": v} for k, v in (out.counts or {}).items()
+                    ]
                     if out.reason:
                         reject[i], step[i], text = out.reason, label, text[: sources.SNIPPET_CHARS]
                         break
@@ -86,8 +87,10 @@ class StepRunner:
             "n_bytes": np.array([len(t.encode()) for t in texts], dtype=np.int64),
             "sig": pa.array(sigs, pa.list_(pa.uint32())),
             "bands": pa.array(bands, pa.list_(pa.int64())),
+            # whatever each step counted, under its label: the manifest adds these up
+            "counts": pa.array(counts, COUNTS_TYPE),
         }
-        return pa.table({**cols, **{f"pii_{k}": v for k, v in pii.items()}})
+        return pa.table(cols)
 
 
 def _rows(ds, rejected: bool):
