@@ -16,7 +16,9 @@ import os
 from typing import Any
 
 from lmforge import LmforgeError, storage
-from lmforge.model.version import VERSION_FILE, read_serving_pointer, read_version
+from lmforge.model.artifact import VERSION_FILE
+from lmforge.model.version import read_version
+from lmforge.stage import read_serving_pointer
 
 # Metrics shown in the eval summary, the first one a task has (else its first metric).
 PRIMARY_METRICS = ("bits_per_byte", "acc_norm", "acc", "exact_match", "f1", "loss")

@@ -21,26 +21,9 @@ from lmforge import ConfigError, storage
 from lmforge.eval.config import EvalConfig, scaffold
 from lmforge.eval.report import plot_over_steps, text_table, write_report
 from lmforge.eval.tasks import Items, TaskSpec, load_items, resolve_task
+from lmforge.model.artifact import resolve_artifact
 from lmforge.model.special import LMFORGE, SpecialTokens, load_special_tokens
 from lmforge.stage import Stage, StageContext
-
-
-def resolve_artifact(path: str) -> str:
-    """The artifact dir of an artifact or a training run dir (`<run>/model`), or of a run
-    reference (`[<runs_dir>/]@<stage>/<run name>`, `[<runs_dir>/]@serving`)."""
-    if path.startswith("@") or "/@" in path:
-        from lmforge.model.hf import resolve_artifact as resolve_reference
-
-        path = resolve_reference(path)
-    for candidate in (path, storage.join(path, "model")):
-        if storage.exists(storage.join(candidate, "config.json")) and storage.exists(
-            storage.join(candidate, "model.safetensors")
-        ):
-            return storage.absolute(candidate)  # actors run elsewhere
-    raise ConfigError(
-        f"model: {path} is neither a model artifact (model.safetensors, config.json) "
-        "nor a training run directory with one under model/"
-    )
 
 
 def artifact_step(artifact: str, index: int) -> int:
@@ -190,11 +173,11 @@ def evaluate_model(cfg: EvalConfig, artifact: str, tasks: list[Task], output: st
     from tokenizers import Tokenizer
 
     from lmforge.eval.runner import score_distributed
-    from lmforge.model.artifact import load_config
+    from lmforge.model.artifact import load_model_config
 
     tokenizer = Tokenizer.from_str(storage.read_text(storage.join(artifact, "tokenizer.json")))
     special = load_special_tokens(artifact, tokenizer)
-    max_length = min(cfg.max_length or 1 << 30, load_config(artifact).max_seq_len)
+    max_length = min(cfg.max_length or 1 << 30, load_model_config(artifact).max_seq_len)
     res = cfg.resources
 
     def score(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -256,7 +239,8 @@ def validate(cfg: EvalConfig) -> None:
 
 
 def run(cfg: EvalConfig, ctx: StageContext) -> dict[str, Any]:
-    models = [resolve_artifact(m) for m in [cfg.model, *cfg.checkpoints]]
+    # absolute: the scoring actors run in another working directory
+    models = [storage.absolute(resolve_artifact(m)) for m in [cfg.model, *cfg.checkpoints]]
     tasks = load_tasks(cfg)
     vals = [val_task(cfg, artifact) for artifact in models]  # checked before any actor starts
     problems = {t.spec.name: t.items.problems for t in [*vals[:1], *tasks] if t is not None}

@@ -34,8 +34,8 @@ DECISIONS = "decisions.jsonl"
 def served_artifact(cfg: ImproveConfig) -> tuple[str, bool]:
     """(the served artifact, adopted now?): the serving pointer once there is one (promotions
     move it); before that, `current`, which this run adopts as the served model."""
-    from lmforge.model.hf import resolve_artifact
-    from lmforge.model.version import read_serving_pointer
+    from lmforge.model.artifact import resolve_artifact
+    from lmforge.stage import read_serving_pointer
 
     pointer = read_serving_pointer(cfg.runs_dir)
     if pointer:
@@ -76,8 +76,9 @@ def record(output: str, run_dir: str, history: list[dict], decision: dict[str, A
 
 def run(cfg: ImproveConfig, ctx: StageContext) -> dict[str, Any]:
     from lmforge.improve import feedback as fb
-    from lmforge.model.version import read_version, write_serving_pointer
+    from lmforge.model.version import read_version
     from lmforge.monitor.stats import parse_since
+    from lmforge.stage import write_serving_pointer
 
     current, adopted = served_artifact(cfg)  # checked by validate before Ray started
     if adopted:
@@ -178,6 +179,7 @@ def write_examples(
 def finetune(cfg: ImproveConfig, current: str, train_file: str, val_file: str | None) -> str:
     """The candidate: the `finetune` stage on the feedback examples, from the served model."""
     from lmforge.finetune.config import FinetuneConfig
+    from lmforge.model.artifact import is_artifact
     from lmforge.stage import get_stage, run_stage
 
     settings = config_dict(cfg.finetune)
@@ -189,7 +191,7 @@ def finetune(cfg: ImproveConfig, current: str, train_file: str, val_file: str | 
          "data": data, "checkpoint": {"every_steps": 0, "keep_last": 1}, **settings}
     )  # fmt: skip
     result = run_stage(get_stage("finetune"), ft_cfg)
-    if not storage.exists(storage.join(result.output, "model", "config.json")):
+    if not is_artifact(storage.join(result.output, "model")):
         raise LmforgeError(f"the fine-tune {result.output} left no model artifact")
     return result.output
 
@@ -231,7 +233,8 @@ def promote_candidate(
     """Point serving at the candidate: lineage gets the gate's report; pointer and serve config."""
     import yaml
 
-    from lmforge.model.version import read_version, write_serving_pointer, write_version
+    from lmforge.model.version import read_version, write_version
+    from lmforge.stage import write_serving_pointer
 
     record_ = read_version(candidate)
     record_["eval_report"] = report
