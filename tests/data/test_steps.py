@@ -203,7 +203,7 @@ def test_every_step_counter_reaches_the_manifest(monkeypatch):
     from lmforge.data import steps as steps_module
     from lmforge.data.manifest import add_up, block_stats, build_manifest
     from lmforge.data.prepare import StepRunner
-    from lmforge.data.sources import SCHEMA
+    from lmforge.data.readers import SCHEMA
 
     class CountingLength(Length):
         def process(self, text):
