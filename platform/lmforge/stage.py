@@ -37,7 +37,7 @@ from lmforge.config import (
     load_config,
 )
 
-# name -> "module:attribute" of its Stage; each stage issue adds its line.
+# name -> "module:attribute" of its Stage, imported only when that stage runs.
 STAGES: dict[str, str] = {
     "check": "lmforge.check:STAGE",
     "data": "lmforge.data.prepare:STAGE",

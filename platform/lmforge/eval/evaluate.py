@@ -183,9 +183,15 @@ def evaluate_model(cfg: EvalConfig, artifact: str, tasks: list[Task], output: st
     def score(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         print(f"[eval] {artifact}: {len(requests)} requests over {len(tasks)} task(s)", flush=True)
         return score_distributed(
-            artifact, requests, cfg.batch_size, res.num_actors, res.cpus_per_actor,
-            res.gpus_per_actor, max_length, cfg.max_batch_tokens,
-        )  # fmt: skip
+            artifact,
+            requests,
+            cfg.batch_size,
+            res.num_actors,
+            res.cpus_per_actor,
+            res.gpus_per_actor,
+            max_length,
+            cfg.max_batch_tokens,
+        )
 
     generation = cfg.generation.model_dump()
     return score_tasks(tasks, tokenizer, max_length, generation, score, output, special)
