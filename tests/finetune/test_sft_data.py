@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -13,7 +14,7 @@ from lmforge import ConfigError, LmforgeError
 from lmforge.data.tokenizer import train_bpe
 from lmforge.finetune import conversation as C
 from lmforge.finetune import data as D
-from lmforge.finetune.packing import PACK_WINDOW, pack_examples
+from lmforge.finetune.packing import PACK_WINDOW, Example, RowPacker
 from lmforge.model import chat
 from lmforge.model.special import SpecialTokens
 
@@ -196,6 +197,15 @@ def check_rows(rows: dict[str, np.ndarray], block: int, examples: list[tuple[lis
             found.append((tuple(tokens[r][at]), tuple(loss[r][at])))
     expected = [(tuple(ids), (0, *mask[1:])) for ids, mask in examples]
     assert sorted(found) == sorted(expected)
+
+
+def pack_examples(
+    examples: list[Example], seq_len: int, packing: bool, pad_id: int = 0
+) -> pa.Table:
+    """All rows of some (ids, mask) examples in one table (what prepare_sft writes, in memory)."""
+    packer = RowPacker(seq_len + 1, packing, pad_id, rows_per_table=1 << 30)
+    tables = [t for ex in examples for t in packer.add(*ex)] + list(packer.finish())
+    return pa.concat_tables(tables)
 
 
 def first_fit(lengths: list[int], block: int, window: int) -> list[list[int]]:
