@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from lmforge import LmforgeError, storage
-from lmforge.model.artifact import VERSION_FILE
+from lmforge.model.artifact import CONFIG, VERSION_FILE
 from lmforge.model.version import read_version
 from lmforge.stage import read_serving_pointer
 
@@ -37,8 +37,8 @@ def _tail(path: str) -> str:
 
 
 def _artifact_dirs(runs_dir: str) -> list[str]:
-    suffix = "/model/config.json"
-    return [f[: -len("/config.json")] for f in storage.list_files(runs_dir, suffix=suffix)]
+    suffix = f"/model/{CONFIG}"
+    return [f[: -len(f"/{CONFIG}")] for f in storage.list_files(runs_dir, suffix=suffix)]
 
 
 def _run_dir(artifact: str) -> str:

@@ -21,7 +21,7 @@ from lmforge import ConfigError, storage
 from lmforge.eval.config import EvalConfig, scaffold
 from lmforge.eval.report import plot_over_steps, text_table, write_report
 from lmforge.eval.tasks import Items, TaskSpec, load_items, resolve_task
-from lmforge.model.artifact import resolve_artifact
+from lmforge.model.artifact import RESOLVED, TOKENIZER, resolve_artifact
 from lmforge.model.special import LMFORGE, SpecialTokens, load_special_tokens
 from lmforge.stage import Stage, StageContext
 
@@ -51,7 +51,7 @@ def trained_on(artifact: str, depth: int = 4) -> str | None:
     or of its base for a fine-tuned model (which keeps the base's tokenizer). Both were
     written as the run saw them (relative to its working directory, or absolute), so they are
     looked up under the runs dir that holds the artifact, as a moved runs dir needs."""
-    resolved = storage.join(artifact, "resolved_config.yaml")
+    resolved = storage.join(artifact, RESOLVED)
     if depth == 0 or not storage.exists(resolved):
         return None
     run_cfg = yaml.safe_load(storage.read_text(resolved)) or {}
@@ -64,7 +64,7 @@ def trained_on(artifact: str, depth: int = 4) -> str | None:
     if not isinstance(base, str) or base.startswith("@") or "/@" in base:
         return None  # fine-tune configs store the resolved base; a reference is not one
     base = storage.find_under(runs_dir, base)
-    if not storage.exists(storage.join(base, "resolved_config.yaml")):
+    if not storage.exists(storage.join(base, RESOLVED)):
         base = storage.join(base, "model")  # a training run dir
     return trained_on(base, depth - 1)
 
@@ -91,9 +91,7 @@ def val_task(cfg: EvalConfig, artifact: str) -> Task | None:
     tok_sha = manifest.get("tokenizer_sha256")
     from lmforge.data.tokenizer import sha256_text
 
-    if tok_sha and tok_sha != sha256_text(
-        storage.read_text(storage.join(artifact, "tokenizer.json"))
-    ):
+    if tok_sha and tok_sha != sha256_text(storage.read_text(storage.join(artifact, TOKENIZER))):
         items.problems.append(
             f"{data}: the val split was tokenized with another tokenizer; skipped"
         )
@@ -175,7 +173,7 @@ def evaluate_model(cfg: EvalConfig, artifact: str, tasks: list[Task], output: st
     from lmforge.eval.runner import score_distributed
     from lmforge.model.artifact import load_model_config
 
-    tokenizer = Tokenizer.from_str(storage.read_text(storage.join(artifact, "tokenizer.json")))
+    tokenizer = Tokenizer.from_str(storage.read_text(storage.join(artifact, TOKENIZER)))
     special = load_special_tokens(artifact, tokenizer)
     max_length = min(cfg.max_length or 1 << 30, load_model_config(artifact).max_seq_len)
     res = cfg.resources
