@@ -10,6 +10,7 @@ import pytest
 
 from lmforge import LmforgeError
 from lmforge.model import version as mv
+from lmforge.stage import read_serving_pointer, write_serving_pointer
 
 
 def save_tiny(directory: Path, seed: int = 0, **lineage) -> dict:
@@ -76,29 +77,29 @@ def test_read_version_errors_are_one_clear_line(tmp_path):
 
 def test_serving_pointer_round_trip_keeps_the_previous_one(tmp_path):
     runs = str(tmp_path / "runs")
-    assert mv.read_serving_pointer(runs) is None
+    assert read_serving_pointer(runs) is None
     a = save_tiny(tmp_path / "a")
     b = save_tiny(tmp_path / "b", seed=1)
-    first = mv.write_serving_pointer(runs, str(tmp_path / "a"), reason="first")
+    first = write_serving_pointer(runs, str(tmp_path / "a"), reason="first")
     assert first["version"] == a["version"] and first["reason"] == "first"
     assert "previous" not in first
-    second = mv.write_serving_pointer(runs, str(tmp_path / "b"))
-    assert mv.read_serving_pointer(runs) == second
+    second = write_serving_pointer(runs, str(tmp_path / "b"))
+    assert read_serving_pointer(runs) == second
     assert second["version"] == b["version"]
     assert second["previous"] == {"artifact": str(tmp_path / "a"), "version": a["version"]}
     with pytest.raises(LmforgeError, match="not a model artifact"):
-        mv.write_serving_pointer(runs, str(tmp_path / "nowhere"))
+        write_serving_pointer(runs, str(tmp_path / "nowhere"))
 
 
 def test_serving_pointer_survives_another_directory_and_a_moved_runs_dir(tmp_path, monkeypatch):
     """current.json held the artifact as the promoting process's working directory saw it."""
-    from lmforge.model.hf import resolve_artifact
+    from lmforge.model.artifact import resolve_artifact
 
     monkeypatch.chdir(tmp_path)
     save_tiny(tmp_path / "runs" / "improve" / "loop-1" / "model")
     save_tiny(tmp_path / "runs" / "improve" / "loop-2" / "model", seed=1)
-    mv.write_serving_pointer("runs", "runs/improve/loop-1/model")
-    mv.write_serving_pointer("runs", "runs/improve/loop-2/model")
+    write_serving_pointer("runs", "runs/improve/loop-1/model")
+    write_serving_pointer("runs", "runs/improve/loop-2/model")
     stored = json.loads((tmp_path / "runs" / "serving" / "current.json").read_text())
     assert stored["artifact"] == "improve/loop-2/model"
     assert stored["previous"]["artifact"] == "improve/loop-1/model"
@@ -107,7 +108,7 @@ def test_serving_pointer_survives_another_directory_and_a_moved_runs_dir(tmp_pat
     (tmp_path / "runs").rename(tmp_path / "moved")
     served = resolve_artifact(f"{tmp_path / 'moved'}/@serving")
     assert served == str(tmp_path / "moved" / "improve" / "loop-2" / "model")
-    pointer = mv.read_serving_pointer(str(tmp_path / "moved"))
+    pointer = read_serving_pointer(str(tmp_path / "moved"))
     assert pointer["previous"]["artifact"] == str(tmp_path / "moved/improve/loop-1/model")
     # a pointer written before (relative to the old working directory) still reads
     stored["artifact"] = "runs/improve/loop-1/model"
@@ -179,7 +180,6 @@ def test_list_finds_every_complete_artifact_with_lineage_and_evals(runs):
 
 
 def test_served_version_is_marked_and_shown(runs, cli):
-    from lmforge.model.version import write_serving_pointer
 
     chat_dir = runs / "finetune" / "chat-bbbbbbbbbbbb" / "model"
     pointer = write_serving_pointer(str(runs), str(chat_dir))
@@ -233,7 +233,29 @@ def test_list_on_an_object_store(tmp_path):
     (listed,) = list_models(runs)
     assert listed["version"] == record["version"]
     assert listed["artifact"] == f"{runs}/train/base-ffffffffffff/model"
-    from lmforge.model.version import write_serving_pointer
 
     write_serving_pointer(runs, listed["artifact"])
     assert list_models(runs)[0]["served"] is True
+
+
+def test_one_artifact_resolution_for_every_stage(tmp_path, monkeypatch):
+    """Evaluation, fine-tuning, export and serving resolve a model the same way: a config.json
+    without its weights is not an artifact anywhere, and `@serving` works in eval too."""
+    from lmforge import ConfigError
+    from lmforge.eval.config import EvalConfig
+    from lmforge.eval.evaluate import validate
+    from lmforge.model.artifact import is_artifact, resolve_artifact
+
+    save_tiny(tmp_path / "runs" / "train" / "base-1" / "model")
+    half = tmp_path / "half" / "model"
+    half.mkdir(parents=True)
+    (half / "config.json").write_text("{}")
+    assert not is_artifact(str(half))
+    with pytest.raises(ConfigError, match="half is not a model artifact"):
+        resolve_artifact(str(half.parent))
+    monkeypatch.chdir(tmp_path)
+    write_serving_pointer("runs", "runs/train/base-1/model")
+    assert resolve_artifact("runs/@serving") == "runs/train/base-1/model"  # as stored: relative
+    validate(EvalConfig(model="runs/@serving", tasks=[]))
+    with pytest.raises(ConfigError, match="nothing is served yet under elsewhere"):
+        validate(EvalConfig(model="elsewhere/@serving", tasks=[]))

@@ -12,7 +12,8 @@ class Command(NamedTuple):
     help: str
 
 
-# Each later issue adds its command here: one line of help, one lazily imported target.
+# A new command is one line here: its help and a lazily imported target (so `lmforge --help`
+# imports none of them).
 COMMANDS: dict[str, Command] = {
     "quickstart": Command(
         "lmforge.quickstart:quickstart_command",

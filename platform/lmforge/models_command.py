@@ -16,7 +16,9 @@ import os
 from typing import Any
 
 from lmforge import LmforgeError, storage
-from lmforge.model.version import VERSION_FILE, read_serving_pointer, read_version
+from lmforge.model.artifact import CONFIG, VERSION_FILE
+from lmforge.model.version import read_version
+from lmforge.stage import read_serving_pointer
 
 # Metrics shown in the eval summary, the first one a task has (else its first metric).
 PRIMARY_METRICS = ("bits_per_byte", "acc_norm", "acc", "exact_match", "f1", "loss")
@@ -35,8 +37,8 @@ def _tail(path: str) -> str:
 
 
 def _artifact_dirs(runs_dir: str) -> list[str]:
-    suffix = "/model/config.json"
-    return [f[: -len("/config.json")] for f in storage.list_files(runs_dir, suffix=suffix)]
+    suffix = f"/model/{CONFIG}"
+    return [f[: -len(f"/{CONFIG}")] for f in storage.list_files(runs_dir, suffix=suffix)]
 
 
 def _run_dir(artifact: str) -> str:
@@ -104,8 +106,13 @@ def list_models(runs_dir: str) -> list[dict[str, Any]]:
         found = list(evals.get(_tail(artifact), []))
         if record.get("eval_report") and storage.exists(record["eval_report"]):
             report = storage.read_json(record["eval_report"])
-            found.insert(0, {"report": record["eval_report"],
-                             "summary": eval_summary(report.get("tasks") or {})})  # fmt: skip
+            found.insert(
+                0,
+                {
+                    "report": record["eval_report"],
+                    "summary": eval_summary(report.get("tasks") or {}),
+                },
+            )
         record.update(artifact=artifact, evals=found, served=_norm(artifact) == served)
         models.append(record)
     if pointer and not any(m["served"] for m in models):
@@ -165,11 +172,19 @@ def models_table(models: list[dict[str, Any]]) -> str:
     for m in models:
         evals = "; ".join(e["summary"] for e in m["evals"][:2] if e["summary"])
         bpb = f"{m['val_bpb']:.4f}" if isinstance(m.get("val_bpb"), int | float) else "-"
-        rows.append((
-            "*" if m["served"] else "", m["version"], _short(f"{m['stage']}/{m['run']}", 40),
-            _short(m["created"], 20), _short(m["parent"], 14), _short(m["data_manifest_hash"], 12),
-            _short(m["config_hash"], 12), bpb, _short(evals, 60),
-        ))  # fmt: skip
+        rows.append(
+            (
+                "*" if m["served"] else "",
+                m["version"],
+                _short(f"{m['stage']}/{m['run']}", 40),
+                _short(m["created"], 20),
+                _short(m["parent"], 14),
+                _short(m["data_manifest_hash"], 12),
+                _short(m["config_hash"], 12),
+                bpb,
+                _short(evals, 60),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines)
@@ -183,8 +198,10 @@ def models_command(argv: list[str], prog: str) -> int:
         "(<runs_dir>/serving/current.json); `show VERSION` prints one lineage as JSON.",
     )
     sub = parser.add_subparsers(dest="action", required=True, metavar="{list,show}")
-    for name, help_text in (("list", "a table of every model version"),
-                            ("show", "one version's lineage as JSON")):  # fmt: skip
+    for name, help_text in (
+        ("list", "a table of every model version"),
+        ("show", "one version's lineage as JSON"),
+    ):
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "show":
             p.add_argument("version", help="version id (v-...; a unique prefix is enough)")

@@ -139,11 +139,25 @@ def make_plan(
     )
     capacity = cfg.plan.gpu_memory_gib or _gpu_memory(gpu) if on_gpu else None
     plan = Plan(
-        n, num_params(arch, embeddings=False), seq_len, fpt, tokens, steps, fpt * tokens,
-        CHINCHILLA_TOKENS_PER_PARAM * n, devices, device, peak, cfg.plan.assumed_mfu,
-        seconds / 3600, seconds / 3600 * devices, memory, capacity, warnings,
-    )  # fmt: skip
-    plan.seq_len_source = seq_len_source
+        params=n,
+        params_non_embedding=num_params(arch, embeddings=False),
+        seq_len=seq_len,
+        flops_per_token=fpt,
+        tokens=tokens,
+        steps=steps,
+        total_flops=fpt * tokens,
+        chinchilla_tokens=CHINCHILLA_TOKENS_PER_PARAM * n,
+        devices=devices,
+        device=device,
+        peak_tflops_per_device=peak,
+        assumed_mfu=cfg.plan.assumed_mfu,
+        wall_hours=seconds / 3600,
+        device_hours=seconds / 3600 * devices,
+        memory_gib=memory,
+        device_memory_gib=capacity,
+        warnings=warnings,
+        seq_len_source=seq_len_source,
+    )
     if assumed:
         plan.warnings.append(
             f"seq_len {seq_len} is assumed (the model's max_seq_len): data.path names no data "
@@ -180,18 +194,33 @@ def _check(plan: Plan, cfg: TrainConfig, seq_len: int) -> None:
 def format_plan(plan: Plan) -> str:
     mem = plan.memory_gib
     rows = [
-        ("parameters", f"{plan.params / 1e6:,.1f}M ({plan.params_non_embedding / 1e6:,.1f}M non-embedding)"),
+        (
+            "parameters",
+            f"{plan.params / 1e6:,.1f}M ({plan.params_non_embedding / 1e6:,.1f}M non-embedding)",
+        ),
         ("sequence length", f"{plan.seq_len:,} ({plan.seq_len_source})"),
-        ("FLOPs per token", f"{plan.flops_per_token / 1e9:,.3f} GFLOP (6 N_matmul + 12 L D T, T={plan.seq_len})"),
+        (
+            "FLOPs per token",
+            f"{plan.flops_per_token / 1e9:,.3f} GFLOP (6 N_matmul + 12 L D T, T={plan.seq_len})",
+        ),
         ("tokens", f"{plan.tokens:,} in {plan.steps:,} steps"),
-        ("compute-optimal", f"{plan.chinchilla_tokens:,} tokens (Chinchilla, {CHINCHILLA_TOKENS_PER_PARAM}/param); this run {plan.tokens / plan.chinchilla_tokens:.2f}x"),
+        (
+            "compute-optimal",
+            f"{plan.chinchilla_tokens:,} tokens (Chinchilla, {CHINCHILLA_TOKENS_PER_PARAM}/param); this run {plan.tokens / plan.chinchilla_tokens:.2f}x",
+        ),
         ("total compute", f"{plan.total_flops:.3e} FLOPs"),
-        ("hardware", f"{plan.devices} x {plan.device}, peak {plan.peak_tflops_per_device:,.4g} TFLOP/s each"),
-        ("memory / device", f"{mem['total']:.2f} GiB = state {mem['sharded_state']:.2f} + gathered {mem['gathered_params']:.2f} + activations {mem['activations']:.2f} + logits {mem['logits']:.2f} + overhead {mem['overhead']:.2f}"
-         + (f" (of {plan.device_memory_gib:g} GiB)" if plan.device_memory_gib else "")),
+        (
+            "hardware",
+            f"{plan.devices} x {plan.device}, peak {plan.peak_tflops_per_device:,.4g} TFLOP/s each",
+        ),
+        (
+            "memory / device",
+            f"{mem['total']:.2f} GiB = state {mem['sharded_state']:.2f} + gathered {mem['gathered_params']:.2f} + activations {mem['activations']:.2f} + logits {mem['logits']:.2f} + overhead {mem['overhead']:.2f}"
+            + (f" (of {plan.device_memory_gib:g} GiB)" if plan.device_memory_gib else ""),
+        ),
         ("wall time", f"{_duration(plan.wall_hours)} at {100 * plan.assumed_mfu:.0f}% MFU"),
         ("device-hours", f"{plan.device_hours:,.2f}"),
-    ]  # fmt: skip
+    ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines += [f"warning: {w}" for w in plan.warnings]

@@ -25,10 +25,11 @@ def quickstart_pipeline() -> str:
 def newest_artifact(results: list[StageResult]) -> str | None:
     """The model of the last stage that made one (fine-tuning after pretraining, when present)."""
     from lmforge import storage
+    from lmforge.model.artifact import is_artifact
 
     for result in reversed(results):
         candidate = storage.join(result.output, "model")
-        if storage.exists(storage.join(candidate, "config.json")):
+        if is_artifact(candidate):
             return candidate
     return None
 

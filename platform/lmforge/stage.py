@@ -37,7 +37,7 @@ from lmforge.config import (
     load_config,
 )
 
-# name -> "module:attribute" of its Stage; each stage issue adds its line.
+# name -> "module:attribute" of its Stage, imported only when that stage runs.
 STAGES: dict[str, str] = {
     "check": "lmforge.check:STAGE",
     "data": "lmforge.data.prepare:STAGE",
@@ -148,11 +148,17 @@ def latest_pointer(runs_dir: str, stage_name: str, run_name: str) -> str:
     return storage.join(runs_dir, stage_name, f"{run_name}.latest")
 
 
+def as_stored(runs_dir: str, path: str) -> str:
+    """A path as a pointer file stores it: relative to `runs_dir` when it lies under it (so the
+    pointer resolves from any working directory and after `runs_dir` moves), else absolute."""
+    return storage.relative_to(runs_dir, path) or storage.absolute(path)
+
+
 def write_latest_pointer(runs_dir: str, stage_name: str, run_name: str, output: str) -> None:
-    """Point `@<stage>/<run name>` at `output`, stored relative to `runs_dir` so the reference
-    resolves from any working directory and after `runs_dir` moves."""
-    stored = storage.relative_to(runs_dir, output) or storage.absolute(output)
-    storage.write_text(latest_pointer(runs_dir, stage_name, run_name), stored + "\n")
+    """Point `@<stage>/<run name>` at `output` (stored `as_stored`)."""
+    storage.write_text(
+        latest_pointer(runs_dir, stage_name, run_name), as_stored(runs_dir, output) + "\n"
+    )
 
 
 def read_run_reference(runs_dir: str, reference: str, where: str) -> str:
@@ -170,6 +176,65 @@ def read_run_reference(runs_dir: str, reference: str, where: str) -> str:
             f"under {runs_dir} (no {pointer}); run that stage first, or give a path"
         )
     return storage.find_under(runs_dir, storage.read_text(pointer).strip())
+
+
+# ---------------------------------------------------------------- the serving pointer
+# `<runs_dir>/serving/current.json` = {"artifact": path, "version": id, "updated": iso time,
+# ...} names the artifact that serving should run, as `@serving` (model/artifact.py resolves
+# it); the improvement loop writes it when it promotes a model, and a rollback rewrites it
+# (docs/operations.md). Like a run's `.latest` pointer it stores paths relative to runs_dir.
+
+SERVING_POINTER = "serving/current.json"
+
+
+def serving_pointer_path(runs_dir: str) -> str:
+    return storage.join(runs_dir, *SERVING_POINTER.split("/"))
+
+
+def read_serving_pointer(runs_dir: str) -> dict[str, Any] | None:
+    """`<runs_dir>/serving/current.json` as a dict, or None when nothing was pointed at yet."""
+    path = serving_pointer_path(runs_dir)
+    if not storage.exists(path):
+        return None
+    try:
+        pointer = storage.read_json(path)
+    except ValueError as e:
+        raise LmforgeError(f"{path}: not valid JSON ({e}); rewrite it") from None
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("artifact"), str):
+        raise LmforgeError(f'{path}: expected {{"artifact": PATH, "version": ID, ...}}')
+    pointer["artifact"] = storage.find_under(runs_dir, pointer["artifact"])
+    previous = pointer.get("previous")
+    if isinstance(previous, dict) and isinstance(previous.get("artifact"), str):
+        previous["artifact"] = storage.find_under(runs_dir, previous["artifact"])
+    return pointer
+
+
+def write_serving_pointer(runs_dir: str, artifact: str, **extra: Any) -> dict[str, Any]:
+    """Point serving at `artifact` (atomic write); returns the pointer written.
+
+    `version` is read from the artifact unless given; `extra` (e.g. reason="promoted by
+    improve", previous=...) is stored as is. The previous pointer, if any, is kept as
+    `previous` so a rollback can name it.
+    """
+    from lmforge.model.artifact import WEIGHTS
+    from lmforge.model.version import now_iso, read_version
+
+    if not storage.exists(storage.join(artifact, WEIGHTS)):
+        raise LmforgeError(f"cannot serve {artifact}: no {WEIGHTS} there (not a model artifact)")
+    old = read_serving_pointer(runs_dir)
+    pointer: dict[str, Any] = {
+        "artifact": as_stored(runs_dir, artifact),
+        "version": extra.pop("version", None) or read_version(artifact)["version"],
+        "updated": now_iso(),
+    }
+    if old is not None and "previous" not in extra:
+        pointer["previous"] = {
+            "artifact": as_stored(runs_dir, old["artifact"]),
+            "version": old.get("version"),
+        }
+    pointer.update(extra)
+    storage.write_json(serving_pointer_path(runs_dir), pointer)
+    return read_serving_pointer(runs_dir) or pointer  # the paths as this process opens them
 
 
 def resolve_input_reference(stage: Stage, cfg: StageConfig) -> StageConfig:
@@ -190,7 +255,7 @@ def resolve_input_reference(stage: Stage, cfg: StageConfig) -> StageConfig:
     runs_dir, _, ref = value.rpartition("@")  # `<runs_dir>/@stage/run` names another runs dir
     runs_dir = runs_dir.rstrip("/") or cfg.runs_dir
     if ref == "serving":  # the artifact serving runs now (hashed as its path, so not stale)
-        from lmforge.model.hf import resolve_artifact
+        from lmforge.model.artifact import resolve_artifact
 
         path = resolve_artifact(storage.join(runs_dir, "@serving"))
     else:

@@ -47,11 +47,6 @@ def file_mode() -> int:
     return 0o666 & ~umask()
 
 
-def dir_mode() -> int:
-    """The mode `os.makedirs` gives a new directory (0755 under umask 022); `mkdtemp` gives 0700."""
-    return 0o777 & ~umask()
-
-
 def is_uri(path: str) -> bool:
     return "://" in str(path)
 

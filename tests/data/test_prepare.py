@@ -91,6 +91,8 @@ def test_accounting_and_exact_reject_counts(prepared):
     assert m["documents_out"] == 150 + len(poison["valid"]) + len(PII_DOCS)
     assert m["pii_redactions_by_kind"] == {"email": 2, "ipv4": 1, "ipv6": 0, "phone": 1}
     steps = {s["step"]: s for s in m["steps"]}
+    assert steps["pii"]["counts"] == {"pii_email": 2, "pii_ipv4": 1, "pii_ipv6": 0, "pii_phone": 1}
+    assert steps["normalize"]["counts"] == {"changed": 0}  # the corpus is normalized already
     assert steps["read"]["docs_out"] == steps["normalize"]["docs_in"]
     assert steps["dedup_near"]["docs_out"] == m["documents_out"]
 

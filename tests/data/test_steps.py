@@ -191,3 +191,40 @@ def test_missing_step_resources_are_config_errors_before_ray(tmp_path):
     with pytest.raises(ConfigError, match="steps: FileNotFoundError"):
         run(cfg, StageContext(output=str(tmp_path / "out"), address=None))
     assert not (tmp_path / "out").exists()
+
+
+def test_every_step_counter_reaches_the_manifest(monkeypatch):
+    """A step that counts something new finds it in manifest.json's `steps` without any
+    plumbing of its own: StepRunner keeps every Outcome.counts, the block stats add them up."""
+    import time
+
+    import pyarrow as pa
+
+    from lmforge.data import steps as steps_module
+    from lmforge.data.manifest import add_up, block_stats, build_manifest
+    from lmforge.data.prepare import StepRunner
+    from lmforge.data.readers import SCHEMA
+
+    class CountingLength(Length):
+        def process(self, text):
+            out = super().process(text)
+            return out._replace(counts={"long_words": sum(len(w) > 8 for w in text.split())})
+
+    monkeypatch.setitem(steps_module.STEP_CLASSES, "length", CountingLength)
+    cfg = load_config(DataConfig, None, [])
+    docs = [PROSE, PROSE + "\r\n", "short", "Write to ann@example.org. " + PROSE]
+    rows = {n: [0] * len(docs) for n in SCHEMA.names}
+    rows.update(id=list(range(len(docs))), source=["s"] * 4, path=["p"] * 4, text=docs)
+    rows.update(copies=[1] * 4, reject=[""] * 4, step=[""] * 4)
+    out = StepRunner(cfg, bands=4, rows=2)(pa.table(rows, schema=SCHEMA))
+    stats = [json.loads(row["stats"]) for row in block_stats(out).to_pylist()]
+    read = add_up(stats)
+    m = build_manifest(cfg, [], time.perf_counter(), read, 3, 0, 0, 100, "uint16", "{}", (4, 2))
+
+    counts = {s["step"]: s["counts"] for s in m["steps"]}
+    # "unusually" in each PROSE, "ann@example.org." (length runs before pii); "short" has none
+    assert counts["length"] == {"long_words": 4}
+    assert counts["normalize"] == {"changed": 1}  # only the CRLF one changed
+    assert counts["pii"]["pii_email"] == 1 and counts["read"] == {}
+    assert m["pii_redactions_by_kind"] == {"email": 1, "ipv4": 0, "ipv6": 0, "phone": 0}
+    assert m["pii_redactions"] == 1

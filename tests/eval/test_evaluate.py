@@ -8,7 +8,7 @@ import pytest
 
 from lmforge import ConfigError
 from lmforge.eval.compare import compare
-from lmforge.eval.evaluate import resolve_artifact
+from lmforge.model.artifact import resolve_artifact
 from tests.eval.conftest import make_artifact, make_val_split
 
 
@@ -105,7 +105,7 @@ def test_compare_command_exit_codes(tmp_path, cli):
 def test_model_path_is_an_artifact_or_a_training_run(tmp_path, artifact):
     assert resolve_artifact(str(artifact)) == str(artifact)
     assert resolve_artifact(str(artifact.parent)) == str(artifact)  # <run>/model
-    with pytest.raises(ConfigError, match="neither a model artifact"):
+    with pytest.raises(ConfigError, match="is not a model artifact"):
         resolve_artifact(str(tmp_path))
 
 

@@ -8,7 +8,7 @@ import pytest
 from lmforge.eval import builtin_tasks as B
 from lmforge.eval.heldout import is_held_out
 from lmforge.finetune.builtin_sft import builtin_sft_examples
-from lmforge.finetune.data import parse_example
+from lmforge.finetune.conversation import parse_example
 from lmforge.model import chat
 
 

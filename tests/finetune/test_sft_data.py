@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from lmforge import ConfigError, LmforgeError
 from lmforge.data.tokenizer import train_bpe
+from lmforge.finetune import conversation as C
 from lmforge.finetune import data as D
-from lmforge.finetune.packing import PACK_WINDOW, pack_examples
+from lmforge.finetune.packing import PACK_WINDOW, Example, RowPacker
 from lmforge.model import chat
 from lmforge.model.special import SpecialTokens
 
@@ -59,7 +61,7 @@ def masked_runs(tok, ids, mask) -> list[str]:
 
 
 def test_loss_mask_covers_exactly_the_assistant_turns(tok):
-    ids, mask = D.encode_conversation(tok, CONVERSATION, "assistant")
+    ids, mask = C.encode_conversation(tok, CONVERSATION, "assistant")
     text = "<|eos|>" + chat.render(CONVERSATION) + "<|eos|>"
     assert tok.decode(ids, skip_special_tokens=False) == text
     rendered = tok.encode(chat.render(CONVERSATION), add_special_tokens=False).ids
@@ -77,21 +79,21 @@ def test_loss_mask_covers_exactly_the_assistant_turns(tok):
 
 
 def test_last_turn_and_all(tok):
-    ids, mask = D.encode_conversation(tok, CONVERSATION, "last_turn")
+    ids, mask = C.encode_conversation(tok, CONVERSATION, "last_turn")
     assert masked_runs(tok, ids, mask) == [ANSWERS[1] + "<|end|>", "<|eos|>"]
-    ids, mask = D.encode_conversation(tok, CONVERSATION, "all")
+    ids, mask = C.encode_conversation(tok, CONVERSATION, "all")
     assert mask == [0] + [1] * (len(ids) - 1)  # all but the leading <|eos|>: nothing predicts it
     # no <|eos|> after a conversation that ends with a user turn
-    ids, mask = D.encode_conversation(tok, CONVERSATION[:4], "assistant")
+    ids, mask = C.encode_conversation(tok, CONVERSATION[:4], "assistant")
     assert ids[-1] != EOS_ID and masked_runs(tok, ids, mask) == [ANSWERS[0] + "<|end|>"]
 
 
 def test_a_jinja_chat_template_is_followed(tok):
     # the built-in format as a template gives exactly the built-in encoding
-    builtin = D.encode_conversation(tok, CONVERSATION, "assistant")
+    builtin = C.encode_conversation(tok, CONVERSATION, "assistant")
     as_template = SpecialTokens(chat_template=chat.CHAT_TEMPLATE)
-    assert D.encode_conversation(tok, CONVERSATION, "assistant", as_template) == builtin
-    ids, mask = D.encode_conversation(
+    assert C.encode_conversation(tok, CONVERSATION, "assistant", as_template) == builtin
+    ids, mask = C.encode_conversation(
         tok, CONVERSATION, "assistant", SpecialTokens(chat_template=CHATML)
     )
     assert tok.decode(ids, skip_special_tokens=False).startswith(
@@ -101,11 +103,11 @@ def test_a_jinja_chat_template_is_followed(tok):
     # a template whose earlier turns change with later ones cannot be masked: a clear error
     unstable = "{{ messages | length }}" + CHATML
     with pytest.raises(LmforgeError, match=r"does not extend messages\[:2\]"):
-        D.encode_conversation(tok, CONVERSATION, "assistant", SpecialTokens(chat_template=unstable))
+        C.encode_conversation(tok, CONVERSATION, "assistant", SpecialTokens(chat_template=unstable))
 
 
 def test_prompt_completion_lines_and_bad_lines():
-    assert D.parse_example({"prompt": "Q?", "completion": "A."}) == [
+    assert C.parse_example({"prompt": "Q?", "completion": "A."}) == [
         {"role": "user", "content": "Q?"},
         {"role": "assistant", "content": "A."},
     ]
@@ -118,7 +120,7 @@ def test_prompt_completion_lines_and_bad_lines():
         ({"prompt": "Q?"}, "expected {'messages'"),
     ]:
         with pytest.raises(ValueError, match=why):
-            D.parse_example(obj)
+            C.parse_example(obj)
 
 
 def write_jsonl(path, lines) -> str:
@@ -197,6 +199,15 @@ def check_rows(rows: dict[str, np.ndarray], block: int, examples: list[tuple[lis
     assert sorted(found) == sorted(expected)
 
 
+def pack_examples(
+    examples: list[Example], seq_len: int, packing: bool, pad_id: int = 0
+) -> pa.Table:
+    """All rows of some (ids, mask) examples in one table (what prepare_sft writes, in memory)."""
+    packer = RowPacker(seq_len + 1, packing, pad_id, rows_per_table=1 << 30)
+    tables = [t for ex in examples for t in packer.add(*ex)] + list(packer.finish())
+    return pa.concat_tables(tables)
+
+
 def first_fit(lengths: list[int], block: int, window: int) -> list[list[int]]:
     """The reference: each row's example indices, first-fit over the last `window` open rows,
     rows in the order they close (the oldest closes when a new row would exceed the window)."""
@@ -233,7 +244,7 @@ def test_first_fit_window_packs_in_a_fixed_order():
 
 def test_packing_keeps_every_example_once(tok):
     examples = [
-        D.encode_conversation(tok, CONVERSATION[: 3 + 2 * (i % 2)], "assistant") for i in range(25)
+        C.encode_conversation(tok, CONVERSATION[: 3 + 2 * (i % 2)], "assistant") for i in range(25)
     ]
     examples += [([7] * 10, [1] * 10), ([8] * 129, [0] + [1] * 128)]  # exactly one full row
     for packing in (True, False):

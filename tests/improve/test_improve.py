@@ -15,8 +15,9 @@ from lmforge.finetune.builtin_sft import builtin_sft_examples
 from lmforge.improve.config import ImproveConfig
 from lmforge.improve.feedback import build_examples, ngram_filter
 from lmforge.model import chat
-from lmforge.model.version import read_serving_pointer, read_version
+from lmforge.model.version import read_version
 from lmforge.serve.requestlog import FEEDBACK_SCHEMA, REQUEST_SCHEMA, LogWriter
+from lmforge.stage import read_serving_pointer
 from tests.train.conftest import pretrained_base
 
 
@@ -215,7 +216,7 @@ def test_the_served_model_is_current_until_a_pointer_exists(tmp_path):
     from lmforge.improve.stage import served_artifact
     from lmforge.model import Llama, model_config
     from lmforge.model.artifact import save_artifact
-    from lmforge.model.version import write_serving_pointer
+    from lmforge.stage import write_serving_pointer
 
     runs = tmp_path / "runs"
     for name in ("a", "b"):

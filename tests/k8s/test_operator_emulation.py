@@ -249,7 +249,7 @@ def test_rayjob_runs_as_kuberay_would_run_it(path, pod_files, emulated_clusters)
 def _check_finetune(output: str, resolved: dict, logs: str) -> None:
     """`base: "@train/base"` resolved to the emulated training run; the fine-tuned model is
     complete and is what `@finetune/<name>` (evaluate's model, serving's artifact) names."""
-    from lmforge.model.hf import resolve_artifact
+    from lmforge.model.artifact import resolve_artifact
     from lmforge.stage import read_run_reference
 
     assert resolved["base"] == OUTPUTS["train"]

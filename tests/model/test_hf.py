@@ -127,7 +127,7 @@ def test_chat_render_rejects_unknown_roles():
 
 
 def test_resolve_artifact_follows_a_run_reference(tmp_path):
-    from lmforge.model.hf import resolve_artifact
+    from lmforge.model.artifact import resolve_artifact
     from lmforge.stage import latest_pointer
 
     run = tmp_path / "runs" / "train" / "base-0123456789ab"

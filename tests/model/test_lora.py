@@ -9,9 +9,20 @@ from lmforge.model.lora import (
     apply_lora,
     init_lora_weights,
     merge_lora_state,
-    trainable_parameters,
 )
 from tests.numerics import assert_same_math, model_terms
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts (tied weights counted once)."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
 
 
 def lora_model(targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"), rank=4, alpha=8.0):

@@ -22,6 +22,32 @@ from lmforge.data.steps import step_labels
 
 PII_KINDS = ("email", "ipv4", "ipv6", "phone")
 
+# Per document: what each step counted (`Outcome.counts`), e.g. [{"step": "pii", "counter":
+# "pii_email", "n": 1}]. A list of structs rather than a column per counter, so a step that
+# counts something new needs no new column, schema or manifest field.
+COUNTS_TYPE = pa.list_(
+    pa.struct([("step", pa.string()), ("counter", pa.string()), ("n", pa.int64())])
+)
+
+
+def _step_counts(column: pa.ChunkedArray) -> list[list[Any]]:
+    """[[step, counter, total], ...] of a block's `counts` column."""
+    entries = pc.list_flatten(column)
+    if not len(entries):
+        return []
+    sums = (
+        pa.table({k: pc.struct_field(entries, k) for k in ("step", "counter", "n")})
+        .group_by(["step", "counter"])
+        .aggregate([("n", "sum")])
+    )
+    rows = zip(
+        sums["step"].to_pylist(),
+        sums["counter"].to_pylist(),
+        sums["n_sum"].to_pylist(),
+        strict=True,
+    )
+    return sorted([step, counter, n] for step, counter, n in rows)
+
 
 def block_stats(t: pa.Table) -> pa.Table:
     """One row of counts per block; the driver adds the rows up (an aggregation without a shuffle)."""
@@ -32,21 +58,31 @@ def block_stats(t: pa.Table) -> pa.Table:
         "kept": len(t) - len(rejected),
         "kept_bytes": int(pc.sum(t.filter(pc.equal(t["reject"], ""))["n_bytes"]).as_py() or 0),
         "rejected": [[a, b, n] for (a, b), n in sorted(pairs.items())],
-        **{f"pii_{k}": int(pc.sum(t[f"pii_{k}"]).as_py() or 0) for k in PII_KINDS},
+        "counts": _step_counts(t["counts"]),
     }
     return pa.table({"stats": [json.dumps(stats)]})
 
 
 def dataset_stats(ds) -> dict[str, Any]:
+    blocks = ds.map_batches(block_stats, batch_format="pyarrow", batch_size=None).take_all()
+    return add_up([json.loads(row["stats"]) for row in blocks])
+
+
+def add_up(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rows of `block_stats` added up: numbers summed, `rejected` as step -> reason ->
+    count, `counts` as step -> counter -> count."""
     total: dict[str, Any] = defaultdict(int)
     by_step: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for row in ds.map_batches(block_stats, batch_format="pyarrow", batch_size=None).take_all():
-        part = json.loads(row["stats"])
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for part in blocks:
         for step, reason, n in part.pop("rejected"):
             by_step[step][reason] += n
+        for step, counter, n in part.pop("counts"):
+            counts[step][counter] += n
         for k, v in part.items():
             total[k] += v
     total["rejected"] = {k: dict(v) for k, v in by_step.items()}
+    total["counts"] = {k: dict(v) for k, v in counts.items()}
     return total
 
 
@@ -68,7 +104,13 @@ def build_manifest(
 
     documents_in = read["docs"]
     rejected_by_step = read["rejected"]
-    pii = {k: read[f"pii_{k}"] for k in PII_KINDS}
+    counts = read["counts"]
+    pii = dict.fromkeys(PII_KINDS, 0)
+    for by_counter in counts.values():
+        for counter, n in by_counter.items():
+            if counter.startswith("pii_"):
+                kind = counter.removeprefix("pii_")
+                pii[kind] = pii.get(kind, 0) + n
     rejected: dict[str, int] = defaultdict(int)
     for reasons in rejected_by_step.values():
         for reason, n in reasons.items():
@@ -91,6 +133,7 @@ def build_manifest(
                 "docs_in": remaining,
                 "docs_out": remaining - n,
                 "dropped": dict(sorted(dropped.items())),
+                "counts": dict(sorted(counts.get(label, {}).items())),
             }
         )
         remaining -= n

@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lmforge import ConfigError, StageFailed, storage
-from lmforge.data import dedup, pack, sources, tokenizer
+from lmforge.data import dedup, pack, readers, sources, tokenizer
 from lmforge.data.config import DataConfig
-from lmforge.data.manifest import PII_KINDS, build_manifest, dataset_stats, print_summary
+from lmforge.data.manifest import COUNTS_TYPE, build_manifest, dataset_stats, print_summary
 from lmforge.data.steps import build_steps, step_labels
 from lmforge.stage import Stage, StageContext
 
@@ -40,7 +40,8 @@ REJECT_SCHEMA = pa.schema(
 
 
 class StepRunner:
-    """Actor: applies the steps to each document of a batch, then adds what dedup needs."""
+    """Actor: applies the steps to each document of a batch, keeps every step's counts, then
+    adds what dedup needs."""
 
     def __init__(self, cfg: DataConfig, bands: int, rows: int) -> None:
         self.steps = list(zip(step_labels(cfg.steps), build_steps(cfg.steps), strict=True))
@@ -52,7 +53,7 @@ class StepRunner:
         texts = batch.column("text").to_pylist()
         reject = batch.column("reject").to_pylist()
         step = batch.column("step").to_pylist()
-        pii = {k: np.zeros(len(texts), dtype=np.int32) for k in PII_KINDS}
+        counts: list[list[dict[str, Any]]] = [[] for _ in texts]
         hashes = np.zeros(len(texts), dtype=np.int64)
         sigs: list[Any] = []
         bands: list[Any] = []
@@ -60,11 +61,11 @@ class StepRunner:
             if not reject[i]:
                 for label, s in self.steps:
                     out = s.process(text)
-                    for k, v in (out.counts or {}).items():
-                        if k.startswith("pii_"):
-                            pii[k[4:]][i] += v
+                    counts[i] += [
+                        {"step": label, "counter": k, "n": v} for k, v in (out.counts or {}).items()
+                    ]
                     if out.reason:
-                        reject[i], step[i], text = out.reason, label, text[: sources.SNIPPET_CHARS]
+                        reject[i], step[i], text = out.reason, label, text[: readers.SNIPPET_CHARS]
                         break
                     text = out.text
                 texts[i] = text
@@ -86,8 +87,10 @@ class StepRunner:
             "n_bytes": np.array([len(t.encode()) for t in texts], dtype=np.int64),
             "sig": pa.array(sigs, pa.list_(pa.uint32())),
             "bands": pa.array(bands, pa.list_(pa.int64())),
+            # whatever each step counted, under its label: the manifest adds these up
+            "counts": pa.array(counts, COUNTS_TYPE),
         }
-        return pa.table({**cols, **{f"pii_{k}": v for k, v in pii.items()}})
+        return pa.table(cols)
 
 
 def _rows(ds, rejected: bool):
@@ -100,7 +103,7 @@ def _rows(ds, rejected: bool):
 
 def _as_rejects(t: pa.Table) -> pa.Table:
     dup = t["duplicate_of"] if "duplicate_of" in t.column_names else pa.nulls(len(t), pa.int64())
-    snippet = pc.utf8_slice_codeunits(t["text"].cast(pa.large_string()), 0, sources.SNIPPET_CHARS)
+    snippet = pc.utf8_slice_codeunits(t["text"].cast(pa.large_string()), 0, readers.SNIPPET_CHARS)
     cols = [t["source"], t["path"], t["line"], t["id"], t["step"], t["reject"], dup, snippet]
     return pa.Table.from_arrays(cols, schema=REJECT_SCHEMA)
 
@@ -359,7 +362,7 @@ def _tokenize_and_pack(cfg, kept, tok, tok_json, shards, dtype, out, workers) ->
 
 def _read_batch(batch: pa.Table, src, limit: int, batch_size: int):
     for item in batch.to_pylist():
-        yield from sources.read_file(src, item, limit, batch_size)
+        yield from readers.read_file(src, item, limit, batch_size)
 
 
 def _write_rejects(out: str, parts: list) -> None:

@@ -3,8 +3,9 @@
 A step sees one document's text and returns `Outcome(text, reason, counts)`: the (possibly
 rewritten) text, a drop reason or None to keep it, and named counts of what it changed (e.g.
 PII replacements). `StepRunner` applies the configured list to each Ray Data batch and records,
-per document, which step dropped it and why; the stage turns that into kept/dropped counters per
-step and reason (manifest and summary table) and into rejects/. A step's config is a small
+per document, which step dropped it and why and what it counted; the stage turns that into
+kept/dropped counters per step and reason, and each step's counts summed (manifest and summary
+table), and into rejects/. A step's config is a small
 StrictModel whose `step` literal names it; add a step by writing both and listing the config in
 `STEP_CONFIGS` (docs/data.md shows an example).
 """

@@ -7,7 +7,6 @@ The special tokens are the first ids, in the order of the data contract, so ever
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable
 
 from lmforge import ConfigError, storage
@@ -80,8 +79,3 @@ def sha256_text(text: str) -> str:
 
 def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65535 else "int32"
-
-
-def configure_threads(num_threads: int) -> None:
-    """tokenizers' encode_batch uses a rayon pool sized by RAYON_NUM_THREADS (read once)."""
-    os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, num_threads)))

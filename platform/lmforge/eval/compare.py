@@ -195,9 +195,16 @@ def compare_command(argv: list[str], prog: str) -> int:
     for c in checks:
         worse = "missing" if c.regression is None else fmt(c.regression)
         rows.append(
-            (c.task, c.metric, fmt(c.baseline), fmt(c.candidate), worse, fmt(c.allowed),
-             "FAIL" if c.failed else "ok")
-        )  # fmt: skip
+            (
+                c.task,
+                c.metric,
+                fmt(c.baseline),
+                fmt(c.candidate),
+                worse,
+                fmt(c.allowed),
+                "FAIL" if c.failed else "ok",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())

@@ -21,26 +21,9 @@ from lmforge import ConfigError, storage
 from lmforge.eval.config import EvalConfig, scaffold
 from lmforge.eval.report import plot_over_steps, text_table, write_report
 from lmforge.eval.tasks import Items, TaskSpec, load_items, resolve_task
+from lmforge.model.artifact import RESOLVED, TOKENIZER, resolve_artifact
 from lmforge.model.special import LMFORGE, SpecialTokens, load_special_tokens
 from lmforge.stage import Stage, StageContext
-
-
-def resolve_artifact(path: str) -> str:
-    """The artifact dir of an artifact or a training run dir (`<run>/model`), or of a run
-    reference (`[<runs_dir>/]@<stage>/<run name>`, `[<runs_dir>/]@serving`)."""
-    if path.startswith("@") or "/@" in path:
-        from lmforge.model.hf import resolve_artifact as resolve_reference
-
-        path = resolve_reference(path)
-    for candidate in (path, storage.join(path, "model")):
-        if storage.exists(storage.join(candidate, "config.json")) and storage.exists(
-            storage.join(candidate, "model.safetensors")
-        ):
-            return storage.absolute(candidate)  # actors run elsewhere
-    raise ConfigError(
-        f"model: {path} is neither a model artifact (model.safetensors, config.json) "
-        "nor a training run directory with one under model/"
-    )
 
 
 def artifact_step(artifact: str, index: int) -> int:
@@ -68,7 +51,7 @@ def trained_on(artifact: str, depth: int = 4) -> str | None:
     or of its base for a fine-tuned model (which keeps the base's tokenizer). Both were
     written as the run saw them (relative to its working directory, or absolute), so they are
     looked up under the runs dir that holds the artifact, as a moved runs dir needs."""
-    resolved = storage.join(artifact, "resolved_config.yaml")
+    resolved = storage.join(artifact, RESOLVED)
     if depth == 0 or not storage.exists(resolved):
         return None
     run_cfg = yaml.safe_load(storage.read_text(resolved)) or {}
@@ -81,7 +64,7 @@ def trained_on(artifact: str, depth: int = 4) -> str | None:
     if not isinstance(base, str) or base.startswith("@") or "/@" in base:
         return None  # fine-tune configs store the resolved base; a reference is not one
     base = storage.find_under(runs_dir, base)
-    if not storage.exists(storage.join(base, "resolved_config.yaml")):
+    if not storage.exists(storage.join(base, RESOLVED)):
         base = storage.join(base, "model")  # a training run dir
     return trained_on(base, depth - 1)
 
@@ -108,9 +91,7 @@ def val_task(cfg: EvalConfig, artifact: str) -> Task | None:
     tok_sha = manifest.get("tokenizer_sha256")
     from lmforge.data.tokenizer import sha256_text
 
-    if tok_sha and tok_sha != sha256_text(
-        storage.read_text(storage.join(artifact, "tokenizer.json"))
-    ):
+    if tok_sha and tok_sha != sha256_text(storage.read_text(storage.join(artifact, TOKENIZER))):
         items.problems.append(
             f"{data}: the val split was tokenized with another tokenizer; skipped"
         )
@@ -190,19 +171,25 @@ def evaluate_model(cfg: EvalConfig, artifact: str, tasks: list[Task], output: st
     from tokenizers import Tokenizer
 
     from lmforge.eval.runner import score_distributed
-    from lmforge.model.artifact import load_config
+    from lmforge.model.artifact import load_model_config
 
-    tokenizer = Tokenizer.from_str(storage.read_text(storage.join(artifact, "tokenizer.json")))
+    tokenizer = Tokenizer.from_str(storage.read_text(storage.join(artifact, TOKENIZER)))
     special = load_special_tokens(artifact, tokenizer)
-    max_length = min(cfg.max_length or 1 << 30, load_config(artifact).max_seq_len)
+    max_length = min(cfg.max_length or 1 << 30, load_model_config(artifact).max_seq_len)
     res = cfg.resources
 
     def score(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         print(f"[eval] {artifact}: {len(requests)} requests over {len(tasks)} task(s)", flush=True)
         return score_distributed(
-            artifact, requests, cfg.batch_size, res.num_actors, res.cpus_per_actor,
-            res.gpus_per_actor, max_length, cfg.max_batch_tokens,
-        )  # fmt: skip
+            artifact,
+            requests,
+            cfg.batch_size,
+            res.num_actors,
+            res.cpus_per_actor,
+            res.gpus_per_actor,
+            max_length,
+            cfg.max_batch_tokens,
+        )
 
     generation = cfg.generation.model_dump()
     return score_tasks(tasks, tokenizer, max_length, generation, score, output, special)
@@ -256,7 +243,8 @@ def validate(cfg: EvalConfig) -> None:
 
 
 def run(cfg: EvalConfig, ctx: StageContext) -> dict[str, Any]:
-    models = [resolve_artifact(m) for m in [cfg.model, *cfg.checkpoints]]
+    # absolute: the scoring actors run in another working directory
+    models = [storage.absolute(resolve_artifact(m)) for m in [cfg.model, *cfg.checkpoints]]
     tasks = load_tasks(cfg)
     vals = [val_task(cfg, artifact) for artifact in models]  # checked before any actor starts
     problems = {t.spec.name: t.items.problems for t in [*vals[:1], *tasks] if t is not None}

@@ -1,1 +1,1 @@
-"""Fine-tuning: supervised chat data on top of a base model artifact (issue #6)."""
+"""Fine-tuning: supervised chat data on top of a base model artifact."""

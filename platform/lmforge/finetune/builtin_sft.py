@@ -34,7 +34,6 @@ from lmforge.eval.builtin_tasks import (
 )
 from lmforge.eval.heldout import module_of_path
 
-SOURCE = "builtin:stdlib-sft"
 SEED = 20240612
 SYSTEM_PROMPTS = (
     "You are a concise assistant that answers questions about the Python standard library.",

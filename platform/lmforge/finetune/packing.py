@@ -6,7 +6,7 @@ written), so memory stays bounded; the result depends only on the order of the e
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -84,17 +84,3 @@ class RowPacker:
         return pa.table(
             {"tokens": column(tokens), "loss_mask": column(loss), "segments": column(segments)}
         )
-
-
-def pack_examples(
-    examples: Iterable[Example], seq_len: int, packing: bool, pad_id: int = 0
-) -> pa.Table:
-    """All rows of some (ids, mask) examples in one table (what prepare_sft writes, in memory)."""
-    packer = RowPacker(seq_len + 1, packing, pad_id, rows_per_table=1 << 30)
-    tables = [t for ex in examples for t in packer.add(*ex)] + list(packer.finish())
-    return pa.concat_tables(tables) if tables else _empty_rows(seq_len + 1)
-
-
-def _empty_rows(block: int) -> pa.Table:
-    types = {"tokens": pa.int32(), "loss_mask": pa.int8(), "segments": pa.int32()}
-    return pa.table({n: pa.array([], pa.list_(t, block)) for n, t in types.items()})

@@ -23,8 +23,7 @@ from lmforge.stage import Stage, StageContext
 
 def base_artifact(cfg: FinetuneConfig) -> str:
     """The base artifact directory; a missing or incomplete one is a one-line error."""
-    from lmforge.model.artifact import CONFIG, TOKENIZER, WEIGHTS
-    from lmforge.model.hf import resolve_artifact
+    from lmforge.model.artifact import TOKENIZER, resolve_artifact
 
     if not cfg.base:
         raise LmforgeError(
@@ -32,12 +31,11 @@ def base_artifact(cfg: FinetuneConfig) -> str:
             "or @train/<run name>), e.g. --set base=@train/base"
         )
     path = resolve_artifact(cfg.base)
-    for name in (CONFIG, WEIGHTS, TOKENIZER):
-        if not storage.exists(storage.join(path, name)):
-            raise LmforgeError(
-                f"base {cfg.base}: {storage.join(path, name)} is missing; give a model artifact "
-                "(the model/ dir of a training run, or `lmforge import` output)"
-            )
+    if not storage.exists(storage.join(path, TOKENIZER)):  # weights and config: checked
+        raise LmforgeError(
+            f"base {cfg.base}: {storage.join(path, TOKENIZER)} is missing; give a model artifact "
+            "(the model/ dir of a training run, or `lmforge import` output)"
+        )
     return path
 
 
@@ -57,12 +55,12 @@ def validate(cfg: FinetuneConfig) -> None:
 def prepare_data(cfg: FinetuneConfig, base: str, output: str) -> tuple[str, dict[str, Any]]:
     """`<run>/sft_data/` (made once; a resumed run reuses it) and its manifest."""
     from lmforge.finetune.data import prepare_sft
-    from lmforge.model.artifact import TOKENIZER, load_config
+    from lmforge.model.artifact import TOKENIZER, load_model_config
     from lmforge.model.special import load_special_tokens
 
     data_dir = storage.join(output, "sft_data")
     if not storage.is_complete(data_dir):
-        seq_len = cfg.data.seq_len or load_config(base).max_seq_len
+        seq_len = cfg.data.seq_len or load_model_config(base).max_seq_len
         prepare_sft(
             cfg.data,
             storage.read_text(storage.join(base, TOKENIZER)),

@@ -34,8 +34,8 @@ DECISIONS = "decisions.jsonl"
 def served_artifact(cfg: ImproveConfig) -> tuple[str, bool]:
     """(the served artifact, adopted now?): the serving pointer once there is one (promotions
     move it); before that, `current`, which this run adopts as the served model."""
-    from lmforge.model.hf import resolve_artifact
-    from lmforge.model.version import read_serving_pointer
+    from lmforge.model.artifact import resolve_artifact
+    from lmforge.stage import read_serving_pointer
 
     pointer = read_serving_pointer(cfg.runs_dir)
     if pointer:
@@ -76,13 +76,18 @@ def record(output: str, run_dir: str, history: list[dict], decision: dict[str, A
 
 def run(cfg: ImproveConfig, ctx: StageContext) -> dict[str, Any]:
     from lmforge.improve import feedback as fb
-    from lmforge.model.version import read_version, write_serving_pointer
+    from lmforge.model.version import read_version
     from lmforge.monitor.stats import parse_since
+    from lmforge.stage import write_serving_pointer
 
     current, adopted = served_artifact(cfg)  # checked by validate before Ray started
     if adopted:
-        write_serving_pointer(cfg.runs_dir, current, version=read_version(current)["version"],
-                              reason="adopted by improve as the served model")  # fmt: skip
+        write_serving_pointer(
+            cfg.runs_dir,
+            current,
+            version=read_version(current)["version"],
+            reason="adopted by improve as the served model",
+        )
     history = previous_decisions(ctx.output)
     until = dt.datetime.now(dt.UTC)
     since = parse_since(cfg.feedback.since, until) if cfg.feedback.since else None
@@ -90,10 +95,12 @@ def run(cfg: ImproveConfig, ctx: StageContext) -> dict[str, Any]:
         since = dt.datetime.fromisoformat(history[-1]["until"])
     run_dir = storage.join(ctx.output, "runs", until.strftime("%Y%m%dT%H%M%S%fZ"))
     decision: dict[str, Any] = {
-        "time": until.isoformat(), "since": since.isoformat() if since else None,
-        "until": until.isoformat(), "run_dir": run_dir,
+        "time": until.isoformat(),
+        "since": since.isoformat() if since else None,
+        "until": until.isoformat(),
+        "run_dir": run_dir,
         "current": {"artifact": current, "version": read_version(current)["version"]},
-    }  # fmt: skip
+    }
     say(
         f"served model {decision['current']['version']} ({current}); feedback since {since or 'the start'}"
     )
@@ -114,8 +121,11 @@ def run(cfg: ImproveConfig, ctx: StageContext) -> dict[str, Any]:
     decision["data"] = built.counts
     say("feedback: " + ", ".join(f"{k} {v}" for k, v in built.counts.items()))
     if len(built.examples) < cfg.feedback.min_examples:
-        decision.update(action="skip", reason=f"{len(built.examples)} usable examples, fewer "
-                        f"than feedback.min_examples={cfg.feedback.min_examples}")  # fmt: skip
+        decision.update(
+            action="skip",
+            reason=f"{len(built.examples)} usable examples, fewer "
+            f"than feedback.min_examples={cfg.feedback.min_examples}",
+        )
         return finish(ctx.output, run_dir, history, decision)
 
     train_file, val_file = write_examples(built.examples, run_dir, cfg.feedback.val_fraction)
@@ -123,15 +133,28 @@ def run(cfg: ImproveConfig, ctx: StageContext) -> dict[str, Any]:
     candidate = storage.join(candidate_run, "model")
     decision["candidate"] = {"artifact": candidate, "version": read_version(candidate)["version"]}
 
-    reports = {which: evaluate(cfg, path, which) for which, path in
-               (("current", current), ("candidate", candidate))}  # fmt: skip
+    reports = {
+        which: evaluate(cfg, path, which)
+        for which, path in (("current", current), ("candidate", candidate))
+    }
     checks, passed, improved = gate(cfg, reports)
     decision["gate"] = {
-        "reports": reports, "passed": passed, "improved": improved,
-        "checks": [{"task": c.task, "metric": c.metric, "current": c.baseline,
-                    "candidate": c.candidate, "allowed": c.allowed, "regression": c.regression,
-                    "failed": c.failed} for c in checks],
-    }  # fmt: skip
+        "reports": reports,
+        "passed": passed,
+        "improved": improved,
+        "checks": [
+            {
+                "task": c.task,
+                "metric": c.metric,
+                "current": c.baseline,
+                "candidate": c.candidate,
+                "allowed": c.allowed,
+                "regression": c.regression,
+                "failed": c.failed,
+            }
+            for c in checks
+        ],
+    }
     promote = passed and (improved or not cfg.gate.require_improvement)
     if promote:
         promote_candidate(cfg, candidate, reports["candidate"], current, run_dir)
@@ -150,8 +173,11 @@ def finish(
         mark = "FAIL" if c.failed else "ok"
         cand = "missing" if c.candidate is None else f"{c.candidate:.4f}"
         say(f"  {mark:<4} {c.task}/{c.metric}: current {c.baseline:.4f} -> candidate {cand}")
-    say(f"decision: {decision['action'].upper()}" + (f" ({decision['reason']})" if decision.get("reason") else "")
-        + f"; served: {decision.get('served', decision['current'])['version']}")  # fmt: skip
+    say(
+        f"decision: {decision['action'].upper()}"
+        + (f" ({decision['reason']})" if decision.get("reason") else "")
+        + f"; served: {decision.get('served', decision['current'])['version']}"
+    )
     return decision
 
 
@@ -185,18 +211,29 @@ def write_examples(
 def finetune(cfg: ImproveConfig, current: str, train_file: str, val_file: str | None) -> str:
     """The candidate: the `finetune` stage on the feedback examples, from the served model."""
     from lmforge.finetune.config import FinetuneConfig
+    from lmforge.model.artifact import is_artifact
     from lmforge.stage import get_stage, run_stage
 
     settings = config_dict(cfg.finetune)
-    data = {"sources": [train_file], "val_sources": [val_file] if val_file else [],
-            "val_fraction": 0.0, "seq_len": settings.pop("seq_len"),
-            "truncate": settings.pop("truncate")}  # fmt: skip
+    data = {
+        "sources": [train_file],
+        "val_sources": [val_file] if val_file else [],
+        "val_fraction": 0.0,
+        "seq_len": settings.pop("seq_len"),
+        "truncate": settings.pop("truncate"),
+    }
     ft_cfg = FinetuneConfig.model_validate(
-        {"name": f"{cfg.name}-candidate", "runs_dir": cfg.runs_dir, "base": current,
-         "data": data, "checkpoint": {"every_steps": 0, "keep_last": 1}, **settings}
-    )  # fmt: skip
+        {
+            "name": f"{cfg.name}-candidate",
+            "runs_dir": cfg.runs_dir,
+            "base": current,
+            "data": data,
+            "checkpoint": {"every_steps": 0, "keep_last": 1},
+            **settings,
+        }
+    )
     result = run_stage(get_stage("finetune"), ft_cfg)
-    if not storage.exists(storage.join(result.output, "model", "config.json")):
+    if not is_artifact(storage.join(result.output, "model")):
         raise LmforgeError(f"the fine-tune {result.output} left no model artifact")
     return result.output
 
@@ -207,11 +244,16 @@ def evaluate(cfg: ImproveConfig, artifact: str, which: str) -> str:
     from lmforge.stage import get_stage, run_stage
 
     eval_cfg = EvalConfig.model_validate(
-        {"name": f"{cfg.name}-gate-{which}", "runs_dir": cfg.runs_dir, "model": artifact,
-         "tasks": [t if isinstance(t, str) else config_dict(t) for t in cfg.gate.tasks],
-         "limit": cfg.gate.limit, "val_data": None,
-         "resources": {"num_actors": cfg.gate.num_actors}}
-    )  # fmt: skip
+        {
+            "name": f"{cfg.name}-gate-{which}",
+            "runs_dir": cfg.runs_dir,
+            "model": artifact,
+            "tasks": [t if isinstance(t, str) else config_dict(t) for t in cfg.gate.tasks],
+            "limit": cfg.gate.limit,
+            "val_data": None,
+            "resources": {"num_actors": cfg.gate.num_actors},
+        }
+    )
     return storage.join(run_stage(get_stage("eval"), eval_cfg).output, "report.json")
 
 
@@ -220,8 +262,13 @@ def gate(cfg: ImproveConfig, reports: dict[str, str]):
     from lmforge.eval.compare import compare, parse_gates, read_report
 
     gates = parse_gates(cfg.gate.metrics, cfg.gate.max_regression) if cfg.gate.metrics else None
-    checks = compare(read_report(reports["current"]), read_report(reports["candidate"]),
-                     cfg.gate.max_regression, gates, sigmas=cfg.gate.sigmas)  # fmt: skip
+    checks = compare(
+        read_report(reports["current"]),
+        read_report(reports["candidate"]),
+        cfg.gate.max_regression,
+        gates,
+        sigmas=cfg.gate.sigmas,
+    )
     if not checks:
         raise LmforgeError(
             "gate: no metric to compare (the gate tasks gave no metric with a known direction); "
@@ -238,15 +285,23 @@ def promote_candidate(
     """Point serving at the candidate: lineage gets the gate's report; pointer and serve config."""
     import yaml
 
-    from lmforge.model.version import read_version, write_serving_pointer, write_version
+    from lmforge.model.version import read_version, write_version
+    from lmforge.stage import write_serving_pointer
 
     record_ = read_version(candidate)
     record_["eval_report"] = report
     write_version(candidate, **record_)
-    write_serving_pointer(cfg.runs_dir, candidate, version=record_["version"],
-                          previous_artifact=current, decided_by=run_dir)  # fmt: skip
-    serve = {"models": [{"name": cfg.serve_name, "artifact": storage.absolute(candidate)}],
-             "request_log": {"path": cfg.request_log}}  # fmt: skip
+    write_serving_pointer(
+        cfg.runs_dir,
+        candidate,
+        version=record_["version"],
+        previous_artifact=current,
+        decided_by=run_dir,
+    )
+    serve = {
+        "models": [{"name": cfg.serve_name, "artifact": storage.absolute(candidate)}],
+        "request_log": {"path": cfg.request_log},
+    }
     text = yaml.safe_dump(serve, sort_keys=False)
     storage.write_text(storage.join(cfg.runs_dir, "serving", "serve.yaml"), text)
     storage.write_text(storage.join(run_dir, "serve.yaml"), text)

@@ -17,7 +17,13 @@ from typing import Any
 import torch
 
 from lmforge import LmforgeError, storage
-from lmforge.model.artifact import CONFIG, TOKENIZER, WEIGHTS, load_config, save_artifact
+from lmforge.model.artifact import (
+    TOKENIZER,
+    WEIGHTS,
+    load_model_config,
+    resolve_artifact,
+    save_artifact,
+)
 from lmforge.model.chat import CHAT_TEMPLATE, END
 from lmforge.model.llama import LlamaConfig
 from lmforge.model.special import (
@@ -163,7 +169,7 @@ def export_hf(artifact: str, out: str) -> list[str]:
     """Write `out` as a transformers/vLLM-loadable LlamaForCausalLM folder; returns the files."""
     from safetensors.torch import load, save
 
-    cfg = load_config(artifact)
+    cfg = load_model_config(artifact)
     tensors = load(storage.read_bytes(storage.join(artifact, WEIGHTS)))
     if cfg.tie_embeddings:
         tensors.pop("output.weight", None)
@@ -311,38 +317,6 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None) -> LlamaConfig:
 
 
 # ---------------------------------------------------------------- command line
-
-
-def resolve_artifact(path: str) -> str:
-    """An artifact dir, or a training run dir holding one under model/, or a run named as
-    `[<runs_dir>/]@<stage>/<run name>` (the latest complete output of that run; see
-    `lmforge.stage.resolve_input_reference`), e.g. `/mnt/lmforge/runs/@train/base`, or
-    `[<runs_dir>/]@serving`: the artifact the serving pointer names (what `lmforge improve`
-    promoted last)."""
-    if path.rstrip("/").endswith("@serving"):
-        from lmforge.model.version import read_serving_pointer
-
-        runs_dir = path.rstrip("/").removesuffix("@serving").rstrip("/") or "runs"
-        pointer = read_serving_pointer(runs_dir)
-        if not pointer:
-            raise LmforgeError(
-                f"{path}: nothing is served yet under {runs_dir} (no serving/current.json); "
-                "run `lmforge improve` or give an artifact path"
-            )
-        path = pointer["artifact"]
-    elif path.startswith("@") or "/@" in path:
-        from lmforge.stage import read_run_reference
-
-        runs_dir, _, ref = path.rpartition("@")
-        path = read_run_reference(runs_dir.rstrip("/") or "runs", "@" + ref, where="artifact")
-    if storage.exists(storage.join(path, CONFIG)):
-        return path
-    nested = storage.join(path, "model")
-    if storage.exists(storage.join(nested, CONFIG)):
-        return nested
-    raise LmforgeError(
-        f"{path} is not a model artifact (no config.json) nor a training run with model/"
-    )
 
 
 def export_command(argv: list[str], prog: str) -> int:

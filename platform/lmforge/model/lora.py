@@ -115,15 +115,3 @@ def merge_lora_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, 
         w32, b32, a32 = at_least_fp32(w), at_least_fp32(b), at_least_fp32(a)
         merged[f"{prefix}.weight"] = (w32 + scale * (b32 @ a32)).to(w.dtype)
     return merged
-
-
-def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts (tied weights counted once)."""
-    seen, trainable, total = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return trainable, total

@@ -1,4 +1,4 @@
-"""Model versions and lineage, and the pointer to the version being served.
+"""Model versions and lineage.
 
 A version id is derived from the weights' content: `v-` + the first 12 hex digits of the
 SHA-256 of `model.safetensors`, so the same weights always get the same id, wherever they
@@ -18,9 +18,8 @@ split of its own, its parent's (`"parent v-..."`, see finetune/stage.py).
 An artifact without version.json (older ones, `lmforge import`) gets the same id computed on
 the fly and empty lineage.
 
-The serving pointer `<runs_dir>/serving/current.json` = {"artifact": path, "version": id,
-"updated": iso time, ...} names the artifact that serving should run; the improvement loop
-writes it when it promotes a model, and a rollback rewrites it (docs/operations.md).
+The serving pointer that names the version being served lives beside the run references, in
+lmforge/stage.py.
 """
 
 from __future__ import annotations
@@ -30,10 +29,7 @@ import time
 from typing import Any
 
 from lmforge import LmforgeError, storage
-
-VERSION_FILE = "version.json"
-WEIGHTS = "model.safetensors"
-SERVING_POINTER = "serving/current.json"
+from lmforge.model.artifact import VERSION_FILE, WEIGHTS
 
 # Every field read_version returns; version.json may carry more (kept as they are).
 LINEAGE_FIELDS: tuple[str, ...] = (
@@ -108,59 +104,3 @@ def read_version(artifact_dir: str) -> dict[str, Any]:
     if not record["version"]:
         record["version"] = content_version(artifact_dir)
     return record
-
-
-# ---------------------------------------------------------------- the serving pointer
-
-
-def serving_pointer_path(runs_dir: str) -> str:
-    return storage.join(runs_dir, *SERVING_POINTER.split("/"))
-
-
-def read_serving_pointer(runs_dir: str) -> dict[str, Any] | None:
-    """`<runs_dir>/serving/current.json` as a dict, or None when nothing was pointed at yet."""
-    path = serving_pointer_path(runs_dir)
-    if not storage.exists(path):
-        return None
-    try:
-        pointer = storage.read_json(path)
-    except ValueError as e:
-        raise LmforgeError(f"{path}: not valid JSON ({e}); rewrite it") from None
-    if not isinstance(pointer, dict) or not isinstance(pointer.get("artifact"), str):
-        raise LmforgeError(f'{path}: expected {{"artifact": PATH, "version": ID, ...}}')
-    pointer["artifact"] = storage.find_under(runs_dir, pointer["artifact"])
-    previous = pointer.get("previous")
-    if isinstance(previous, dict) and isinstance(previous.get("artifact"), str):
-        previous["artifact"] = storage.find_under(runs_dir, previous["artifact"])
-    return pointer
-
-
-def _stored(runs_dir: str, artifact: str) -> str:
-    """An artifact as the pointer stores it: relative to `runs_dir` when it lies under it (so
-    the pointer survives a moved runs_dir and any working directory), else absolute."""
-    return storage.relative_to(runs_dir, artifact) or storage.absolute(artifact)
-
-
-def write_serving_pointer(runs_dir: str, artifact: str, **extra: Any) -> dict[str, Any]:
-    """Point serving at `artifact` (atomic write); returns the pointer written.
-
-    `version` is read from the artifact unless given; `extra` (e.g. reason="promoted by
-    improve", previous=...) is stored as is. The previous pointer, if any, is kept as
-    `previous` so a rollback can name it.
-    """
-    if not storage.exists(storage.join(artifact, WEIGHTS)):
-        raise LmforgeError(f"cannot serve {artifact}: no {WEIGHTS} there (not a model artifact)")
-    old = read_serving_pointer(runs_dir)
-    pointer: dict[str, Any] = {
-        "artifact": _stored(runs_dir, artifact),
-        "version": extra.pop("version", None) or read_version(artifact)["version"],
-        "updated": now_iso(),
-    }
-    if old is not None and "previous" not in extra:
-        pointer["previous"] = {
-            "artifact": _stored(runs_dir, old["artifact"]),
-            "version": old.get("version"),
-        }
-    pointer.update(extra)
-    storage.write_json(serving_pointer_path(runs_dir), pointer)
-    return read_serving_pointer(runs_dir) or pointer  # the paths as this process opens them

@@ -64,16 +64,42 @@ def report_blocks(summary: dict[str, Any], logs: str, since: dt.datetime | None)
             "text",
             f"Logs: `{logs}` ({window}); rows from {summary['first']} to "
             f"{summary['last']}. Latency in seconds; errors are HTTP 5xx.",
-        ),  # fmt: skip
+        ),
         Block("h2", "Per model version"),
     ]
-    rows = [(v, ", ".join(s["models"]) or "-", str(s["requests"]), _pct(s["error_rate"]),
-             _num(s["latency_s"]["p50"]), _num(s["latency_s"]["p95"]), _num(s["latency_s"]["p99"]),
-             str(s["prompt_tokens"]), str(s["completion_tokens"]), str(s["feedback"]),
-             _pct(s["positive_share"]), _pct(s["negative_share"]), str(s["corrections"]))
-            for v, s in [*versions.items(), ("all", total)]]  # fmt: skip
-    header = ("version", "models", "requests", "error rate", "p50", "p95", "p99", "tokens in",
-              "tokens out", "feedback", "positive", "negative", "corrections")  # fmt: skip
+    rows = [
+        (
+            v,
+            ", ".join(s["models"]) or "-",
+            str(s["requests"]),
+            _pct(s["error_rate"]),
+            _num(s["latency_s"]["p50"]),
+            _num(s["latency_s"]["p95"]),
+            _num(s["latency_s"]["p99"]),
+            str(s["prompt_tokens"]),
+            str(s["completion_tokens"]),
+            str(s["feedback"]),
+            _pct(s["positive_share"]),
+            _pct(s["negative_share"]),
+            str(s["corrections"]),
+        )
+        for v, s in [*versions.items(), ("all", total)]
+    ]
+    header = (
+        "version",
+        "models",
+        "requests",
+        "error rate",
+        "p50",
+        "p95",
+        "p99",
+        "tokens in",
+        "tokens out",
+        "feedback",
+        "positive",
+        "negative",
+        "corrections",
+    )
     blocks.append(Block("table", header=header, rows=tuple(rows)))
     bins = tuple(total["length_histogram"])
     blocks += [
@@ -92,7 +118,7 @@ def report_blocks(summary: dict[str, Any], logs: str, since: dt.datetime | None)
                 )
                 for v, s in versions.items()
             ),
-        ),  # fmt: skip
+        ),
         Block("h2", "Feedback tags and finish reasons"),
         Block(
             "table",
@@ -105,7 +131,7 @@ def report_blocks(summary: dict[str, Any], logs: str, since: dt.datetime | None)
                 )
                 for v, s in versions.items()
             ),
-        ),  # fmt: skip
+        ),
         Block("h2", "Daily"),
         Block(
             "table",
@@ -130,7 +156,7 @@ def report_blocks(summary: dict[str, Any], logs: str, since: dt.datetime | None)
                 )
                 for d in summary["daily"]
             ),
-        ),  # fmt: skip
+        ),
     ]
     if UNKNOWN in versions:
         blocks.append(Block("text", f"`{UNKNOWN}`: rows that name no model version."))
@@ -251,8 +277,11 @@ def monitor_command(argv: list[str], prog: str) -> int:
         "request log and feedback store the serving app writes (docs/operations.md).",
     )
     sub = parser.add_subparsers(dest="action", required=True, metavar="{report}")
-    p = sub.add_parser("report", help="write the monitor report", description="write the "
-                       "monitor report (to stdout as Markdown without --out)")  # fmt: skip
+    p = sub.add_parser(
+        "report",
+        help="write the monitor report",
+        description="write the monitor report (to stdout as Markdown without --out)",
+    )
     p.add_argument("--logs", required=True, help="the request-log path (local dir or URI)")
     p.add_argument(
         "--since",

@@ -136,11 +136,17 @@ def daily_series(requests: pa.Table, feedback: pa.Table) -> list[dict[str, Any]]
     for day in sorted(set(req_days) | set(fb_days)):
         r = request_stats(_where(requests, [d == day for d in req_days]))
         f = feedback_stats(_where(feedback, [d == day for d in fb_days]))
-        rows.append({
-            "date": day, "requests": r["requests"], "error_rate": r["error_rate"],
-            "latency_p95_s": r["latency_s"]["p95"], "completion_tokens": r["completion_tokens"],
-            "feedback": f["feedback"], "negative_share": f["negative_share"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "date": day,
+                "requests": r["requests"],
+                "error_rate": r["error_rate"],
+                "latency_p95_s": r["latency_s"]["p95"],
+                "completion_tokens": r["completion_tokens"],
+                "feedback": f["feedback"],
+                "negative_share": f["negative_share"],
+            }
+        )
     return rows
 
 

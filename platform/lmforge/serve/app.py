@@ -66,8 +66,7 @@ class ServeBackend:
         from tokenizers import Tokenizer
 
         from lmforge import storage
-        from lmforge.model.artifact import TOKENIZER, load_config
-        from lmforge.model.hf import resolve_artifact
+        from lmforge.model.artifact import TOKENIZER, load_model_config, resolve_artifact
         from lmforge.model.special import load_special_tokens
 
         directory = resolve_artifact(cfg.artifact)
@@ -76,7 +75,7 @@ class ServeBackend:
         self.info = served_model_info(directory, cfg.val_bpb)
         self.tokenizer = Tokenizer.from_str(storage.read_text(storage.join(directory, TOKENIZER)))
         self.special = load_special_tokens(directory, self.tokenizer)
-        self.max_seq_len = load_config(directory).max_seq_len
+        self.max_seq_len = load_model_config(directory).max_seq_len
 
     async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Output]:
         from ray.serve.exceptions import BackPressureError

@@ -183,7 +183,7 @@ def check_artifacts(args: ServeArgs) -> None:
     """Every model's artifact resolves (before any Ray or GPU is requested), and is given to
     the replicas as a path they can use: they run in another working directory. A run
     reference stays one (a replica that starts later serves what it names then)."""
-    from lmforge.model.hf import resolve_artifact
+    from lmforge.model.artifact import resolve_artifact
 
     for m in args.models:
         resolve_artifact(m.artifact)

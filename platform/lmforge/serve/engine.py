@@ -365,8 +365,7 @@ def load_engine(cfg) -> Engine:
     from tokenizers import Tokenizer
 
     from lmforge import storage
-    from lmforge.model.artifact import TOKENIZER, load_model
-    from lmforge.model.hf import resolve_artifact
+    from lmforge.model.artifact import TOKENIZER, load_model, resolve_artifact
     from lmforge.model.special import load_special_tokens
 
     directory = resolve_artifact(cfg.artifact)

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 def local_app(args: ServeArgs) -> FastAPI:
     """The API over engines in this process (no Ray): tests, benchmarks, `serve --no-ray`."""
-    from lmforge.model.hf import resolve_artifact
+    from lmforge.model.artifact import resolve_artifact
     from lmforge.serve.engine import load_engine
 
     backends = {

@@ -154,10 +154,10 @@ def artifact_state(directory: str) -> dict[str, torch.Tensor]:
     """A model artifact's weights as a full state dict (a tied head filled in), on CPU."""
     from safetensors.torch import load
 
-    from lmforge.model.artifact import WEIGHTS, load_config
+    from lmforge.model.artifact import WEIGHTS, load_model_config
 
     tensors = load(storage.read_bytes(storage.join(directory, WEIGHTS)))
-    if load_config(directory).tie_embeddings:
+    if load_model_config(directory).tie_embeddings:
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
     return tensors
 

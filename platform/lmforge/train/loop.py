@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from lmforge import LmforgeError, storage
 from lmforge.config import config_yaml
-from lmforge.model.artifact import load_config, save_artifact
+from lmforge.model.artifact import load_model_config, save_artifact
 from lmforge.model.llama import LlamaConfig, cross_entropy, flops_per_token
 from lmforge.train.checkpoint import (
     Checkpointer,
@@ -173,7 +173,7 @@ def setup_run(
     base = getattr(cfg, "base", None)
     lora = getattr(cfg, "lora", None)
     if base:  # fine-tuning: the architecture is the base artifact's
-        arch = load_config(base)
+        arch = load_model_config(base)
         if arch.max_seq_len < train.seq_len:
             raise LmforgeError(
                 f"data seq_len {train.seq_len} is longer than the base model's max_seq_len "
