@@ -30,15 +30,6 @@ DEFAULT_DASHBOARD_PORT = 8265
 DEFAULT_AGENT_PORT = 52365
 # Ray's range for worker processes' gRPC ports; its other ports may not fall inside it.
 DEFAULT_MIN_WORKER_PORT, DEFAULT_MAX_WORKER_PORT = 10002, 19999
-SUBMIT_EXCLUDES = [
-    ".venv",
-    "runs",
-    ".git",
-    "**/__pycache__",
-    "*.egg-info",
-    ".pytest_cache",
-    ".ruff_cache",
-]
 
 
 def port_or_free(preferred: int) -> int:
@@ -377,6 +368,7 @@ def submit(
 ) -> int:
     """Submit `jobs/<stage>.py` as a Ray job; stream its logs; return 0 if it succeeded."""
     from lmforge.config import load_config
+    from lmforge.jobfiles import job_runtime_env
     from lmforge.stage import get_stage
 
     stage = get_stage(stage_name)
@@ -401,7 +393,7 @@ def submit(
         args += ["--set", o]
     entrypoint = "python " + shlex.join(args)
     client = _job_client(address)
-    runtime_env = {"working_dir": str(wd), "excludes": SUBMIT_EXCLUDES}
+    runtime_env = job_runtime_env(wd)  # no build outputs, no secrets
     job_id = _submit_with_retry(client, entrypoint, runtime_env)
     print(f"submitted job {job_id}: {entrypoint}", flush=True)
     if not wait:
