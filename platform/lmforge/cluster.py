@@ -69,19 +69,40 @@ def token_path() -> Path:
 
 
 def ensure_token() -> str:
-    """The Ray auth token: RAY_AUTH_TOKEN, else the token file, generated (mode 0600) if missing."""
+    """The Ray auth token: RAY_AUTH_TOKEN, else the token file, generated (mode 0600) if missing.
+    A token file that other users can read (or that another user owns) is refused: whoever
+    reads it can run code on the cluster as its owner."""
     if os.environ.get("RAY_AUTH_TOKEN"):
         return os.environ["RAY_AUTH_TOKEN"]
     path = token_path()
-    if path.exists() and path.read_text().strip():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        check_token_file(path)
+        if path.read_text().strip():
+            return path.read_text().strip()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     token = secrets.token_hex(32)  # the same 256-bit form as `ray get-auth-token --generate`
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token)
     print(f"generated a Ray auth token in {path}", flush=True)
     return token
+
+
+def check_token_file(path: Path) -> None:
+    """Refuse a token file that is not private to this user (one line saying how to fix it)."""
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise LmforgeError(
+            f"the Ray token file {path} belongs to another user (uid {st.st_uid}): a token "
+            f"someone else can change is not yours; remove it (a new one is generated) or "
+            "point RAY_AUTH_TOKEN_PATH at your own"
+        )
+    if st.st_mode & 0o077:
+        raise LmforgeError(
+            f"the Ray token file {path} is readable by other users (mode "
+            f"{st.st_mode & 0o777:04o}), and whoever reads it can run code on your cluster: "
+            f"`chmod 600 {path}`, and if others may have read it, remove it for a new token"
+        )
 
 
 @dataclass
