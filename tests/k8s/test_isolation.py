@@ -166,7 +166,11 @@ def test_the_serving_clusters_ray_ports_are_its_own():
 def test_allowed_clients_reach_job_clusters_but_never_the_serving_one():
     objects = render(
         str(CHART / "ci" / "existing-cluster.yaml"),
-        sets=("serve.enabled=true", "serve.apiKeys.secretName=k", "serve.models.lmforge-chat.artifact=a"),
+        sets=(
+            "serve.enabled=true",
+            "serve.apiKeys.secretName=k",
+            "serve.models.lmforge-chat.artifact=a",
+        ),
     )
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
     by_unit = clusters(objects)
@@ -253,3 +257,13 @@ def test_an_image_can_be_pinned_by_digest():
         i.endswith(f"@{DIGEST}") for i in images
     )
     assert "image.digest" in render_error("image.digest=latest")
+
+
+def test_the_image_build_can_pin_its_base_by_digest():
+    from tests.conftest import REPO
+
+    lines = (REPO / "Dockerfile").read_text().splitlines()
+    (base,) = [ln for ln in lines if ln.startswith("FROM ")]
+    # Docker expands ${VAR:+word} to word only when VAR is set: `tag@digest`, else the tag.
+    assert base.endswith("${BASE_DIGEST:+@${BASE_DIGEST}}")
+    assert lines.index("ARG BASE_DIGEST=") < lines.index(base)
