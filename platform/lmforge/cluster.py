@@ -1,7 +1,8 @@
 """Local Ray clusters (up / status / down), connecting drivers, and submitting stages as Ray jobs.
 
 `lmforge cluster up` starts a Ray head on this machine with token authentication on
-(`RAY_AUTH_MODE=token`) and the dashboard bound to 127.0.0.1, and records it in
+(`RAY_AUTH_MODE=token`), advertising 127.0.0.1 with its dashboard bound there (unless
+`--host` says otherwise), and records it in
 `$LMFORGE_HOME/cluster.json` (default `~/.lmforge`). `lmforge submit` sends a stage's
 `jobs/<stage>.py` to any Ray cluster through the Ray Jobs SDK, streams its logs and exits with
 the job's status: exactly what `ray job submit` or a KubeRay RayJob runs.
@@ -174,8 +175,11 @@ def up(
     dashboard_port: int = DEFAULT_DASHBOARD_PORT,
     temp_dir: str | None = None,
     worker_ports: tuple[int, int] = (DEFAULT_MIN_WORKER_PORT, DEFAULT_MAX_WORKER_PORT),
+    host: str = "127.0.0.1",
 ) -> LocalCluster:
-    """Start a local Ray head with token auth, or return the one already running."""
+    """Start a local Ray head with token auth, or return the one already running. `host` is the
+    address it advertises and its dashboard listens on: the loopback unless workers on other
+    machines must join."""
     current = LocalCluster.load()
     if current and current.is_alive():
         print(
@@ -183,7 +187,8 @@ def up(
         )
         _print_how_to_use(current)
         return current
-    check_ports(port, dashboard_port, worker_ports)
+    host = _check_host(host)
+    check_ports(port, dashboard_port, worker_ports, host)
     ensure_token()
     tokfile = str(token_path())
     # Ray's Unix sockets live under the temp dir, whose path must stay short (~107 bytes).
@@ -195,7 +200,8 @@ def up(
         "start",
         "--head",
         f"--port={port}",
-        "--dashboard-host=127.0.0.1",
+        f"--node-ip-address={host}",
+        f"--dashboard-host={host}",
         f"--dashboard-port={dashboard_port}",
         "--include-dashboard=true",
         f"--temp-dir={temp_dir}",
@@ -218,7 +224,7 @@ def up(
             f"`ray start --head` failed (exit {proc.returncode}): {tail[0]}; Ray's logs: {temp_dir}/session_latest/logs"
         )
     cluster = LocalCluster(
-        f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", temp_dir, tokfile, num_cpus
+        f"{host}:{port}", f"http://{host}:{dashboard_port}", temp_dir, tokfile, num_cpus
     )
     deadline = time.monotonic() + 60
     while not cluster.is_alive():
@@ -235,7 +241,33 @@ def up(
     return cluster
 
 
-def check_ports(port: int, dashboard_port: int, worker_ports: tuple[int, int]) -> None:
+def _check_host(host: str) -> str:
+    """`host` as an IPv4 address of this machine (Ray advertises it: 0.0.0.0 reaches nobody)."""
+    import ipaddress
+    import socket
+
+    why = "not an IPv4 address"
+    try:
+        address = ipaddress.IPv4Address(host)
+        if address.is_unspecified:
+            why = "not an address Ray can advertise"
+        else:
+            with socket.socket() as s:
+                s.bind((str(address), 0))
+            return str(address)
+    except ValueError:
+        pass
+    except OSError:
+        why = "not an address of this machine"
+    raise LmforgeError(
+        f"--host {host!r} is {why}; give 127.0.0.1 (the default: this machine only) or the "
+        "IPv4 address other machines reach this one at"
+    )
+
+
+def check_ports(
+    port: int, dashboard_port: int, worker_ports: tuple[int, int], host: str = "127.0.0.1"
+) -> None:
     """Refuse, in one line each, the ports `ray start` would refuse or fail on obscurely."""
     low, high = worker_ports
     if not 1024 < low < high <= 65535:
@@ -251,7 +283,7 @@ def check_ports(port: int, dashboard_port: int, worker_ports: tuple[int, int]) -
                 f"worker process); pick a port outside it, or move the range, e.g. "
                 f"--min-worker-port {above} --max-worker-port {min(above + span, 65535)}"
             )
-        if port_in_use("127.0.0.1", value):
+        if port_in_use(host, value):
             raise LmforgeError(
                 f"{flag} {value}: something on this machine already listens there (another Ray head? `lmforge cluster status`); pick a free port with {flag} N"
             )
@@ -323,15 +355,20 @@ def _stop_processes(pids: list[int], grace_period: float = 10.0) -> int:
 
 
 def _processes_using(temp_dir: str) -> list[int]:
-    """PIDs whose command line mentions the cluster's temp dir: every process of that head."""
+    """Every process of the head whose temp dir is `temp_dir`: those whose command line names
+    it, and all their descendants (Ray's workers rename themselves `ray::IDLE`, `ray::Actor`, so
+    their command lines name nothing; a SIGTERM that reached only their parents left them)."""
     import psutil
 
-    found = []
+    found = set()
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmdline = " ".join(proc.info.get("cmdline") or [])
         if temp_dir in cmdline and proc.info["pid"] != os.getpid():
-            found.append(proc.info["pid"])
-    return found
+            found.add(proc.info["pid"])
+            with contextlib.suppress(psutil.NoSuchProcess):
+                found.update(child.pid for child in proc.children(recursive=True))
+    found.discard(os.getpid())
+    return sorted(found)
 
 
 def use_token_auth(token_file: str) -> None:
@@ -534,6 +571,12 @@ def cluster_command(argv: list[str], prog: str) -> int:
         help="highest port of worker processes (default %(default)s)",
     )
     p_up.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the head advertises and its dashboard listens on (default %(default)s: "
+        "this machine only); this machine's IP lets workers on other machines join",
+    )
+    p_up.add_argument(
         "--temp-dir",
         help="Ray's session and log dir (default: a short path under the system temp dir)",
     )
@@ -542,7 +585,15 @@ def cluster_command(argv: list[str], prog: str) -> int:
     args = parser.parse_args(argv)
     if args.action == "up":
         workers = (args.min_worker_port, args.max_worker_port)
-        up(args.num_cpus, args.num_gpus, args.port, args.dashboard_port, args.temp_dir, workers)
+        up(
+            args.num_cpus,
+            args.num_gpus,
+            args.port,
+            args.dashboard_port,
+            args.temp_dir,
+            workers,
+            args.host,
+        )
         return 0
     return status() if args.action == "status" else down()
 
