@@ -17,14 +17,23 @@ def started(tmp_path, monkeypatch):
     monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-    commands = []
+    commands = Commands()
 
     def run(cmd, **kwargs):
         commands.append(cmd)
+        commands.envs.append(kwargs["env"])
         return subprocess.CompletedProcess(cmd, 1, "", "stopped by the test")
 
     monkeypatch.setattr(cluster.subprocess, "run", run)
     return commands
+
+
+class Commands(list):
+    envs: list[dict[str, str]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.envs = []
 
 
 def flags(cmd: list[str]) -> dict[str, str]:
@@ -37,6 +46,7 @@ def test_the_head_is_on_the_loopback_by_default(started, tmp_path):
     (cmd,) = started
     assert flags(cmd)["node-ip-address"] == "127.0.0.1"
     assert flags(cmd)["dashboard-host"] == "127.0.0.1"
+    assert started.envs[0][cluster.LOOPBACK_ENV] == "0"  # else Ray listens everywhere anyway
 
 
 def this_machines_address() -> str:
@@ -55,6 +65,7 @@ def test_another_address_is_asked_for(started, tmp_path):
         cluster.up(port=39001, dashboard_port=39002, temp_dir=str(tmp_path / "ray"), host=ip)
     (cmd,) = started
     assert flags(cmd)["node-ip-address"] == flags(cmd)["dashboard-host"] == ip
+    assert cluster.LOOPBACK_ENV not in started.envs[0]
 
 
 @pytest.mark.parametrize(

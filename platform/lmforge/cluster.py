@@ -155,13 +155,34 @@ def dashboard_get(url: str, route: str, token: str | None, timeout: float = 3.0)
         return None
 
 
-def _ray_env(token_file: str) -> dict[str, str]:
+# Ray's single-machine mode (its default on macOS and Windows), off: the node advertises
+# 127.0.0.1 and its GCS, raylet and agents listen there only. On Linux Ray otherwise advertises
+# the machine's address and listens on every interface, even given --node-ip-address=127.0.0.1.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def loopback_only() -> None:
+    """Make the Ray this process starts (an embedded one) listen on the loopback only, unless
+    the environment says otherwise. Ray reads the switch when imported, hence the constant."""
+    os.environ.setdefault(LOOPBACK_ENV, "0")
+    if "ray" in sys.modules:
+        from ray._common.utils import env_bool
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = env_bool(LOOPBACK_ENV, True)
+
+
+def _ray_env(token_file: str, host: str = "127.0.0.1") -> dict[str, str]:
     env = dict(
         os.environ,
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN_PATH=token_file,
         RAY_USAGE_STATS_ENABLED="0",
     )
+    if host == "127.0.0.1":
+        env[LOOPBACK_ENV] = "0"
+    else:  # the single-machine mode would advertise 127.0.0.1 whatever --node-ip-address says
+        env.pop(LOOPBACK_ENV, None)
     env.pop("RAY_ADDRESS", None)
     # Job entrypoints say `python ...`: make that this environment's python (the venv's).
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
@@ -216,7 +237,7 @@ def up(
         cmd.append(f"--num-cpus={num_cpus:g}")
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus:g}")
-    proc = subprocess.run(cmd, env=_ray_env(tokfile), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=_ray_env(tokfile, host), capture_output=True, text=True)
     if proc.returncode != 0:
         _stop_processes(_processes_using(temp_dir))  # what started before the failure
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
@@ -383,15 +404,28 @@ def use_token_auth(token_file: str) -> None:
         Config.initialize("")
 
 
+def _is_loopback(address: str) -> bool:
+    import urllib.parse
+
+    host = urllib.parse.urlsplit(address if "://" in address else f"ray://{address}").hostname
+    return host in ("127.0.0.1", "localhost")
+
+
 def connect(address: str | None = None) -> None:
     """Connect this process to Ray: `address`, else RAY_ADDRESS, else start an embedded local Ray.
 
-    An embedded local Ray gets token auth too (Ray generates the token if none exists) and no
-    dashboard; inside a Ray job, RAY_ADDRESS points at the job's cluster.
+    An embedded local Ray gets token auth too (Ray generates the token if none exists), no
+    dashboard, and listens on the loopback only; inside a Ray job, RAY_ADDRESS points at the
+    job's cluster.
     """
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return
-    embedded = not (address or os.environ.get("RAY_ADDRESS"))
+    target = address or os.environ.get("RAY_ADDRESS")
+    embedded = not target
+    if embedded or _is_loopback(target):
+        # A driver of a loopback head must see itself on 127.0.0.1 too, or Ray finds no raylet
+        # of its own address to join.
+        loopback_only()
     if embedded and os.environ.get("RAY_AUTH_MODE", "token") == "token":
         ensure_token()  # its processes need the token at start
         use_token_auth(str(token_path()))
