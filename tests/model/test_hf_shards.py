@@ -48,7 +48,9 @@ def test_an_index_pointing_outside_the_folder_is_refused(sharded, tmp_path, shar
     weight_map = json.loads(index.read_text())["weight_map"]
     weight_map[next(iter(weight_map))] = shard
     index.write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(LmforgeError, match=f"names the shard {re.escape(repr(shard))}.*not a file in"):
+    with pytest.raises(
+        LmforgeError, match=f"names the shard {re.escape(repr(shard))}.*not a file in"
+    ):
         import_hf(str(sharded), str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
