@@ -14,7 +14,10 @@ ARG RAY_VERSION=2.60.0
 ARG PYTHON_TAG=py311
 # cpu or gpu: the rayproject/ray variant (gpu carries CUDA) and the PyTorch build.
 ARG FLAVOR=cpu
-FROM rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-${FLAVOR}
+# The base image's digest (sha256:...), so a moved tag cannot change what is built on:
+# docker buildx imagetools inspect rayproject/ray:2.60.0-py311-cpu. Empty: by tag.
+ARG BASE_DIGEST=
+FROM rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-${FLAVOR}${BASE_DIGEST:+@${BASE_DIGEST}}
 
 ARG FLAVOR
 ARG RAY_VERSION

@@ -3,7 +3,7 @@
 `helm template` with helm/lmforge/ci/manifests.yaml, split into one file per stage
 (`rayjob.<stage>.yaml`: the stage's config ConfigMap and its RayJob), `raycronjob.improve.yaml`
 (the improvement loop's config and its RayCronJob), `rayservice.yaml` (the serving RayService)
-and `base.yaml` (what they share: ServiceAccount, NetworkPolicy, storage claim), plus
+and `base.yaml` (what they share: the storage claim), plus
 `kustomization.yaml` (all of them, and an `images:` entry for `kubectl apply -k`). A RayJob file's
 header says which earlier run its config reads (`@<stage>/<run name>`, e.g. finetune's
 `base: "@train/base"`), i.e. when to apply it. Helm's bookkeeping labels
@@ -76,10 +76,14 @@ def render(values: Path = VALUES) -> dict[str, str]:
     }
     for chunk, doc in docs:
         labels = doc["metadata"].get("labels") or {}
+        # A cluster's own ServiceAccount and NetworkPolicy go with the job or service it runs.
+        cluster = labels.get("lmforge.dev/ray-cluster", "")
         stage = labels.get("lmforge.dev/stage")
+        if not stage and cluster.startswith("job-"):
+            stage = cluster.removeprefix("job-")
         if stage:
             name = f"{'raycronjob' if stage in scheduled else 'rayjob'}.{stage}.yaml"
-        elif labels.get("app.kubernetes.io/component") == "serve":
+        elif labels.get("app.kubernetes.io/component") == "serve" or cluster == "serve":
             name = "rayservice.yaml"
         else:
             name = "base.yaml"
@@ -87,7 +91,7 @@ def render(values: Path = VALUES) -> dict[str, str]:
     files = {}
     for name, chunks in sorted(groups.items()):
         if name == "base.yaml":
-            title = "What every lmforge stage shares: ServiceAccount, NetworkPolicy, storage."
+            title = "What every lmforge stage shares: storage."
             usage = ""
         elif name == "rayservice.yaml":
             title = "Serving: the RayService (Ray Serve, OpenAI-compatible API on port 8000)."
@@ -99,14 +103,14 @@ def render(values: Path = VALUES) -> dict[str, str]:
             )
         elif name.startswith("raycronjob."):
             stage = name.split(".")[1]
-            title = f"The {stage} job on a schedule: its job config (ConfigMap) and its RayCronJob."
+            title = f"The {stage} job on a schedule: its job config (ConfigMap), its cluster's ServiceAccount and NetworkPolicy, and its RayCronJob."
             usage = (
                 f"#   kubectl apply -f manifests/{name}\n"
                 f"#   kubectl get raycronjob lmforge-{stage}; kubectl get rayjobs -w  (one per run)\n"
             )
         else:
             stage = name.split(".")[1]
-            title = f"The {stage} stage: its job config (ConfigMap) and its RayJob."
+            title = f"The {stage} stage: its job config (ConfigMap), its cluster's ServiceAccount and NetworkPolicy, and its RayJob."
             usage = "".join(
                 f"# when the run {ref} has SUCCEEDED (`{key}` reads its latest output):\n"
                 for key, ref in run_references(chunks)

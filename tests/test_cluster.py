@@ -114,6 +114,49 @@ def test_down_stops_only_this_head():
     assert saved is None or saved.is_alive()  # the other head is untouched
 
 
+def test_the_head_listens_on_the_loopback_and_down_stops_its_workers_too():
+    """Every port of the head is on the loopback. Ray's workers rename themselves (`ray::IDLE`):
+    their command lines do not name the temp dir, yet `down` stops them with the rest."""
+    import psutil
+
+    temp_dir = tempfile.mkdtemp(prefix="lmf", dir="/tmp")
+    saved = cluster.LocalCluster.load()
+    try:
+        cluster.LocalCluster.state_file().unlink(missing_ok=True)
+        head = cluster.up(
+            num_cpus=1, port=free_port(), dashboard_port=free_port(), temp_dir=temp_dir
+        )
+        # A driver runs one task, so the head has a worker process.
+        driver = (
+            "import ray; from lmforge.cluster import connect; connect(); "
+            "print(ray.get(ray.remote(lambda: 7).remote()))"
+        )
+        env = dict(os.environ, RAY_ADDRESS=head.address, RAY_AUTH_MODE="token")
+        env.update(RAY_AUTH_TOKEN_PATH=head.token_path, PYTHONPATH=str(REPO / "platform"))
+        run = subprocess.run(
+            [sys.executable, "-c", driver], env=env, capture_output=True, text=True
+        )
+        assert run.stdout.strip().endswith("7"), run.stderr[-2000:]
+        pids = cluster._processes_using(temp_dir)
+        # The head listens on the loopback only (its GCS and raylet too), unless --host is given.
+        listening = [
+            (c.pid, c.laddr.ip)
+            for c in psutil.net_connections("inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids
+        ]
+        loopback = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+        assert listening and all(ip in loopback for _, ip in listening), listening
+        procs = [psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)]
+        renamed = [p for p in procs if temp_dir not in " ".join(p.cmdline())]
+        assert renamed, [p.cmdline()[:2] for p in procs]  # the workers are found
+        assert cluster.down() == 0
+        alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, [(p.pid, p.name()) for p in alive]
+    finally:
+        if saved:
+            saved.save()
+
+
 def test_submit_refuses_a_relative_runs_dir(cli, monkeypatch):
     """A job runs in Ray's temporary copy of the working dir: relative outputs vanish with it."""
     monkeypatch.chdir(REPO)

@@ -1,7 +1,8 @@
 """Local Ray clusters (up / status / down), connecting drivers, and submitting stages as Ray jobs.
 
 `lmforge cluster up` starts a Ray head on this machine with token authentication on
-(`RAY_AUTH_MODE=token`) and the dashboard bound to 127.0.0.1, and records it in
+(`RAY_AUTH_MODE=token`), advertising 127.0.0.1 with its dashboard bound there (unless
+`--host` says otherwise), and records it in
 `$LMFORGE_HOME/cluster.json` (default `~/.lmforge`). `lmforge submit` sends a stage's
 `jobs/<stage>.py` to any Ray cluster through the Ray Jobs SDK, streams its logs and exits with
 the job's status: exactly what `ray job submit` or a KubeRay RayJob runs.
@@ -30,15 +31,6 @@ DEFAULT_DASHBOARD_PORT = 8265
 DEFAULT_AGENT_PORT = 52365
 # Ray's range for worker processes' gRPC ports; its other ports may not fall inside it.
 DEFAULT_MIN_WORKER_PORT, DEFAULT_MAX_WORKER_PORT = 10002, 19999
-SUBMIT_EXCLUDES = [
-    ".venv",
-    "runs",
-    ".git",
-    "**/__pycache__",
-    "*.egg-info",
-    ".pytest_cache",
-    ".ruff_cache",
-]
 
 
 def port_or_free(preferred: int) -> int:
@@ -78,19 +70,40 @@ def token_path() -> Path:
 
 
 def ensure_token() -> str:
-    """The Ray auth token: RAY_AUTH_TOKEN, else the token file, generated (mode 0600) if missing."""
+    """The Ray auth token: RAY_AUTH_TOKEN, else the token file, generated (mode 0600) if missing.
+    A token file that other users can read (or that another user owns) is refused: whoever
+    reads it can run code on the cluster as its owner."""
     if os.environ.get("RAY_AUTH_TOKEN"):
         return os.environ["RAY_AUTH_TOKEN"]
     path = token_path()
-    if path.exists() and path.read_text().strip():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        check_token_file(path)
+        if path.read_text().strip():
+            return path.read_text().strip()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     token = secrets.token_hex(32)  # the same 256-bit form as `ray get-auth-token --generate`
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token)
     print(f"generated a Ray auth token in {path}", flush=True)
     return token
+
+
+def check_token_file(path: Path) -> None:
+    """Refuse a token file that is not private to this user (one line saying how to fix it)."""
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise LmforgeError(
+            f"the Ray token file {path} belongs to another user (uid {st.st_uid}): a token "
+            f"someone else can change is not yours; remove it (a new one is generated) or "
+            "point RAY_AUTH_TOKEN_PATH at your own"
+        )
+    if st.st_mode & 0o077:
+        raise LmforgeError(
+            f"the Ray token file {path} is readable by other users (mode "
+            f"{st.st_mode & 0o777:04o}), and whoever reads it can run code on your cluster: "
+            f"`chmod 600 {path}`, and if others may have read it, remove it for a new token"
+        )
 
 
 @dataclass
@@ -142,13 +155,34 @@ def dashboard_get(url: str, route: str, token: str | None, timeout: float = 3.0)
         return None
 
 
-def _ray_env(token_file: str) -> dict[str, str]:
+# Ray's single-machine mode (its default on macOS and Windows), off: the node advertises
+# 127.0.0.1 and its GCS, raylet and agents listen there only. On Linux Ray otherwise advertises
+# the machine's address and listens on every interface, even given --node-ip-address=127.0.0.1.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def loopback_only() -> None:
+    """Make the Ray this process starts (an embedded one) listen on the loopback only, unless
+    the environment says otherwise. Ray reads the switch when imported, hence the constant."""
+    os.environ.setdefault(LOOPBACK_ENV, "0")
+    if "ray" in sys.modules:
+        from ray._common.utils import env_bool
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = env_bool(LOOPBACK_ENV, True)
+
+
+def _ray_env(token_file: str, host: str = "127.0.0.1") -> dict[str, str]:
     env = dict(
         os.environ,
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN_PATH=token_file,
         RAY_USAGE_STATS_ENABLED="0",
     )
+    if host == "127.0.0.1":
+        env[LOOPBACK_ENV] = "0"
+    else:  # the single-machine mode would advertise 127.0.0.1 whatever --node-ip-address says
+        env.pop(LOOPBACK_ENV, None)
     env.pop("RAY_ADDRESS", None)
     # Job entrypoints say `python ...`: make that this environment's python (the venv's).
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
@@ -162,8 +196,11 @@ def up(
     dashboard_port: int = DEFAULT_DASHBOARD_PORT,
     temp_dir: str | None = None,
     worker_ports: tuple[int, int] = (DEFAULT_MIN_WORKER_PORT, DEFAULT_MAX_WORKER_PORT),
+    host: str = "127.0.0.1",
 ) -> LocalCluster:
-    """Start a local Ray head with token auth, or return the one already running."""
+    """Start a local Ray head with token auth, or return the one already running. `host` is the
+    address it advertises and its dashboard listens on: the loopback unless workers on other
+    machines must join."""
     current = LocalCluster.load()
     if current and current.is_alive():
         print(
@@ -171,7 +208,8 @@ def up(
         )
         _print_how_to_use(current)
         return current
-    check_ports(port, dashboard_port, worker_ports)
+    host = _check_host(host)
+    check_ports(port, dashboard_port, worker_ports, host)
     ensure_token()
     tokfile = str(token_path())
     # Ray's Unix sockets live under the temp dir, whose path must stay short (~107 bytes).
@@ -183,7 +221,8 @@ def up(
         "start",
         "--head",
         f"--port={port}",
-        "--dashboard-host=127.0.0.1",
+        f"--node-ip-address={host}",
+        f"--dashboard-host={host}",
         f"--dashboard-port={dashboard_port}",
         "--include-dashboard=true",
         f"--temp-dir={temp_dir}",
@@ -198,7 +237,7 @@ def up(
         cmd.append(f"--num-cpus={num_cpus:g}")
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus:g}")
-    proc = subprocess.run(cmd, env=_ray_env(tokfile), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=_ray_env(tokfile, host), capture_output=True, text=True)
     if proc.returncode != 0:
         _stop_processes(_processes_using(temp_dir))  # what started before the failure
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
@@ -206,7 +245,7 @@ def up(
             f"`ray start --head` failed (exit {proc.returncode}): {tail[0]}; Ray's logs: {temp_dir}/session_latest/logs"
         )
     cluster = LocalCluster(
-        f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", temp_dir, tokfile, num_cpus
+        f"{host}:{port}", f"http://{host}:{dashboard_port}", temp_dir, tokfile, num_cpus
     )
     deadline = time.monotonic() + 60
     while not cluster.is_alive():
@@ -223,7 +262,33 @@ def up(
     return cluster
 
 
-def check_ports(port: int, dashboard_port: int, worker_ports: tuple[int, int]) -> None:
+def _check_host(host: str) -> str:
+    """`host` as an IPv4 address of this machine (Ray advertises it: 0.0.0.0 reaches nobody)."""
+    import ipaddress
+    import socket
+
+    why = "not an IPv4 address"
+    try:
+        address = ipaddress.IPv4Address(host)
+        if address.is_unspecified:
+            why = "not an address Ray can advertise"
+        else:
+            with socket.socket() as s:
+                s.bind((str(address), 0))
+            return str(address)
+    except ValueError:
+        pass
+    except OSError:
+        why = "not an address of this machine"
+    raise LmforgeError(
+        f"--host {host!r} is {why}; give 127.0.0.1 (the default: this machine only) or the "
+        "IPv4 address other machines reach this one at"
+    )
+
+
+def check_ports(
+    port: int, dashboard_port: int, worker_ports: tuple[int, int], host: str = "127.0.0.1"
+) -> None:
     """Refuse, in one line each, the ports `ray start` would refuse or fail on obscurely."""
     low, high = worker_ports
     if not 1024 < low < high <= 65535:
@@ -239,7 +304,7 @@ def check_ports(port: int, dashboard_port: int, worker_ports: tuple[int, int]) -
                 f"worker process); pick a port outside it, or move the range, e.g. "
                 f"--min-worker-port {above} --max-worker-port {min(above + span, 65535)}"
             )
-        if port_in_use("127.0.0.1", value):
+        if port_in_use(host, value):
             raise LmforgeError(
                 f"{flag} {value}: something on this machine already listens there (another Ray head? `lmforge cluster status`); pick a free port with {flag} N"
             )
@@ -311,15 +376,20 @@ def _stop_processes(pids: list[int], grace_period: float = 10.0) -> int:
 
 
 def _processes_using(temp_dir: str) -> list[int]:
-    """PIDs whose command line mentions the cluster's temp dir: every process of that head."""
+    """Every process of the head whose temp dir is `temp_dir`: those whose command line names
+    it, and all their descendants (Ray's workers rename themselves `ray::IDLE`, `ray::Actor`, so
+    their command lines name nothing; a SIGTERM that reached only their parents left them)."""
     import psutil
 
-    found = []
+    found = set()
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmdline = " ".join(proc.info.get("cmdline") or [])
         if temp_dir in cmdline and proc.info["pid"] != os.getpid():
-            found.append(proc.info["pid"])
-    return found
+            found.add(proc.info["pid"])
+            with contextlib.suppress(psutil.NoSuchProcess):
+                found.update(child.pid for child in proc.children(recursive=True))
+    found.discard(os.getpid())
+    return sorted(found)
 
 
 def use_token_auth(token_file: str) -> None:
@@ -334,15 +404,28 @@ def use_token_auth(token_file: str) -> None:
         Config.initialize("")
 
 
+def _is_loopback(address: str) -> bool:
+    import urllib.parse
+
+    host = urllib.parse.urlsplit(address if "://" in address else f"ray://{address}").hostname
+    return host in ("127.0.0.1", "localhost")
+
+
 def connect(address: str | None = None) -> None:
     """Connect this process to Ray: `address`, else RAY_ADDRESS, else start an embedded local Ray.
 
-    An embedded local Ray gets token auth too (Ray generates the token if none exists) and no
-    dashboard; inside a Ray job, RAY_ADDRESS points at the job's cluster.
+    An embedded local Ray gets token auth too (Ray generates the token if none exists), no
+    dashboard, and listens on the loopback only; inside a Ray job, RAY_ADDRESS points at the
+    job's cluster.
     """
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return
-    embedded = not (address or os.environ.get("RAY_ADDRESS"))
+    target = address or os.environ.get("RAY_ADDRESS")
+    embedded = not target
+    if embedded or _is_loopback(target):
+        # A driver of a loopback head must see itself on 127.0.0.1 too, or Ray finds no raylet
+        # of its own address to join.
+        loopback_only()
     if embedded and os.environ.get("RAY_AUTH_MODE", "token") == "token":
         ensure_token()  # its processes need the token at start
         use_token_auth(str(token_path()))
@@ -377,6 +460,7 @@ def submit(
 ) -> int:
     """Submit `jobs/<stage>.py` as a Ray job; stream its logs; return 0 if it succeeded."""
     from lmforge.config import load_config
+    from lmforge.jobfiles import job_runtime_env
     from lmforge.stage import get_stage
 
     stage = get_stage(stage_name)
@@ -401,7 +485,7 @@ def submit(
         args += ["--set", o]
     entrypoint = "python " + shlex.join(args)
     client = _job_client(address)
-    runtime_env = {"working_dir": str(wd), "excludes": SUBMIT_EXCLUDES}
+    runtime_env = job_runtime_env(wd)  # no build outputs, no secrets
     job_id = _submit_with_retry(client, entrypoint, runtime_env)
     print(f"submitted job {job_id}: {entrypoint}", flush=True)
     if not wait:
@@ -521,6 +605,12 @@ def cluster_command(argv: list[str], prog: str) -> int:
         help="highest port of worker processes (default %(default)s)",
     )
     p_up.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the head advertises and its dashboard listens on (default %(default)s: "
+        "this machine only); this machine's IP lets workers on other machines join",
+    )
+    p_up.add_argument(
         "--temp-dir",
         help="Ray's session and log dir (default: a short path under the system temp dir)",
     )
@@ -529,7 +619,15 @@ def cluster_command(argv: list[str], prog: str) -> int:
     args = parser.parse_args(argv)
     if args.action == "up":
         workers = (args.min_worker_port, args.max_worker_port)
-        up(args.num_cpus, args.num_gpus, args.port, args.dashboard_port, args.temp_dir, workers)
+        up(
+            args.num_cpus,
+            args.num_gpus,
+            args.port,
+            args.dashboard_port,
+            args.temp_dir,
+            workers,
+            args.host,
+        )
         return 0
     return status() if args.action == "status" else down()
 

@@ -162,13 +162,14 @@ def test_hub_dataset_is_read_from_its_cache_files(tmp_path, monkeypatch):
         writer.write_table(table)
     calls = []
 
-    def load_dataset(name, config=None, split=None):
+    def load_dataset(name, config=None, split=None, revision=None):
         calls.append((name, config, split))
         if name != "wikitext":
             raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub")
         return types.SimpleNamespace(cache_files=[{"filename": str(cache)}])
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # the commit lookup: offline
     src = SourceConfig(path="hf:wikitext", hf_config="wikitext-2-raw-v1", hf_split="validation")
     rows = read_all(src).to_pylist()
     assert calls == [("wikitext", "wikitext-2-raw-v1", "validation")]

@@ -80,7 +80,9 @@ def test_rayservice_pods_are_the_ray_pod_template_plus_serving():
     service = next(o for o in objects if o["kind"] == "RayService")
     job = next(o for o in objects if o["kind"] == "RayJob")
     serve_cluster, job_cluster = service["spec"]["rayClusterConfig"], job["spec"]["rayClusterSpec"]
-    assert serve_cluster["authOptions"] == job_cluster["authOptions"]
+    # token auth on both, each with its own token (tests/k8s/test_isolation.py)
+    assert serve_cluster["authOptions"]["mode"] == job_cluster["authOptions"]["mode"] == "token"
+    assert serve_cluster["authOptions"]["secretName"] != job_cluster["authOptions"]["secretName"]
     pairs = [(serve_cluster["headGroupSpec"], job_cluster["headGroupSpec"])]
     pairs += list(
         zip(serve_cluster["workerGroupSpecs"], job_cluster["workerGroupSpecs"], strict=True)
@@ -121,17 +123,39 @@ def test_serving_only_values(tmp_path):
     )
     (model,) = _serve_args(service)["models"]
     assert model["resources"] == {"num_cpus": 4, "num_gpus": 1}
-    (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    (policy,) = [
+        o
+        for o in objects
+        if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "lmforge-serve"
+    ]
     serve_rule = next(
         r
         for r in policy["spec"]["ingress"]
         if {"protocol": "TCP", "port": 8000} in r.get("ports", [])
     )
     assert serve_rule["from"] == [
-        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+        RELEASE_PODS,
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}},
     ]
 
 
 def test_serve_port_is_closed_without_serve_clients():
-    (policy,) = [o for o in render(sets=SERVE_ON) if o["kind"] == "NetworkPolicy"]
-    assert all(p["port"] != 8000 for r in policy["spec"]["ingress"] for p in r.get("ports", []))
+    """Without serve.allowedClients only this release's pods reach the Serve port."""
+    policies = [o for o in render(sets=SERVE_ON) if o["kind"] == "NetworkPolicy"]
+    opening = [
+        (p["metadata"]["name"], r["from"])
+        for p in policies
+        for r in p["spec"]["ingress"]
+        if any(port["port"] == 8000 for port in r.get("ports", []))
+    ]
+    assert opening == [("lmforge-serve", [RELEASE_PODS])]
+
+
+RELEASE_PODS = {
+    "podSelector": {
+        "matchLabels": {
+            "app.kubernetes.io/name": "lmforge",
+            "app.kubernetes.io/instance": "lmforge",
+        }
+    }
+}

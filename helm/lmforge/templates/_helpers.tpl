@@ -45,8 +45,54 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/*
+The Ray clusters of this release, as YAML `<unit>: {autoscaling: bool, serve: bool}`. A unit is
+one Ray cluster and everything that talks to its Ray ports: `job-<kebab key>` for the cluster
+of each job that brings its own (every enabled stage, `job-improve`), `cluster` for the shared
+one (rayCluster.enabled or jobs.clusterName: every job's submitter), `serve` for the RayService.
+Each unit has its own ServiceAccount, Ray token and NetworkPolicy, so one compromised job
+reaches no other cluster of the release.
+*/}}
+{{- define "lmforge.clusterUnits" -}}
+{{- $v := .Values }}
+{{- $units := dict }}
+{{- $shared := include "lmforge.jobsClusterName" . }}
+{{- $jobs := include "lmforge.configJobs" . | fromYaml }}
+{{- range $key, $job := $jobs }}
+{{- $ray := include "lmforge.stageRay" (dict "root" $ "stage" $job) | fromYaml }}
+{{- if not $shared }}
+{{- $_ := set $units (printf "job-%s" (include "lmforge.kebab" $key)) (dict "autoscaling" $ray.autoscaling "serve" false) }}
+{{- end }}
+{{- end }}
+{{- if or $v.rayCluster.enabled (and $shared $jobs) }}
+{{- $_ := set $units "cluster" (dict "autoscaling" (and $v.rayCluster.enabled $v.ray.autoscaling) "serve" false) }}
+{{- end }}
+{{- if $v.serve.enabled }}
+{{- $ray := mergeOverwrite (deepCopy $v.ray) (deepCopy ($v.serve.cluster | default dict)) }}
+{{- $_ := set $units "serve" (dict "autoscaling" $ray.autoscaling "serve" true) }}
+{{- end }}
+{{- toYaml $units }}
+{{- end }}
+
+{{/* The unit (lmforge.clusterUnits) of the cluster a job runs on. Argument: dict root, key. */}}
+{{- define "lmforge.jobUnit" -}}
+{{- if include "lmforge.jobsClusterName" .root }}cluster{{ else }}job-{{ include "lmforge.kebab" .key }}{{ end }}
+{{- end }}
+
+{{/* The Secret (key auth_token) with a cluster's Ray token. Argument: dict root, unit. */}}
 {{- define "lmforge.authSecretName" -}}
-{{- default (printf "%s-ray-auth" (include "lmforge.fullname" .)) .Values.ray.auth.existingSecret }}
+{{- $a := .root.Values.ray.auth }}
+{{- $own := index ($a.existingSecrets | default dict) .unit }}
+{{- $own | default $a.existingSecret | default (printf "%s-%s-ray-auth" (include "lmforge.fullname" .root) .unit) }}
+{{- end }}
+
+{{/* The ServiceAccount of a cluster's pods and its job submitters. Argument: dict root, unit. */}}
+{{- define "lmforge.clusterServiceAccountName" -}}
+{{- if .root.Values.serviceAccount.create }}
+{{- printf "%s-%s" (include "lmforge.serviceAccountName" .root) .unit }}
+{{- else }}
+{{- include "lmforge.serviceAccountName" .root }}
+{{- end }}
 {{- end }}
 
 {{- define "lmforge.pvcName" -}}
@@ -70,7 +116,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* The image reference. Argument: an image values dict (.Values.image, maybe merged with a stage's). */}}
 {{- define "lmforge.image" -}}
 {{- $tag := .image.tag | default (printf "%s-%s" .chart.AppVersion .image.flavor) }}
+{{- if .image.digest }}
+{{- /* The digest pins the bytes; the tag stays for people reading it (the runtime ignores it). */}}
+{{- printf "%s:%s@%s" .image.repository $tag .image.digest }}
+{{- else }}
 {{- printf "%s:%s" .image.repository $tag }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -92,6 +143,11 @@ Checks of whole-chart values that a JSON schema cannot express; each failure nam
 {{- $v := .Values }}
 {{- if not $v.image.repository }}
 {{- fail "image.repository must be set (the lmforge image built from the repository's Dockerfile)" }}
+{{- end }}
+{{- range $where, $image := dict "image" $v.image "serve.image" ($v.serve.image | default dict) "improve.image" ($v.improve.image | default dict) }}
+{{- if and $image.digest (not (regexMatch "^sha256:[a-f0-9]{64}$" $image.digest)) }}
+{{- fail (printf "%s.digest is %q; give the image's digest as sha256:<64 hex digits> (docker buildx imagetools inspect IMAGE)" $where $image.digest) }}
+{{- end }}
 {{- end }}
 {{- if semverCompare "<2.52.0-0" $v.ray.version }}
 {{- fail (printf "ray.version is %s; Ray token authentication needs Ray >= 2.52.0" $v.ray.version) }}
@@ -230,9 +286,10 @@ Argument: dict
   configKeys stage keys whose config ConfigMaps the head mounts at <workdir>/job-configs
   stage      the stage key when the cluster belongs to one stage's RayJob (a pod label), else ""
   serve      the serve values when the cluster is the RayService's (Serve port, API keys Secret), else unset
+  unit       the cluster's unit (lmforge.clusterUnits): its ServiceAccount and NetworkPolicy label
 Security: restricted Pod Security profile (non-root, no privilege escalation, all capabilities
 dropped, RuntimeDefault seccomp, read-only root filesystem); writable paths are emptyDirs; no
-ServiceAccount token unless the autoscaler needs one. Ray token auth comes from the cluster's
+ServiceAccount token in any Ray container (an autoscaling head's sidecar alone mounts one). Ray token auth comes from the cluster's
 authOptions (KubeRay injects RAY_AUTH_MODE and RAY_AUTH_TOKEN into every Ray container).
 */}}
 {{- define "lmforge.rayPodTemplate" -}}
@@ -243,6 +300,7 @@ metadata:
   labels:
     {{- include "lmforge.selectorLabels" $root | nindent 4 }}
     app.kubernetes.io/component: ray-{{ .role }}
+    lmforge.dev/ray-cluster: {{ .unit }}
     {{- with .stage }}
     lmforge.dev/stage: {{ include "lmforge.kebab" . }}
     {{- end }}
@@ -254,8 +312,9 @@ metadata:
     {{- toYaml . | nindent 4 }}
   {{- end }}
 spec:
-  serviceAccountName: {{ include "lmforge.serviceAccountName" $root }}
-  automountServiceAccountToken: {{ and .ray.autoscaling (eq .role "head") }}
+  serviceAccountName: {{ include "lmforge.clusterServiceAccountName" (dict "root" $root "unit" .unit) }}
+  # No container of a Ray pod sees an API token; the autoscaler sidecar mounts kube-api-access.
+  automountServiceAccountToken: false
   enableServiceLinks: false
   securityContext:
     {{- include "lmforge.podSecurityContext" . | nindent 4 }}
@@ -342,6 +401,18 @@ spec:
               items: [{key: config.yaml, path: {{ include "lmforge.kebab" . }}.yaml}]
           {{- end }}
     {{- end }}
+    {{- if and .ray.autoscaling (eq .role "head") }}
+    # The head's API token, for the autoscaler sidecar only (autoscalerOptions.volumeMounts): the
+    # Ray container, where job drivers run, never mounts it.
+    - name: kube-api-access
+      projected:
+        defaultMode: 0444
+        sources:
+          - serviceAccountToken: {path: token, expirationSeconds: 3607}
+          - configMap: {name: kube-root-ca.crt, items: [{key: ca.crt, path: ca.crt}]}
+          - downwardAPI:
+              items: [{path: namespace, fieldRef: {apiVersion: v1, fieldPath: metadata.namespace}}]
+    {{- end }}
     {{- with .serve }}
     - name: api-keys
       secret:
@@ -382,14 +453,15 @@ seccompProfile: {type: RuntimeDefault}
 
 {{/*
 A RayCluster spec: token auth, ClusterIP head service, the head and every enabled worker group
-from lmforge.rayPodTemplate. Argument: dict root, ray, image, configKeys, stage.
+from lmforge.rayPodTemplate. Argument: dict root, ray, image, configKeys, stage, unit (the
+cluster's unit of lmforge.clusterUnits: its ServiceAccount, token and NetworkPolicy).
 */}}
 {{- define "lmforge.rayClusterSpec" -}}
 {{- $ctx := . -}}
 rayVersion: {{ .ray.version | quote }}
 authOptions:
   mode: token
-  secretName: {{ include "lmforge.authSecretName" .root }}
+  secretName: {{ include "lmforge.authSecretName" (dict "root" .root "unit" .unit) }}
 enableInTreeAutoscaling: {{ .ray.autoscaling }}
 {{- if .ray.autoscaling }}
 autoscalerOptions:
@@ -401,6 +473,8 @@ autoscalerOptions:
   resources:
     requests: {cpu: 200m, memory: 512Mi}
     limits: {cpu: "1", memory: 1Gi}
+  volumeMounts:
+    - {name: kube-api-access, mountPath: /var/run/secrets/kubernetes.io/serviceaccount, readOnly: true}
 {{- end }}
 headGroupSpec:
   serviceType: ClusterIP

@@ -21,6 +21,7 @@ Argument: dict
 {{- end }}
 {{- $image := mergeOverwrite (deepCopy $root.Values.image) (deepCopy ($job.image | default dict)) }}
 {{- $ray := include "lmforge.stageRay" (dict "root" $root "stage" $job) | fromYaml }}
+{{- $unit := include "lmforge.jobUnit" (dict "root" $root "key" .key) }}
 {{- if and .clusterName $get.suspend (not .scheduled) }}
 {{- fail (printf "%s: suspend (or jobs.suspend) cannot be used with an existing cluster (jobs.clusterName / rayCluster.enabled); KubeRay does not suspend clusterSelector RayJobs" .where) }}
 {{- end }}
@@ -53,9 +54,10 @@ submitterPodTemplate:
     labels:
       {{- include "lmforge.selectorLabels" $root | nindent 6 }}
       app.kubernetes.io/component: ray-job-submitter
+      lmforge.dev/ray-cluster: {{ $unit }}
   spec:
     restartPolicy: Never
-    serviceAccountName: {{ include "lmforge.serviceAccountName" $root }}
+    serviceAccountName: {{ include "lmforge.clusterServiceAccountName" (dict "root" $root "unit" $unit) }}
     automountServiceAccountToken: false
     enableServiceLinks: false
     securityContext:
@@ -78,7 +80,7 @@ submitterPodTemplate:
           - {name: RAY_AUTH_MODE, value: token}
           - name: RAY_AUTH_TOKEN
             valueFrom:
-              secretKeyRef: {name: {{ include "lmforge.authSecretName" $root }}, key: auth_token}
+              secretKeyRef: {name: {{ include "lmforge.authSecretName" (dict "root" $root "unit" $unit) }}, key: auth_token}
         resources:
           {{- toYaml $d.submitterResources | nindent 10 }}
         volumeMounts:
@@ -91,7 +93,7 @@ clusterSelector:
   ray.io/cluster: {{ .clusterName }}
 {{- else }}
 rayClusterSpec:
-  {{- include "lmforge.rayClusterSpec" (dict "root" $root "ray" $ray "image" $image "configKeys" (list .key) "stage" .key) | nindent 2 }}
+  {{- include "lmforge.rayClusterSpec" (dict "root" $root "ray" $ray "image" $image "configKeys" (list .key) "stage" .key "unit" $unit) | nindent 2 }}
 {{- end }}
 {{- end }}
 

@@ -51,6 +51,12 @@ class SourceConfig(StrictModel):
         description="`hf:NAME` sources: the dataset's configuration (subset), if it has several.",
     )
     hf_split: str = Field("train", description="`hf:NAME` sources: the split to read.")
+    hf_revision: str | None = Field(
+        None,
+        description="`hf:NAME` sources: the dataset revision to read, best a commit sha (a branch "
+        "or tag is resolved to its commit). Unset: the default branch's current commit, which a "
+        "rerun may not see again (a warning names it); the manifest records the commit read.",
+    )
 
     @property
     def is_builtin(self) -> bool:

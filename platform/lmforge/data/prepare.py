@@ -203,6 +203,8 @@ def _run(cfg: DataConfig, ctx: StageContext, files, given_tok) -> dict[str, Any]
         _bands_rows(cfg),
     )
     manifest["phase_seconds"] = {k: round(v, 3) for k, v in phases.items()}
+    if revisions := sources.hub_revisions(cfg.sources, files):
+        manifest["hf_revisions"] = revisions  # what an unpinned hf: source read
     storage.write_json(storage.join(ctx.output, "manifest.json"), manifest)
     print_summary(cfg, manifest)
     if not manifest["blocks_train"]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import fnmatch
 import os
 import posixpath
+import re
+import sys
 from typing import Any
 
 from lmforge import LmforgeError, storage
@@ -93,8 +95,9 @@ def _hub_dataset_files(src: SourceConfig, where: str) -> list[dict[str, Any]]:
             f"{where}: Hugging Face hub datasets need the `datasets` package: pip install 'lmforge[hf]'"
         ) from None
     name = src.path.removeprefix("hf:")
+    revision = _hub_revision(name, src.hf_revision, where)
     try:
-        ds = datasets.load_dataset(name, src.hf_config, split=src.hf_split)
+        ds = datasets.load_dataset(name, src.hf_config, split=src.hf_split, revision=revision)
     except Exception as e:  # the hub, the network, a bad name or split: all one line to the user
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LmforgeError(
@@ -105,10 +108,56 @@ def _hub_dataset_files(src: SourceConfig, where: str) -> list[dict[str, Any]]:
         raise LmforgeError(
             f"{where}: dataset {name!r} has no cache files to read (an in-memory dataset)"
         )
+    relpath = f"{name}/{src.hf_split}/"
     return [
-        {"path": f, "relpath": f"{name}/{src.hf_split}/{posixpath.basename(f)}", "format": "arrow"}
+        {
+            "path": f,
+            "relpath": relpath + posixpath.basename(f),
+            "format": "arrow",
+            "revision": revision,
+        }
         for f in files
     ]
+
+
+def _hub_revision(name: str, asked: str | None, where: str) -> str | None:
+    """The commit sha an `hf:` source is read at: `asked` when it is one, else what the hub
+    says `asked` (a branch or tag; unset: the default branch) points at now, so the load and the
+    manifest name one commit. Unpinned reads are warned about: a rerun of the same config (the
+    same output hash) may read other data."""
+    if asked and re.fullmatch(r"[0-9a-f]{40}", asked):
+        return asked
+    try:
+        from huggingface_hub import HfApi
+
+        sha = HfApi().dataset_info(name, revision=asked).sha
+    except Exception as e:  # offline, a bad name or revision: load_dataset says which
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(
+            f"[data] warning: {where}: cannot look up the commit of dataset {name!r}"
+            f"{f' at {asked!r}' if asked else ''} ({first}); reading it unpinned",
+            file=sys.stderr,
+            flush=True,
+        )
+        return asked
+    print(
+        f"[data] warning: {where}: hf_revision is {asked or 'not set'}, so this reads commit "
+        f"{sha}, the current one; set hf_revision: {sha} so a rerun reads the same data",
+        file=sys.stderr,
+        flush=True,
+    )
+    return sha
+
+
+def hub_revisions(
+    sources: list[SourceConfig], files: list[list[dict[str, Any]]]
+) -> dict[str, str | None]:
+    """Each `hf:` source's path -> the commit it was read at (resolve_sources' `files`)."""
+    return {
+        src.path: items[0]["revision"]
+        for src, items in zip(sources, files, strict=True)
+        if src.path.startswith("hf:") and items
+    }
 
 
 def _list_source(path: str) -> list[tuple[str, str]]:

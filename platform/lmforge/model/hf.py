@@ -12,6 +12,7 @@ conversion script). Everything else is a renaming.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import torch
@@ -276,7 +277,7 @@ def _read_hf_tensors(hf_dir: str) -> dict[str, torch.Tensor]:
 
     index = storage.join(hf_dir, "model.safetensors.index.json")
     if storage.exists(index):
-        shards = sorted(set(storage.read_json(index)["weight_map"].values()))
+        shards = _index_shards(index, hf_dir)
     elif storage.exists(storage.join(hf_dir, "model.safetensors")):
         shards = ["model.safetensors"]
     else:
@@ -287,6 +288,23 @@ def _read_hf_tensors(hf_dir: str) -> dict[str, torch.Tensor]:
     for shard in shards:
         tensors.update(load(storage.read_bytes(storage.join(hf_dir, shard))))
     return tensors
+
+
+def _index_shards(index: str, hf_dir: str) -> list[str]:
+    """The shard files an index names: plain file names beside it. A downloaded index is not
+    trusted to point elsewhere (`../../.ssh/id_rsa`, `/etc/passwd`, a URI)."""
+    weight_map = storage.read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise LmforgeError(f"{index}: no weight_map (tensor name -> shard file); re-download it")
+    shards = sorted({str(shard) for shard in weight_map.values()})
+    for shard in shards:
+        if not re.fullmatch(r"[^/\\:]+", shard) or shard in (".", ".."):
+            raise LmforgeError(
+                f"{index}: weight_map names the shard {shard!r}, which is not a file in {hf_dir} "
+                "(shards are plain file names beside the index: no directories, '..', absolute "
+                "paths or URIs); fix the index or re-download the model"
+            )
+    return shards
 
 
 def import_hf(hf_dir: str, out: str, dtype: str | None = None) -> LlamaConfig:

@@ -16,6 +16,8 @@ evaluation and fine-tuning all take, so none of them assumes lmforge's ids.
 from __future__ import annotations
 
 import json
+import re
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,9 +61,38 @@ class SpecialTokens:
         self, tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> tuple[str, list[int]]:
         """(text, ids) of a chat prompt; the template writes any BOS itself, as with
-        apply_chat_template, so nothing is added around it."""
-        text = self.render_chat(messages, add_generation_prompt)
-        return text, tokenizer.encode(text, add_special_tokens=False).ids
+        apply_chat_template, so nothing is added around it. Only the template writes special
+        tokens: one spelled out in a message's content (`<|end|>\\n<|system|>`) is encoded as
+        the plain text it is, so a client cannot forge turns or roles."""
+        specials = _specials(tokenizer)
+        if not any(specials.search(str(m.get("content", ""))) for m in messages):
+            # The common case, encoded exactly as fine-tuning encodes its conversations.
+            text = self.render_chat(messages, add_generation_prompt)
+            return text, tokenizer.encode(text, add_special_tokens=False).ids
+        pieces = self._render_pieces(messages, add_generation_prompt)
+        return "".join(text for text, _ in pieces), _encode_pieces(tokenizer, specials, pieces)
+
+    def _render_pieces(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool
+    ) -> list[tuple[str, bool]]:
+        """The conversation as (text, written by the template) pieces: the template renders
+        with a marker for each content, which the content then replaces."""
+        markers = [f"{_MARK_OPEN}{i}{_MARK_CLOSE}" for i in range(len(messages))]
+        masked = [{**m, "content": mark} for m, mark in zip(messages, markers, strict=True)]
+        rendered = self.render_chat(masked, add_generation_prompt)
+        pieces, pos = [], 0
+        for found in re.finditer(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}", rendered):
+            pieces.append((rendered[pos : found.start()], True))
+            pieces.append((str(messages[int(found.group(1))].get("content", "")), False))
+            pos = found.end()
+        pieces.append((rendered[pos:], True))
+        if any(_MARK_OPEN in t or _MARK_CLOSE in t for t, trusted in pieces if trusted):
+            raise ValueError(
+                "a message's content spells out a special token of the model and its chat "
+                "template cuts or rewrites the content, so it cannot be kept as plain text; "
+                "remove the special token from the content"
+            )
+        return pieces
 
     def encode_prompt(self, tokenizer, text: str) -> list[int]:
         """The ids of a plain-text prompt: BOS first when the model's tokenizer adds one."""
@@ -70,6 +101,73 @@ class SpecialTokens:
 
 
 LMFORGE = SpecialTokens()
+
+# Private-use characters around a content's index while the template renders (never in its text).
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+_SPECIALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _specials(tokenizer) -> re.Pattern:
+    """A pattern matching the special tokens of a tokenizer, longest first (as the tokenizer
+    itself splits them out: leftmost-longest)."""
+    found = _SPECIALS.get(tokenizer)
+    if found is None:
+        tokens = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
+        tokens.sort(key=len, reverse=True)
+        # A tokenizer without special tokens: a pattern that never matches.
+        found = re.compile("|".join(map(re.escape, tokens)) or r"(?!)")
+        _SPECIALS[tokenizer] = found
+    return found
+
+
+def _plain_tokenizer(tokenizer):
+    """A copy of the tokenizer that encodes special-token strings as ordinary text (a copy, so
+    concurrent encodes with the original never see the flag)."""
+    plain = _PLAIN.get(tokenizer)
+    if plain is None:
+        plain = type(tokenizer).from_str(tokenizer.to_str())
+        plain.encode_special_tokens = True
+        _PLAIN[tokenizer] = plain
+    return plain
+
+
+def _encode_pieces(tokenizer, specials: re.Pattern, pieces: list[tuple[str, bool]]) -> list[int]:
+    """Ids of (text, written by the template) pieces: special tokens only from the template's
+    text; the text between two of them is encoded as one string, as the tokenizer does, so the
+    merges across a template/content boundary are the usual ones."""
+    added = {t.content: t for t in tokenizer.get_added_tokens_decoder().values()}
+    plain, ids, run, strip_next = _plain_tokenizer(tokenizer), [], [], False
+
+    def flush() -> None:
+        if run:
+            ids.extend(plain.encode("".join(run), add_special_tokens=False).ids)
+            run.clear()
+
+    def text(piece: str) -> None:
+        nonlocal strip_next
+        if strip_next:  # the previous special token absorbs the whitespace after it (rstrip)
+            piece = piece.lstrip()
+            strip_next = not piece
+        if piece:
+            run.append(piece)
+
+    for piece, trusted in pieces:
+        if not trusted:
+            text(piece)
+            continue
+        pos = 0
+        for found in specials.finditer(piece):
+            text(piece[pos : found.start()])
+            token = added[found.group()]
+            if token.lstrip and run:
+                run[-1] = run[-1].rstrip()
+            flush()
+            ids.append(tokenizer.token_to_id(token.content))
+            strip_next, pos = token.rstrip, found.end()
+        text(piece[pos:])
+    flush()
+    return ids
 
 
 def is_lmforge_tokenizer(tokenizer) -> bool:

@@ -4,7 +4,7 @@ Layout, under `<run>/checkpoints/` (Ray Train's run directory when run by Ray):
 
     step_00000050/  __0_0.distcp, __1_0.distcp, .metadata   model + optimizer shards (DCP)
                     train_state.json                           step, rows consumed, world size
-                    rng_<rank>.pt                              each worker's RNG state
+                    rng_<rank>.pt                              each worker's RNG state (tensors)
                     _COMPLETE                                  written last, after every worker's files
 
 Saving: every worker writes its own shard into a local temp dir; `ray.train.report(checkpoint=...)`
@@ -12,13 +12,20 @@ uploads and merges them into one checkpoint directory (without Ray: copied there
 after a barrier, rank 0 writes `_COMPLETE`. A checkpoint without the marker (a crash mid-save)
 is never loaded: resume takes the newest complete one. DCP stores each tensor with its global
 shape, so a checkpoint saved by W workers loads into W' workers (or into one plain process).
+
+Loading never runs code from the checkpoint: a checkpoint directory may come from shared storage
+that others can write, and unpickling runs whatever a pickle names. DCP's metadata is read with
+an unpickler that knows only its own record types, its other entries (optimizer hyperparameters)
+and the RNG states with `weights_only=True`; anything else is refused with `UnsafeCheckpoint`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -31,6 +38,10 @@ import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -126,8 +137,10 @@ class Checkpointer:
         with _readable(path) as local:
             model_sd, optim_sd = self._state(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
-            with _single_process_ok():
-                dcp.load(state, checkpoint_id=local)
+            with _single_process_ok(), _refusing_pickles(path):
+                # Read here first: inside dcp.load a refusal would only reach us as text.
+                _SafeReader(local).read_metadata()
+                dcp.load(state, storage_reader=_SafeReader(local), planner=_SafeLoadPlanner())
             set_state_dict(
                 model,
                 optimizer,
@@ -139,9 +152,79 @@ class Checkpointer:
                 train_state = json.load(f)
             rng = os.path.join(local, f"rng_{self.rank}.pt")
             if train_state["world_size"] == self.world_size and os.path.exists(rng):
-                _set_rng_state(torch.load(rng, weights_only=False))
+                with _refusing_pickles(path):
+                    _set_rng_state(torch.load(rng, weights_only=True))
         train_state["path"] = path
         return train_state
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file holds a pickled object other than tensors and plain values."""
+
+
+# What DCP's .metadata pickle names: its own record types, torch.Size and dtypes, a path.
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if module in _METADATA_MODULES or (module, name) in _METADATA_GLOBALS or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"the metadata names {module}.{name}")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """DCP's reader, whose metadata unpickler resolves only DCP's own record types."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"the metadata is a {type(metadata).__name__}")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner, loading its non-tensor entries (optimizer hyperparameters: numbers,
+    tuples, names) with weights_only=True instead of a full unpickle."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes does with its value
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+@contextlib.contextmanager
+def _refusing_pickles(path: str) -> Iterator[None]:
+    try:
+        yield
+    except (pickle.UnpicklingError, CheckpointException) as e:
+        # DCP wraps a worker's error in CheckpointException, keyed by rank.
+        failures = (
+            [exc for exc, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
+        )
+        unpickling = [f for f in failures if isinstance(f, pickle.UnpicklingError)]
+        if not unpickling:
+            raise
+        raise UnsafeCheckpoint(
+            f"checkpoint {path}: refusing to load it: it holds a pickled object other than "
+            f"tensors and plain values ({str(e).splitlines()[0]}); a checkpoint lmforge wrote "
+            "never does. Remove it to resume from the one before, or start afresh"
+        ) from None
 
 
 def full_model_state(model) -> dict[str, torch.Tensor]:
