@@ -125,3 +125,16 @@ def test_loop_module_stays_small_and_has_no_packed_lines():
     text = (TRAIN_PACKAGE / "loop.py").read_text()
     assert len(text.splitlines()) < 450
     assert "fmt: skip" not in text
+
+
+def test_the_loop_runs_without_ray_imported():
+    """`run_local` and GPU benchmarks train in one process where Ray may not be installed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lmforge.train.loop, lmforge.train.metrics, lmforge.train.export\n"
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
