@@ -66,9 +66,9 @@ def train_loop(spec: LoopSpec, env: WorkerEnv) -> dict[str, Any]:
             f"resumed from {resumed['path']} (step {step}, saved by {resumed['world_size']} workers)"
         )
     elif spec.eval_at_start:  # the base model's scores, for before/after
-        start = {"step": 0, **evaluate(model, run, env), **evaluate_tasks(model, run, env)}
-        report(start, env)
-        log.write(start)
+        before = {"step": 0, **evaluate(model, run, env), **evaluate_tasks(model, run, env)}
+        report(before, env)
+        log.write(before)
     metrics: dict[str, Any] = {}
     every_ckpt = spec.checkpoint.every_steps
     while step < run.total_steps:
