@@ -1,10 +1,11 @@
 """The `train` stage: validate, then run the per-worker loop on Ray Train's TorchTrainer.
 
-The driver builds the loop's `LoopSpec` (train/config.py); Ray Train runs `ray_train_worker`
-on `resources.num_workers` workers (gloo process group on
-CPU, NCCL on GPUs), keeps Ray's run directory at `<run>/checkpoints` (so the checkpoints and
-Ray's own record of them live with the run), restarts the worker group from the newest
-checkpoint up to `resources.max_failures` times, and keeps the last `checkpoint.keep_last`.
+The driver builds the loop's `LoopSpec` (train/config.py; the finetune stage builds its own and
+runs it here too). Ray Train runs `ray_train_worker` on `resources.num_workers` workers (gloo
+process group on CPU, NCCL on GPUs), keeps Ray's run directory at `<run>/checkpoints` (so the
+checkpoints and Ray's own record of them live with the run), restarts the worker group from the
+newest checkpoint up to `resources.max_failures` times, and keeps the last
+`checkpoint.keep_last`.
 """
 
 from __future__ import annotations
