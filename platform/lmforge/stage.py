@@ -41,7 +41,7 @@ from lmforge.config import (
 STAGES: dict[str, str] = {
     "check": "lmforge.check:STAGE",
     "data": "lmforge.data.prepare:STAGE",
-    "train": "lmforge.train.trainer:STAGE",
+    "train": "lmforge.train.stage:STAGE",
     "finetune": "lmforge.finetune.stage:STAGE",
     "improve": "lmforge.improve.stage:STAGE",
     "eval": "lmforge.eval.evaluate:STAGE",

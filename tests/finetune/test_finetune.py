@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmforge import LmforgeError
 from lmforge.finetune.config import FinetuneConfig
 from lmforge.model.artifact import load_model
 from lmforge.model.version import read_version
@@ -145,6 +146,50 @@ def test_an_interrupted_fine_tune_resumes_exactly(base, sft_data, tmp_path, lora
     summary = run_local(cfg, str(out), data_path=str(sft_data))
     assert summary["steps_this_run"] == 6  # from step 6
     assert {m["step"]: m.get("loss") for m in metrics(out)} == reference
+
+
+def test_the_finetune_spec_carries_base_lora_masked_loss_and_eval_at_start(tmp_path):
+    from lmforge.train.config import LoopConfig, LoopSpec, LoraSpec, OptimConfig
+
+    cfg = ft_config(
+        Path("/models/base"),
+        tmp_path,
+        lora={"enabled": True, "rank": 4},
+        train={"eval_at_start": True},
+        resources={"num_workers": 3},
+        parallel={"fsdp": True},
+    )
+    spec = cfg.loop_spec(str(tmp_path / "out"), str(tmp_path / "sft"))
+    assert (spec.base, spec.model, spec.loss) == ("/models/base", None, "masked")
+    assert spec.lora == LoraSpec(rank=4, alpha=16.0, dropout=0.0, targets=["wq", "wk", "wv", "wo"])
+    assert spec.eval_at_start is True and spec.workers == 3 and spec.stage == "finetune"
+    # The loop's sections are the pretraining classes with the fine-tuning values.
+    assert type(spec.train) is LoopConfig and type(spec.optim) is OptimConfig
+    assert (spec.optim.lr, spec.train.max_steps, spec.train.eval_every) == (3e-3, 12, 6)
+    assert LoopSpec.model_validate(json.loads(json.dumps(spec.model_dump(mode="json")))) == spec
+    full = ft_config(Path("/models/base"), tmp_path, lora={"enabled": False, "rank": 4})
+    assert full.loop_spec(str(tmp_path / "out"), str(tmp_path / "sft")).lora is None
+
+
+def test_finetune_refuses_two_workers_without_fsdp_with_the_trains_line(base, tmp_path):
+    from lmforge.finetune.stage import validate
+
+    cfg = ft_config(base, tmp_path, resources={"num_workers": 2}, parallel={"fsdp": False})
+    with pytest.raises(LmforgeError) as e:
+        validate(cfg)
+    assert str(e.value) == (
+        "parallel.fsdp=false trains on one worker only: set resources.num_workers=1"
+    )
+
+
+def test_pretraining_on_sft_shards_is_one_clear_error(sft_data, tmp_path):
+    from lmforge.train.config import TrainConfig
+
+    cfg = TrainConfig.model_validate(
+        {"data": {"path": str(sft_data)}, "model": {"preset": "debug"}}
+    )
+    with pytest.raises(LmforgeError, match="loss-masked SFT shards, but this run's loss is next"):
+        run_local(cfg, str(tmp_path / "out"))
 
 
 @pytest.mark.ray

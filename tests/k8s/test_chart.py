@@ -427,7 +427,7 @@ def test_monitoring_objects():
             if not m.startswith("ray_lmforge_train_")}  # fmt: skip
     assert used and used <= ray_series(), used - ray_series()
     # and every training series is a gauge the training loop sets (with Ray's ray_ prefix)
-    from lmforge.train.prometheus import exported_names
+    from lmforge.train.metrics import exported_names
 
     trained = set(re.findall(r"\bray_lmforge_train_[a-z_]+", exprs))
     assert trained and trained <= exported_names(), trained - exported_names()

@@ -39,7 +39,7 @@ def node(cpus: float, gpus: float = 0, accel: str | None = None) -> dict:
 def test_resource_check_counts_workers_per_node_by_placement_strategy():
     from lmforge import LmforgeError
     from lmforge.train.config import ResourcesConfig
-    from lmforge.train.trainer import validate_resources
+    from lmforge.train.stage import validate_resources
 
     two_gpu_nodes = [node(16, 4, "H100"), node(16, 4, "H100")]
     validate_resources(ResourcesConfig(num_workers=8, gpus_per_worker=1), two_gpu_nodes)

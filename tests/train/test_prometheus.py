@@ -1,6 +1,6 @@
 """Training metrics reach Prometheus as the gauges the Grafana dashboard plots."""
 
-from lmforge.train.prometheus import GAUGES, TrainGauges, exported_names
+from lmforge.train.metrics import GAUGES, TrainGauges, exported_names
 
 
 class FakeGauge:

@@ -8,12 +8,15 @@ from typing import Literal
 
 from pydantic import Field
 
-from lmforge.config import NOT_HASHED, StrictModel
+from lmforge import LmforgeError
+from lmforge.config import NOT_HASHED, StrictModel, config_hash, config_yaml
 from lmforge.finetune.data import SftDataConfig
 from lmforge.stage import StageConfig
 from lmforge.train.config import (
     CheckpointConfig,
     LoopConfig,
+    LoopSpec,
+    LoraSpec,
     OptimConfig,
     ParallelConfig,
     ResourcesConfig,
@@ -103,6 +106,41 @@ class FinetuneConfig(StageConfig):
         description="Ray Train workers and what each reserves. Not part of the config hash.",
         json_schema_extra=NOT_HASHED,
     )
+
+    def loop_spec(
+        self,
+        output: str,
+        data_dir: str | None = None,
+        workers: int | None = None,
+        hardware: dict | None = None,
+    ) -> LoopSpec:
+        """The training loop's contract: `data_dir` is the prepared SFT shards
+        (finetune/data.py), `base` the artifact as given (the stage passes it resolved)."""
+        if not data_dir:
+            raise LmforgeError("fine-tuning trains on prepared SFT shards: give their directory")
+        if not self.base:
+            raise LmforgeError(
+                "base is not set: give the model to fine-tune, e.g. --set base=@train/base"
+            )
+        lora = self.lora
+        # The loop's sections are the pretraining classes: the fine-tuning subclasses differ in
+        # defaults, and eval_at_start travels as its own field.
+        return LoopSpec(
+            output=output,
+            data_dir=data_dir,
+            base=self.base,
+            loss="masked",
+            lora=LoraSpec(**lora.model_dump(exclude={"enabled"})) if lora.enabled else None,
+            eval_at_start=self.train.eval_at_start,
+            workers=workers or self.resources.num_workers,
+            optim=OptimConfig(**self.optim.model_dump()),
+            train=LoopConfig(**self.train.model_dump(exclude={"eval_at_start"})),
+            checkpoint=self.checkpoint,
+            parallel=self.parallel,
+            hardware=hardware,
+            config_yaml=config_yaml(self),
+            config_hash=config_hash(self),
+        )
 
 
 def scaffold(preset: str) -> dict:

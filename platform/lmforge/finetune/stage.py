@@ -19,6 +19,7 @@ from lmforge import LmforgeError, storage
 from lmforge.finetune.config import FinetuneConfig, scaffold
 from lmforge.model.special import copy_special_files
 from lmforge.stage import Stage, StageContext
+from lmforge.train.config import check_parallel_layout
 
 
 def base_artifact(cfg: FinetuneConfig) -> str:
@@ -46,10 +47,7 @@ def validate(cfg: FinetuneConfig) -> None:
 
     base_artifact(cfg)
     plan_inputs(cfg.data)
-    if cfg.resources.num_workers > 1 and not cfg.parallel.fsdp:
-        raise LmforgeError(
-            "parallel.fsdp=false trains on one worker only: set resources.num_workers=1"
-        )
+    check_parallel_layout(cfg.parallel, cfg.resources.num_workers)
 
 
 def prepare_data(cfg: FinetuneConfig, base: str, output: str) -> tuple[str, dict[str, Any]]:
@@ -75,7 +73,7 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
     import ray
 
     from lmforge.train.data import PackedShards, batch_plan
-    from lmforge.train.trainer import build_trainer, fit, validate_resources
+    from lmforge.train.stage import build_trainer, fit, validate_resources, worker_spec
 
     base = storage.absolute(base_artifact(cfg))
     data_dir, manifest = prepare_data(cfg, base, ctx.output)
@@ -87,9 +85,9 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
         seq_len,
     )
     validate_resources(cfg.resources, ray.nodes())
-    # The workers read the resolved base path from their config.
-    worker_cfg = cfg.model_copy(update={"base": base})
-    summary = fit(build_trainer(worker_cfg, ctx.output, data_dir, kind="finetune"), ctx.output)
+    # The workers start from the resolved base path.
+    spec = worker_spec(cfg.model_copy(update={"base": base}), ctx.output, data_dir)
+    summary = fit(build_trainer(spec, cfg.resources), ctx.output)
     # The fine-tuned model keeps the base's special tokens and chat template.
     copy_special_files(base, storage.join(ctx.output, "model"))
     summary.update(drift_baseline(storage.join(ctx.output, "model"), base))

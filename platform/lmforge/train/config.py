@@ -7,11 +7,12 @@ downstream sees the whole job config. The model's architecture is a plain datacl
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import Field, model_validator
 
-from lmforge.config import NOT_HASHED, StrictModel
+from lmforge import LmforgeError
+from lmforge.config import NOT_HASHED, StrictModel, config_hash, config_yaml
 from lmforge.model.llama import LlamaConfig
 from lmforge.model.presets import PRESETS, model_config
 from lmforge.stage import StageConfig
@@ -62,7 +63,9 @@ class ModelConfig(StrictModel):
         return self
 
 
-class DataConfig(StrictModel):
+class TrainDataConfig(StrictModel):
+    """Where the packed token shards are (not the data stage's config: lmforge.data.config)."""
+
     path: str | None = Field(
         None,
         description="The data stage's output directory (train/, val/, tokenizer.json, manifest.json). A pipeline fills it in.",
@@ -219,7 +222,9 @@ class TrainConfig(StageConfig):
         "pretrain", description="Run name (output goes to <runs_dir>/train/<name>-<hash>)."
     )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model architecture.")
-    data: DataConfig = Field(default_factory=DataConfig, description="The packed token shards.")
+    data: TrainDataConfig = Field(
+        default_factory=TrainDataConfig, description="The packed token shards."
+    )
     optim: OptimConfig = Field(
         default_factory=OptimConfig, description="AdamW and the LR schedule."
     )
@@ -244,6 +249,115 @@ class TrainConfig(StageConfig):
         description="Assumptions of `lmforge plan` (not part of the config hash).",
         json_schema_extra=NOT_HASHED,
     )
+
+    def loop_spec(
+        self,
+        output: str,
+        data_dir: str | None = None,
+        workers: int | None = None,
+        hardware: dict[str, Any] | None = None,
+    ) -> LoopSpec:
+        """The training loop's contract for this config (`data_dir`: else `data.path`;
+        `workers`: else `resources.num_workers`)."""
+        data_dir = data_dir or self.data.path
+        if not data_dir:
+            raise LmforgeError(
+                "data.path is not set: give the data stage's output, e.g. --set data.path=@data/<name>"
+            )
+        return LoopSpec(
+            output=output,
+            data_dir=data_dir,
+            model=self.model,
+            loss="next_token",
+            shuffle=self.data.shuffle,
+            workers=workers or self.resources.num_workers,
+            optim=self.optim,
+            train=self.train,
+            checkpoint=self.checkpoint,
+            parallel=self.parallel,
+            hardware=hardware,
+            config_yaml=config_yaml(self),
+            config_hash=config_hash(self),
+        )
+
+
+# ---------------------------------------------------------------- the loop's contract
+
+
+def check_parallel_layout(parallel: ParallelConfig, num_workers: int) -> None:
+    """The one check of the parallel layout: both stages before Ray starts, and every LoopSpec."""
+    if num_workers > 1 and not parallel.fsdp:
+        raise LmforgeError(
+            "parallel.fsdp=false trains on one worker only: set resources.num_workers=1"
+        )
+
+
+class LoraSpec(StrictModel):
+    """Low-rank adapters to train instead of every weight (merged into the exported model)."""
+
+    rank: int = Field(ge=1)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    targets: list[str] = Field(min_length=1)
+
+
+class LoopSpec(StrictModel):
+    """Everything a training worker runs from: built once on the driver from a stage config
+    (`TrainConfig.loop_spec`, `FinetuneConfig.loop_spec`), sent to each Ray Train worker as
+    plain data and validated back into this class there. The loop reads nothing else."""
+
+    output: str = Field(description="The run directory (checkpoints, metrics, model/).")
+    data_dir: str = Field(description="Packed shards: train/, val/, tokenizer.json, manifest.")
+    model: ModelConfig | None = Field(
+        None, description="Pretraining: the architecture, sized by the data's vocab and seq_len."
+    )
+    base: str | None = Field(
+        None, description="Fine-tuning: the artifact whose architecture and weights start the run."
+    )
+    loss: Literal["next_token", "masked"] = Field(
+        description="next_token: every token of the packed rows; masked: the loss-masked target "
+        "tokens only, packed documents kept apart (fine-tuning shards)."
+    )
+    shuffle: bool = True
+    lora: LoraSpec | None = None
+    eval_at_start: bool = Field(False, description="Validate before the first step (step 0).")
+    workers: int = Field(ge=1, description="Training workers the layout is for.")
+    optim: OptimConfig
+    train: LoopConfig
+    checkpoint: CheckpointConfig
+    parallel: ParallelConfig
+    hardware: dict[str, Any] | None = Field(
+        None,
+        description="The driver's precision and peak (train/hardware.py); None: each worker's.",
+    )
+    config_yaml: str = Field(description="The stage config, saved with the model artifact.")
+    config_hash: str = Field(description="Its hash, for the artifact's lineage.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LoopSpec:
+        if (self.model is None) == (self.base is None):
+            raise ValueError("give exactly one of model (pretraining) and base (fine-tuning)")
+        check_parallel_layout(self.parallel, self.workers)
+        return self
+
+    @property
+    def stage(self) -> str:
+        return "finetune" if self.base else "train"
+
+
+class SpecSource(Protocol):
+    """A stage config the loop runs (TrainConfig; FinetuneConfig builds on these sections)."""
+
+    train: LoopConfig
+    resources: ResourcesConfig
+
+    def loop_spec(
+        self,
+        output: str,
+        data_dir: str | None = None,
+        workers: int | None = None,
+        hardware: dict[str, Any] | None = None,
+    ) -> LoopSpec: ...
 
 
 def scaffold(preset: str) -> dict:

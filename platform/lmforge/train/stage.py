@@ -1,9 +1,11 @@
 """The `train` stage: validate, then run the per-worker loop on Ray Train's TorchTrainer.
 
-Ray Train runs `ray_train_worker` on `resources.num_workers` workers (gloo process group on
-CPU, NCCL on GPUs), keeps Ray's run directory at `<run>/checkpoints` (so the checkpoints and
-Ray's own record of them live with the run), restarts the worker group from the newest
-checkpoint up to `resources.max_failures` times, and keeps the last `checkpoint.keep_last`.
+The driver builds the loop's `LoopSpec` (train/config.py; the finetune stage builds its own and
+runs it here too). Ray Train runs `ray_train_worker` on `resources.num_workers` workers (gloo
+process group on CPU, NCCL on GPUs), keeps Ray's run directory at `<run>/checkpoints` (so the
+checkpoints and Ray's own record of them live with the run), restarts the worker group from the
+newest checkpoint up to `resources.max_failures` times, and keeps the last
+`checkpoint.keep_last`.
 """
 
 from __future__ import annotations
@@ -12,9 +14,16 @@ import math
 from typing import Any
 
 from lmforge import LmforgeError, StageFailed, storage
-from lmforge.config import config_dict
 from lmforge.stage import Stage, StageContext
-from lmforge.train.config import ResourcesConfig, TrainConfig, scaffold
+from lmforge.train.config import (
+    LoopConfig,
+    LoopSpec,
+    ResourcesConfig,
+    SpecSource,
+    TrainConfig,
+    check_parallel_layout,
+    scaffold,
+)
 from lmforge.train.data import PackedShards, batch_plan, read_manifest
 
 
@@ -29,10 +38,7 @@ def validate_inputs(cfg: TrainConfig) -> dict[str, Any]:
         cfg.resources.num_workers,
         train.seq_len,
     )
-    if cfg.resources.num_workers > 1 and not cfg.parallel.fsdp:
-        raise LmforgeError(
-            "parallel.fsdp=false trains on one worker only: set resources.num_workers=1"
-        )
+    check_parallel_layout(cfg.parallel, cfg.resources.num_workers)
     return manifest
 
 
@@ -78,7 +84,7 @@ def validate_resources(resources: ResourcesConfig, nodes: list[dict[str, Any]]) 
     )
 
 
-def decide_hardware(cfg: TrainConfig) -> dict[str, Any] | None:
+def decide_hardware(loop: LoopConfig, resources: ResourcesConfig) -> dict[str, Any] | None:
     """Precision and CPU peak, decided here before any worker starts: one quiet probe per node
     (cached), and every rank gets the same answer. GPU workers decide alone (bf16 on GPU, the
     peak by GPU name), since this driver may have no GPU."""
@@ -86,33 +92,30 @@ def decide_hardware(cfg: TrainConfig) -> dict[str, Any] | None:
 
     from lmforge.train.hardware import decide
 
-    if cfg.resources.gpus_per_worker:
+    if resources.gpus_per_worker:
         return None
-    threads = max(1, int(cfg.resources.cpus_per_worker))
-    return decide(cfg.train, torch.device("cpu"), threads).as_dict()
+    threads = max(1, int(resources.cpus_per_worker))
+    return decide(loop, torch.device("cpu"), threads).as_dict()
 
 
-def build_trainer(cfg: TrainConfig, output: str, data_path: str | None = None, kind: str = "train"):
-    """Ray Train's TorchTrainer for a training (`kind="train"`) or fine-tuning config."""
+def worker_spec(cfg: SpecSource, output: str, data_dir: str) -> LoopSpec:
+    """The loop's contract as the Ray workers get it: absolute paths, since workers do not run
+    in the driver's working directory, and the driver's hardware decision."""
+    hardware = decide_hardware(cfg.train, cfg.resources)
+    return cfg.loop_spec(storage.absolute(output), storage.absolute(data_dir), hardware=hardware)
+
+
+def build_trainer(spec: LoopSpec, resources: ResourcesConfig):
+    """Ray Train's TorchTrainer running `spec` on `resources`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from lmforge.train.loop import ray_train_worker
 
-    res = cfg.resources
-    # Workers do not run in the driver's working directory: give them absolute paths.
-    output = storage.absolute(output)
-    worker_cfg = config_dict(cfg)
-    data_path = storage.absolute(data_path or cfg.data.path or "")
+    res = resources
     return TorchTrainer(
         ray_train_worker,
-        train_loop_config={
-            "config": worker_cfg,
-            "kind": kind,
-            "output": output,
-            "data_path": data_path,
-            "hardware": decide_hardware(cfg),
-        },
+        train_loop_config=spec.model_dump(mode="json"),
         torch_config=TorchConfig(backend="nccl" if res.gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=res.num_workers,
@@ -126,9 +129,9 @@ def build_trainer(cfg: TrainConfig, output: str, data_path: str | None = None, k
         ),
         run_config=RunConfig(
             name="checkpoints",
-            storage_path=output,
+            storage_path=spec.output,
             failure_config=FailureConfig(max_failures=res.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_last),
         ),
     )
 
@@ -137,7 +140,9 @@ def run(cfg: TrainConfig, ctx: StageContext) -> dict[str, Any]:
     import ray
 
     validate_resources(cfg.resources, ray.nodes())  # inputs: validate_inputs, before Ray
-    return fit(build_trainer(cfg, ctx.output), ctx.output)
+    return fit(
+        build_trainer(worker_spec(cfg, ctx.output, cfg.data.path or ""), cfg.resources), ctx.output
+    )
 
 
 def fit(trainer, output: str) -> dict[str, Any]:

@@ -1,0 +1,51 @@
+"""The end of a training run: the model artifact `<run>/model/` and its lineage."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from lmforge import storage
+from lmforge.model.artifact import save_artifact
+from lmforge.model.version import read_version
+from lmforge.train.checkpoint import full_model_state
+from lmforge.train.run import Run, WorkerEnv
+
+
+def export_model(model, run: Run, env: WorkerEnv, last: dict[str, Any]) -> None:
+    """Consolidated weights (gathered to rank 0: every rank calls this), config, tokenizer.
+
+    LoRA adapters are merged into their weights, so the artifact is a plain model.
+    """
+    state = full_model_state(model)
+    if env.rank != 0:
+        return
+    if run.lora:
+        from lmforge.model.lora import merge_lora_state
+
+        state = merge_lora_state(state, run.lora.alpha / run.lora.rank)
+    spec = run.spec
+    save_artifact(
+        storage.join(spec.output, "model"),
+        state,
+        run.arch,
+        run.tokenizer_json,
+        spec.config_yaml,
+        lineage=lineage(run, last),
+    )
+
+
+def lineage(run: Run, last: dict[str, Any]) -> dict[str, Any]:
+    """Where the artifact comes from (model/version.py): parent, data, config, run, val score."""
+    spec = run.spec
+    manifest = storage.read_bytes(storage.join(spec.data_dir, "manifest.json"))
+    return {
+        "parent": read_version(spec.base)["version"] if spec.base else None,
+        "parent_path": spec.base,
+        "data_manifest_hash": hashlib.sha256(manifest).hexdigest()[:12],
+        "config_hash": spec.config_hash,
+        "stage": spec.stage,
+        "run": spec.output.rstrip("/").rsplit("/", 1)[-1],
+        "val_bpb": last.get("val_bpb"),
+        "val_loss": last.get("val_loss"),
+    }

@@ -1,0 +1,143 @@
+"""One worker's view of a training run: where it runs (`WorkerEnv`) and what it trains (`Run`,
+set up from the driver's `LoopSpec`: data, architecture, batch plan, budget, precision, flops).
+
+No Ray import at module level: `run_local` and the benchmarks train in one plain process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lmforge import LmforgeError, storage
+from lmforge.model.artifact import load_model_config
+from lmforge.model.llama import LlamaConfig, flops_per_token
+from lmforge.train.config import LoopSpec, LoraSpec
+from lmforge.train.data import BatchPlan, PackedShards, batch_plan, read_manifest, tokens_per_byte
+from lmforge.train.hardware import for_worker
+
+
+@dataclass
+class WorkerEnv:
+    rank: int
+    world_size: int
+    device: torch.device
+    in_ray: bool
+
+    @classmethod
+    def from_ray(cls) -> WorkerEnv:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL collectives and object broadcasts use it
+        return cls(ctx.get_world_rank(), ctx.get_world_size(), device, in_ray=True)
+
+
+@dataclass(kw_only=True)
+class Run:
+    """What the loop needs besides model and optimizer: the spec, data, shapes, budget, flops."""
+
+    spec: LoopSpec
+    arch: LlamaConfig
+    train: PackedShards
+    val: PackedShards | None
+    plan: BatchPlan
+    total_steps: int
+    bf16: bool
+    precision_reason: str
+    flops_per_token: float
+    peak_tflops: float
+    peak_source: str
+    val_tokens_per_byte: float | None  # None: no val split (no bits per byte)
+    tokenizer_json: str | None
+
+    @property
+    def lora(self) -> LoraSpec | None:
+        return self.spec.lora
+
+    @property
+    def masked(self) -> bool:
+        """Loss on the masked-in target tokens only (fine-tuning), else on every next token."""
+        return self.spec.loss == "masked"
+
+    @property
+    def adapt(self) -> Callable[[torch.nn.Module], None] | None:
+        """What to do to the bare model before parallelising it: add LoRA adapters, or nothing."""
+        lora = self.spec.lora
+        if lora is None:
+            return None
+        from lmforge.model.lora import apply_lora
+
+        return lambda model: apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
+
+
+def setup_run(spec: LoopSpec, env: WorkerEnv) -> Run:
+    """The run on this worker; the spec's `hardware` is the driver's precision and peak
+    (`lmforge.train.hardware`), None: decided here."""
+    if env.world_size != spec.workers:
+        raise LmforgeError(
+            f"the loop spec is for {spec.workers} worker(s) but {env.world_size} are running"
+        )
+    data = spec.data_dir
+    manifest = read_manifest(data)
+    train = PackedShards(storage.join(data, "train"), spec.train.seed, spec.shuffle)
+    if train.masked != (spec.loss == "masked"):
+        raise LmforgeError(
+            f"{data}: {'loss-masked SFT' if train.masked else 'plain token'} shards, but this "
+            f"run's loss is {spec.loss}: pretrain on the data stage's output, fine-tune on "
+            "finetune's sft_data"
+        )
+    val_dir = storage.join(data, "val")
+    val = PackedShards(val_dir) if storage.list_files(val_dir, suffix=".parquet") else None
+    vocab = int(manifest.get("vocab_size") or 0) or None
+    if spec.base:  # fine-tuning: the architecture is the base artifact's
+        arch = load_model_config(spec.base)
+        if arch.max_seq_len < train.seq_len:
+            raise LmforgeError(
+                f"data seq_len {train.seq_len} is longer than the base model's max_seq_len "
+                f"{arch.max_seq_len}: lower data.seq_len"
+            )
+    else:
+        assert spec.model is not None  # LoopSpec: exactly one of base and model
+        arch = spec.model.to_llama(vocab_size=vocab, seq_len=train.seq_len)
+    if vocab and arch.vocab_size < vocab:
+        raise LmforgeError(
+            f"model.vocab_size={arch.vocab_size} is smaller than the tokenizer's {vocab}"
+        )
+    loop = spec.train
+    plan = batch_plan(
+        loop.global_batch_tokens, loop.micro_batch_size, env.world_size, train.seq_len
+    )
+    total = loop.max_steps or max(1, (loop.max_tokens or 0) // plan.global_batch_tokens)
+    hw = for_worker(spec.hardware, loop, env.device)
+    torch.manual_seed(loop.seed)
+    tok = storage.join(data, "tokenizer.json")
+    return Run(
+        spec=spec,
+        arch=arch,
+        train=train,
+        val=val,
+        plan=plan,
+        total_steps=total,
+        bf16=hw.bf16,
+        precision_reason=hw.precision_reason,
+        flops_per_token=flops_per_token(arch, train.seq_len),
+        peak_tflops=hw.peak_tflops,
+        peak_source=hw.peak_source,
+        val_tokens_per_byte=(
+            tokens_per_byte(manifest, "val", val.num_rows, val.block_len) if val else None
+        ),
+        tokenizer_json=storage.read_text(tok) if storage.exists(tok) else None,
+    )
+
+
+def autocast(run: Run, env: WorkerEnv):
+    if not run.bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(env.device.type, dtype=torch.bfloat16)
