@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmforge import LmforgeError
-from lmforge.data import builtin
+from lmforge.builtin import corpus as builtin
 from lmforge.data.config import SourceConfig
 from lmforge.data.sources import doc_id, read_file, resolve_sources
 

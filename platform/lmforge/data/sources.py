@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 
 from lmforge import LmforgeError, storage
-from lmforge.data import builtin
+from lmforge.builtin import corpus
 from lmforge.data.config import SourceConfig
 
 SNIPPET_CHARS = 200
@@ -87,7 +87,7 @@ def resolve_sources(sources: list[SourceConfig]) -> list[list[dict[str, Any]]]:
             out.append(
                 [
                     {"path": "builtin:python-docs", "relpath": r, "format": "builtin"}
-                    for r in builtin.python_docs_files()
+                    for r in corpus.python_docs_files()
                 ]
             )
             continue
@@ -483,7 +483,7 @@ def _warc_records(src, item, limit) -> Iterator[tuple[int, str, str]]:
 
 
 def _builtin_records(src, item, limit) -> Iterator[tuple[int, str, str]]:
-    for n, text in builtin.python_docs_records(item["relpath"]):
+    for n, text in corpus.python_docs_records(item["relpath"]):
         yield n, text, ("record_too_large" if len(text) > limit else "")
 
 

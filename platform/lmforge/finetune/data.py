@@ -1,6 +1,6 @@
 """Supervised chat (SFT) data: conversations -> tokens with a loss mask -> packed Parquet rows.
 
-Input, one JSON object per line of a JSONL file (or `builtin:stdlib-sft`, see builtin_sft.py):
+Input, one JSON object per line of a JSONL file (or `builtin:stdlib-sft`, see builtin/sft.py):
 
     {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}  (>= 1 assistant)
     {"prompt": str, "completion": str}        (= a user turn and an assistant turn)
@@ -243,7 +243,7 @@ def read_input(item: dict[str, Any], batch_lines: int = 4096) -> Iterator[pa.Tab
     """The lines of one input as tables {key, split, where, line} (key: input index << 32 | line)."""
     path = item["path"]
     if path.startswith(BUILTIN):
-        from lmforge.finetune.builtin_sft import builtin_sft_examples
+        from lmforge.builtin.sft import builtin_sft_examples
 
         examples = builtin_sft_examples("val" if item["split"] == VAL else "train")
         lines = [json.dumps({"messages": e["messages"]}) for e in examples]
