@@ -39,7 +39,7 @@ COMMANDS: dict[str, Command] = {
         "start, inspect or stop a local Ray head (up / status / down)",
     ),
     "data": Command(
-        "lmforge.data.prepare:data_command",
+        "lmforge.data.command:data_command",
         "prepare training data: clean, dedup, tokenize, pack (`lmforge data prepare -c CONFIG`)",
     ),
     "train": Command(

@@ -40,7 +40,7 @@ from lmforge.config import (
 # name -> "module:attribute" of its Stage; each stage issue adds its line.
 STAGES: dict[str, str] = {
     "check": "lmforge.check:STAGE",
-    "data": "lmforge.data.prepare:STAGE",
+    "data": "lmforge.data.stage:STAGE",
     "train": "lmforge.train.trainer:STAGE",
     "finetune": "lmforge.finetune.stage:STAGE",
     "improve": "lmforge.improve.stage:STAGE",

@@ -178,7 +178,7 @@ def test_steps_yaml_list_is_validated(tmp_path):
 
 
 def test_missing_step_resources_are_config_errors_before_ray(tmp_path):
-    from lmforge.data.prepare import run
+    from lmforge.data.stage import run
     from lmforge.stage import StageContext
 
     (tmp_path / "a.txt").write_text("a document\n")
