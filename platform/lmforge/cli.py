@@ -59,7 +59,7 @@ COMMANDS: dict[str, Command] = {
         "estimate a training config before running it: params, FLOPs, memory per GPU, wall time",
     ),
     "eval": Command(
-        "lmforge.eval.evaluate:eval_command",
+        "lmforge.eval.command:eval_command",
         "evaluate a model (`lmforge eval -c CONFIG`); gate a candidate (`lmforge eval compare A B`)",
     ),
     "export": Command(

@@ -39,12 +39,12 @@ from lmforge.config import (
 
 # name -> "module:attribute" of its Stage; each stage issue adds its line.
 STAGES: dict[str, str] = {
-    "check": "lmforge.check:STAGE",
+    "check": "lmforge.check.stage:STAGE",
     "data": "lmforge.data.stage:STAGE",
     "train": "lmforge.train.trainer:STAGE",
     "finetune": "lmforge.finetune.stage:STAGE",
     "improve": "lmforge.improve.stage:STAGE",
-    "eval": "lmforge.eval.evaluate:STAGE",
+    "eval": "lmforge.eval.stage:STAGE",
 }
 
 # The stages of a model project's pipeline, in order: `lmforge init` writes one config each
