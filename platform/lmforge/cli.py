@@ -63,11 +63,11 @@ COMMANDS: dict[str, Command] = {
         "evaluate a model (`lmforge eval -c CONFIG`); gate a candidate (`lmforge eval compare A B`)",
     ),
     "export": Command(
-        "lmforge.model.hf:export_command",
+        "lmforge.model.command:export_command",
         "export a model artifact as a Hugging Face Llama folder (transformers, vLLM)",
     ),
     "import": Command(
-        "lmforge.model.hf:import_command",
+        "lmforge.model.command:import_command",
         "import a Llama-family Hugging Face folder (safetensors) as a model artifact",
     ),
     "serve": Command(
@@ -75,11 +75,11 @@ COMMANDS: dict[str, Command] = {
         "serve models behind an OpenAI-compatible API on Ray Serve (`-c CONFIG` or `--model DIR`)",
     ),
     "models": Command(
-        "lmforge.models_command:models_command",
+        "lmforge.model.command:models_command",
         "list model versions and their lineage, evals and which one is served (`models list`)",
     ),
     "monitor": Command(
-        "lmforge.monitor.report:monitor_command",
+        "lmforge.monitor.command:monitor_command",
         "report on served traffic and feedback from the request log (`monitor report --logs`)",
     ),
     "config": Command(

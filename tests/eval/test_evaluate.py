@@ -155,9 +155,9 @@ def test_eval_stage_end_to_end(tmp_path, ray_local, cli):
 
 
 def test_evaluate_in_process_for_a_training_loop(scorer):
-    from lmforge.eval.stage import evaluate_in_process
     from lmforge.eval.runner import score_local
     from lmforge.eval.scoring import build_requests, task_metrics
+    from lmforge.eval.stage import evaluate_in_process
     from lmforge.eval.tasks import load_items, resolve_task
 
     out = evaluate_in_process(
