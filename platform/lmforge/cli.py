@@ -83,7 +83,7 @@ COMMANDS: dict[str, Command] = {
         "report on served traffic and feedback from the request log (`monitor report --logs`)",
     ),
     "config": Command(
-        "lmforge.config_command:config_command",
+        "lmforge.config.command:config_command",
         "show a stage's resolved config, or write the config reference",
     ),
 }

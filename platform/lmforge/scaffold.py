@@ -16,7 +16,8 @@ import yaml
 from pydantic import BaseModel
 
 from lmforge import LmforgeError
-from lmforge.config import _model_of, config_dict
+from lmforge.config import config_dict
+from lmforge.config.schema import model_of
 from lmforge.stage import DEFAULT_PIPELINE, get_stage
 
 PRESETS = ("tiny", "small", "1b", "8b")
@@ -31,7 +32,7 @@ def commented_yaml(cfg: BaseModel, indent: int = 0) -> str:
         if field.description:
             lines.append(f"{pad}# {field.description}")
         value = getattr(cfg, name)
-        if _model_of(field.annotation) is not None and isinstance(value, BaseModel):
+        if model_of(field.annotation) is not None and isinstance(value, BaseModel):
             lines.append(f"{pad}{name}:")
             lines.append(commented_yaml(value, indent + 1).rstrip("\n"))
             continue

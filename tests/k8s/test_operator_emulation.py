@@ -101,7 +101,7 @@ OUTPUTS: dict[str, str] = {}  # stage name -> output directory of its emulated r
 
 def _pod_config(text: str, job: str, storage: Path, stage) -> str:
     """The ConfigMap's config as this emulation's pod sees it (see the module docstring)."""
-    from lmforge.config import _model_of
+    from lmforge.config.schema import model_of as _model_of
 
     configmap = cfg = yaml.safe_load(text) or {}
     runs_dir = str(cfg.get("runs_dir", ""))
