@@ -212,7 +212,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from lmforge.cluster import connect
+    from lmforge.cluster.local import connect
 
     connect(None)
     import ray

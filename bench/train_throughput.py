@@ -160,7 +160,7 @@ def main() -> None:
         )
     fpt = rows["plain bf16"]["flops_per_token"]
     torch.set_num_threads(cores)
-    from lmforge.cluster import connect
+    from lmforge.cluster.local import connect
 
     connect(None)
     print("[bench] ray 2w fsdp bf16 ...", flush=True)

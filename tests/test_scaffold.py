@@ -62,7 +62,7 @@ def test_init_configs_run_alone_read_the_previous_stages_run(tmp_path):
 
 def test_submit_from_an_init_project_runs_its_job_script(tmp_path, monkeypatch, capsys):
     """`lmforge submit` in an init'ed project finds jobs/<stage>.py and ships the project."""
-    from lmforge import cluster
+    from lmforge.cluster import submit as cluster
 
     init_project(str(tmp_path / "proj"))
     monkeypatch.chdir(tmp_path / "proj")

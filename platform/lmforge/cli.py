@@ -31,11 +31,11 @@ COMMANDS: dict[str, Command] = {
         "check a Ray cluster and its storage before spending (nodes, CPUs, GPUs, probes)",
     ),
     "submit": Command(
-        "lmforge.cluster:submit_command",
+        "lmforge.cluster.command:submit_command",
         "submit a stage to a Ray cluster as a Ray job and follow it",
     ),
     "cluster": Command(
-        "lmforge.cluster:cluster_command",
+        "lmforge.cluster.command:cluster_command",
         "start, inspect or stop a local Ray head (up / status / down)",
     ),
     "data": Command(

@@ -52,7 +52,7 @@ def serve_and_ask(artifact: str, port: int, keep_serving: bool) -> dict[str, str
     from openai import OpenAI
     from ray import serve
 
-    from lmforge.cluster import connect, port_or_free
+    from lmforge.cluster.local import connect, port_or_free
     from lmforge.serve.app import build_app
     from lmforge.serve.config import ServeArgs
 

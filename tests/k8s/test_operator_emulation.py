@@ -164,7 +164,7 @@ def pod_files(tmp_path_factory):
 def emulated_clusters(pod_files):
     """Emulated clusters by shape (worker nodes): RayJobs whose rayClusterSpecs have the same
     shape share one, which saves a cluster start per RayJob; each stops at the end."""
-    from lmforge.cluster import ensure_token
+    from lmforge.cluster.local import ensure_token
 
     ensure_token()  # the cluster's token (tests/conftest.py points RAY_AUTH_TOKEN_PATH at a temp file)
     clusters: dict[int, EmulatedRayCluster] = {}
