@@ -178,7 +178,7 @@ def main() -> None:
     ref = rows["plain bf16"]["tokens_per_s"]
     for r in rows.values():
         r["ratio_to_plain_bf16"] = r["tokens_per_s"] / ref
-    from lmforge.plan import make_plan
+    from lmforge.project.plan import make_plan
 
     plan = make_plan(
         base.model_copy(

@@ -7,8 +7,8 @@ import yaml
 
 from lmforge import LmforgeError
 from lmforge.config import load_config
-from lmforge.pipeline import plan
-from lmforge.scaffold import init_project
+from lmforge.project.pipeline import plan
+from lmforge.project.scaffold import init_project
 from lmforge.serve.command import load_serve_args
 from lmforge.stage import DEFAULT_PIPELINE, get_stage
 from tests.conftest import REPO

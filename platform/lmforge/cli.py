@@ -12,18 +12,19 @@ class Command(NamedTuple):
     help: str
 
 
-# Each later issue adds its command here: one line of help, one lazily imported target.
+# One line of help and one lazily imported target per command: a package's commands live in
+# its command.py, a stage's command is the stage runner's (`stage:<name>`).
 COMMANDS: dict[str, Command] = {
     "quickstart": Command(
-        "lmforge.quickstart:quickstart_command",
+        "lmforge.project.command:quickstart_command",
         "run the built-in end-to-end pipeline on an embedded local Ray",
     ),
     "init": Command(
-        "lmforge.scaffold:init_command",
+        "lmforge.project.command:init_command",
         "write a ready pipeline and one config per stage for a new model project",
     ),
     "pipeline": Command(
-        "lmforge.pipeline:pipeline_command",
+        "lmforge.project.command:pipeline_command",
         "run (or plan) a pipeline of stages, skipping finished ones",
     ),
     "check": Command(
@@ -55,7 +56,7 @@ COMMANDS: dict[str, Command] = {
         "fold served feedback into the model: fine-tune, gate against the served one, promote",
     ),
     "plan": Command(
-        "lmforge.plan:plan_command",
+        "lmforge.project.command:plan_command",
         "estimate a training config before running it: params, FLOPs, memory per GPU, wall time",
     ),
     "eval": Command(

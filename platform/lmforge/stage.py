@@ -37,7 +37,7 @@ from lmforge.config import (
     load_config,
 )
 
-# name -> "module:attribute" of its Stage; each stage issue adds its line.
+# name -> "module:attribute" of its Stage: each stage lives in <package>/stage.py.
 STAGES: dict[str, str] = {
     "check": "lmforge.check.stage:STAGE",
     "data": "lmforge.data.stage:STAGE",

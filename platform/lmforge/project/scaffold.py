@@ -7,7 +7,6 @@ preset's value, and its description as a comment), so a new field shows up here 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Any
@@ -156,25 +155,3 @@ def _write(path: str, text: str) -> None:
     from lmforge import storage
 
     storage.write_text(path, text)
-
-
-def init_command(argv: list[str], prog: str) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Write a ready pipeline and one commented config per stage for a new model project.",
-    )
-    parser.add_argument("directory", help="project directory (created if missing)")
-    parser.add_argument(
-        "--preset", default="tiny", choices=PRESETS, help="model size preset (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="overwrite an existing project's files"
-    )
-    args = parser.parse_args(argv)
-    for path in init_project(args.directory, args.preset, args.force):
-        print(f"wrote {path}")
-    print(f"next: cd {args.directory} && lmforge pipeline run pipeline.yaml")
-    print(
-        "then: lmforge serve -c configs/serve.yaml; on a Ray cluster: lmforge submit <stage> -c configs/<stage>.yaml"
-    )
-    return 0
