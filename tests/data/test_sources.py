@@ -13,7 +13,8 @@ import pytest
 from lmforge import LmforgeError
 from lmforge.builtin import corpus as builtin
 from lmforge.data.config import SourceConfig
-from lmforge.data.sources import doc_id, read_file, resolve_sources
+from lmforge.data.readers import doc_id, read_file
+from lmforge.data.sources import resolve_sources
 
 from .corpus import write_poisoned
 

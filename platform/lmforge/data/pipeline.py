@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lmforge import storage
-from lmforge.data import dedup, pack, sources, tokenizer
+from lmforge.data import dedup, pack, readers, tokenizer
 from lmforge.data.config import DataConfig
 from lmforge.data.manifest import PII_KINDS
 from lmforge.data.steps import build_steps, step_labels
@@ -56,7 +56,7 @@ class StepRunner:
                         if k.startswith("pii_"):
                             pii[k[4:]][i] += v
                     if out.reason:
-                        reject[i], step[i], text = out.reason, label, text[: sources.SNIPPET_CHARS]
+                        reject[i], step[i], text = out.reason, label, text[: readers.SNIPPET_CHARS]
                         break
                     text = out.text
                 texts[i] = text
@@ -92,7 +92,7 @@ def select_rows(ds, rejected: bool):
 
 def _as_rejects(t: pa.Table) -> pa.Table:
     dup = t["duplicate_of"] if "duplicate_of" in t.column_names else pa.nulls(len(t), pa.int64())
-    snippet = pc.utf8_slice_codeunits(t["text"].cast(pa.large_string()), 0, sources.SNIPPET_CHARS)
+    snippet = pc.utf8_slice_codeunits(t["text"].cast(pa.large_string()), 0, readers.SNIPPET_CHARS)
     cols = [t["source"], t["path"], t["line"], t["id"], t["step"], t["reject"], dup, snippet]
     return pa.Table.from_arrays(cols, schema=REJECT_SCHEMA)
 
@@ -237,7 +237,7 @@ def tokenize_and_pack(cfg, kept, tok, tok_json, shards, dtype, out, workers) -> 
 
 def _read_batch(batch: pa.Table, src, limit: int, batch_size: int):
     for item in batch.to_pylist():
-        yield from sources.read_file(src, item, limit, batch_size)
+        yield from readers.read_file(src, item, limit, batch_size)
 
 
 def write_rejects(out: str, parts: list) -> None:

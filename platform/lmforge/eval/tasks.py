@@ -221,7 +221,8 @@ def read_jsonl_items(path: str, task_type: str, limit: int | None = None) -> Ite
 
 def read_source_items(sources: list[SourceConfig], limit: int | None) -> Items:
     """perplexity documents from data-stage sources ({"text": ...}); rejects become problems."""
-    from lmforge.data.sources import read_file, resolve_sources
+    from lmforge.data.readers import read_file
+    from lmforge.data.sources import resolve_sources
 
     items = Items()
     for src, files in zip(sources, resolve_sources(sources), strict=True):
