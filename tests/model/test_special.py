@@ -224,7 +224,7 @@ def test_eval_contexts_start_with_the_models_bos(imported):
 def test_sft_examples_follow_the_models_template_bos_and_eos(imported):
     from tokenizers import Tokenizer
 
-    from lmforge.finetune.data import encode_conversation
+    from lmforge.finetune.conversation import encode_conversation
 
     art, tok, *_ = imported
     ours = Tokenizer.from_file(f"{art}/tokenizer.json")
