@@ -14,8 +14,6 @@ from lmforge.cluster.local import (
     status,
     up,
 )
-from lmforge.cluster.submit import submit
-from lmforge.stage import add_config_arguments
 
 
 def cluster_command(argv: list[str], prog: str) -> int:
@@ -63,6 +61,10 @@ def cluster_command(argv: list[str], prog: str) -> int:
 
 
 def submit_command(argv: list[str], prog: str) -> int:
+    # the stage runner and the configs load here, not for `lmforge cluster`
+    from lmforge.cluster.submit import submit
+    from lmforge.stage import add_config_arguments
+
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Submit a stage (jobs/<stage>.py) to a Ray cluster as a Ray job, stream its logs, and exit with its status. "
