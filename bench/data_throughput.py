@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from lmforge import storage  # noqa: E402
-from lmforge.data import builtin, dedup, pack  # noqa: E402
+from lmforge.builtin import corpus as builtin  # noqa: E402
+from lmforge.data import dedup, pack  # noqa: E402
 
 
 def corpus(scale: int) -> pa.Table:
@@ -211,7 +212,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from lmforge.cluster import connect
+    from lmforge.cluster.local import connect
 
     connect(None)
     import ray

@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lmforge.data.builtin import python_docs_files, python_docs_records  # noqa: E402
+from lmforge.builtin.corpus import python_docs_files, python_docs_records  # noqa: E402
 from lmforge.data.tokenizer import train_bpe  # noqa: E402
 from lmforge.finetune.config import FinetuneConfig  # noqa: E402
 from lmforge.finetune.data import SftDataConfig, prepare_sft  # noqa: E402

@@ -160,7 +160,7 @@ def main() -> None:
         )
     fpt = rows["plain bf16"]["flops_per_token"]
     torch.set_num_threads(cores)
-    from lmforge.cluster import connect
+    from lmforge.cluster.local import connect
 
     connect(None)
     print("[bench] ray 2w fsdp bf16 ...", flush=True)
@@ -178,7 +178,7 @@ def main() -> None:
     ref = rows["plain bf16"]["tokens_per_s"]
     for r in rows.values():
         r["ratio_to_plain_bf16"] = r["tokens_per_s"] / ref
-    from lmforge.plan import make_plan
+    from lmforge.project.plan import make_plan
 
     plan = make_plan(
         base.model_copy(

@@ -29,7 +29,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded local Ray (token auth on) for every test that needs Ray in-process."""
-    from lmforge.cluster import ensure_token
+    from lmforge.cluster.local import ensure_token
 
     ensure_token()
     import ray

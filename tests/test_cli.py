@@ -30,7 +30,7 @@ def test_unknown_command_suggests(cli):
 
 
 def test_stage_help_shows_config_fields_from_descriptions(cli, capsys):
-    from lmforge.check import CheckConfig
+    from lmforge.check.stage import CheckConfig
 
     try:
         cli("check", "--help")

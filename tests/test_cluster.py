@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from lmforge import cluster
+from lmforge.cluster import local as cluster
+from lmforge.cluster.submit import submit
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -66,13 +67,13 @@ def test_up_is_idempotent_and_token_auth_is_on(head, capsys):
 def test_submitted_job_success_and_failure_exit_codes(head, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    code = cluster.submit(
+    code = submit(
         "check", "jobs/configs/check-local.yaml", ["name=ok"], address=None, working_dir=str(REPO)
     )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "[check] 1 node(s), 2 CPU" in out and "SUCCEEDED" in out
-    code = cluster.submit(
+    code = submit(
         "check",
         "jobs/configs/check-local.yaml",
         ["min_gpus=1"],
@@ -128,7 +129,7 @@ def test_the_head_listens_on_the_loopback_and_down_stops_its_workers_too():
         )
         # A driver runs one task, so the head has a worker process.
         driver = (
-            "import ray; from lmforge.cluster import connect; connect(); "
+            "import ray; from lmforge.cluster.local import connect; connect(); "
             "print(ray.get(ray.remote(lambda: 7).remote()))"
         )
         env = dict(os.environ, RAY_ADDRESS=head.address, RAY_AUTH_MODE="token")

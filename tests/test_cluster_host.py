@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from lmforge import LmforgeError, cluster
+from lmforge import LmforgeError
+from lmforge.cluster import local as cluster
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from lmforge import LmforgeError
-from lmforge.cluster import ensure_token
+from lmforge.cluster.local import ensure_token
 
 
 @pytest.fixture

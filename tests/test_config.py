@@ -219,7 +219,7 @@ def test_field_types_and_defaults_read_as_yaml():
 
 
 def test_no_python_reprs_in_any_help_or_the_reference(cli, capsys):
-    from lmforge.config_command import reference_markdown
+    from lmforge.config.command import reference_markdown
     from lmforge.stage import STAGES
 
     texts = {"reference": reference_markdown()}

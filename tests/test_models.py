@@ -161,7 +161,7 @@ def runs(tmp_path) -> Path:
 
 
 def test_list_finds_every_complete_artifact_with_lineage_and_evals(runs):
-    from lmforge.models_command import list_models
+    from lmforge.model.registry import list_models
 
     models = list_models(str(runs))
     by_run = {m["run"]: m for m in models}
@@ -197,7 +197,7 @@ def test_served_version_is_marked_and_shown(runs, cli):
 
 
 def test_show_prints_the_lineage_up_to_the_root(runs, cli):
-    from lmforge.models_command import list_models
+    from lmforge.model.registry import list_models
 
     by_run = {m["run"]: m for m in list_models(str(runs))}
     chat, base = by_run["chat-bbbbbbbbbbbb"], by_run["base-aaaaaaaaaaaa"]
@@ -222,7 +222,7 @@ def test_errors_are_one_line(tmp_path, cli):
 def test_list_on_an_object_store(tmp_path):
     """The same listing on an object store (memory://, which behaves like S3)."""
     from lmforge import storage
-    from lmforge.models_command import list_models
+    from lmforge.model.registry import list_models
 
     local = tmp_path / "model"
     record = save_tiny(local, stage="train", run="base-ffffffffffff")
@@ -243,7 +243,7 @@ def test_one_artifact_resolution_for_every_stage(tmp_path, monkeypatch):
     without its weights is not an artifact anywhere, and `@serving` works in eval too."""
     from lmforge import ConfigError
     from lmforge.eval.config import EvalConfig
-    from lmforge.eval.evaluate import validate
+    from lmforge.eval.stage import validate
     from lmforge.model.artifact import is_artifact, resolve_artifact
 
     save_tiny(tmp_path / "runs" / "train" / "base-1" / "model")

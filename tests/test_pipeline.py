@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from lmforge import ConfigError, StageFailed, storage
-from lmforge.pipeline import plan, run_pipeline
+from lmforge.project.pipeline import plan, run_pipeline
 from tests import stages_for_tests as fake
 
 PIPELINE = """

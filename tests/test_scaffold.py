@@ -7,8 +7,8 @@ import yaml
 
 from lmforge import LmforgeError
 from lmforge.config import load_config
-from lmforge.pipeline import plan
-from lmforge.scaffold import init_project
+from lmforge.project.pipeline import plan
+from lmforge.project.scaffold import init_project
 from lmforge.serve.command import load_serve_args
 from lmforge.stage import DEFAULT_PIPELINE, get_stage
 from tests.conftest import REPO
@@ -62,7 +62,7 @@ def test_init_configs_run_alone_read_the_previous_stages_run(tmp_path):
 
 def test_submit_from_an_init_project_runs_its_job_script(tmp_path, monkeypatch, capsys):
     """`lmforge submit` in an init'ed project finds jobs/<stage>.py and ships the project."""
-    from lmforge import cluster
+    from lmforge.cluster import submit as cluster
 
     init_project(str(tmp_path / "proj"))
     monkeypatch.chdir(tmp_path / "proj")

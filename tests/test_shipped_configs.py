@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from lmforge.config import load_config
-from lmforge.config_command import reference_markdown
-from lmforge.pipeline import plan
-from lmforge.quickstart import quickstart_pipeline
+from lmforge.config.command import reference_markdown
+from lmforge.project.pipeline import plan
+from lmforge.project.quickstart import quickstart_pipeline
 from lmforge.stage import STAGES, get_stage
 from tests.conftest import REPO
 

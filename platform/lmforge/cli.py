@@ -12,19 +12,19 @@ class Command(NamedTuple):
     help: str
 
 
-# A new command is one line here: its help and a lazily imported target (so `lmforge --help`
-# imports none of them).
+# One line of help and one lazily imported target per command: a package's commands live in
+# its command.py, a stage's command is the stage runner's (`stage:<name>`).
 COMMANDS: dict[str, Command] = {
     "quickstart": Command(
-        "lmforge.quickstart:quickstart_command",
+        "lmforge.project.command:quickstart_command",
         "run the built-in end-to-end pipeline on an embedded local Ray",
     ),
     "init": Command(
-        "lmforge.scaffold:init_command",
+        "lmforge.project.command:init_command",
         "write a ready pipeline and one config per stage for a new model project",
     ),
     "pipeline": Command(
-        "lmforge.pipeline:pipeline_command",
+        "lmforge.project.command:pipeline_command",
         "run (or plan) a pipeline of stages, skipping finished ones",
     ),
     "check": Command(
@@ -32,15 +32,15 @@ COMMANDS: dict[str, Command] = {
         "check a Ray cluster and its storage before spending (nodes, CPUs, GPUs, probes)",
     ),
     "submit": Command(
-        "lmforge.cluster:submit_command",
+        "lmforge.cluster.command:submit_command",
         "submit a stage to a Ray cluster as a Ray job and follow it",
     ),
     "cluster": Command(
-        "lmforge.cluster:cluster_command",
+        "lmforge.cluster.command:cluster_command",
         "start, inspect or stop a local Ray head (up / status / down)",
     ),
     "data": Command(
-        "lmforge.data.prepare:data_command",
+        "lmforge.data.command:data_command",
         "prepare training data: clean, dedup, tokenize, pack (`lmforge data prepare -c CONFIG`)",
     ),
     "train": Command(
@@ -56,19 +56,19 @@ COMMANDS: dict[str, Command] = {
         "fold served feedback into the model: fine-tune, gate against the served one, promote",
     ),
     "plan": Command(
-        "lmforge.plan:plan_command",
+        "lmforge.project.command:plan_command",
         "estimate a training config before running it: params, FLOPs, memory per GPU, wall time",
     ),
     "eval": Command(
-        "lmforge.eval.evaluate:eval_command",
+        "lmforge.eval.command:eval_command",
         "evaluate a model (`lmforge eval -c CONFIG`); gate a candidate (`lmforge eval compare A B`)",
     ),
     "export": Command(
-        "lmforge.model.hf:export_command",
+        "lmforge.model.command:export_command",
         "export a model artifact as a Hugging Face Llama folder (transformers, vLLM)",
     ),
     "import": Command(
-        "lmforge.model.hf:import_command",
+        "lmforge.model.command:import_command",
         "import a Llama-family Hugging Face folder (safetensors) as a model artifact",
     ),
     "serve": Command(
@@ -76,15 +76,15 @@ COMMANDS: dict[str, Command] = {
         "serve models behind an OpenAI-compatible API on Ray Serve (`-c CONFIG` or `--model DIR`)",
     ),
     "models": Command(
-        "lmforge.models_command:models_command",
+        "lmforge.model.command:models_command",
         "list model versions and their lineage, evals and which one is served (`models list`)",
     ),
     "monitor": Command(
-        "lmforge.monitor.report:monitor_command",
+        "lmforge.monitor.command:monitor_command",
         "report on served traffic and feedback from the request log (`monitor report --logs`)",
     ),
     "config": Command(
-        "lmforge.config_command:config_command",
+        "lmforge.config.command:config_command",
         "show a stage's resolved config, or write the config reference",
     ),
 }

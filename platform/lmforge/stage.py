@@ -37,14 +37,14 @@ from lmforge.config import (
     load_config,
 )
 
-# name -> "module:attribute" of its Stage, imported only when that stage runs.
+# name -> "module:attribute" of its Stage: each stage lives in <package>/stage.py.
 STAGES: dict[str, str] = {
-    "check": "lmforge.check:STAGE",
-    "data": "lmforge.data.prepare:STAGE",
+    "check": "lmforge.check.stage:STAGE",
+    "data": "lmforge.data.stage:STAGE",
     "train": "lmforge.train.stage:STAGE",
     "finetune": "lmforge.finetune.stage:STAGE",
     "improve": "lmforge.improve.stage:STAGE",
-    "eval": "lmforge.eval.evaluate:STAGE",
+    "eval": "lmforge.eval.stage:STAGE",
 }
 
 # The stages of a model project's pipeline, in order: `lmforge init` writes one config each
@@ -301,7 +301,7 @@ def run_stage(
     storage.remove(storage.join(out, storage.SUCCESS))  # a forced rerun is incomplete until it ends
     storage.write_text(storage.join(out, RESOLVED_CONFIG), config_yaml(cfg))
     if stage.uses_ray:
-        from lmforge.cluster import connect
+        from lmforge.cluster.local import connect
 
         connect(address)
     start = time.perf_counter()
@@ -384,9 +384,18 @@ def refuse_outputs_that_would_vanish(stage: Stage, cfg: StageConfig) -> None:
     resources: a relative runs_dir there writes outputs nobody will find. `lmforge submit`
     refuses it before submitting; this catches a plain `ray job submit`."""
     if stage.cacheable and f"{os.sep}working_dir_files{os.sep}" in os.getcwd():
-        from lmforge.cluster import refuse_relative_runs_dir
-
         refuse_relative_runs_dir(cfg.runs_dir)
+
+
+def refuse_relative_runs_dir(runs_dir: str) -> None:
+    """A Ray job runs in a temporary copy of the working dir: a relative runs_dir would write
+    its outputs there, and they vanish with it."""
+    if not storage.is_uri(runs_dir) and not os.path.isabs(os.path.expanduser(runs_dir)):
+        raise ConfigError(
+            f"runs_dir {runs_dir!r} is relative: a submitted job runs in a temporary copy of the "
+            "working dir, so its outputs would vanish with it; give an absolute path on storage "
+            "every Ray node sees, or a URI (e.g. --set runs_dir=/mnt/lmforge/runs)"
+        )
 
 
 def job_main(name: str) -> None:

@@ -1,7 +1,7 @@
 """The built-in corpus never contains what the built-in evaluation tasks ask about."""
 
-from lmforge.data.builtin import _SKIP_DIRS, TOPICS, python_docs_files
-from lmforge.eval.heldout import is_held_out_path
+from lmforge.builtin.corpus import _SKIP_DIRS, TOPICS, python_docs_files
+from lmforge.builtin.heldout import is_held_out_path
 
 
 def test_builtin_corpus_leaves_out_every_held_out_module():

@@ -200,7 +200,7 @@ def test_two_node_cluster_gives_the_same_shards(prepared, tmp_path):
     runs2 = tmp_path / "runs"
     script = f"""
 import sys
-from lmforge.cluster import ensure_token
+from lmforge.cluster.local import ensure_token
 ensure_token()
 import ray
 from ray.cluster_utils import Cluster

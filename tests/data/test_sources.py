@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmforge import LmforgeError
-from lmforge.data import builtin
+from lmforge.builtin import corpus as builtin
 from lmforge.data.config import SourceConfig
 from lmforge.data.readers import doc_id, read_file
 from lmforge.data.sources import resolve_sources

@@ -178,7 +178,7 @@ def test_steps_yaml_list_is_validated(tmp_path):
 
 
 def test_missing_step_resources_are_config_errors_before_ray(tmp_path):
-    from lmforge.data.prepare import run
+    from lmforge.data.stage import run
     from lmforge.stage import StageContext
 
     (tmp_path / "a.txt").write_text("a document\n")
@@ -202,7 +202,7 @@ def test_every_step_counter_reaches_the_manifest(monkeypatch):
 
     from lmforge.data import steps as steps_module
     from lmforge.data.manifest import add_up, block_stats, build_manifest
-    from lmforge.data.prepare import StepRunner
+    from lmforge.data.pipeline import StepRunner
     from lmforge.data.readers import SCHEMA
 
     class CountingLength(Length):

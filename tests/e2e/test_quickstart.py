@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from lmforge import storage
-from lmforge.pipeline import plan
-from lmforge.quickstart import quickstart_pipeline
+from lmforge.project.pipeline import plan
+from lmforge.project.quickstart import quickstart_pipeline
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

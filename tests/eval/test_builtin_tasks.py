@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from lmforge.eval import builtin_tasks as B
-from lmforge.eval.heldout import is_held_out, is_held_out_path, module_of_path
-from lmforge.eval.tasks import check_item
+from lmforge.builtin import tasks as B
+from lmforge.builtin.heldout import is_held_out, is_held_out_path, module_of_path
+from lmforge.eval.tasks import builtin_task, check_item
 
 
 def test_held_out_rule_is_a_pure_function_of_the_top_level_package():
@@ -17,7 +17,7 @@ def test_held_out_rule_is_a_pure_function_of_the_top_level_package():
     assert module_of_path("json/__init__.py") == "json"
     assert module_of_path("email/mime/text.py") == "email.mime.text"
     # roughly HELD_OUT_PERCENT of top-level names
-    from lmforge.data.builtin import python_docs_files
+    from lmforge.builtin.corpus import python_docs_files
 
     all_tops = {module_of_path(f).split(".")[0] for f in python_docs_files()[:-1]}
     share = len(tops) / len(all_tops)
@@ -60,7 +60,7 @@ def test_bias_pairs_ship_with_the_package():
 def test_stdlib_qa_asks_the_sft_chat_question_about_held_out_functions():
     from lmforge.model import chat
 
-    spec = B.builtin_task("stdlib-qa")
+    spec = builtin_task("stdlib-qa")
     assert spec.type == "generation" and "\n" in spec.stop
     items = B.builtin_items("stdlib-qa")
     functions = {f"{f['module']}.{f['name']}": f for f in B.heldout_functions()}
@@ -105,7 +105,7 @@ def test_stdlib_qa_generation_stops_at_end_of_turn():
             logits[:, -1, self.script[tokens.shape[1] - self.prompt_len]] = 10.0
             return logits
 
-    spec = B.builtin_task("stdlib-qa")
+    spec = builtin_task("stdlib-qa")
     items = Items(rows=B.builtin_items("stdlib-qa")[:1], lines=[1])
     answer = items.rows[0]["references"][0]
     tok = train_bpe([answer, items.rows[0]["prompt"]] * 10, vocab_size=300, min_frequency=0)

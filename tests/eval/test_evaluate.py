@@ -155,9 +155,9 @@ def test_eval_stage_end_to_end(tmp_path, ray_local, cli):
 
 
 def test_evaluate_in_process_for_a_training_loop(scorer):
-    from lmforge.eval.evaluate import evaluate_in_process
     from lmforge.eval.runner import score_local
     from lmforge.eval.scoring import build_requests, task_metrics
+    from lmforge.eval.stage import evaluate_in_process
     from lmforge.eval.tasks import load_items, resolve_task
 
     out = evaluate_in_process(
@@ -187,7 +187,7 @@ def test_compare_allows_sampling_noise_in_standard_errors():
 def test_val_data_auto_follows_a_fine_tune_to_its_base_in_a_moved_runs_dir(tmp_path):
     """data.path and base were stored as the runs' working directory saw them; the val task
     used to vanish (no message) from any other directory, and always for a fine-tuned model."""
-    from lmforge.eval.evaluate import trained_on
+    from lmforge.eval.stage import trained_on
 
     runs = tmp_path / "mnt" / "runs"  # was ./runs/qs where the pipeline ran
     (runs / "data" / "d-1").mkdir(parents=True)

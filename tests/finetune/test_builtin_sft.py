@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.eval import builtin_tasks as B
-from lmforge.eval.heldout import is_held_out
-from lmforge.finetune.builtin_sft import builtin_sft_examples
+from lmforge.builtin import tasks as B
+from lmforge.builtin.heldout import is_held_out
+from lmforge.builtin.sft import builtin_sft_examples
 from lmforge.finetune.conversation import parse_example
 from lmforge.model import chat
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from lmforge.finetune.builtin_sft import builtin_sft_examples
+from lmforge.builtin.sft import builtin_sft_examples
 from lmforge.improve.config import ImproveConfig
 from lmforge.improve.feedback import build_examples, ngram_filter
 from lmforge.model import chat

@@ -101,7 +101,7 @@ OUTPUTS: dict[str, str] = {}  # stage name -> output directory of its emulated r
 
 def _pod_config(text: str, job: str, storage: Path, stage) -> str:
     """The ConfigMap's config as this emulation's pod sees it (see the module docstring)."""
-    from lmforge.config import _model_of
+    from lmforge.config.schema import model_of as _model_of
 
     configmap = cfg = yaml.safe_load(text) or {}
     runs_dir = str(cfg.get("runs_dir", ""))
@@ -164,7 +164,7 @@ def pod_files(tmp_path_factory):
 def emulated_clusters(pod_files):
     """Emulated clusters by shape (worker nodes): RayJobs whose rayClusterSpecs have the same
     shape share one, which saves a cluster start per RayJob; each stops at the end."""
-    from lmforge.cluster import ensure_token
+    from lmforge.cluster.local import ensure_token
 
     ensure_token()  # the cluster's token (tests/conftest.py points RAY_AUTH_TOKEN_PATH at a temp file)
     clusters: dict[int, EmulatedRayCluster] = {}

@@ -73,7 +73,7 @@ def greedy(model, ids: list[int], **kwargs) -> list[int]:
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     """(artifact dir, HF tokenizer, HF model, chat prompt ids, HF's greedy answer to them)."""
-    from lmforge.model.hf import import_command
+    from lmforge.model.command import import_command
 
     root = tmp_path_factory.mktemp("imported")
     tok = hf_tokenizer()

@@ -54,7 +54,7 @@ def test_lm_eval_over_the_api_equals_lmforge_eval(artifact, tmp_path, monkeypatc
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from lmforge.eval.evaluate import evaluate_in_process
+    from lmforge.eval.stage import evaluate_in_process
     from lmforge.eval.tasks import TaskSpec
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

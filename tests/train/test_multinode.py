@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     import json, sys
     from ray.cluster_utils import Cluster
     import ray
-    from lmforge.cluster import ensure_token
+    from lmforge.cluster.local import ensure_token
     from lmforge.stage import get_stage, run_stage
     from lmforge.train.config import TrainConfig
 

@@ -7,7 +7,7 @@ import pytest
 
 from lmforge.config import load_config
 from lmforge.model import PRESETS, flops_per_token, num_params
-from lmforge.plan import make_plan, memory_per_device
+from lmforge.project.plan import make_plan, memory_per_device
 from lmforge.train.config import TrainConfig
 
 GPU_8B = [

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from lmforge import storage
-from lmforge.data import builtin
+from lmforge.builtin import corpus
 from lmforge.data.config import SourceConfig
 from lmforge.data.sources import COMPRESSION
 
@@ -331,7 +331,7 @@ def _warc_records(src, item, limit) -> Iterator[tuple[int, str, str]]:
 
 
 def _builtin_records(src, item, limit) -> Iterator[tuple[int, str, str]]:
-    for n, text in builtin.python_docs_records(item["relpath"]):
+    for n, text in corpus.python_docs_records(item["relpath"]):
         yield n, text, ("record_too_large" if len(text) > limit else "")
 
 

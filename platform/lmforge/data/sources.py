@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from lmforge import LmforgeError, storage
-from lmforge.data import builtin
+from lmforge.builtin import corpus
 from lmforge.data.config import SourceConfig
 
 EXTENSIONS = {
@@ -56,7 +56,7 @@ def resolve_sources(sources: list[SourceConfig]) -> list[list[dict[str, Any]]]:
             out.append(
                 [
                     {"path": "builtin:python-docs", "relpath": r, "format": "builtin"}
-                    for r in builtin.python_docs_files()
+                    for r in corpus.python_docs_files()
                 ]
             )
             continue

@@ -1,4 +1,4 @@
-"""`lmforge eval compare BASELINE CANDIDATE`: the promotion gate before serving.
+"""The promotion gate before serving (`lmforge eval compare BASELINE CANDIDATE`, in command.py).
 
 Each side is a report.json or an eval output directory holding one. A gated metric regresses
 when the candidate is worse than the baseline by more than the allowed amount, in the metric's
@@ -11,14 +11,13 @@ the candidate lacks fails. Exit 0: no regression; 1: a regression; 2: usage erro
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from lmforge import LmforgeError, storage
-from lmforge.eval.report import HIGHER_IS_BETTER, LOWER_IS_BETTER, fmt
+from lmforge.eval.report import HIGHER_IS_BETTER, LOWER_IS_BETTER
 
 
 def read_report(path: str) -> dict[str, Any]:
@@ -129,92 +128,3 @@ def compare(
                 allowed += noise
             checks.append(Check(task, metric, base, cand, allowed, regression))
     return checks
-
-
-def compare_command(argv: list[str], prog: str) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Fail (exit 1) when CANDIDATE is worse than BASELINE beyond the allowed "
-        "regression on any gated metric. Each side: report.json or an eval output directory.",
-    )
-    parser.add_argument("baseline")
-    parser.add_argument("candidate")
-    parser.add_argument(
-        "--max-regression",
-        type=float,
-        default=0.0,
-        metavar="X",
-        help="allowed worsening of each gated metric (absolute; with --relative a fraction "
-        "of the baseline). Default: %(default)s",
-    )
-    parser.add_argument(
-        "--relative", action="store_true", help="thresholds are fractions of the baseline value"
-    )
-    parser.add_argument(
-        "--sigmas",
-        type=float,
-        default=0.0,
-        metavar="K",
-        help="also allow K combined standard errors of the two values (noise), e.g. 2",
-    )
-    parser.add_argument(
-        "--metric",
-        action="append",
-        default=[],
-        metavar="TASK/METRIC[=MAX]",
-        help="gate only these metrics (repeatable; TASK may be *); default: every metric "
-        "with a known direction (acc, acc_norm, f1, exact_match, macro_f1, loss, perplexity, "
-        "bits_per_byte, byte_perplexity, word_perplexity)",
-    )
-    args = parser.parse_args(argv)
-    if args.max_regression < 0 or args.sigmas < 0:
-        raise LmforgeError("--max-regression and --sigmas must be >= 0")
-    base, cand = read_report(args.baseline), read_report(args.candidate)
-    checks = compare(
-        base,
-        cand,
-        args.max_regression,
-        parse_gates(args.metric, args.max_regression),
-        args.relative,
-        args.sigmas,
-    )
-    skipped = one_sided(base, cand, parse_gates(args.metric, args.max_regression))
-    for side in ("baseline", "candidate"):
-        names = [f"{task}/{metric}" for task, metric, s in skipped if s == side]
-        if names:
-            print(f"skipped (only the {side} report has them): {', '.join(names)}")
-    if not checks:
-        raise LmforgeError(
-            "no gated metric is in both reports (check --metric, and that both evals ran the "
-            "same tasks)"
-        )
-    if skipped:
-        print()
-    unit = " (relative)" if args.relative else ""
-    rows = [("task", "metric", "baseline", "candidate", f"worse by{unit}", "allowed", "")]
-    for c in checks:
-        worse = "missing" if c.regression is None else fmt(c.regression)
-        rows.append(
-            (
-                c.task,
-                c.metric,
-                fmt(c.baseline),
-                fmt(c.candidate),
-                worse,
-                fmt(c.allowed),
-                "FAIL" if c.failed else "ok",
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
-    failed = [c for c in checks if c.failed]
-    if failed:
-        print(
-            f"\ngate FAILED: {len(failed)} of {len(checks)} gated metric(s) regressed beyond "
-            "the allowed amount",
-            flush=True,
-        )
-        return 1
-    print(f"\ngate passed: {len(checks)} metric(s) within the allowed regression")
-    return 0

@@ -129,13 +129,23 @@ def _absolute(path: str) -> bool:
     return storage.is_uri(path) or os.path.isabs(path)
 
 
+def builtin_task(name: str) -> TaskSpec:
+    """The TaskSpec of `builtin:NAME` (the task table lives with the built-in data)."""
+    from lmforge.builtin.tasks import BUILTIN_TASKS
+
+    if name not in BUILTIN_TASKS:
+        raise ConfigError(
+            f"unknown built-in task 'builtin:{name}'; built in: "
+            + ", ".join(f"builtin:{n}" for n in BUILTIN_TASKS)
+        )
+    return TaskSpec(name=name, file=f"builtin:{name}", **BUILTIN_TASKS[name])
+
+
 def resolve_task(ref: str | TaskSpec) -> TaskSpec:
     """A TaskSpec from an inline spec, `builtin:NAME`, or a task YAML path."""
     if isinstance(ref, TaskSpec):
         return ref
     if ref.startswith("builtin:"):
-        from lmforge.eval.builtin_tasks import builtin_task
-
         return builtin_task(ref.removeprefix("builtin:"))
     if not storage.exists(ref):
         raise ConfigError(f"tasks: no task file {ref} (give builtin:NAME, a YAML file, or a spec)")
@@ -232,7 +242,7 @@ def load_items(spec: TaskSpec) -> Items:
     if spec.type == "perplexity" and spec.sources:
         items = read_source_items(spec.sources, spec.limit)
     elif spec.file and spec.file.startswith("builtin:"):
-        from lmforge.eval.builtin_tasks import builtin_items
+        from lmforge.builtin.tasks import builtin_items
 
         rows = builtin_items(spec.file.removeprefix("builtin:"))[: spec.limit]
         items = Items(rows=rows, lines=list(range(1, len(rows) + 1)))

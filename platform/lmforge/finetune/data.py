@@ -145,7 +145,7 @@ def read_input(item: dict[str, Any], batch_lines: int = 4096) -> Iterator[pa.Tab
     """The lines of one input as tables {key, split, where, line} (key: input index << 32 | line)."""
     path = item["path"]
     if path.startswith(BUILTIN):
-        from lmforge.finetune.builtin_sft import builtin_sft_examples
+        from lmforge.builtin.sft import builtin_sft_examples
 
         examples = builtin_sft_examples("val" if item["split"] == VAL else "train")
         lines = [json.dumps({"messages": e["messages"]}) for e in examples]

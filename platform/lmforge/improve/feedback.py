@@ -160,7 +160,7 @@ def ngram_filter(texts: list[str], n: int):
 
 def task_texts(tasks: list) -> list[str]:
     """Every string in the items of the gate's tasks (prompts, contexts, choices, references)."""
-    from lmforge.eval.evaluate import load_items, resolve_task
+    from lmforge.eval.tasks import load_items, resolve_task
 
     texts: list[str] = []
     for task in tasks:

@@ -22,7 +22,6 @@ from lmforge.model.artifact import (
     TOKENIZER,
     WEIGHTS,
     load_model_config,
-    resolve_artifact,
     save_artifact,
 )
 from lmforge.model.chat import CHAT_TEMPLATE, END
@@ -332,46 +331,3 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None) -> LlamaConfig:
     import_special_files(hf_dir, out, hf)
     storage.mark_success(out, {"imported_from": hf_dir})
     return cfg
-
-
-# ---------------------------------------------------------------- command line
-
-
-def export_command(argv: list[str], prog: str) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Export a model artifact for other tools. --format hf writes a LlamaForCausalLM folder (safetensors, config, tokenizer with chat template) that transformers and vLLM load.",
-    )
-    parser.add_argument(
-        "artifact", help="model artifact dir, or a training run dir (uses its model/)"
-    )
-    parser.add_argument(
-        "--format", choices=["hf"], default="hf", help="output format (default: %(default)s)"
-    )
-    parser.add_argument("--out", required=True, help="output directory (path or URI)")
-    args = parser.parse_args(argv)
-    for path in export_hf(resolve_artifact(args.artifact), args.out):
-        print(f"wrote {path}")
-    return 0
-
-
-def import_command(argv: list[str], prog: str) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Import a Llama-family Hugging Face folder (safetensors + tokenizer.json) as an lmforge model artifact, for fine-tuning, evaluation and serving.",
-    )
-    parser.add_argument("hf_dir", help="Hugging Face model folder (path or URI)")
-    parser.add_argument("--out", required=True, help="artifact directory to write")
-    parser.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        help="cast the weights (default: keep)",
-    )
-    args = parser.parse_args(argv)
-    cfg = import_hf(args.hf_dir, args.out, args.dtype)
-    print(f"imported {cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size} -> {args.out}")
-    return 0

@@ -1,5 +1,6 @@
-"""`lmforge monitor report`: served traffic and feedback per model version, as Markdown, HTML
-or JSON, from the request log and feedback store that the serving app writes.
+"""The monitor report: served traffic and feedback per model version, as Markdown, HTML or
+JSON, from the request log and feedback store that the serving app writes (the command line,
+`lmforge monitor report`, is in command.py).
 
 The report is a list of blocks (headings, text, tables, plots) rendered to Markdown (plots
 as PNG files next to it) or HTML (plots embedded as base64 PNG). Without matplotlib (the
@@ -8,7 +9,6 @@ as PNG files next to it) or HTML (plots embedded as base64 PNG). Without matplot
 
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime as dt
 import html
@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from lmforge import LmforgeError, storage
-from lmforge.monitor.stats import UNKNOWN, parse_since, summarize
+from lmforge.monitor.stats import UNKNOWN
 
 NO_PLOTS = "Plots skipped: matplotlib is not installed (`pip install 'lmforge[plots]'`)."
 
@@ -267,42 +267,6 @@ def to_html(blocks: list[Block]) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>lmforge monitor report"
         f"</title><style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
     )
-
-
-def monitor_command(argv: list[str], prog: str) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Monitoring of served models. `report`: requests, error rate, latency, "
-        "tokens, output lengths and user feedback per model version and per day, from the "
-        "request log and feedback store the serving app writes (docs/operations.md).",
-    )
-    sub = parser.add_subparsers(dest="action", required=True, metavar="{report}")
-    p = sub.add_parser(
-        "report",
-        help="write the monitor report",
-        description="write the monitor report (to stdout as Markdown without --out)",
-    )
-    p.add_argument("--logs", required=True, help="the request-log path (local dir or URI)")
-    p.add_argument(
-        "--since",
-        help="only rows this recent: 24h, 7d, 30m, 2w, or an ISO date/time (default: all)",
-    )
-    p.add_argument(
-        "--out",
-        help="report file: .md (plots as PNG next to it), .html (plots embedded) or .json",
-    )
-    args = parser.parse_args(argv)
-    since = parse_since(args.since)
-    requests, feedback = load_logs(args.logs, since)
-    if not requests.num_rows and not feedback.num_rows:
-        window = f" since {since.isoformat()}" if since else ""
-        raise LmforgeError(
-            f"no requests or feedback logged under {args.logs}{window}; is the serving app's "
-            "request log enabled and pointed there (serving config request-log path)?"
-        )
-    summary = summarize(requests, feedback)
-    write_report(summary, requests, args.logs, since, args.out)
-    return 0
 
 
 def write_report(

@@ -100,7 +100,7 @@ def serve_command(argv: list[str], prog: str) -> int:
 
 def run_on_ray(args: ServeArgs, address: str | None) -> int:
     """Deploy the app on Ray Serve (embedded, or the cluster at `address`) until stopped."""
-    from lmforge.cluster import connect
+    from lmforge.cluster.local import connect
 
     connect(address)
     stop_on_signals()  # after connect: replaces the SIGTERM handlers Ray just installed
@@ -170,7 +170,7 @@ def serves_on_this_machine(address: str | None) -> bool:
 def check_port_free(host: str, port: int) -> None:
     """Refuse a port something already listens on, before Ray starts (else: ~100 lines of
     Serve proxy traceback ending in `Failed to bind`)."""
-    from lmforge.cluster import port_in_use
+    from lmforge.cluster.local import port_in_use
 
     why = port_in_use(host, port)
     if why:

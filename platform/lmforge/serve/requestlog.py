@@ -241,7 +241,7 @@ def spool_dir(path: str, spool: str | None = None) -> str:
         return os.path.abspath(os.path.expanduser(spool))
     if storage.is_local(path):
         return os.path.join(storage.local_path(path), "_spool")
-    from lmforge.cluster import lmforge_home
+    from lmforge.cluster.local import lmforge_home
 
     digest = hashlib.sha256(path.encode()).hexdigest()[:12]
     return str(lmforge_home() / "spool" / f"{_safe(path)[:40]}-{digest}")

@@ -210,7 +210,7 @@ def evaluate_tasks(model, run: Run, env: WorkerEnv) -> dict[str, float]:
         return {}
     from tokenizers import Tokenizer
 
-    from lmforge.eval.evaluate import evaluate_in_process
+    from lmforge.eval.stage import evaluate_in_process
 
     tokenizer = Tokenizer.from_str(
         storage.read_text(storage.join(run.spec.data_dir, "tokenizer.json"))

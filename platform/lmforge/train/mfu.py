@@ -113,7 +113,7 @@ def cpu_peak(dtype: torch.dtype, threads: int, cache: Path | None = None) -> tup
     capability; a file lock makes the ranks of one node wait for one probe and share it. The
     driver probes before any worker starts, so the probe runs on a quiet machine.
     """
-    from lmforge.cluster import lmforge_home
+    from lmforge.cluster.local import lmforge_home
 
     path = cache or lmforge_home() / "cpu_peak.json"
     kernels = torch.backends.cpu.get_cpu_capability()

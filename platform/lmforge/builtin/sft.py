@@ -4,14 +4,14 @@ Questions about the standard library answered from its own docstrings (read with
 imported), in a few shapes for variety:
 
 - "What does `json.dumps(obj, *, skipkeys=False, ...)` do?" -> the first sentence of the
-  function's docstring (`eval.builtin_tasks.function_question` / `first_sentence`: the very
+  function's docstring (`builtin.tasks.function_question` / `first_sentence`: the very
   question `builtin:stdlib-qa` asks);
 - "Which standard library module provides `dumps()`?" -> the module, then that sentence;
 - "What are the parameters of `json.dumps`?" -> its signature;
 - "Summarise the docs of module `json`." -> the first paragraph of the module docstring.
 
 Some conversations (a seeded quarter) start with a system turn. The train split comes only from
-modules that `eval.heldout` does not hold out; the val split is the held-out modules' questions,
+modules that `builtin.heldout` does not hold out; the val split is the held-out modules' questions,
 so a model fine-tuned on train has never seen them, and `builtin:stdlib-qa` measures the skill,
 not memorised answers. Every choice is seeded per item and the output is sorted, so the same
 Python version always gives the same examples.
@@ -25,14 +25,14 @@ from collections import Counter
 from functools import lru_cache
 from typing import Any, Literal
 
-from lmforge.eval.builtin_tasks import (
+from lmforge.builtin.heldout import module_of_path
+from lmforge.builtin.tasks import (
     file_functions,
     first_sentence,
     function_question,
     heldout_files,
     parse_module,
 )
-from lmforge.eval.heldout import module_of_path
 
 SEED = 20240612
 SYSTEM_PROMPTS = (
@@ -81,7 +81,7 @@ def _parsed(split: str) -> tuple[tuple[str, list[dict[str, Any]], str], ...]:
 def _split_files(split: str) -> list[str]:
     if split == "val":
         return list(heldout_files())
-    from lmforge.data.builtin import TOPICS, python_docs_files
+    from lmforge.builtin.corpus import TOPICS, python_docs_files
 
     return [f for f in python_docs_files() if f != TOPICS]
 

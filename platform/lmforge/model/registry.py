@@ -1,4 +1,4 @@
-"""`lmforge models list` and `lmforge models show`: every model version under a runs dir.
+"""Every model version under a runs dir (`lmforge models list` / `show`, in command.py).
 
 An artifact is any `<runs_dir>/.../model/` directory with a `config.json` (so a new stage's
 artifacts appear with no code change): `<runs_dir>/train/<run>/model`, the improvement loop's
@@ -10,8 +10,6 @@ and lineage (model/version.py), the eval runs that scored it, and whether servin
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 from typing import Any
 
@@ -188,38 +186,3 @@ def models_table(models: list[dict[str, Any]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines)
-
-
-def models_command(argv: list[str], prog: str) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Model versions under a runs dir: `list` shows every artifact (version = a "
-        "hash of its weights), its lineage, eval results and which one is served "
-        "(<runs_dir>/serving/current.json); `show VERSION` prints one lineage as JSON.",
-    )
-    sub = parser.add_subparsers(dest="action", required=True, metavar="{list,show}")
-    for name, help_text in (
-        ("list", "a table of every model version"),
-        ("show", "one version's lineage as JSON"),
-    ):
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == "show":
-            p.add_argument("version", help="version id (v-...; a unique prefix is enough)")
-        p.add_argument(
-            "--runs-dir", default="runs", help="root of all outputs, path or URI (default: runs)"
-        )
-        if name == "list":
-            p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    models = list_models(args.runs_dir)
-    if args.action == "show":
-        print(json.dumps(lineage(models, args.version), indent=2, default=str))
-    elif args.json:
-        print(json.dumps(models, indent=2, default=str))
-    elif not models:
-        print(f"no model artifacts under {args.runs_dir} (train a model first)")
-    else:
-        print(models_table(models))
-        if any(m["served"] for m in models):
-            print("\n* = served (serving/current.json)")
-    return 0

@@ -280,17 +280,6 @@ def run(cfg: EvalConfig, ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def eval_command(argv: list[str], prog: str) -> int:
-    """`lmforge eval -c CONFIG` runs the stage; `lmforge eval compare A B` is the gate."""
-    if argv and argv[0] == "compare":
-        from lmforge.eval.compare import compare_command
-
-        return compare_command(argv[1:], f"{prog} compare")
-    from lmforge.stage import stage_main
-
-    return stage_main("eval", argv, prog)
-
-
 STAGE = Stage(
     name="eval",
     config_cls=EvalConfig,

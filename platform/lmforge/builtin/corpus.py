@@ -36,10 +36,10 @@ def python_docs_files() -> list[str]:
     """The corpus's 'files', relative to the stdlib directory, sorted; the topics come last.
 
     The modules that the built-in evaluation tasks ask about are held out (a fixed hash bucket
-    of top-level packages, `lmforge.eval.heldout`), so no model trained on this corpus has seen
+    of top-level packages, `lmforge.builtin.heldout`), so no model trained on this corpus has seen
     the answers it is evaluated on.
     """
-    from lmforge.eval.heldout import is_held_out_path
+    from lmforge.builtin.heldout import is_held_out_path
 
     root = stdlib_dir()
     files = []

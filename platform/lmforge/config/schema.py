@@ -1,134 +1,23 @@
-"""Strict configs: pydantic models loaded from YAML, `--set a.b=c` overrides, a stable hash.
-
-Every config in lmforge derives from `StrictModel`: an unknown or misspelled key is an error
-that names the key (with a suggestion), values are validated and keep their types, and every
-field carries a description that CLI help and docs/config-reference.md are generated from.
-"""
+"""What a config class says about itself: the type of a dotted key, a suggestion for a
+misspelled one, and each field's type, default and description as users read them (`--help`,
+docs/config-reference.md, error messages)."""
 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel
 
 from lmforge import ConfigError
 
-T = TypeVar("T", bound="StrictModel")
 
-# Fields whose value says where or how verbosely to run, not what to compute: they stay out of
-# the config hash, so moving the runs directory does not invalidate finished stages.
-NOT_HASHED = {"hash": False}
-
-
-class StrictModel(BaseModel):
-    """Base of every lmforge config: unknown keys are errors; assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
-    # Unknown key -> the field meant, for mistakes too far from the name for difflib to catch
-    # (e.g. a task's `path:` for `file:`); the error then says "did you mean".
-    key_hints: ClassVar[dict[str, str]] = {}
-
-
-# ---------------------------------------------------------------- loading and overrides
-
-
-def read_yaml(path: str) -> dict[str, Any]:
-    """Read a YAML mapping from a local path or URI; a missing file or bad YAML is a ConfigError."""
-    from lmforge import storage
-
-    if storage.is_dir(path):
-        raise ConfigError(f"{path} is a directory; give a YAML config file")
-    try:
-        text = storage.read_text(path)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); is it a YAML file?") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: expected a mapping of config keys at the top level, got {type(data).__name__}"
-        )
-    return data
-
-
-def parse_override(text: str) -> tuple[str, str]:
-    """Split `a.b=value` into its dotted key and raw value."""
-    key, sep, value = text.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(
-            f"bad override {text!r}: expected KEY.PATH=VALUE, e.g. --set optim.lr=3e-4"
-        )
-    return key, value
-
-
-def apply_overrides(
-    cls: type[BaseModel], data: dict[str, Any], overrides: list[str]
-) -> dict[str, Any]:
-    """Return a copy of `data` with each `a.b=value` override applied.
-
-    The value is read as YAML (numbers, booleans, lists, mappings), except where the field is a
-    string, so `--set name=007` stays the string "007". Unknown keys are refused here, naming
-    the key, before any type checking.
-    """
-    data = json.loads(json.dumps(data, default=str)) if data else {}
-    for text in overrides:
-        key, raw = parse_override(text)
-        annotation = _field_annotation(cls, key)
-        value: Any = raw if _is_str_annotation(annotation) else _yaml_scalar(key, raw)
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
-        node[parts[-1]] = value
-    return data
-
-
-def build_config(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
-    """Validate `data` as `cls`; the first problem becomes a one-line ConfigError."""
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        from lmforge.config_errors import format_validation_error
-
-        raise ConfigError(f"{source}: {format_validation_error(cls, e)}") from None
-
-
-def load_config(cls: type[T], path: str | None, overrides: list[str] | None = None) -> T:
-    """Load `cls` from a YAML file (or from defaults when `path` is None) plus overrides."""
-    data = read_yaml(path) if path else {}
-    data = apply_overrides(cls, data, list(overrides or []))
-    return build_config(cls, data, source=path or "config")
-
-
-def _yaml_scalar(key: str, raw: str) -> Any:
-    try:
-        return yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML") from None
-
-
-def _model_of(annotation: Any) -> type[BaseModel] | None:
+def model_of(annotation: Any) -> type[BaseModel] | None:
     """The BaseModel inside an annotation like `Sub`, `Sub | None`, or None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
@@ -139,7 +28,7 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _field_annotation(cls: type[BaseModel], dotted: str, strict: bool = True) -> Any:
+def field_annotation(cls: type[BaseModel], dotted: str, strict: bool = True) -> Any:
     """The annotation of a dotted field path; an unknown key raises a ConfigError (if strict)."""
     model: type[BaseModel] | None = cls
     annotation: Any = None
@@ -152,9 +41,9 @@ def _field_annotation(cls: type[BaseModel], dotted: str, strict: bool = True) ->
         if part not in fields:
             if not strict:
                 return None
-            raise ConfigError(f"unknown key '{dotted}'{_suggest(cls, dotted)}")
+            raise ConfigError(f"unknown key '{dotted}'{suggest_key(cls, dotted)}")
         annotation = fields[part].annotation
-        model = _model_of(annotation)
+        model = model_of(annotation)
         if model is None and _list_entry_model(annotation) is not None and part != parts[-1]:
             # `--set tasks.0.file=x` would make a mapping {"0": ...} where a list belongs
             raise ConfigError(
@@ -164,7 +53,7 @@ def _field_annotation(cls: type[BaseModel], dotted: str, strict: bool = True) ->
     return annotation
 
 
-def _is_str_annotation(annotation: Any) -> bool:
+def is_str_annotation(annotation: Any) -> bool:
     if annotation is str:
         return True
     args = typing.get_args(annotation)
@@ -174,10 +63,10 @@ def _is_str_annotation(annotation: Any) -> bool:
     return False
 
 
-def _suggest(cls: type[BaseModel], dotted: str, shown_prefix: str = "") -> str:
+def suggest_key(cls: type[BaseModel], dotted: str, shown_prefix: str = "") -> str:
     """` (did you mean 'x'?)` or `; valid keys here: ...` for an unknown dotted key of `cls`."""
     parent, _, leaf = dotted.rpartition(".")
-    owner = _model_of(_field_annotation(cls, parent, strict=False)) if parent else cls
+    owner = model_of(field_annotation(cls, parent, strict=False)) if parent else cls
     hint = getattr(owner, "key_hints", {}).get(leaf) if owner else None
     if hint:
         return f" (did you mean '{shown_prefix}{parent + '.' if parent else ''}{hint}'?)"
@@ -187,44 +76,6 @@ def _suggest(cls: type[BaseModel], dotted: str, shown_prefix: str = "") -> str:
         return f" (did you mean '{shown_prefix}{close[0]}'?)"
     siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]
     return f"; valid keys here: {', '.join(siblings)}" if siblings else ""
-
-
-# ---------------------------------------------------------------- resolved config and hash
-
-
-def config_dict(cfg: BaseModel) -> dict[str, Any]:
-    """The resolved config as plain JSON-able data, every default filled in."""
-    return cfg.model_dump(mode="json")
-
-
-def config_yaml(cfg: BaseModel) -> str:
-    return yaml.safe_dump(config_dict(cfg), sort_keys=False, default_flow_style=False)
-
-
-def config_hash(cfg: BaseModel, length: int = 12) -> str:
-    """sha256 of the canonical JSON of the config, fields marked NOT_HASHED left out.
-
-    Canonical: keys sorted, no whitespace, every default filled in, so the hash is the same
-    across runs and machines and changes with any value that changes what a stage computes.
-    """
-    data = _hashed_part(cfg)
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:length]
-
-
-def _hashed_part(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        out = {}
-        for name, field in type(value).model_fields.items():
-            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-            if extra.get("hash", True):
-                out[name] = _hashed_part(getattr(value, name))
-        return out
-    if isinstance(value, dict):
-        return {str(k): _hashed_part(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_hashed_part(v) for v in value]
-    return json.loads(json.dumps(value, default=str))
 
 
 # ---------------------------------------------------------------- documentation
@@ -246,7 +97,7 @@ def describe_fields(cls: type[BaseModel], prefix: str = "", entries: bool = True
     docs: list[FieldDoc] = []
     for name, field in cls.model_fields.items():
         key = f"{prefix}{name}"
-        sub = _model_of(field.annotation)
+        sub = model_of(field.annotation)
         if sub is not None:
             docs.append(FieldDoc(key, "mapping", "", field.description or "", section=True))
             docs.extend(describe_fields(sub, prefix=f"{key}.", entries=entries))
@@ -357,7 +208,7 @@ def _list_entry_model(annotation: Any) -> type[BaseModel] | None:
     entry, discriminator = unwrap_annotated(typing.get_args(annotation)[0])
     if discriminator:
         return None  # several configs, one per tag: documented with the tags instead
-    return _model_of(entry)
+    return model_of(entry)
 
 
 def fields_help(cls: type[BaseModel]) -> str:

@@ -7,7 +7,6 @@ preset's value, and its description as a comment), so a new field shows up here 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Any
@@ -16,7 +15,8 @@ import yaml
 from pydantic import BaseModel
 
 from lmforge import LmforgeError
-from lmforge.config import _model_of, config_dict
+from lmforge.config import config_dict
+from lmforge.config.schema import model_of
 from lmforge.stage import DEFAULT_PIPELINE, get_stage
 
 PRESETS = ("tiny", "small", "1b", "8b")
@@ -31,7 +31,7 @@ def commented_yaml(cfg: BaseModel, indent: int = 0) -> str:
         if field.description:
             lines.append(f"{pad}# {field.description}")
         value = getattr(cfg, name)
-        if _model_of(field.annotation) is not None and isinstance(value, BaseModel):
+        if model_of(field.annotation) is not None and isinstance(value, BaseModel):
             lines.append(f"{pad}{name}:")
             lines.append(commented_yaml(value, indent + 1).rstrip("\n"))
             continue
@@ -155,25 +155,3 @@ def _write(path: str, text: str) -> None:
     from lmforge import storage
 
     storage.write_text(path, text)
-
-
-def init_command(argv: list[str], prog: str) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Write a ready pipeline and one commented config per stage for a new model project.",
-    )
-    parser.add_argument("directory", help="project directory (created if missing)")
-    parser.add_argument(
-        "--preset", default="tiny", choices=PRESETS, help="model size preset (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="overwrite an existing project's files"
-    )
-    args = parser.parse_args(argv)
-    for path in init_project(args.directory, args.preset, args.force):
-        print(f"wrote {path}")
-    print(f"next: cd {args.directory} && lmforge pipeline run pipeline.yaml")
-    print(
-        "then: lmforge serve -c configs/serve.yaml; on a Ray cluster: lmforge submit <stage> -c configs/<stage>.yaml"
-    )
-    return 0

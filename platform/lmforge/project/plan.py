@@ -1,4 +1,4 @@
-"""`lmforge plan -c CONFIG`: what a training config will cost, before anything runs.
+"""What a training config will cost, before anything runs (`lmforge plan -c CONFIG`).
 
 From the model config, the token budget and the hardware (GPU type and count, or CPU workers):
 parameters, FLOPs (6 N_matmul + 12 L D T per token, see lmforge.model.llama.flops_per_token),
@@ -18,13 +18,10 @@ Memory per device, FSDP2 over W devices, AdamW, fp32 master weights:
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from lmforge import storage
-from lmforge.config import load_config
 from lmforge.model.llama import LlamaConfig, flops_per_token, num_params
 from lmforge.train.config import TrainConfig
 from lmforge.train.mfu import gpu_peak_tflops
@@ -96,7 +93,7 @@ def make_plan(
     """The plan of `cfg`. `seq_len`/`vocab_size` (from `--seq-len` or a data config) win over
     the data output's manifest at data.path; with neither, seq_len is the model's max_seq_len
     and the plan says it assumed it."""
-    manifest = _manifest(cfg.data.path)
+    manifest = read_manifest(cfg.data.path)
     if not seq_len and manifest.get("seq_len"):
         seq_len, seq_len_source = manifest["seq_len"], f"the data at {cfg.data.path}"
     arch = cfg.model.to_llama(vocab_size=vocab_size or manifest.get("vocab_size"), seq_len=seq_len)
@@ -227,67 +224,7 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def plan_command(argv: list[str], prog: str) -> int:
-    from lmforge.stage import add_config_arguments
-
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Estimate a training config before running it: parameters, FLOPs, "
-        "compute-optimal tokens, memory per device under FSDP2, wall time and GPU-hours "
-        "at plan.assumed_mfu. Hardware: resources.* (GPU type: resources.accelerator_type, "
-        "else plan.gpu_type).",
-    )
-    add_config_arguments(parser)
-    parser.add_argument(
-        "--seq-len",
-        type=int,
-        help="tokens per sequence (default: the data's at data.path, else --data-config's)",
-    )
-    parser.add_argument(
-        "--data-config",
-        metavar="DATA.yaml",
-        help="the data stage's config, for seq_len and vocabulary size before the data exists "
-        "(default: data.yaml beside CONFIG, as `lmforge init` writes them, if there is one)",
-    )
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    args = parser.parse_args(argv)
-    cfg = _with_data_reference(load_config(TrainConfig, args.config, args.overrides))
-    seq_len, vocab, source = args.seq_len, None, "--seq-len"
-    data_config = args.data_config or _sibling_data_config(args.config)
-    if data_config and not (seq_len or _manifest(cfg.data.path)):
-        from lmforge.data.config import DataConfig
-
-        data = load_config(DataConfig, data_config)
-        vocab = None if data.tokenizer.path else data.tokenizer.vocab_size
-        seq_len, source = data.seq_len, data_config
-    plan = make_plan(cfg, seq_len=seq_len, vocab_size=vocab, seq_len_source=source)
-    print(json.dumps(asdict(plan), indent=2) if args.json else format_plan(plan))
-    return 0
-
-
-def _with_data_reference(cfg: TrainConfig) -> TrainConfig:
-    """`data.path: "@data/name"` resolved as `lmforge train` resolves it; none yet is no data."""
-    from lmforge import ConfigError
-    from lmforge.stage import get_stage, resolve_input_reference
-
-    try:
-        return resolve_input_reference(get_stage("train"), cfg)
-    except ConfigError:
-        return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": None})})
-
-
-def _sibling_data_config(config: str | None) -> str | None:
-    if not config or storage.is_uri(config):
-        return None
-    import os
-
-    path = os.path.join(os.path.dirname(config), "data.yaml")
-    return (
-        path if os.path.abspath(path) != os.path.abspath(config) and os.path.exists(path) else None
-    )
-
-
-def _manifest(path: str | None) -> dict:
+def read_manifest(path: str | None) -> dict:
     if not path:
         return {}
     try:

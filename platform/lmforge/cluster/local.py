@@ -1,11 +1,10 @@
-"""Local Ray clusters (up / status / down), connecting drivers, and submitting stages as Ray jobs.
+"""A local Ray head (up / status / down), the Ray auth token, and connecting a driver to Ray.
 
 `lmforge cluster up` starts a Ray head on this machine with token authentication on
 (`RAY_AUTH_MODE=token`), advertising 127.0.0.1 with its dashboard bound there (unless
-`--host` says otherwise), and records it in
-`$LMFORGE_HOME/cluster.json` (default `~/.lmforge`). `lmforge submit` sends a stage's
-`jobs/<stage>.py` to any Ray cluster through the Ray Jobs SDK, streams its logs and exits with
-the job's status: exactly what `ray job submit` or a KubeRay RayJob runs.
+`--host` says otherwise), and records it in `$LMFORGE_HOME/cluster.json` (default
+`~/.lmforge`). `connect` is how every stage's driver joins Ray: the given address, RAY_ADDRESS,
+or an embedded local Ray (loopback only).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import contextlib
 import json
 import os
 import secrets
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -24,7 +22,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lmforge import ConfigError, LmforgeError, StageFailed, storage
+from lmforge import LmforgeError
 
 DEFAULT_GCS_PORT = 6379
 DEFAULT_DASHBOARD_PORT = 8265
@@ -445,228 +443,3 @@ def connect(address: str | None = None) -> None:
     else:
         ray.init(address=address or None, **options)
     quiet_ray_console()
-
-
-# ---------------------------------------------------------------- job submission
-
-
-def submit(
-    stage_name: str,
-    config: str | None,
-    overrides: list[str],
-    address: str | None,
-    working_dir: str = ".",
-    wait: bool = True,
-) -> int:
-    """Submit `jobs/<stage>.py` as a Ray job; stream its logs; return 0 if it succeeded."""
-    from lmforge.config import load_config
-    from lmforge.jobfiles import job_runtime_env
-    from lmforge.stage import get_stage
-
-    stage = get_stage(stage_name)
-    wd = Path(working_dir).resolve()
-    entry = wd / stage.job_script
-    if not entry.exists():
-        raise LmforgeError(
-            f"{entry} not found: --working-dir must be an lmforge checkout or a project with {stage.job_script}"
-        )
-    cfg = load_config(stage.config_cls, config, overrides)  # validate before spending
-    if stage.cacheable:  # a check's report is its log; other stages' outputs are the point
-        refuse_relative_runs_dir(cfg.runs_dir)
-    args = [stage.job_script]
-    if config:
-        cfg_path = Path(config).resolve()
-        if not cfg_path.is_relative_to(wd):
-            raise LmforgeError(
-                f"config {config} is outside the working dir {wd} that is shipped to the cluster; move it under {wd} or pass --working-dir"
-            )
-        args += ["-c", str(cfg_path.relative_to(wd))]
-    for o in overrides:
-        args += ["--set", o]
-    entrypoint = "python " + shlex.join(args)
-    client = _job_client(address)
-    runtime_env = job_runtime_env(wd)  # no build outputs, no secrets
-    job_id = _submit_with_retry(client, entrypoint, runtime_env)
-    print(f"submitted job {job_id}: {entrypoint}", flush=True)
-    if not wait:
-        print(f"follow it with: ray job logs --follow {job_id}")
-        return 0
-    _stream_logs(client, job_id)
-    final = _wait_final(client, job_id)
-    info = client.get_job_info(job_id)
-    print(
-        f"job {job_id} {final}"
-        + (f": {info.message}" if final != "SUCCEEDED" and info.message else ""),
-        flush=True,
-    )
-    return 0 if final == "SUCCEEDED" else 1
-
-
-def refuse_relative_runs_dir(runs_dir: str) -> None:
-    """A Ray job runs in a temporary copy of the working dir: a relative runs_dir would write
-    its outputs there, and they vanish with it."""
-    if not storage.is_uri(runs_dir) and not os.path.isabs(os.path.expanduser(runs_dir)):
-        raise ConfigError(
-            f"runs_dir {runs_dir!r} is relative: a submitted job runs in a temporary copy of the "
-            "working dir, so its outputs would vanish with it; give an absolute path on storage "
-            "every Ray node sees, or a URI (e.g. --set runs_dir=/mnt/lmforge/runs)"
-        )
-
-
-def _submit_with_retry(client, entrypoint: str, runtime_env: dict, timeout: float = 180.0) -> str:
-    """Submit, retrying while a just-started head has no job agent yet (as KubeRay's submitter does)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
-        except RuntimeError as e:
-            if "No available agent" not in str(e) or time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)
-
-
-def _job_client(address: str | None):
-    local = LocalCluster.load()
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address and local and local.is_alive():
-        address = local.dashboard_url
-    if not address:
-        raise LmforgeError(
-            "no Ray cluster to submit to: pass --address URL, set RAY_ADDRESS, or start one with `lmforge cluster up`"
-        )
-    if local and address.rstrip("/") == local.dashboard_url:
-        use_token_auth(local.token_path)  # the head `cluster up` started wants its token
-    from ray.job_submission import JobSubmissionClient
-
-    try:
-        return JobSubmissionClient(address)
-    except Exception as e:  # the SDK raises plain RuntimeError/ConnectionError with long texts
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = (
-            "; the cluster wants a token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token)"
-            if "401" in str(e) or "uthenticat" in str(e)
-            else ""
-        )
-        raise LmforgeError(f"cannot reach the Ray cluster at {address}: {first}{hint}") from None
-
-
-def _stream_logs(client, job_id: str) -> None:
-    import asyncio
-
-    async def tail() -> None:
-        async for lines in client.tail_job_logs(job_id):
-            print(lines, end="", flush=True)
-
-    asyncio.run(tail())
-
-
-def _wait_final(client, job_id: str, timeout: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = str(client.get_job_status(job_id).value)
-        if status in ("SUCCEEDED", "FAILED", "STOPPED") or time.monotonic() > deadline:
-            return status
-        time.sleep(0.5)
-
-
-# ---------------------------------------------------------------- command line
-
-
-def cluster_command(argv: list[str], prog: str) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Start, inspect and stop a local Ray head (token auth on, dashboard on 127.0.0.1).",
-    )
-    sub = parser.add_subparsers(dest="action", required=True)
-    p_up = sub.add_parser("up", help="start a local Ray head (no-op if one is running)")
-    p_up.add_argument("--num-cpus", type=float, help="CPUs the head offers (default: all)")
-    p_up.add_argument("--num-gpus", type=float, help="GPUs the head offers (default: all detected)")
-    p_up.add_argument(
-        "--port", type=int, default=DEFAULT_GCS_PORT, help="GCS port (default %(default)s)"
-    )
-    p_up.add_argument(
-        "--dashboard-port",
-        type=int,
-        default=DEFAULT_DASHBOARD_PORT,
-        help="dashboard / jobs API port (default %(default)s)",
-    )
-    p_up.add_argument(
-        "--min-worker-port",
-        type=int,
-        default=DEFAULT_MIN_WORKER_PORT,
-        help="lowest port of worker processes (default %(default)s); --port and --dashboard-port must lie outside the range",
-    )
-    p_up.add_argument(
-        "--max-worker-port",
-        type=int,
-        default=DEFAULT_MAX_WORKER_PORT,
-        help="highest port of worker processes (default %(default)s)",
-    )
-    p_up.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address the head advertises and its dashboard listens on (default %(default)s: "
-        "this machine only); this machine's IP lets workers on other machines join",
-    )
-    p_up.add_argument(
-        "--temp-dir",
-        help="Ray's session and log dir (default: a short path under the system temp dir)",
-    )
-    sub.add_parser("status", help="show the local head's address, dashboard and nodes")
-    sub.add_parser("down", help="stop the local head started by `cluster up`")
-    args = parser.parse_args(argv)
-    if args.action == "up":
-        workers = (args.min_worker_port, args.max_worker_port)
-        up(
-            args.num_cpus,
-            args.num_gpus,
-            args.port,
-            args.dashboard_port,
-            args.temp_dir,
-            workers,
-            args.host,
-        )
-        return 0
-    return status() if args.action == "status" else down()
-
-
-def submit_command(argv: list[str], prog: str) -> int:
-    import argparse
-
-    from lmforge.stage import add_config_arguments
-
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Submit a stage (jobs/<stage>.py) to a Ray cluster as a Ray job, stream its logs, and exit with its status. "
-        "Equivalent to: ray job submit --working-dir . -- python jobs/<stage>.py -c CONFIG",
-    )
-    parser.add_argument("stage", help="stage name, e.g. check")
-    add_config_arguments(parser)
-    parser.add_argument(
-        "--address",
-        help="Ray dashboard URL (default: RAY_ADDRESS, else the `lmforge cluster up` head)",
-    )
-    parser.add_argument(
-        "--working-dir",
-        default=".",
-        help="directory shipped to the cluster (default: .; .venv, runs and .git are left out)",
-    )
-    parser.add_argument(
-        "--no-wait",
-        action="store_true",
-        help="return after submitting instead of following the logs",
-    )
-    args = parser.parse_args(argv)
-    code = submit(
-        args.stage,
-        args.config,
-        args.overrides,
-        args.address,
-        args.working_dir,
-        wait=not args.no_wait,
-    )
-    if code != 0:
-        raise StageFailed(f"the {args.stage} job did not succeed (see its logs above)")
-    return 0

@@ -1,4 +1,4 @@
-"""`lmforge quickstart`: the built-in pipeline, then the trained model served and asked.
+"""The built-in pipeline, then the trained model served and asked (`lmforge quickstart`).
 
 The pipeline (resources/pipelines/quickstart.yaml) runs every stage lmforge has on the
 built-in corpus with a tiny model, on an embedded local Ray. Then the newest model artifact
@@ -9,10 +9,8 @@ commands to serve and query the model yourself.
 
 from __future__ import annotations
 
-import argparse
 from importlib import resources
 
-from lmforge.pipeline import add_run_arguments, run_pipeline
 from lmforge.stage import StageResult
 
 MODEL_NAME = "quickstart"
@@ -53,7 +51,7 @@ def serve_and_ask(artifact: str, port: int, keep_serving: bool) -> dict[str, str
     from openai import OpenAI
     from ray import serve
 
-    from lmforge.cluster import connect, port_or_free
+    from lmforge.cluster.local import connect, port_or_free
     from lmforge.serve.app import application
     from lmforge.serve.config import ServeArgs
 
@@ -105,44 +103,3 @@ def serve_and_ask(artifact: str, port: int, keep_serving: bool) -> dict[str, str
         return answers
     finally:
         serve.shutdown()
-
-
-def quickstart_command(argv: list[str], prog: str) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Run the built-in end-to-end pipeline on an embedded local Ray (no downloads): "
-        "every stage that lmforge has, on the built-in corpus, with a tiny model; then serve the "
-        "model and ask it one completion and one chat question through the openai client.",
-    )
-    parser.add_argument(
-        "--workdir",
-        default="runs/quickstart",
-        help="where every output goes (default: %(default)s)",
-    )
-    add_run_arguments(parser)
-    parser.add_argument(
-        "--no-serve", action="store_true", help="stop after the pipeline, without serving the model"
-    )
-    parser.add_argument(
-        "--keep-serving", action="store_true", help="leave the model served until Ctrl-C"
-    )
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=8000,
-        help="HTTP port to serve on (default %(default)s, or a free one)",
-    )
-    args = parser.parse_args(argv)
-    results = run_pipeline(
-        quickstart_pipeline(), args.overrides, args.workdir, args.address, args.force
-    )
-    for r in results:
-        if r.stage == "finetune":
-            print_before_after(r.output)
-    artifact = newest_artifact(results)
-    if artifact and not args.no_serve:
-        serve_and_ask(artifact, args.port, args.keep_serving)
-    print("\nquickstart outputs:")
-    for r in results:
-        print(f"  {r.stage:<10} {r.output}")
-    return 0

@@ -13,7 +13,7 @@ from lmforge.stage import STAGES, add_config_arguments, get_stage, print_resolve
 
 def reference_markdown() -> str:
     """The config reference of every stage, generated from the field descriptions."""
-    from lmforge.pipeline import PipelineConfig
+    from lmforge.project.pipeline import PipelineConfig
 
     parts = [
         "# Config reference",

@@ -20,7 +20,6 @@ every stage after it.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from dataclasses import dataclass
@@ -196,59 +195,3 @@ def _print_summary(name: str, results: list[StageResult]) -> None:
     print(f"\npipeline '{name}' summary:")
     for r in results:
         print(f"  {r.stage:<{width}}  {r.status:<7}  {r.seconds:7.1f}s  {r.output}")
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="STEP:KEY=VALUE",
-        help="override a value of one step's config, e.g. --set train:optim.lr=3e-4 (repeatable)",
-    )
-    parser.add_argument(
-        "--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)"
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="rerun every step even if its output is complete"
-    )
-
-
-def pipeline_command(argv: list[str], prog: str) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Run a pipeline: its stages in order, skipping those whose output is complete.",
-    )
-    sub = parser.add_subparsers(dest="action", required=True)
-    p_run = sub.add_parser("run", help="run a pipeline YAML")
-    p_run.add_argument("pipeline", help="pipeline YAML (path or URI)")
-    p_run.add_argument("--runs-dir", help="override the pipeline's runs_dir")
-    add_run_arguments(p_run)
-    p_plan = sub.add_parser(
-        "plan", help="resolve every step and print its output path and state, run nothing"
-    )
-    p_plan.add_argument("pipeline")
-    p_plan.add_argument("--runs-dir")
-    p_plan.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="STEP:KEY=VALUE"
-    )
-    args = parser.parse_args(argv)
-    for o in args.overrides:
-        if ":" not in o.split("=", 1)[0]:
-            raise ConfigError(
-                f"bad override {o!r}: pipeline overrides name the step, e.g. --set train:optim.lr=3e-4"
-            )
-    if args.action == "plan":
-        from lmforge import storage
-
-        _, steps = plan(args.pipeline, args.overrides, args.runs_dir)
-        for s in steps:
-            state = "complete" if storage.is_complete(s.output) else "to run"
-            print(f"{s.id:<12} {state:<9} {s.output}")
-        return 0
-    run_pipeline(args.pipeline, args.overrides, args.runs_dir, args.address, args.force)
-    return 0

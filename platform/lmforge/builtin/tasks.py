@@ -1,6 +1,6 @@
 """Built-in tasks that need no download, derived at run time from the built-in corpus.
 
-They are built only from the stdlib modules that `lmforge.eval.heldout.is_held_out` holds out
+They are built only from the stdlib modules that `lmforge.builtin.heldout.is_held_out` holds out
 of `builtin:python-docs` (the data stage skips those documents), read with `ast` as the corpus
 itself is, never imported. The items are sorted, and a seeded sample keeps a spread of modules
 when a limit applies, so the same Python version always gives the same items.
@@ -16,7 +16,7 @@ when a limit applies, so the same Python version always gives the same items.
   with the blank line: byte-level BPE tokenizes a trailing "\n\n" as a token that never precedes
   text in training, and a model prompted with it goes astray.
 - `stdlib-qa`: the same question as `stdlib-docstring-gen`, asked in the chat format the way the
-  built-in SFT data (`builtin:stdlib-sft`, lmforge.finetune.builtin_sft) asks it: the prompt is
+  built-in SFT data (`builtin:stdlib-sft`, lmforge.builtin.sft) asks it: the prompt is
   `chat.render([user: "What does `module.function(args)` do?"], add_generation_prompt=True)`
   (`function_question`), and the assistant's answer is scored with F1 and exact match against
   the docstring's first sentence. The SFT data trains only on the other modules' questions, so
@@ -41,8 +41,7 @@ from importlib import resources
 from typing import Any
 
 from lmforge import ConfigError
-from lmforge.eval.heldout import is_held_out_path, module_of_path
-from lmforge.eval.tasks import TaskSpec
+from lmforge.builtin.heldout import is_held_out_path, module_of_path
 
 SAMPLE_SEED = 20240611
 MAX_ITEMS = 400  # per built-in task, before a task's `limit`
@@ -68,15 +67,6 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
     "stdlib-heldout-text": {"type": "perplexity"},
     "bias-pairs": {"type": "bias_pairs"},
 }
-
-
-def builtin_task(name: str) -> TaskSpec:
-    if name not in BUILTIN_TASKS:
-        raise ConfigError(
-            f"unknown built-in task 'builtin:{name}'; built in: "
-            + ", ".join(f"builtin:{n}" for n in BUILTIN_TASKS)
-        )
-    return TaskSpec(name=name, file=f"builtin:{name}", **BUILTIN_TASKS[name])
 
 
 def builtin_items(name: str) -> list[dict[str, Any]]:
@@ -140,10 +130,10 @@ def _sample(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def heldout_files() -> tuple[str, ...]:
     """The held-out corpus files (stdlib-relative .py paths), sorted. Listed here rather than
     through `python_docs_files()`, which leaves them out of the training corpus."""
-    from lmforge.data import builtin
+    from lmforge.builtin import corpus
 
-    root = builtin.stdlib_dir()
-    skip = getattr(builtin, "_SKIP_DIRS", set())
+    root = corpus.stdlib_dir()
+    skip = corpus._SKIP_DIRS
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in skip)
@@ -156,7 +146,7 @@ def heldout_files() -> tuple[str, ...]:
 
 @lru_cache(maxsize=1)
 def heldout_documents() -> list[dict[str, Any]]:
-    from lmforge.data.builtin import python_docs_records
+    from lmforge.builtin.corpus import python_docs_records
 
     return [{"text": text} for f in heldout_files() for _, text in python_docs_records(f)]
 
@@ -177,7 +167,7 @@ def heldout_functions() -> list[dict[str, Any]]:
 
 def parse_module(relpath: str) -> ast.Module | None:
     """The syntax tree of a stdlib file (stdlib-relative path), or None if it does not parse."""
-    from lmforge.data.builtin import stdlib_dir
+    from lmforge.builtin.corpus import stdlib_dir
 
     try:
         with open(os.path.join(stdlib_dir(), relpath), "rb") as f:

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from lmforge.config import _suggest, discriminator_tags, type_name, unwrap_annotated
+from lmforge.config.schema import discriminator_tags, suggest_key, type_name, unwrap_annotated
 
 # Error types that only say "the input is not of this member's type".
 _MISMATCH_SUFFIX = "_type"
@@ -157,7 +157,7 @@ def _describe(where: Located) -> str:
     head = f"{prefix}: " if prefix else ""
     relative = ".".join(str(p) for p in rest)
     if kind == "extra_forbidden":
-        hint = _suggest(model, relative) if model is not None else ""
+        hint = suggest_key(model, relative) if model is not None else ""
         return f"{head}unknown key '{relative}'{hint}"
     if kind == "missing":
         return f"{head}missing required key '{relative}'"
