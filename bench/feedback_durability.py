@@ -101,7 +101,8 @@ def load(base: str, clients: int, seconds: float) -> tuple[list[float], list[str
 
 
 def measure(durable: bool, clients: int, seconds: float) -> dict:
-    from lmforge.serve.requestlog import RequestLog, read_log
+    from lmforge.serve.logreader import read_log
+    from lmforge.serve.requestlog import RequestLog
 
     log_dir = tempfile.mkdtemp(prefix="lmforge-feedback-bench-")
     server, base = start(log_dir, durable)

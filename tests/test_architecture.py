@@ -57,21 +57,10 @@ DOMAIN_IMPORTS: dict[str, list[str]] = {
 # Edges that break the layering today, each to be removed by the change named with it. The
 # checks ignore exactly these module -> module imports (cycles too); remove a line when its
 # change lands, and never add one for new code.
-TEMPORARY_ALLOWANCES: dict[tuple[str, str], str] = {
-    ("lmforge.stage", "lmforge.model.hf"): (
-        "@serving resolved through model.hf.resolve_artifact: goes when the serving pointer "
-        "moves beside the run references (one artifact module)"
-    ),
-    ("lmforge.train.loop", "lmforge.finetune.config"): (
-        "the loop reads a FinetuneConfig by duck typing: goes with the typed loop contract"
-    ),
-}
+TEMPORARY_ALLOWANCES: dict[tuple[str, str], str] = {}
 
 # Modules over MAX_LINES today, each to be split by the change named with it.
-TEMPORARY_LONG_MODULES: dict[str, str] = {
-    "lmforge.train.loop": "the typed loop contract moves metrics and export out of the loop",
-    "lmforge.serve.openai": "the completion response built once, beside chat's in render.py",
-}
+TEMPORARY_LONG_MODULES: dict[str, str] = {}
 
 
 def module_files() -> dict[str, Path]:

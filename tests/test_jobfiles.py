@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.jobfiles import SECRET_PATTERNS, job_runtime_env, secret_files
+from lmforge.cluster.jobfiles import SECRET_PATTERNS, job_runtime_env, secret_files
 
 REPO = Path(__file__).resolve().parents[1]
 SECRETS = [
@@ -63,6 +63,8 @@ def test_rays_package_of_the_working_dir_holds_no_secret(project, tmp_path_facto
 
 def test_the_image_leaves_out_the_same_secret_files():
     lines = (REPO / ".dockerignore").read_text().splitlines()
-    start = next(i for i, ln in enumerate(lines) if "lmforge.jobfiles.SECRET_PATTERNS" in ln)
+    start = next(
+        i for i, ln in enumerate(lines) if "lmforge.cluster.jobfiles.SECRET_PATTERNS" in ln
+    )
     block = [ln for ln in lines[start:] if ln and not ln.startswith("#")]
     assert block == list(SECRET_PATTERNS)

@@ -1,4 +1,4 @@
-"""Model versions and lineage (model/version.py) and `lmforge models list/show`."""
+"""Model versions and lineage (model/artifact.py) and `lmforge models list/show`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from lmforge import LmforgeError
-from lmforge.model import version as mv
-from lmforge.stage import read_serving_pointer, write_serving_pointer
+from lmforge.model import artifact as mv
+from lmforge.model.artifact import write_serving_pointer
+from lmforge.stage import read_serving_pointer
 
 
 def save_tiny(directory: Path, seed: int = 0, **lineage) -> dict:

@@ -209,23 +209,21 @@ def read_serving_pointer(runs_dir: str) -> dict[str, Any] | None:
     return pointer
 
 
-def write_serving_pointer(runs_dir: str, artifact: str, **extra: Any) -> dict[str, Any]:
-    """Point serving at `artifact` (atomic write); returns the pointer written.
+def store_serving_pointer(
+    runs_dir: str, artifact: str, version: str, **extra: Any
+) -> dict[str, Any]:
+    """Write the serving pointer (atomic): `artifact`, whose weights' version is `version`;
+    returns the pointer written. `lmforge.model.artifact.write_serving_pointer` checks the
+    artifact and reads its version first: call that.
 
-    `version` is read from the artifact unless given; `extra` (e.g. reason="promoted by
-    improve", previous=...) is stored as is. The previous pointer, if any, is kept as
-    `previous` so a rollback can name it.
+    `extra` (e.g. reason="promoted by improve", previous=...) is stored as is. The previous
+    pointer, if any, is kept as `previous` so a rollback can name it.
     """
-    from lmforge.model.artifact import WEIGHTS
-    from lmforge.model.version import now_iso, read_version
-
-    if not storage.exists(storage.join(artifact, WEIGHTS)):
-        raise LmforgeError(f"cannot serve {artifact}: no {WEIGHTS} there (not a model artifact)")
     old = read_serving_pointer(runs_dir)
     pointer: dict[str, Any] = {
         "artifact": as_stored(runs_dir, artifact),
-        "version": extra.pop("version", None) or read_version(artifact)["version"],
-        "updated": now_iso(),
+        "version": version,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if old is not None and "previous" not in extra:
         pointer["previous"] = {
@@ -235,6 +233,18 @@ def write_serving_pointer(runs_dir: str, artifact: str, **extra: Any) -> dict[st
     pointer.update(extra)
     storage.write_json(serving_pointer_path(runs_dir), pointer)
     return read_serving_pointer(runs_dir) or pointer  # the paths as this process opens them
+
+
+def served_artifact_path(runs_dir: str, where: str) -> str:
+    """The artifact the serving pointer under `runs_dir` names; `where` names the reference in
+    the error when nothing is served yet."""
+    pointer = read_serving_pointer(runs_dir)
+    if not pointer:
+        raise ConfigError(
+            f"{where}: nothing is served yet under {runs_dir} (no serving/current.json); "
+            "run `lmforge improve` or give an artifact path"
+        )
+    return pointer["artifact"]
 
 
 def resolve_input_reference(stage: Stage, cfg: StageConfig) -> StageConfig:
@@ -255,9 +265,7 @@ def resolve_input_reference(stage: Stage, cfg: StageConfig) -> StageConfig:
     runs_dir, _, ref = value.rpartition("@")  # `<runs_dir>/@stage/run` names another runs dir
     runs_dir = runs_dir.rstrip("/") or cfg.runs_dir
     if ref == "serving":  # the artifact serving runs now (hashed as its path, so not stale)
-        from lmforge.model.artifact import resolve_artifact
-
-        path = resolve_artifact(storage.join(runs_dir, "@serving"))
+        path = served_artifact_path(runs_dir, value)
     else:
         path = read_run_reference(runs_dir, "@" + ref, where=stage.input_field)
     data = apply_overrides(type(cfg), config_dict(cfg), [f"{stage.input_field}={path}"])

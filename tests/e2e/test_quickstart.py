@@ -127,7 +127,7 @@ def test_quickstart_then_the_newcomer_path_from_another_directory(tmp_path):
 
     # a promotion written from the project dir with relative paths (as `lmforge improve` run
     # there does) still serves from elsewhere
-    code = "from lmforge.stage import write_serving_pointer as w; import sys; w(*sys.argv[1:])"
+    code = "from lmforge.model.artifact import write_serving_pointer as w; import sys; w(*sys.argv[1:])"
     subprocess.run([sys.executable, "-c", code, "runs/quickstart",
                     str(finetuned.relative_to(project))], cwd=project, check=True)  # fmt: skip
     assert served_models(elsewhere, f"{runs}/@serving") == ["lmforge"]

@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 
 from lmforge import LmforgeError
 from lmforge.finetune.config import FinetuneConfig
-from lmforge.model.artifact import load_model
-from lmforge.model.version import read_version
+from lmforge.model.artifact import load_model, read_version
 from lmforge.train.checkpoint import MARKER, complete_checkpoints
 from lmforge.train.loop import run_local
 from tests.numerics import loss_curve_tolerance
@@ -89,7 +88,7 @@ def test_full_fine_tuning_lowers_the_held_out_loss_and_records_lineage(base, sft
 
 def test_the_drift_baseline_is_the_fine_tunes_own_else_its_bases_with_a_note(tmp_path):
     from lmforge.finetune.stage import drift_baseline
-    from lmforge.model.version import write_version
+    from lmforge.model.artifact import write_version
     from lmforge.serve.drift import served_model_info
 
     base, tuned = str(tmp_path / "base"), str(tmp_path / "tuned")

@@ -15,7 +15,7 @@ from lmforge.builtin.sft import builtin_sft_examples
 from lmforge.improve.config import ImproveConfig
 from lmforge.improve.feedback import build_examples, ngram_filter
 from lmforge.model import chat
-from lmforge.model.version import read_version
+from lmforge.model.artifact import read_version
 from lmforge.serve.requestlog import FEEDBACK_SCHEMA, REQUEST_SCHEMA, LogWriter
 from lmforge.stage import read_serving_pointer
 from tests.train.conftest import pretrained_base
@@ -215,8 +215,7 @@ def test_the_served_model_is_current_until_a_pointer_exists(tmp_path):
     from lmforge import ConfigError
     from lmforge.improve.stage import served_artifact
     from lmforge.model import Llama, model_config
-    from lmforge.model.artifact import save_artifact
-    from lmforge.stage import write_serving_pointer
+    from lmforge.model.artifact import save_artifact, write_serving_pointer
 
     runs = tmp_path / "runs"
     for name in ("a", "b"):

@@ -243,9 +243,9 @@ def test_request_log_and_feedback_of_two_router_replicas_are_whole_after_shutdow
     import httpx2
     from ray import serve
 
-    from lmforge.model.version import read_version
+    from lmforge.model.artifact import read_version
     from lmforge.serve.app import build_app
-    from lmforge.serve.requestlog import read_log
+    from lmforge.serve.logreader import read_log
 
     model = {"name": "logged", "artifact": artifact, "resources": {"num_cpus": 0.25}}
     args = ServeArgs(

@@ -13,8 +13,7 @@ from fastapi.testclient import TestClient
 from lmforge import storage
 from lmforge.data.tokenizer import train_bpe
 from lmforge.model import Llama, LlamaConfig
-from lmforge.model.artifact import save_artifact
-from lmforge.model.version import write_version
+from lmforge.model.artifact import save_artifact, write_version
 from lmforge.serve.config import ServeArgs
 from lmforge.serve.drift import prompt_bits_per_byte, served_model_info
 from lmforge.serve.openai import local_app

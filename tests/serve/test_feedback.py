@@ -8,10 +8,10 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from lmforge.model.version import read_version
+from lmforge.model.artifact import read_version
 from lmforge.serve.config import ServeArgs
+from lmforge.serve.logreader import read_log
 from lmforge.serve.openai import local_app
-from lmforge.serve.requestlog import read_log
 
 KEY_ENV = "LMFORGE_TEST_FEEDBACK_KEYS"
 AUTH = {"Authorization": "Bearer sk-fb"}

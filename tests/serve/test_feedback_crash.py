@@ -18,8 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lmforge.serve.config import ServeArgs
+from lmforge.serve.logreader import read_log
 from lmforge.serve.openai import local_app
-from lmforge.serve.requestlog import read_log
 
 
 def free_port() -> int:

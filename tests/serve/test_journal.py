@@ -16,7 +16,8 @@ import pytest
 from lmforge import ConfigError, storage
 from lmforge.serve.command import load_serve_args
 from lmforge.serve.journal import Journal, decode
-from lmforge.serve.requestlog import RequestLog, read_log, spool_dir
+from lmforge.serve.logreader import read_log
+from lmforge.serve.requestlog import RequestLog, spool_dir
 
 # A child that stores feedback from 4 threads, says which rows were acknowledged, then is
 # SIGKILLed by itself: no flush, no atexit. KILL_IN_UNLINK kills it instead inside the first

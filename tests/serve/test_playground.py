@@ -10,10 +10,10 @@ import shutil
 
 import pytest
 
-from lmforge.model.version import read_version
+from lmforge.model.artifact import read_version
 from lmforge.serve.config import ServeArgs
+from lmforge.serve.logreader import read_log
 from lmforge.serve.openai import local_app
-from lmforge.serve.requestlog import read_log
 from tests.serve.conftest import live_server, make_artifact
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -120,7 +120,7 @@ def test_serving_metrics_are_on_rays_metrics_port_with_their_values(ray_local, a
     import httpx2
     from ray import serve
 
-    from lmforge.model.version import read_version
+    from lmforge.model.artifact import read_version
     from lmforge.serve.app import build_app
 
     keys = tmp_path / "keys"

@@ -10,12 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmforge import LmforgeError, storage
+from lmforge.serve.logreader import read_log
 from lmforge.serve.requestlog import (
     FEEDBACK_SCHEMA,
     REQUEST_SCHEMA,
     LogWriter,
     RequestLog,
-    read_log,
     sampled,
     utcnow,
 )

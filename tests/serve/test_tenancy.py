@@ -15,9 +15,9 @@ from lmforge import ConfigError
 from lmforge.model.generate import SamplingParams
 from lmforge.serve.config import ServeArgs, key_id
 from lmforge.serve.engine import Request
+from lmforge.serve.logreader import read_log
 from lmforge.serve.metrics import MetricsMiddleware, ServeMetrics
 from lmforge.serve.openai import local_app
-from lmforge.serve.requestlog import read_log
 from tests.serve.conftest import live_server
 
 MODEL = {"name": "tiny", "artifact": "x"}

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from lmforge import LmforgeError
+from lmforge.cluster.jobfiles import job_runtime_env
 from lmforge.cluster.local import LocalCluster, use_token_auth
 from lmforge.config import load_config
-from lmforge.jobfiles import job_runtime_env
 from lmforge.stage import get_stage, refuse_relative_runs_dir
 
 

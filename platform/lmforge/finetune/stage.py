@@ -8,7 +8,7 @@
    accumulation, schedules, sharded checkpoints and automatic resume; the model starts from the
    base weights, LoRA adapters (when enabled) are the only trained and checkpointed weights.
 4. The artifact `<run>/model/` is a plain model (adapters merged), with lineage pointing at the
-   base (model/version.py), ready for eval, export and serving.
+   base (model/artifact.py), ready for eval, export and serving.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
 def drift_baseline(artifact: str, base: str) -> dict[str, Any]:
     """Give the fine-tuned artifact a `val_bpb` (serving's drift baseline) and say where it
     comes from: its own val split's target tokens (the trainer's), else its base's."""
-    from lmforge.model.version import read_version, write_version
+    from lmforge.model.artifact import read_version, write_version
 
     record = read_version(artifact)
     if isinstance(record.get("val_bpb"), int | float):

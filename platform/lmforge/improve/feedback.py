@@ -33,7 +33,8 @@ def read_with_ray(root: str, kind: str, since: dt.datetime | None, until: dt.dat
     """Rows of one kind with since <= time < until, read by Ray Data (one task per file)."""
     import ray.data
 
-    from lmforge.serve.requestlog import SCHEMAS, TIME, conform, log_files
+    from lmforge.serve.logreader import conform, log_files
+    from lmforge.serve.requestlog import SCHEMAS, TIME
 
     schema = SCHEMAS[kind]
     files = log_files(root, kind, since)

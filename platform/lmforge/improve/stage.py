@@ -76,9 +76,8 @@ def record(output: str, run_dir: str, history: list[dict], decision: dict[str, A
 
 def run(cfg: ImproveConfig, ctx: StageContext) -> dict[str, Any]:
     from lmforge.improve import feedback as fb
-    from lmforge.model.version import read_version
+    from lmforge.model.artifact import read_version, write_serving_pointer
     from lmforge.monitor.stats import parse_since
-    from lmforge.stage import write_serving_pointer
 
     current, adopted = served_artifact(cfg)  # checked by validate before Ray started
     if adopted:
@@ -285,8 +284,7 @@ def promote_candidate(
     """Point serving at the candidate: lineage gets the gate's report; pointer and serve config."""
     import yaml
 
-    from lmforge.model.version import read_version, write_version
-    from lmforge.stage import write_serving_pointer
+    from lmforge.model.artifact import read_version, write_serving_pointer, write_version
 
     record_ = read_version(candidate)
     record_["eval_report"] = report

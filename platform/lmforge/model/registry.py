@@ -4,7 +4,7 @@ An artifact is any `<runs_dir>/.../model/` directory with a `config.json` (so a 
 artifacts appear with no code change): `<runs_dir>/train/<run>/model`, the improvement loop's
 `<runs_dir>/improve/<run>/model`, ... It is listed when its run is complete (`_SUCCESS` next to
 `model/`) or it has its `version.json` (written last by save_artifact). For each: its version
-and lineage (model/version.py), the eval runs that scored it, and whether serving points at it
+and lineage (model/artifact.py), the eval runs that scored it, and whether serving points at it
 (`<runs_dir>/serving/current.json`).
 """
 
@@ -14,8 +14,7 @@ import os
 from typing import Any
 
 from lmforge import LmforgeError, storage
-from lmforge.model.artifact import CONFIG, VERSION_FILE
-from lmforge.model.version import read_version
+from lmforge.model.artifact import CONFIG, VERSION_FILE, read_version
 from lmforge.stage import read_serving_pointer
 
 # Metrics shown in the eval summary, the first one a task has (else its first metric).

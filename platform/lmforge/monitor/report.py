@@ -37,7 +37,7 @@ class Block:
 
 def load_logs(path: str, since: dt.datetime | None) -> tuple[pa.Table, pa.Table]:
     """The request and feedback rows under a log path (at or after `since`)."""
-    from lmforge.serve.requestlog import read_log
+    from lmforge.serve.logreader import read_log
 
     if not storage.is_dir(path):
         raise LmforgeError(

@@ -37,7 +37,7 @@ class ServedModelInfo:
 def served_model_info(directory: str, val_bpb: float | None = None) -> ServedModelInfo:
     """Version and validation bpb of an artifact dir: `val_bpb` (a config override) first,
     then the lineage in version.json, then the run's `train_summary.json` (`<artifact>/..`)."""
-    from lmforge.model.version import read_version
+    from lmforge.model.artifact import read_version
 
     lineage = read_version(directory)
     if val_bpb is None and isinstance(lineage.get("val_bpb"), int | float):

@@ -6,8 +6,7 @@ import hashlib
 from typing import Any
 
 from lmforge import storage
-from lmforge.model.artifact import save_artifact
-from lmforge.model.version import read_version
+from lmforge.model.artifact import read_version, save_artifact
 from lmforge.train.checkpoint import full_model_state
 from lmforge.train.run import Run, WorkerEnv
 
@@ -36,7 +35,7 @@ def export_model(model, run: Run, env: WorkerEnv, last: dict[str, Any]) -> None:
 
 
 def lineage(run: Run, last: dict[str, Any]) -> dict[str, Any]:
-    """Where the artifact comes from (model/version.py): parent, data, config, run, val score."""
+    """Where the artifact comes from (model/artifact.py): parent, data, config, run, val score."""
     spec = run.spec
     manifest = storage.read_bytes(storage.join(spec.data_dir, "manifest.json"))
     return {

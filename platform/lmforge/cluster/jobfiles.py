@@ -77,7 +77,7 @@ def job_runtime_env(working_dir: str | os.PathLike) -> dict:
             f" and {len(left_out) - 10} more" if len(left_out) > 10 else ""
         )
         print(
-            f"left out of the job package (they hold credentials; lmforge.jobfiles): {shown}",
+            f"left out of the job package (they hold credentials; lmforge.cluster.jobfiles): {shown}",
             flush=True,
         )
     return {"working_dir": str(working_dir), "excludes": [*BUILD_PATTERNS, *SECRET_PATTERNS]}
