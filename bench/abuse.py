@@ -1,17 +1,18 @@
 """Serving under abuse: the attacks of one client with a valid API key, one after another
-against a live `lmforge serve --no-ray`, while a normal client keeps asking.
+against a live `lmforge serve --no-ray`, while a normal client with its own key keeps asking.
 
     .venv/bin/python bench/abuse.py [--quick] [--model ARTIFACT_DIR] [--port 8732]
         [--body-timeout 10] [--only NAME ...]
 
 The server runs with its default limits (but `limits.body_timeout_s`, --body-timeout, so that
-the slow-upload attack ends within the run) and one API key. During each attack a prober sends
-a 4-token completion and a GET /health every 0.25 s. For each attack this prints: the attack's
-own responses by status (or connection errors), the 5xx count (attack and probes), the slowest
-normal completion and /health during the attack (a probe still waiting when the attack ends
-counts with its time so far), a normal completion right after the attack (must be 200 within
-2 s), and the server process's RSS (the router: with --no-ray it is one process) before and
-after. Without --model a random-init model (dim 64, 512-token context) with a small BPE is built
+the slow-upload attack ends within the run) and two API keys: the attacker's and a normal
+client's. During each attack a prober, with the normal key, sends a 4-token completion and a
+GET /health every 0.25 s. For each attack this prints: the attack's own responses by status (or
+connection errors), the prober's completions by status (all 200 when one key's abuse leaves the
+others served), the 5xx count (attack and probes), the slowest normal completion and /health
+during the attack (a probe still waiting when the attack ends counts with its time so far), a
+normal completion right after the attack (must be 200 within 2 s), and the server process's
+RSS (the router: with --no-ray it is one process) before and after. Without --model a random-init model (dim 64, 512-token context) with a small BPE is built
 in a temp dir. Writes bench/results/abuse.json. The run is bounded: every attack has a deadline
 (about 3 minutes in all; --quick: smaller attacks, under a minute).
 """
@@ -33,8 +34,10 @@ from pathlib import Path
 import httpx2
 
 RESULTS = Path(__file__).parent / "results" / "abuse.json"
-KEY = "sk-bench-abuse"
+KEY = "sk-bench-abuse"  # the attacker's
 AUTH = {"Authorization": f"Bearer {KEY}"}
+NORMAL_KEY = "sk-bench-normal"  # the prober's, and the request right after each attack
+NORMAL_AUTH = {"Authorization": f"Bearer {NORMAL_KEY}"}
 MODEL = "bench"
 NORMAL = {"model": MODEL, "prompt": "hello world", "max_tokens": 4, "temperature": 0}
 
@@ -66,7 +69,7 @@ def start_server(model: str, port: int, body_timeout: float) -> subprocess.Popen
     cmd = [str(Path(sys.executable).parent / "lmforge"), "serve", "--model", model, "--no-ray"]
     cmd += ["--port", str(port), "--name", MODEL, "--device", "cpu", "--torch-threads", "1"]
     cmd += ["--set", f"limits.body_timeout_s={body_timeout}"]
-    env = {**os.environ, "LMFORGE_API_KEYS": KEY}
+    env = {**os.environ, "LMFORGE_API_KEYS": f"{KEY},{NORMAL_KEY}"}
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -124,7 +127,7 @@ class Prober:
 
     def _loop(self, name: str) -> None:
         out = getattr(self, name)
-        with httpx2.Client(base_url=self.url, headers=AUTH, timeout=180) as http:
+        with httpx2.Client(base_url=self.url, headers=NORMAL_AUTH, timeout=180) as http:
             while not self._stop.is_set():
                 start = time.monotonic()
                 self.pending[name] = start
@@ -359,7 +362,7 @@ async def measure(url: str, pid: int, attack, deadline_s: float) -> dict:
     took = time.monotonic() - start
     slowest = {n: prober.slowest(n) for n in ("completions", "health")}
     prober.stop()
-    async with httpx2.AsyncClient(base_url=url, headers=AUTH, timeout=30) as http:
+    async with httpx2.AsyncClient(base_url=url, headers=NORMAL_AUTH, timeout=30) as http:
         t = time.monotonic()
         after = await http.post("/v1/completions", json=NORMAL)
         after_s = time.monotonic() - t
@@ -412,7 +415,7 @@ def main() -> None:
                     f"  /health {r['slowest_health_s']:6.2f} s  after {r['after_status']} in "
                     f"{r['after_s']:.2f} s (/health {r['after_health']})  RSS "
                     f"{r['rss_before_mib']:.0f} -> {r['rss_after_mib']:.0f} MiB  attack "
-                    f"{r['attack_statuses']} in {r['attack_seconds']:.1f} s  normal "
+                    f"{r['attack_statuses']} in {r['attack_seconds']:.1f} s  prober "
                     f"{r['normal_statuses']}",
                     flush=True,
                 )

@@ -59,8 +59,8 @@ def raw(url: str, head: str, body: bytes = b"") -> socket.socket:
     return sock
 
 
-def post_head(path: str, length: int | None) -> str:
-    lines = [f"POST {path} HTTP/1.1", "Host: x", f"Authorization: Bearer {KEY}"]
+def post_head(path: str, length: int | None, key: str = KEY) -> str:
+    lines = [f"POST {path} HTTP/1.1", "Host: x", f"Authorization: Bearer {key}"]
     lines += ["Content-Type: application/json"]
     lines += [f"Content-Length: {length}"] if length is not None else ["Transfer-Encoding: chunked"]
     return "\n".join(lines) + "\n"
@@ -312,3 +312,38 @@ def test_slow_uploads_do_not_stall_health_and_are_refused_past_the_limit(served)
     assert statuses == [408] * 8 + [429] * 8
     assert app.state.receiving == 0 and app.state.inflight == 0
     assert_serving(url)
+
+
+def test_one_keys_slow_uploads_hold_only_its_own_slots(artifact, monkeypatch):
+    """A key trickling more uploads than its per-key cap holds only that many slots: the rest
+    get 429 at once, before their body, naming the key's limit; the same key's normal request
+    is refused too, while another key's normal request is served; nothing stays counted."""
+    other = {"Authorization": "Bearer sk-other"}
+    monkeypatch.setenv("LMFORGE_TEST_ABUSE_KEYS", f"{KEY},sk-other")
+    app = make_app(artifact, body_timeout_s=3.0, key_max_concurrent_requests=4)
+    with live_server(app) as url:
+        socks = [raw(url, post_head("/v1/completions", 60_000), b"{") for _ in range(10)]
+        try:
+            deadline = time.monotonic() + 2
+            while app.state.receiving < 4 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert app.state.receiving == 4  # 8 replica slots, 4 for the key
+            with httpx2.Client(base_url=url, timeout=2) as http:
+                served = http.post("/v1/completions", json=NORMAL, headers=other)
+                assert served.status_code == 200, served.text
+                assert served.json()["usage"]["completion_tokens"] == 4
+                refused = http.post("/v1/completions", json=NORMAL, headers=AUTH)
+                assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+                assert "with this API key (limit 4" in refused.json()["error"]["message"]
+            assert app.state.receiving == 4  # the uploads were still held meanwhile
+            answers = [status_of(s) for s in socks]
+        finally:
+            for s in socks:
+                s.close()
+        assert sorted(status for status, _ in answers) == [408] * 4 + [429] * 6
+        for status, data in answers:
+            if status == 429:
+                assert b"with this API key (limit 4" in data and b"retry-after: 1" in data.lower()
+        assert app.state.receiving == 0 and app.state.inflight == 0
+        assert app.state.quotas.inflight == {}
+        assert_serving(url)

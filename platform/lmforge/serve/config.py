@@ -123,8 +123,9 @@ class LimitsConfig(StrictModel):
     key_max_concurrent_requests: int | None = Field(
         16,
         ge=1,
-        description="requests in flight per API key per API replica; beyond it 429 + Retry-After "
-        "(None: only max_concurrent_requests)",
+        description="requests in flight per API key per API replica, counted from before the "
+        "body is read (slow uploads count) to the end of the response; beyond it 429 + "
+        "Retry-After for that key only (None: only max_concurrent_requests)",
     )
     key_tokens_per_minute: int | None = Field(
         None,

@@ -4,8 +4,11 @@ room for it among the requests in flight.
 The body is read here, whole, before the app runs: a declared Content-Length over the limit is
 refused (413) before a byte of it is read, a chunked body as soon as it grows past the limit,
 and a body still incomplete after `body_timeout_s` (a client trickling its upload) gets 408.
-The concurrency check (429) comes before the body too, and requests still uploading count
-against it, so slow uploads cannot queue up in front of the generation routes and `/health`.
+The concurrency checks (429) come before the body too, and requests still uploading count
+against them, so slow uploads cannot queue up in front of the generation routes and `/health`:
+the replica's `max_concurrent_requests`, and the API key's `key_max_concurrent_requests` (the
+key's id is in the scope: the auth middleware runs first), which the intake holds from here to
+the end of the response, so one key's uploads cannot take the other keys' slots.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import time
 
 from fastapi.responses import JSONResponse
 
+from lmforge.serve.config import ANONYMOUS
+from lmforge.serve.middleware import KEY_ID
 from lmforge.serve.protocol import APIError
 from lmforge.serve.streams import overloaded
 
@@ -24,7 +29,8 @@ _BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 class IntakeMiddleware:
     """Body size and read-time limits, and admission before the body (`state`: the app's
-    state, with `limits`, `inflight` (generating requests) and `receiving` (uploading))."""
+    state, with `limits`, `inflight` (generating requests), `receiving` (uploading) and
+    `quotas` (each key's requests in flight, counted here))."""
 
     def __init__(self, app, state) -> None:
         self.app, self.state = app, state
@@ -47,16 +53,28 @@ class IntakeMiddleware:
                 return await _answer(error, scope, receive, send)
             if declared > limits.max_body_bytes:
                 return await _answer(_too_large(declared, limits), scope, receive, send)
-        if state.inflight + state.receiving >= limits.max_concurrent_requests:
-            error = overloaded(
-                429,
-                f"too many concurrent requests (limit {limits.max_concurrent_requests})",
-                limits,
-            )
-            return await _answer(error, scope, receive, send)
+        key = scope.get(KEY_ID) or ANONYMOUS
+        try:
+            state.quotas.enter(key)
+        except APIError as e:
+            return await _answer(e, scope, receive, send)
+        try:
+            if state.inflight + state.receiving >= limits.max_concurrent_requests:
+                error = overloaded(
+                    429,
+                    f"too many concurrent requests (limit {limits.max_concurrent_requests})",
+                    limits,
+                )
+                return await _answer(error, scope, receive, send)
+            await self._receive_and_run(scope, receive, send)
+        finally:
+            state.quotas.leave(key)
+
+    async def _receive_and_run(self, scope, receive, send) -> None:
+        state = self.state
         state.receiving += 1
         try:
-            body = await self._read_body(receive, limits)
+            body = await self._read_body(receive, state.limits)
         except APIError as e:
             return await _answer(e, scope, None, send)
         finally:

@@ -38,46 +38,55 @@ class TokenBucket:
 
 
 class KeyQuotas:
-    """Each key's requests in flight and token bucket (LimitsConfig.key_*)."""
+    """Each key's requests in flight (held by the intake from admission, before the body is
+    read, to the end of the response) and token bucket (LimitsConfig.key_*)."""
 
     def __init__(self, limits: LimitsConfig) -> None:
         self.limits = limits
         self.inflight: dict[str, int] = {}
         self.buckets: dict[str, TokenBucket] = {}
 
-    def acquire(self, key: str, tokens: int) -> None:
-        """Admit a request of `key` that may use `tokens` (prompts plus every sequence's
-        max_tokens), or raise 429 with the Retry-After that would admit it."""
-        limits, per_key = self.limits, self.limits.key_max_concurrent_requests
+    def enter(self, key: str) -> None:
+        """Count one more request of `key` in flight, or raise 429 when it holds its limit."""
+        per_key = self.limits.key_max_concurrent_requests
         if per_key is not None and self.inflight.get(key, 0) >= per_key:
             raise rate_limited(
-                f"too many concurrent requests with this API key (limit {per_key})",
-                limits.retry_after_s,
+                f"too many concurrent requests with this API key (limit {per_key}); requests "
+                "still sending their body count: retry when one ends, or raise "
+                "limits.key_max_concurrent_requests",
+                self.limits.retry_after_s,
             )
-        rate = limits.key_tokens_per_minute
-        if rate is not None:
-            if tokens > rate:
-                raise APIError(
-                    400,
-                    f"this request may use {tokens} tokens (prompts + n x max_tokens); the "
-                    f"quota of an API key is {rate} tokens per minute: lower max_tokens or n",
-                    param="max_tokens",
-                    code="quota_exceeded",
-                )
-            bucket = self.buckets.setdefault(key, TokenBucket(rate))
-            wait = bucket.take(tokens)
-            if wait:
-                raise rate_limited(
-                    f"the token quota of this API key ({rate} per minute) is used up; this "
-                    f"request needs {tokens}",
-                    max(limits.retry_after_s, math.ceil(wait)),
-                )
         self.inflight[key] = self.inflight.get(key, 0) + 1
 
-    def release(self, key: str, unused_tokens: int) -> None:
+    def leave(self, key: str) -> None:
         self.inflight[key] -= 1
         if not self.inflight[key]:
             del self.inflight[key]
+
+    def take(self, key: str, tokens: int) -> None:
+        """Take `tokens` (prompts plus every sequence's max_tokens) from the key's rate, or
+        raise 429 with the Retry-After that would admit them."""
+        rate = self.limits.key_tokens_per_minute
+        if rate is None:
+            return
+        if tokens > rate:
+            raise APIError(
+                400,
+                f"this request may use {tokens} tokens (prompts + n x max_tokens); the "
+                f"quota of an API key is {rate} tokens per minute: lower max_tokens or n",
+                param="max_tokens",
+                code="quota_exceeded",
+            )
+        bucket = self.buckets.setdefault(key, TokenBucket(rate))
+        wait = bucket.take(tokens)
+        if wait:
+            raise rate_limited(
+                f"the token quota of this API key ({rate} per minute) is used up; this "
+                f"request needs {tokens}",
+                max(self.limits.retry_after_s, math.ceil(wait)),
+            )
+
+    def give_back(self, key: str, unused_tokens: int) -> None:
         if unused_tokens > 0 and key in self.buckets:
             self.buckets[key].give_back(unused_tokens)
 

@@ -53,9 +53,10 @@ class LocalBackend:
 
 
 class Slot:
-    """One of the replica's `max_concurrent_requests`, and of its key's quotas: 429 +
-    Retry-After when none is free. `reserved` tokens are taken from the key's rate when it is
-    taken; what the request did not use (`used`) is given back when it is released."""
+    """One of the replica's `max_concurrent_requests` generating requests: 429 + Retry-After
+    when none is free. `reserved` tokens are taken from the key's rate when it is taken; what
+    the request did not use (`used`) is given back when it is released. (The key's requests
+    in flight are counted by the intake, which holds them from before the body is read.)"""
 
     def __init__(self, state, key: str = ANONYMOUS, reserved: int = 0) -> None:
         if state.inflight >= state.limits.max_concurrent_requests:
@@ -64,7 +65,7 @@ class Slot:
                 f"too many concurrent requests (limit {state.limits.max_concurrent_requests})",
                 state.limits,
             )
-        state.quotas.acquire(key, reserved)
+        state.quotas.take(key, reserved)
         self.state, self.held = state, True
         self.key, self.reserved, self.used = key, reserved, 0
         state.inflight += 1
@@ -73,7 +74,7 @@ class Slot:
         if self.held:
             self.held = False
             self.state.inflight -= 1
-            self.state.quotas.release(self.key, self.reserved - self.used)
+            self.state.quotas.give_back(self.key, self.reserved - self.used)
 
 
 # ---------------------------------------------------------------- one choice, with limits
