@@ -32,6 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx2
+from serving import start_and_wait
 
 RESULTS = Path(__file__).parent / "results" / "abuse.json"
 KEY = "sk-bench-abuse"  # the attacker's
@@ -70,19 +71,7 @@ def start_server(model: str, port: int, body_timeout: float) -> subprocess.Popen
     cmd += ["--port", str(port), "--name", MODEL, "--device", "cpu", "--torch-threads", "1"]
     cmd += ["--set", f"limits.body_timeout_s={body_timeout}"]
     env = {**os.environ, "LMFORGE_API_KEYS": f"{KEY},{NORMAL_KEY}"}
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return server
-        except httpx2.HTTPError:
-            pass
-        if server.poll() is not None:
-            raise RuntimeError(f"server exited with {server.returncode}: {' '.join(cmd)}")
-        time.sleep(0.5)
-    server.terminate()
-    raise RuntimeError("server did not become healthy in 180 s")
+    return start_and_wait(cmd, env, f"http://127.0.0.1:{port}/health")
 
 
 def rss_mib(pid: int) -> float:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import httpx2
+from serving import start_and_wait
 
 RESULTS = Path(__file__).parent / "results" / "serve_load.json"
 PROMPT = "Ray Serve runs each model in replicas; the engine decodes every running request"
@@ -65,19 +66,7 @@ def start_server(
     if not ray:
         cmd.append("--no-ray")
     env = {**os.environ, "LMFORGE_API_KEYS": ""}
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx2.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
-                return server
-        except httpx2.HTTPError:
-            pass
-        if server.poll() is not None:
-            raise RuntimeError(f"server exited with {server.returncode}: {' '.join(cmd)}")
-        time.sleep(0.5)
-    server.terminate()
-    raise RuntimeError("server did not become healthy in 180 s")
+    return start_and_wait(cmd, env, f"http://127.0.0.1:{port}/v1/models")
 
 
 async def one_request(http: httpx2.AsyncClient, max_tokens: int) -> tuple[float, float, int]:
