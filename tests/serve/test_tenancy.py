@@ -295,8 +295,10 @@ def test_per_key_concurrency_is_429_for_that_key_only(artifact, monkeypatch):
 def test_the_token_quota_is_429_with_the_retry_after_that_frees_enough(artifact, monkeypatch):
     monkeypatch.setenv("LMFORGE_TEST_QUOTA_KEYS", "sk-a,sk-b")
     app = quota_app(artifact, key_tokens_per_minute=120)
+    now = [1000.0]  # the buckets' clock: no refill between requests, however slow they run
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 50}
     with TestClient(app) as client:
+        app.state.quotas.clock = lambda: now[0]
         ok = client.post("/v1/completions", json=body, headers=auth("sk-a"))
         assert ok.status_code == 200
         used = ok.json()["usage"]["total_tokens"]
@@ -309,6 +311,8 @@ def test_the_token_quota_is_429_with_the_retry_after_that_frees_enough(artifact,
         retry = int(third.headers["retry-after"])
         assert 1 <= retry <= 60  # 2 tokens a second refill
         assert "token quota of this API key (120 per minute)" in third.json()["error"]["message"]
+        now[0] += retry  # the Retry-After it gave is enough
+        assert client.post("/v1/completions", json=body, headers=auth("sk-a")).status_code == 200
         assert client.post("/v1/completions", json=body, headers=auth("sk-b")).status_code == 200
         huge = {**body, "max_tokens": 100, "n": 2}
         too_big = client.post("/v1/completions", json=huge, headers=auth("sk-b"))

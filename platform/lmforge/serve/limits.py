@@ -6,20 +6,23 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 from lmforge.serve.config import LimitsConfig
 from lmforge.serve.protocol import APIError
 
 
 class TokenBucket:
-    """`per_minute` tokens a minute, with a burst of one minute's worth."""
+    """`per_minute` tokens a minute, with a burst of one minute's worth; `clock` gives the
+    time in seconds (monotonic)."""
 
-    def __init__(self, per_minute: int) -> None:
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate, self.capacity = per_minute / 60.0, float(per_minute)
-        self.level, self.time = self.capacity, time.monotonic()
+        self.clock = clock
+        self.level, self.time = self.capacity, clock()
 
     def _refill(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         self.level = min(self.capacity, self.level + (now - self.time) * self.rate)
         self.time = now
 
@@ -41,8 +44,8 @@ class KeyQuotas:
     """Each key's requests in flight (held by the intake from admission, before the body is
     read, to the end of the response) and token bucket (LimitsConfig.key_*)."""
 
-    def __init__(self, limits: LimitsConfig) -> None:
-        self.limits = limits
+    def __init__(self, limits: LimitsConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits, self.clock = limits, clock
         self.inflight: dict[str, int] = {}
         self.buckets: dict[str, TokenBucket] = {}
 
@@ -77,7 +80,7 @@ class KeyQuotas:
                 param="max_tokens",
                 code="quota_exceeded",
             )
-        bucket = self.buckets.setdefault(key, TokenBucket(rate))
+        bucket = self.buckets.setdefault(key, TokenBucket(rate, self.clock))
         wait = bucket.take(tokens)
         if wait:
             raise rate_limited(
