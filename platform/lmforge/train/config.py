@@ -180,6 +180,10 @@ class ParallelConfig(StrictModel):
         None,
         description="Build on the meta device and materialise sharded (no full copy on any worker). None: for models over 500M parameters.",
     )
+    grad_reduce: Literal["every_micro_batch", "last_micro_batch"] = Field(
+        "every_micro_batch",
+        description="When FSDP2 reduce-scatters gradients under accumulation. every_micro_batch: each micro-batch (only the gradient shard is kept; more communication). last_micro_batch: once per step (less communication, but each worker holds a full unsharded fp32 gradient, 4 bytes per parameter, which `lmforge plan` counts).",
+    )
 
 
 class ResourcesConfig(StrictModel):
