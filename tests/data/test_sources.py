@@ -229,3 +229,17 @@ def test_html_and_warc_main_text(tmp_path):
     rows = read_all(SourceConfig(path=str(tmp_path / "crawl.warc.gz"))).to_pylist()
     assert [(r["line"], r["reject"]) for r in rows] == [(2, ""), (4, "no_main_text")]
     assert rows[0]["text"].startswith("River levels rise")
+
+
+def test_a_whole_file_document_over_the_limit_is_a_snippet_rejected_not_read(tmp_path):
+    (tmp_path / "big.txt").write_bytes(b"a" * 5000)
+    (tmp_path / "big.html").write_bytes(b"<p>" + b"b" * 5000 + b"</p>")
+    (tmp_path / "ok.txt").write_bytes(b"small")
+    rows = []
+    for name in ("big.txt", "big.html", "ok.txt"):
+        src = SourceConfig(path=str(tmp_path / name))
+        items = [item for files in resolve_sources([src]) for item in files]
+        rows += [r for t in read_file(src, items[0], 1000, 4) for r in t.to_pylist()]
+    assert [r["reject"] for r in rows] == ["record_too_large", "record_too_large", ""]
+    assert [len(r["text"]) <= 200 for r in rows[:2]] == [True, True]
+    assert rows[2]["text"] == "small" and rows[2]["line"] == 1

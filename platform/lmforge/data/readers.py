@@ -187,12 +187,7 @@ def _txt_records(src, item, limit) -> Iterator[tuple[int, str, str]]:
                 yield n, text, "record_too_large" if too_large else bad
         return
     if src.txt_mode == "file":
-        with _open(item["path"]) as f:
-            raw = f.read(limit + 1)
-        if len(raw) > limit:
-            yield 1, _decode(raw[:SNIPPET_CHARS])[0], "record_too_large"
-        else:
-            yield 1, *_decode(raw)
+        yield _whole_file(item["path"], limit, _decode)
         return
     para: list[str] = []
     start, bad, size = 0, "", 0
@@ -300,12 +295,17 @@ def _main_text(html: bytes) -> tuple[str, str]:
 
 
 def _html_records(src, item, limit) -> Iterator[tuple[int, str, str]]:
-    with _open(item["path"]) as f:
+    yield _whole_file(item["path"], limit, _main_text)
+
+
+def _whole_file(path: str, limit: int, to_text) -> tuple[int, str, str]:
+    """A file that is one document: (1, to_text(bytes)...), or a snippet and `record_too_large`
+    when it is over `limit` bytes (read no further than limit + 1 to know)."""
+    with _open(path) as f:
         raw = f.read(limit + 1)
     if len(raw) > limit:
-        yield 1, _decode(raw[:SNIPPET_CHARS])[0], "record_too_large"
-    else:
-        yield 1, *_main_text(raw)
+        return 1, _decode(raw[:SNIPPET_CHARS])[0], "record_too_large"
+    return 1, *to_text(raw)
 
 
 def _warc_records(src, item, limit) -> Iterator[tuple[int, str, str]]:
