@@ -12,7 +12,7 @@ import yaml
 from lmforge.config import config_dict, load_config
 from lmforge.finetune.config import FinetuneConfig
 from lmforge.finetune.config import scaffold as finetune_scaffold
-from lmforge.model import PRESETS, Llama
+from lmforge.model import PRESETS, Llama, num_params
 from lmforge.model.lora import apply_lora
 from lmforge.project.plan import (
     GIB,
@@ -189,3 +189,27 @@ def test_gpu_scaffold_layouts_need_no_accumulation_remainder():
         assert cfg.train.global_batch_tokens % per_step == 0
         ft = FinetuneConfig.model_validate(finetune_scaffold(preset))
         assert ft.train.global_batch_tokens == 2 * per_step
+
+
+def test_plan_command_plans_a_fine_tuning_config_on_its_base(cli, tmp_path):
+    code, out, err = cli("plan", "-c", REPO / "jobs/configs/finetune.yaml", "--json")
+    assert code == 2 and "--base-preset" in err  # @train/base is not there yet
+    code, out, err = cli(
+        "plan", "-c", REPO / "jobs/configs/finetune.yaml", "--base-preset", "1b", "--json"
+    )
+    assert code == 0, err
+    plan = yaml.safe_load(out)
+    assert plan["params"] == num_params(PRESETS["1b"]) and plan["seq_len"] == 2048
+    adapters = lora_training(PRESETS["1b"], 16, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    assert plan["memory_gib"]["grads"] * GIB == pytest.approx(4 * adapters.params / 8)  # LoRA
+    assert not [w for w in plan["warnings"] if "will not fit" in w or "undertrained" in w]
+    # a base artifact that exists: its own architecture
+    from lmforge.model.artifact import save_artifact
+
+    arch = dataclasses.replace(PRESETS["debug"], vocab_size=300)
+    save_artifact(str(tmp_path / "base"), Llama(arch).state_dict(), arch, tokenizer_json="{}")
+    config = tmp_path / "ft.yaml"
+    config.write_text(f"base: {tmp_path / 'base'}\ndata: {{seq_len: 64}}\n")
+    code, out, err = cli("plan", "-c", config, "--json")
+    assert code == 0, err
+    assert yaml.safe_load(out)["params"] == num_params(arch)
