@@ -166,3 +166,21 @@ def test_scoring_waits_for_an_idle_engine_and_gives_up_when_it_never_is(model_an
         assert clock.sleeps == 3 and calls == [1] and scorer.refused["busy"] == 1
     finally:
         hook.remove()
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_engine_dtype_scores_within_bf16_rounding_of_fp32(model_and_tokenizer):
+    """What a serving replica runs: the engine's model in bf16 on CUDA."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model, tok = model_and_tokenizer
+    ids = tok.encode(text(random.Random(7), 20), add_special_tokens=False).ids[:63]
+    want, size = reference_bits(model, tok, ids)
+    gpu = Llama(model.cfg).eval()
+    gpu.load_state_dict(model.state_dict())
+    gpu = gpu.to("cuda", torch.bfloat16)  # as load_engine does
+    got = bits_per_byte(gpu, tok, ids)
+    one = tolerance(torch.bfloat16, **model_terms(model.cfg, len(ids)), magnitude=size)
+    one += tolerance(torch.float32, terms=model.cfg.vocab_size, magnitude=size)
+    n_bytes = len(tok.decode(ids, skip_special_tokens=False).encode())
+    assert abs(got - want) <= len(ids) * one / math.log(2) / n_bytes
