@@ -75,6 +75,34 @@ def test_lora_state_terms_equal_the_adapters_and_their_adamw_state():
     assert mem["params"] * GIB == params - _bytes(adapters)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activations_bound_what_autograd_saves_in_the_forward(dtype):
+    """Every tensor the forward keeps for backward (parameters aside), counted once per
+    storage, against the plan's activation term without checkpointing: an upper bound, and
+    a tight one (bf16 is the looser: the RMSNorms' fp32 copies are counted at their widest)."""
+    arch = dataclasses.replace(PRESETS["tiny"], vocab_size=512)
+    torch.manual_seed(0)
+    model = Llama(arch).to(dtype)
+    b, T = 2, 128
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(torch.randint(0, arch.vocab_size, (b, T)))
+    # the head's output is the logits term, not an activation
+    saved.pop(logits.untyped_storage().data_ptr(), None)
+    p = torch.finfo(dtype).bits // 8
+    mem = memory_per_device(arch, T, b, 1, False, compute_bytes=p, fsdp=False, on_gpu=False)
+    planned, measured = mem["activations"] * GIB, sum(saved.values())
+    assert 0.85 * planned <= measured <= planned
+
+
 def test_sharded_terms_divide_by_the_devices_and_accumulated_grads_do_not():
     arch = PRESETS["8b"]
     n = full_training(arch).params

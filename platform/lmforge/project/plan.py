@@ -20,9 +20,12 @@ coexist, e.g. the logits and the root's gradient buffers):
   grad_buffers    FSDP2: one block's and the root's unsharded gradients, in p and in the fp32
                   copy the reduce-scatter sends
   activations     per micro-batch of b sequences of T tokens (flash attention: no T^2 term):
-                  without checkpointing p b T (10 D + 4 F) per layer (block input, norms,
-                  q/k/v, attention out, the four F-wide SwiGLU tensors); with checkpointing
-                  p b T D per layer plus one layer's full set during recompute
+                  without checkpointing b T (p (10 D + 4 F) + n) per layer (block input,
+                  norms, q/k/v, attention out, the four F-wide SwiGLU tensors; n = 8 D for
+                  the two RMSNorms' fp32 working copies when p < 4); with checkpointing
+                  p b T D per layer plus one layer's full set during recompute; and the final
+                  norm's b T (p + n / 2) D (the tensors autograd saves in the forward equal
+                  this within 15% on CPU: tests/train/test_plan_memory.py)
   logits          b T V x (p + 4 + 4 + p): the head's logits, their fp32 copy the loss keeps
                   (log-softmax), its fp32 gradient and that gradient cast back for the head
   cuda_and_nccl   on GPU: 1 GiB for the CUDA context, +1 GiB for NCCL buffers with W > 1
@@ -137,7 +140,9 @@ def memory_per_device(
     b, T, D, F, L, V = micro_batch, seq_len, arch.dim, arch.ffn_dim, arch.n_layers, arch.vocab_size
     block = block_params(arch)
     root = n - L * block
-    per_layer_full = p * b * T * (10 * D + 4 * F)
+    norm32 = 8 * D if p < 4 else 0  # RMSNorm computes in fp32 whatever the activations' dtype
+    per_layer_full = b * T * (p * (10 * D + 4 * F) + norm32)
+    final_norm = b * T * (p * D + norm32 // 2)
     # bf16 gradients are cast to fp32 for the reduce-scatter: both exist for a moment
     grad_bytes = p + 4 if p < 4 else 4
     if fsdp:
@@ -155,9 +160,8 @@ def memory_per_device(
         ),
         "compute_copy": compute_copy,
         "grad_buffers": grad_buffers,
-        "activations": (p * b * T * D * L + per_layer_full)
-        if checkpointing
-        else per_layer_full * L,
+        "activations": final_norm
+        + ((p * b * T * D * L + per_layer_full) if checkpointing else per_layer_full * L),
         "logits": b * T * V * ((2 * p + 8) if p < 4 else 12),
         "cuda_and_nccl": (GIB + (GIB if W > 1 else 0)) if on_gpu else 0,
     }

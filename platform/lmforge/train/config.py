@@ -367,7 +367,7 @@ class SpecSource(Protocol):
 # The GPU presets' layout on 8 x 80 GiB GPUs at the data scaffold's seq_len (1b: 2048, 8b: 4096),
 # chosen by `lmforge plan` (tests/train/test_plan_memory.py): the 1b fits without recomputing
 # activations (the faster choice); the 8b needs activation checkpointing and 2 sequences per
-# micro-batch (~35 GiB per GPU; 4 sequences without checkpointing would need ~143 GiB).
+# micro-batch (~35 GiB per GPU; 4 sequences without checkpointing would need ~161 GiB).
 GPU_LAYOUT = {
     "1b": {"seq_len": 2048, "micro_batch_size": 4, "activation_checkpointing": False},
     "8b": {"seq_len": 4096, "micro_batch_size": 2, "activation_checkpointing": True},
