@@ -34,7 +34,9 @@ def test_plan_numbers_follow_the_stated_formulas():
     assert plan.wall_hours == pytest.approx(hours) and plan.device_hours == pytest.approx(
         64 * hours
     )
-    assert plan.memory_gib["sharded_state"] == pytest.approx(16 * plan.params / 64 / 2**30)
+    mem = plan.memory_gib
+    state = mem["params"] + mem["grads"] + mem["optimizer"]  # + AdamW's step, 4 B per tensor
+    assert state == pytest.approx((16 * plan.params / 64 + 4 * (9 * 32 + 3)) / 2**30)
 
 
 def test_plan_warns_when_a_config_will_not_fit_and_checkpointing_helps():

@@ -77,13 +77,15 @@ class EvalConfig(StageConfig):
     limit: int | None = Field(
         None, ge=1, description="Items per task at most, for tasks that set no limit of their own."
     )
-    batch_size: int = Field(
-        16, ge=1, description="Sequences per forward pass (requests per actor call)."
-    )
-    max_batch_tokens: int = Field(
-        16384,
+    batch_size: int | None = Field(
+        None,
         ge=1,
-        description="Padded tokens per log-likelihood batch at most (bounds the batch x length x vocabulary logits).",
+        description="Sequences per forward pass (requests per actor call). None: 16 on CPU; on GPU as many as fit the free memory of an actor's GPU share beside the bf16 weights (the KV cache of a generation batch, the logits of a log-likelihood batch).",
+    )
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Padded tokens per log-likelihood batch at most (bounds the batch x length x vocabulary logits). None: 16384 on CPU; on GPU what fits its free memory.",
     )
     max_length: int | None = Field(
         None,

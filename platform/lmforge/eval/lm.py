@@ -12,10 +12,15 @@ length into batches before distributing them). Two kinds:
         -> {"text": the generated text, cut before the first stop sequence}
 
 The model has no attention mask, but attention is causal: right-padding a batch never changes
-the logits of the real positions, so batches are right-padded (with id 0). The model has no
-KV cache yet either, so generation re-runs the (truncated) sequence for every new token: slow
-but simple and correct, and fine for the short answers of eval tasks. Generation stops at the
+the logits of the real positions, so batches are right-padded (with id 0). Generation requests
+of a batch decode together with the KV cache (lmforge.model.generate.generate: one prefill per
+prompt, then one batched step per token); a prompt keeps its last max_length - max_new_tokens
+tokens so the answer fits the context. Models that cannot take the cache (a mixed-precision
+model in training, whose cache would be allocated in the parameters' fp32 while its k/v are
+bf16; a test double) re-run the sequence for every new token instead. Generation stops at the
 model's own stop ids (lmforge.model.special).
+
+On a GPU the model runs in bf16 (log-likelihoods are still summed in fp32), on CPU in fp32.
 """
 
 from __future__ import annotations
@@ -25,6 +30,50 @@ import torch
 from lmforge.model.special import LMFORGE, SpecialTokens
 
 PAD_ID = 0  # any id works: padding comes after the real tokens, which never attend to it
+
+
+def eval_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype a model is evaluated in: bf16 on a GPU (half the memory and bandwidth, tensor
+    cores), fp32 on CPU (where bf16 matmuls are slow without AMX and the tests compare exactly)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+# Batches on CPU, where memory is not what limits them (EvalConfig's None means these there).
+CPU_BATCH_SIZE, CPU_BATCH_TOKENS = 16, 16384
+MAX_BATCH_SIZE = 256  # beyond this a batch saves no launches worth having, only padding
+GIB = 2**30
+
+
+def batch_limits(cfg, free_bytes: int, dtype: torch.dtype, max_length: int) -> tuple[int, int]:
+    """(sequences, padded tokens) per batch for a model of LlamaConfig `cfg` in `dtype` on a
+    device with `free_bytes` free, before the model is loaded on it.
+
+    What a batch holds beside the weights: per padded token of a log-likelihood batch, its
+    logits (V in `dtype`) and one layer's transient activations (residual, norm, q/k/v and
+    attention out ~6 D, the SwiGLU's 3 F); per row scored, its continuation's fp32
+    log-softmax and copy (at most max_length x V x 8 bytes); per generated sequence, the KV
+    cache generate() allocates (2 x layers x kv heads x head dim x max_seq_len) and one
+    prompt's fp32 prefill logits. 10% and 1 GiB are left for the allocator and the CUDA
+    context.
+    """
+    from lmforge import LmforgeError
+    from lmforge.model.llama import num_params
+
+    p = torch.finfo(dtype).bits // 8
+    V, D, F = cfg.vocab_size, cfg.dim, cfg.ffn_dim
+    weights = num_params(cfg) * p
+    budget = 0.9 * (free_bytes - weights) - GIB - 8 * max_length * V
+    per_token = p * (V + 6 * D + 3 * F)
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * cfg.max_seq_len * p
+    tokens, sequences = int(budget // per_token), int(budget // kv)
+    if tokens < max_length or sequences < 1:
+        raise LmforgeError(
+            f"the model ({weights / GIB:.1f} GiB of weights) leaves too little of the "
+            f"{free_bytes / GIB:.1f} GiB free for one sequence of {max_length} tokens: give "
+            "resources.gpus_per_actor=1 (a GPU of its own), a smaller max_length, or set "
+            "batch_size and max_batch_tokens"
+        )
+    return min(sequences, MAX_BATCH_SIZE), tokens
 
 
 class Scorer:
@@ -50,7 +99,7 @@ class Scorer:
         from lmforge.model.artifact import TOKENIZER, load_model
         from lmforge.model.special import load_special_tokens
 
-        model = load_model(directory, device=device)
+        model = load_model(directory, device=device).to(eval_dtype(device))
         tokenizer = Tokenizer.from_str(storage.read_text(storage.join(directory, TOKENIZER)))
         special = load_special_tokens(directory, tokenizer)
         return cls(model, tokenizer, max_length, device, special)
@@ -61,10 +110,11 @@ class Scorer:
         ll = [i for i, r in enumerate(requests) if r["kind"] == "loglikelihood"]
         for i, result in zip(ll, self.loglikelihood([requests[i] for i in ll]), strict=True):
             out[i] = result
-        for i, r in enumerate(requests):
-            if r["kind"] == "generate":
-                out[i] = {"text": self.generate(r)}
-            elif r["kind"] != "loglikelihood":
+        gen = [i for i, r in enumerate(requests) if r["kind"] == "generate"]
+        for i, (_, text) in zip(gen, self.generate_batch([requests[i] for i in gen]), strict=True):
+            out[i] = {"text": text}
+        for r in requests:
+            if r["kind"] not in ("loglikelihood", "generate"):
                 raise ValueError(f"unknown request kind {r['kind']!r}")
         return out  # type: ignore[return-value]
 
@@ -100,8 +150,54 @@ class Scorer:
             results.append({"loglikelihood": ll, "greedy": greedy, "tokens": n})
         return results
 
-    @torch.no_grad()
+    def generate_batch(self, requests: list[dict]) -> list[tuple[list[int], str]]:
+        """(answer tokens, answer text) of generation requests, decoded together with the KV
+        cache (the tokens end before a stop id; the text before a stop sequence)."""
+        if not requests:
+            return []
+        if not self.cached():
+            return [self.generate_uncached(r) for r in requests]
+        from lmforge.model.generate import SamplingParams, generate
+
+        prompts, params = [], []
+        for r in requests:
+            new = int(r["max_new_tokens"])
+            keep = max(1, self.max_length - new)  # the prompt's tail, leaving room for the answer
+            prompts.append((list(r["prompt"]) or [self.special.prefix_id or 0])[-keep:])
+            params.append(
+                SamplingParams(
+                    max_tokens=new,
+                    temperature=float(r.get("temperature") or 0.0),
+                    top_k=int(r.get("top_k") or 0),
+                    seed=int(r.get("seed", 0)),
+                    stop=[s for s in r.get("stop") or [] if s],
+                )
+            )
+        results = generate(self.model, self.tokenizer, prompts, params, self.special)
+        out = []
+        for res, p in zip(results, params, strict=True):
+            tokens = res["tokens"]
+            if tokens and res["finish_reason"] == "stop" and tokens[-1] in self.special.stop_ids:
+                tokens = tokens[:-1]
+            out.append((tokens, cut_at_stop(res["text"], p.stop)))
+        return out
+
+    def cached(self) -> bool:
+        """Whether generation can use the KV cache: a plain Llama whose cache, allocated in the
+        parameters' dtype, is the dtype it computes in (not under autocast, not FSDP-sharded)."""
+        from lmforge.model.llama import Llama
+
+        if not isinstance(self.model, Llama) or torch.is_autocast_enabled(self.device.type):
+            return False
+        return not any(type(p).__name__ == "DTensor" for p in self.model.parameters())
+
     def generate(self, request: dict) -> str:
+        """One answer's text (the KV-cached path where the model takes it)."""
+        return self.generate_batch([request])[0][1]
+
+    @torch.no_grad()
+    def generate_uncached(self, request: dict) -> tuple[list[int], str]:
+        """One answer without the cache: the whole (truncated) sequence again for every token."""
         ids = list(request["prompt"]) or [self.special.prefix_id or 0]
         stops = [s for s in request.get("stop") or [] if s]
         temperature = float(request.get("temperature") or 0.0)
@@ -127,7 +223,7 @@ class Scorer:
             text = self.tokenizer.decode(new, skip_special_tokens=True)
             if any(s in text for s in stops):
                 break
-        return cut_at_stop(text, stops)
+        return new, cut_at_stop(text, stops)
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:

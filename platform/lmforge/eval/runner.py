@@ -2,8 +2,9 @@
 
 The driver cuts the requests into batches before anything is distributed: requests sorted by
 length (longest first, so padding is small and memory peaks early), `batch_size` per batch
-(and at most `max_batch_tokens` padded tokens),
-generation requests apart. A batch is one row of a Ray Data dataset, and an actor scores a whole
+(and at most `max_batch_tokens` padded tokens), generation requests apart. Unset, both are
+fixed on CPU and sized by memory on GPU (`batching`: the free memory of an actor's share of a
+GPU, probed once by a task on one, against the model's config; lmforge.eval.lm.batch_limits). A batch is one row of a Ray Data dataset, and an actor scores a whole
 row in one call. So what each forward pass computes does not depend on how many actors there
 are or which actor gets which row, and 1 actor and N actors give identical numbers (every actor
 also uses the same number of torch threads).
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.eval.lm import Scorer
+from lmforge.eval.lm import CPU_BATCH_SIZE, CPU_BATCH_TOKENS, Scorer, batch_limits
 
 
 def make_batches(
@@ -50,6 +51,48 @@ def make_batches(
     return batches
 
 
+def batching(
+    model_dir: str,
+    batch_size: int | None,
+    max_batch_tokens: int | None,
+    gpus_per_actor: float,
+    max_length: int | None,
+) -> tuple[int, int]:
+    """(batch_size, max_batch_tokens): the config's where it sets them; else fixed on CPU, and
+    on GPU what fits the free memory of an actor's GPU share beside the bf16 weights."""
+    if batch_size and max_batch_tokens:
+        return batch_size, max_batch_tokens
+    if not gpus_per_actor:
+        return batch_size or CPU_BATCH_SIZE, max_batch_tokens or CPU_BATCH_TOKENS
+    import torch
+
+    from lmforge.model.artifact import load_model_config
+
+    cfg = load_model_config(model_dir)
+    free = gpu_free_bytes(gpus_per_actor)
+    sequences, tokens = batch_limits(cfg, free, torch.bfloat16, max_length or cfg.max_seq_len)
+    print(
+        f"[eval] batches sized by memory: {sequences} sequences, {tokens} tokens "
+        f"({free / 2**30:.1f} GiB free per actor)",
+        flush=True,
+    )
+    return batch_size or sequences, max_batch_tokens or tokens
+
+
+def gpu_free_bytes(gpus_per_actor: float) -> int:
+    """Free memory of one actor's share of a GPU, measured by a task placed as an actor is."""
+    import ray
+
+    @ray.remote(num_gpus=gpus_per_actor)
+    def free() -> int:
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
+
+    # actors sharing a GPU (gpus_per_actor < 1) split its free memory
+    return int(ray.get(free.remote()) * min(1.0, gpus_per_actor))
+
+
 class ScoringActor:
     """A Ray Data actor: loads the model once, then scores one batch of requests per row."""
 
@@ -73,9 +116,17 @@ def _strip(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def score_local(
-    scorer, requests: list[dict[str, Any]], batch_size: int, max_batch_tokens: int | None = None
+    scorer,
+    requests: list[dict[str, Any]],
+    batch_size: int | None = None,
+    max_batch_tokens: int | None = None,
 ) -> list[dict[str, Any]]:
-    """The same batches scored in this process (tests, and runs without Ray)."""
+    """The same batches scored in this process (tests, and runs without Ray); unset limits are
+    the CPU ones."""
+    batch_size, max_batch_tokens = (
+        batch_size or CPU_BATCH_SIZE,
+        max_batch_tokens or CPU_BATCH_TOKENS,
+    )
     results: list[dict[str, Any] | None] = [None] * len(requests)
     for idx in make_batches(requests, batch_size, max_batch_tokens):
         for i, res in zip(idx, scorer.score([requests[i] for i in idx]), strict=True):
@@ -86,19 +137,23 @@ def score_local(
 def score_distributed(
     model_dir: str,
     requests: list[dict[str, Any]],
-    batch_size: int,
+    batch_size: int | None,
     num_actors: int,
     cpus_per_actor: float = 1,
     gpus_per_actor: float = 0,
     max_length: int | None = None,
     max_batch_tokens: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Results of every request, in order, scored by `num_actors` actors of a Ray Data pool."""
+    """Results of every request, in order, scored by `num_actors` actors of a Ray Data pool
+    (batch_size/max_batch_tokens None: see `batching`)."""
     import ray
     from ray.data import ActorPoolStrategy
 
     if not requests:
         return []
+    batch_size, max_batch_tokens = batching(
+        model_dir, batch_size, max_batch_tokens, gpus_per_actor, max_length
+    )
     batches = make_batches(requests, batch_size, max_batch_tokens)
     rows = [
         {"batch": b, "payload": json.dumps([_strip(requests[i]) for i in idx])}

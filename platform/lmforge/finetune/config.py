@@ -13,6 +13,8 @@ from lmforge.config import NOT_HASHED, StrictModel, config_hash, config_yaml
 from lmforge.finetune.data import SftDataConfig
 from lmforge.stage import StageConfig
 from lmforge.train.config import (
+    GPU_LAYOUT,
+    GPU_WORKERS,
     CheckpointConfig,
     LoopConfig,
     LoopSpec,
@@ -145,9 +147,24 @@ class FinetuneConfig(StageConfig):
 
 def scaffold(preset: str) -> dict:
     """Values `lmforge init --preset` writes into configs/finetune.yaml."""
-    big = preset in ("1b", "8b")
+    layout = GPU_LAYOUT.get(preset)
+    if layout is None:
+        return {
+            "base": "@train/base",
+            "lora": {"enabled": False},
+            "resources": {"num_workers": 2, "gpus_per_worker": 0},
+        }
+    # LoRA on the pretraining layout: rows of the pretraining seq_len (not the model's longer
+    # max_seq_len), 2 accumulation steps
+    rows = layout["seq_len"] * layout["micro_batch_size"] * GPU_WORKERS
     return {
         "base": "@train/base",
-        "lora": {"enabled": big},
-        "resources": {"num_workers": 8 if big else 2, "gpus_per_worker": 1 if big else 0},
+        "data": {"seq_len": layout["seq_len"]},
+        "lora": {"enabled": True},
+        "train": {"global_batch_tokens": 2 * rows, "micro_batch_size": layout["micro_batch_size"]},
+        "parallel": {
+            "activation_checkpointing": layout["activation_checkpointing"],
+            "compile": True,
+        },
+        "resources": {"num_workers": GPU_WORKERS, "gpus_per_worker": 1},
     }

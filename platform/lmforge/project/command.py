@@ -144,15 +144,17 @@ def quickstart_command(argv: list[str], prog: str) -> int:
 
 def plan_command(argv: list[str], prog: str) -> int:
     # the model and training configs import torch: only this command needs them
+    from lmforge.model.presets import PRESETS as PRESETS_OF_MODEL
     from lmforge.project.plan import format_plan, make_plan, read_manifest
     from lmforge.train.config import TrainConfig
 
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Estimate a training config before running it: parameters, FLOPs, "
-        "compute-optimal tokens, memory per device under FSDP2, wall time and GPU-hours "
+        description="Estimate a training or fine-tuning config before running it: parameters, "
+        "FLOPs, compute-optimal tokens, memory per device under FSDP2, wall time and GPU-hours "
         "at plan.assumed_mfu. Hardware: resources.* (GPU type: resources.accelerator_type, "
-        "else plan.gpu_type).",
+        "else plan.gpu_type). A fine-tuning config (one with `base`) is planned on its base "
+        "model's architecture (LoRA: only the adapters have gradients and optimizer state).",
     )
     add_config_arguments(parser)
     parser.add_argument(
@@ -166,8 +168,18 @@ def plan_command(argv: list[str], prog: str) -> int:
         help="the data stage's config, for seq_len and vocabulary size before the data exists "
         "(default: data.yaml beside CONFIG, as `lmforge init` writes them, if there is one)",
     )
+    parser.add_argument(
+        "--base-preset",
+        choices=sorted(PRESETS_OF_MODEL),
+        help="a fine-tuning config: the base model's preset, when `base` is not there yet "
+        "(default: the base artifact's own architecture)",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
+    if _is_finetune_config(args.config):
+        estimate = make_plan(*_finetune_plan_inputs(args))
+        print(json.dumps(asdict(estimate), indent=2) if args.json else format_plan(estimate))
+        return 0
     cfg = _with_data_reference(load_config(TrainConfig, args.config, args.overrides))
     seq_len, vocab, source = args.seq_len, None, "--seq-len"
     data_config = args.data_config or _sibling_data_config(args.config)
@@ -180,6 +192,40 @@ def plan_command(argv: list[str], prog: str) -> int:
     estimate = make_plan(cfg, seq_len=seq_len, vocab_size=vocab, seq_len_source=source)
     print(json.dumps(asdict(estimate), indent=2) if args.json else format_plan(estimate))
     return 0
+
+
+def _is_finetune_config(config: str | None) -> bool:
+    """A fine-tuning config names its base model; a training config does not."""
+    if not config:
+        return False
+    import yaml
+
+    data = yaml.safe_load(storage.read_text(config))
+    return isinstance(data, dict) and "base" in data
+
+
+def _finetune_plan_inputs(args) -> tuple:
+    """(config, seq_len, None, source, architecture) of a fine-tuning config's plan."""
+    from lmforge.finetune.config import FinetuneConfig
+    from lmforge.model.artifact import load_model_config, resolve_artifact
+    from lmforge.model.presets import model_config
+
+    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    if args.base_preset:
+        arch = model_config(args.base_preset)
+    else:
+        try:
+            cfg = resolve_input_reference(get_stage("finetune"), cfg)
+            arch = load_model_config(resolve_artifact(cfg.base))
+        except (ConfigError, FileNotFoundError, OSError) as e:
+            raise ConfigError(
+                f"base: {e}; give --base-preset PRESET to plan before the base model exists"
+            ) from None
+    seq_len = args.seq_len or cfg.data.seq_len
+    source = "--seq-len" if args.seq_len else "the config's data.seq_len"
+    if not seq_len:
+        seq_len, source = arch.max_seq_len, "the base model's max_seq_len"
+    return cfg, seq_len, None, source, arch
 
 
 def _with_data_reference(cfg: TrainConfig) -> TrainConfig:

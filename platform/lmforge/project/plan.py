@@ -5,15 +5,31 @@ parameters, FLOPs (6 N_matmul + 12 L D T per token, see lmforge.model.llama.flop
 the compute-optimal token count (Chinchilla, ~20 tokens per parameter), memory per device under
 FSDP2, and wall time / GPU-hours at an assumed MFU. Warns when the config will not fit.
 
-Memory per device, FSDP2 over W devices, AdamW, fp32 master weights:
-  sharded state   16 N / W bytes   (fp32 params 4 + grads 4 + Adam moments 8)
-  gathered params one block's bf16 params, twice (the current block and the prefetched next)
-  activations     per micro-batch of b sequences of T tokens (bf16, flash attention: no T^2 term):
-                  without checkpointing 2 b T (10 D + 4 F) bytes per layer (block input, norms,
-                  q/k/v, attention out, the four F-wide SwiGLU tensors); with checkpointing
-                  2 b T D per layer plus one layer's full set during recompute
-  logits          b T V x 10 bytes (bf16 logits, fp32 copy for the loss, fp32 gradient)
-  overhead        +10% for the allocator, +1 GiB for the CUDA context and NCCL buffers
+Memory per device, AdamW, fp32 master weights, N parameters (N_t of them trainable: all, or
+the LoRA adapters), sharded by FSDP2 over W devices; p = 2 bytes for bf16 compute, 4 for fp32.
+Every term is a buffer the run holds; the total adds them all (an upper bound: some never
+coexist, e.g. the logits and the root's gradient buffers):
+  params          4 N / W          fp32 master weights (sharded)
+  grads           4 N_t / W        fp32 gradients (sharded)
+  optimizer       8 N_t / W + 4 per trainable tensor (AdamW's two fp32 moments and its step)
+  unsharded_grads 4 N_t            parallel.grad_reduce=last_micro_batch with accumulation: each
+                                   worker keeps a full fp32 gradient until the last micro-batch
+  compute_copy    FSDP2: p x (2 blocks: the current one and the prefetched next, + the root
+                  (embeddings, final norm, head), which stays gathered from forward to
+                  backward); one worker without FSDP in bf16: autocast's p x N weight casts
+  grad_buffers    FSDP2: one block's and the root's unsharded gradients, in p and in the fp32
+                  copy the reduce-scatter sends
+  activations     per micro-batch of b sequences of T tokens (flash attention: no T^2 term):
+                  without checkpointing b T (p (10 D + 4 F) + n) per layer (block input,
+                  norms, q/k/v, attention out, the four F-wide SwiGLU tensors; n = 8 D for
+                  the two RMSNorms' fp32 working copies when p < 4); with checkpointing
+                  p b T D per layer plus one layer's full set during recompute; and the final
+                  norm's b T (p + n / 2) D (the tensors autograd saves in the forward equal
+                  this within 15% on CPU: tests/train/test_plan_memory.py)
+  logits          b T V x (p + 4 + 4 + p): the head's logits, their fp32 copy the loss keeps
+                  (log-softmax), its fp32 gradient and that gradient cast back for the head
+  cuda_and_nccl   on GPU: 1 GiB for the CUDA context, +1 GiB for NCCL buffers with W > 1
+  fragmentation   +10% of everything above, for the caching allocator
 """
 
 from __future__ import annotations
@@ -23,7 +39,7 @@ from dataclasses import dataclass, field
 
 from lmforge import storage
 from lmforge.model.llama import LlamaConfig, flops_per_token, num_params
-from lmforge.train.config import TrainConfig
+from lmforge.train.config import PlanConfig, TrainConfig
 from lmforge.train.mfu import gpu_peak_tflops
 
 GPU_MEMORY_GIB = {
@@ -63,24 +79,95 @@ class Plan:
     seq_len_source: str = ""  # where seq_len came from: --seq-len, the data, a data config
 
 
+@dataclass(frozen=True)
+class Trainable:
+    """What trains: every weight, or LoRA adapters on a frozen model."""
+
+    params: int  # parameters with a gradient and optimizer state
+    tensors: int  # how many tensors hold them (AdamW keeps a step per tensor)
+    per_block: int  # of them in one transformer block
+    in_root: int  # of them in the root (embeddings, final norm, head)
+
+
+def full_training(arch: LlamaConfig) -> Trainable:
+    n, block = num_params(arch), block_params(arch)
+    # per block: wq wk wv wo w1 w2 w3 and two norms; root: embedding, final norm, untied head
+    tensors = 9 * arch.n_layers + 2 + (0 if arch.tie_embeddings else 1)
+    return Trainable(n, tensors, block, n - arch.n_layers * block)
+
+
+def lora_training(arch: LlamaConfig, rank: int, targets: list[str]) -> Trainable:
+    """LoRA adapters: r x (in + out) per targeted linear layer per block, two tensors each."""
+    D, F, E = arch.dim, arch.ffn_dim, arch.head_dim
+    shapes = {
+        "wq": (D, arch.n_heads * E),
+        "wk": (D, arch.n_kv_heads * E),
+        "wv": (D, arch.n_kv_heads * E),
+        "wo": (arch.n_heads * E, D),
+        "w1": (D, F),
+        "w3": (D, F),
+        "w2": (F, D),
+    }
+    per_block = sum(rank * sum(shapes[t]) for t in targets)
+    return Trainable(per_block * arch.n_layers, 2 * len(targets) * arch.n_layers, per_block, 0)
+
+
+def block_params(arch: LlamaConfig) -> int:
+    return (num_params(arch, embeddings=False) - arch.dim - _head(arch)) // arch.n_layers
+
+
+def _head(arch: LlamaConfig) -> int:
+    return 0 if arch.tie_embeddings else arch.vocab_size * arch.dim
+
+
 def memory_per_device(
-    arch: LlamaConfig, seq_len: int, micro_batch: int, devices: int, checkpointing: bool
+    arch: LlamaConfig,
+    seq_len: int,
+    micro_batch: int,
+    devices: int,
+    checkpointing: bool,
+    *,
+    compute_bytes: int = 2,
+    fsdp: bool = True,
+    accumulation: int = 1,
+    grad_reduce: str = "every_micro_batch",
+    trainable: Trainable | None = None,
+    on_gpu: bool = True,
 ) -> dict[str, float]:
-    """Bytes per device in GiB by part, as in the module docstring."""
-    n = num_params(arch)
+    """GiB per device by part, as in the module docstring (`total` sums them)."""
+    n, p, W = num_params(arch), compute_bytes, devices
+    t = trainable or full_training(arch)
     b, T, D, F, L, V = micro_batch, seq_len, arch.dim, arch.ffn_dim, arch.n_layers, arch.vocab_size
-    block = (num_params(arch, embeddings=False) - D) / L
-    per_layer_full = 2 * b * T * (10 * D + 4 * F)
-    acts = (2 * b * T * D * L + per_layer_full) if checkpointing else per_layer_full * L
+    block = block_params(arch)
+    root = n - L * block
+    norm32 = 8 * D if p < 4 else 0  # RMSNorm computes in fp32 whatever the activations' dtype
+    per_layer_full = b * T * (p * (10 * D + 4 * F) + norm32)
+    final_norm = b * T * (p * D + norm32 // 2)
+    # bf16 gradients are cast to fp32 for the reduce-scatter: both exist for a moment
+    grad_bytes = p + 4 if p < 4 else 4
+    if fsdp:
+        compute_copy = p * (2 * block + root)
+        grad_buffers = grad_bytes * (t.per_block + t.in_root)
+    else:
+        compute_copy = p * n if p < 4 else 0  # autocast caches one cast of each weight
+        grad_buffers = 0
     parts = {
-        "sharded_state": 16 * n / devices,
-        "gathered_params": 2 * 2 * block,
-        "activations": acts,
-        "logits": 10 * b * T * V,
+        "params": 4 * n / W,
+        "grads": 4 * t.params / W,
+        "optimizer": 8 * t.params / W + 4 * t.tensors,
+        "unsharded_grads": (
+            4 * t.params if fsdp and accumulation > 1 and grad_reduce == "last_micro_batch" else 0
+        ),
+        "compute_copy": compute_copy,
+        "grad_buffers": grad_buffers,
+        "activations": final_norm
+        + ((p * b * T * D * L + per_layer_full) if checkpointing else per_layer_full * L),
+        "logits": b * T * V * ((2 * p + 8) if p < 4 else 12),
+        "cuda_and_nccl": (GIB + (GIB if W > 1 else 0)) if on_gpu else 0,
     }
     subtotal = sum(parts.values())
-    parts["overhead"] = 0.1 * subtotal + GIB
-    parts["total"] = subtotal + parts["overhead"]
+    parts["fragmentation"] = 0.1 * subtotal
+    parts["total"] = subtotal + parts["fragmentation"]
     return {k: v / GIB for k, v in parts.items()}
 
 
@@ -89,20 +176,28 @@ def make_plan(
     seq_len: int | None = None,
     vocab_size: int | None = None,
     seq_len_source: str = "given",
+    arch: LlamaConfig | None = None,
 ) -> Plan:
-    """The plan of `cfg`. `seq_len`/`vocab_size` (from `--seq-len` or a data config) win over
-    the data output's manifest at data.path; with neither, seq_len is the model's max_seq_len
-    and the plan says it assumed it."""
-    manifest = read_manifest(cfg.data.path)
+    """The plan of `cfg`, a training or a fine-tuning config (whose architecture is `arch`, the
+    base model's). `seq_len`/`vocab_size` (from `--seq-len` or a data config) win over the data
+    output's manifest at data.path; with neither, seq_len is the model's max_seq_len (a
+    fine-tuning config's data.seq_len) and the plan says it assumed it."""
+    lora = getattr(cfg, "lora", None)
+    if lora is not None and not seq_len:  # fine-tuning: its data section states seq_len
+        seq_len, seq_len_source = cfg.data.seq_len, "the config's data.seq_len"
+    manifest = read_manifest(getattr(cfg.data, "path", None))
     if not seq_len and manifest.get("seq_len"):
         seq_len, seq_len_source = manifest["seq_len"], f"the data at {cfg.data.path}"
-    arch = cfg.model.to_llama(vocab_size=vocab_size or manifest.get("vocab_size"), seq_len=seq_len)
+    if arch is None:
+        vocab = vocab_size or manifest.get("vocab_size")
+        arch = cfg.model.to_llama(vocab_size=vocab, seq_len=seq_len)
     assumed = not seq_len
     if assumed:
         seq_len = arch.max_seq_len
         seq_len_source = "assumed: the model's max_seq_len"
     res = cfg.resources
-    gpu = res.accelerator_type or cfg.plan.gpu_type
+    assume = getattr(cfg, "plan", None) or PlanConfig()  # a fine-tuning config has no plan section
+    gpu = res.accelerator_type or assume.gpu_type
     on_gpu = res.gpus_per_worker > 0
     devices = (
         res.num_workers * max(1, math.ceil(res.gpus_per_worker)) if on_gpu else res.num_workers
@@ -130,11 +225,27 @@ def make_plan(
     steps = cfg.train.max_steps or max(1, (cfg.train.max_tokens or 0) // gbt)
     tokens = steps * gbt
     n = num_params(arch)
-    seconds = fpt * tokens / (devices * peak * 1e12 * cfg.plan.assumed_mfu)
-    memory = memory_per_device(
-        arch, seq_len, cfg.train.micro_batch_size, devices, cfg.parallel.activation_checkpointing
+    seconds = fpt * tokens / (devices * peak * 1e12 * assume.assumed_mfu)
+    mb = cfg.train.micro_batch_size
+    trainable = (
+        lora_training(arch, lora.rank, list(lora.targets))
+        if lora is not None and lora.enabled
+        else full_training(arch)
     )
-    capacity = cfg.plan.gpu_memory_gib or _gpu_memory(gpu) if on_gpu else None
+    memory = memory_per_device(
+        arch,
+        seq_len,
+        mb,
+        devices,
+        cfg.parallel.activation_checkpointing,
+        compute_bytes=2 if bf16 else 4,
+        fsdp=cfg.parallel.fsdp,
+        accumulation=max(1, gbt // (seq_len * mb * res.num_workers)),
+        grad_reduce=cfg.parallel.grad_reduce,
+        trainable=trainable,
+        on_gpu=on_gpu,
+    )
+    capacity = assume.gpu_memory_gib or _gpu_memory(gpu) if on_gpu else None
     plan = Plan(
         params=n,
         params_non_embedding=num_params(arch, embeddings=False),
@@ -147,7 +258,7 @@ def make_plan(
         devices=devices,
         device=device,
         peak_tflops_per_device=peak,
-        assumed_mfu=cfg.plan.assumed_mfu,
+        assumed_mfu=assume.assumed_mfu,
         wall_hours=seconds / 3600,
         device_hours=seconds / 3600 * devices,
         memory_gib=memory,
@@ -170,12 +281,14 @@ def _check(plan: Plan, cfg: TrainConfig, seq_len: int) -> None:
         fixes = ["a smaller train.micro_batch_size", "more GPUs"]
         if not cfg.parallel.activation_checkpointing:
             fixes.insert(0, "parallel.activation_checkpointing=true")
+        if plan.memory_gib["unsharded_grads"]:
+            fixes.insert(0, "parallel.grad_reduce=every_micro_batch")
         w.append(
             f"will not fit: ~{plan.memory_gib['total']:.1f} GiB per GPU needed, "
             f"{plan.device_memory_gib:g} GiB on a {plan.device}; try {', '.join(fixes)}"
         )
     ratio = plan.tokens / plan.chinchilla_tokens
-    if ratio < 0.25:
+    if ratio < 0.25 and not hasattr(cfg, "lora"):  # compute-optimal is a pretraining notion
         w.append(
             f"undertrained: {plan.tokens:,} tokens is {ratio:.2f}x the compute-optimal "
             f"{plan.chinchilla_tokens:,} (~{CHINCHILLA_TOKENS_PER_PARAM} tokens/param)"
@@ -212,8 +325,10 @@ def format_plan(plan: Plan) -> str:
         ),
         (
             "memory / device",
-            f"{mem['total']:.2f} GiB = state {mem['sharded_state']:.2f} + gathered {mem['gathered_params']:.2f} + activations {mem['activations']:.2f} + logits {mem['logits']:.2f} + overhead {mem['overhead']:.2f}"
-            + (f" (of {plan.device_memory_gib:g} GiB)" if plan.device_memory_gib else ""),
+            f"{mem['total']:.2f} GiB"
+            + (f" (of {plan.device_memory_gib:g} GiB)" if plan.device_memory_gib else "")
+            + " = "
+            + " + ".join(f"{k} {v:.2f}" for k, v in mem.items() if k != "total" and v),
         ),
         ("wall time", f"{_duration(plan.wall_hours)} at {100 * plan.assumed_mfu:.0f}% MFU"),
         ("device-hours", f"{plan.device_hours:,.2f}"),

@@ -21,8 +21,8 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from lmforge.model.generate import SamplingParams
-from lmforge.serve.config import ModelServeConfig, ServeArgs
-from lmforge.serve.drift import prompt_bits_per_byte, served_model_info
+from lmforge.serve.config import DriftConfig, ModelServeConfig, ServeArgs
+from lmforge.serve.drift import DriftScorer, served_model_info
 from lmforge.serve.engine import EngineOverloaded, Output, load_engine
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,10 @@ DRAIN_S = 30.0  # a stopping replica lets running requests finish for this long
 class ModelServer:
     """One replica of one model: an Engine whose thread decodes every request it holds."""
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: dict, drift: dict | None = None) -> None:
         self.cfg = ModelServeConfig.model_validate(cfg)
         self.engine = load_engine(self.cfg).start()
+        self.drift = DriftScorer(self.engine, DriftConfig.model_validate(drift or {}))
 
     async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Output]:
         async for out in self.engine.stream(prompt, params):
@@ -42,10 +43,7 @@ class ModelServer:
 
     async def score(self, text: str) -> float | None:
         """Bits per byte of a prompt (drift), in a thread beside the decoding one."""
-        engine = self.engine
-        return await asyncio.to_thread(
-            prompt_bits_per_byte, engine.model, engine.tokenizer, text, engine.special.prefix_id
-        )
+        return await asyncio.to_thread(self.drift, text, self.engine.special.prefix_id)
 
     def check_health(self) -> None:
         if not self.engine.healthy():
@@ -170,7 +168,9 @@ def application(args: ServeArgs) -> Application:
     """The Serve application of `args`, once the caller checked its keys against the address
     it serves (`lmforge serve`, the quickstart: ServeArgs.check_auth)."""
     models = {
-        m.name: serve.deployment(ModelServer).options(**deployment_options(m)).bind(m.model_dump())
+        m.name: serve.deployment(ModelServer)
+        .options(**deployment_options(m))
+        .bind(m.model_dump(), args.drift.model_dump())
         for m in args.models
     }
     router = serve.deployment(serve.ingress()(Router)).options(

@@ -195,6 +195,19 @@ class DriftConfig(StrictModel):
     queue_size: int = Field(
         64, ge=1, description="prompts waiting to be scored; beyond it new ones are skipped"
     )
+    max_tokens_per_s: float = Field(
+        4096,
+        gt=0,
+        description="prompt tokens each model replica scores per second at most (a prompt "
+        "beyond the budget is not scored)",
+    )
+    idle_wait_s: float = Field(
+        5.0,
+        ge=0,
+        description="a replica scores only while its engine has no request running or "
+        "waiting, and waits up to this long for that; then the prompt is not scored (under "
+        "steady load drift is sampled in the gaps). 0: score without waiting",
+    )
 
 
 class ServeArgs(StrictModel):

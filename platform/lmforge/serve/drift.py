@@ -3,7 +3,9 @@
 A sample of prompts is scored by the model itself (next-token loss over every prompt token,
 as bits per UTF-8 byte, the unit of `val_bpb`), off the request's path: the API hands a prompt
 to `DriftMonitor.offer`, a bounded queue, and a background task scores it on the model's
-replica. The rolling mean over the last `window` prompts, divided by the artifact's validation
+replica, where a `DriftScorer` keeps it from competing with decoding (it waits for the engine
+to be idle, and stays within a token budget) and scores in the engine's dtype (bf16 on a GPU) without a
+full fp32 copy of the logits. The rolling mean over the last `window` prompts, divided by the artifact's validation
 bits per byte, is `lmforge_drift_ratio`: about 1 while traffic looks like the training data,
 higher when it drifts away (another language, another domain, garbage).
 """
@@ -13,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from lmforge import storage
 from lmforge.serve.requestlog import sampled
@@ -59,17 +64,111 @@ def prompt_bits_per_byte(model, tokenizer, text: str, prefix: int | None = None)
     (the artifact's SpecialTokens.prefix_id; default <|eos|>, as documents are in lmforge's
     training). None for an empty text. Texts longer than the context are scored on their first
     `max_seq_len - 1` tokens (and those tokens' bytes)."""
-    ids = tokenizer.encode(text, add_special_tokens=False).ids[: model.cfg.max_seq_len - 1]
-    if not ids:
-        return None
+    ids = prompt_ids(model, tokenizer, text)
+    return bits_per_byte(model, tokenizer, ids, prefix) if ids else None
+
+
+def prompt_ids(model, tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False).ids[: model.cfg.max_seq_len - 1]
+
+
+# Positions whose logits are upcast to fp32 at a time: the loss never holds a (T, V) fp32
+# copy (8b at 8k tokens: 4 GiB), only LOSS_CHUNK x V of it.
+LOSS_CHUNK = 256
+
+
+def bits_per_byte(model, tokenizer, ids: list[int], prefix: int | None = None) -> float:
+    """Bits per byte of the tokens `ids`, scored in the model's own dtype (the serving
+    engine's: bf16 on a GPU) with the loss summed in fp32.
+
+    The input is the prefix and every token but the last, so the model computes logits only
+    for positions that have a target (none for the last token, which predicts nothing here).
+    """
     n_bytes = len(tokenizer.decode(ids, skip_special_tokens=False).encode("utf-8"))
     eos = prefix if prefix is not None else tokenizer.token_to_id(EOS)
     device = next(model.parameters()).device
-    tokens = torch.tensor([[eos if eos is not None else ids[0], *ids]], device=device)
+    inputs = torch.tensor([[eos if eos is not None else ids[0], *ids[:-1]]], device=device)
+    targets = torch.tensor(ids, device=device)
     with torch.inference_mode():
-        logits = model(tokens[:, :-1]).float()  # (1, T, V)
-        nats = torch.nn.functional.cross_entropy(logits[0], tokens[0, 1:], reduction="sum")
+        logits = model(inputs)[0]  # (T, V) in the model's dtype, T = len(ids)
+        nats = torch.zeros((), dtype=torch.float64, device=device)
+        for start in range(0, len(ids), LOSS_CHUNK):
+            chunk = logits[start : start + LOSS_CHUNK].float()
+            nats += F.cross_entropy(chunk, targets[start : start + LOSS_CHUNK], reduction="sum")
     return float(nats) / math.log(2) / max(n_bytes, 1)
+
+
+class TokenBudget:
+    """At most `tokens_per_s` scored tokens per second over any stretch of time: a bucket that
+    refills at that rate up to one second's worth. A prompt is admitted while the bucket is
+    not empty and may take it below zero (a prompt longer than one second's worth is scored
+    whole, then the next waits until the debt is refilled)."""
+
+    def __init__(self, tokens_per_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.clock = tokens_per_s, clock
+        self.level, self.last = tokens_per_s, clock()
+
+    def take(self, tokens: int) -> bool:
+        now = self.clock()
+        self.level = min(self.rate, self.level + (now - self.last) * self.rate)
+        self.last = now
+        if self.level <= 0:
+            return False
+        self.level -= tokens
+        return True
+
+
+class DriftScorer:
+    """Scores prompts on a replica's engine so that scoring never competes with decoding: it
+    waits (up to `idle_wait_s`) until the engine has no request running or waiting, and stays
+    within `max_tokens_per_s` scored tokens. A prompt refused is not scored (None), and
+    counted in `refused`."""
+
+    POLL_S = 0.01  # how often a waiting scorer looks at the engine's queues
+
+    def __init__(
+        self,
+        engine,
+        cfg,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.engine, self.idle_wait_s = engine, cfg.idle_wait_s
+        self.clock, self.sleep = clock, sleep
+        self.budget = TokenBudget(cfg.max_tokens_per_s, clock)
+        self.scored_tokens = 0
+        self.refused = {"busy": 0, "budget": 0}
+        self.lock = threading.Lock()  # scorings run in threads; one at a time
+
+    def busy(self) -> bool:
+        """Requests running or queued in the engine: two length reads, no lock or device sync."""
+        engine = self.engine
+        return bool(getattr(engine, "num_running", 0) or len(getattr(engine, "waiting", ())))
+
+    def wait_idle(self) -> bool:
+        if self.idle_wait_s <= 0:
+            return True
+        deadline = self.clock() + self.idle_wait_s
+        while self.busy():
+            if self.clock() >= deadline:
+                return False
+            self.sleep(self.POLL_S)
+        return True
+
+    def __call__(self, text: str, prefix: int | None = None) -> float | None:
+        model, tokenizer = self.engine.model, self.engine.tokenizer
+        ids = prompt_ids(model, tokenizer, text)
+        if not ids:
+            return None
+        with self.lock:
+            if not self.wait_idle():
+                self.refused["busy"] += 1
+                return None
+            if not self.budget.take(len(ids)):
+                self.refused["budget"] += 1
+                return None
+            self.scored_tokens += len(ids)
+            return bits_per_byte(model, tokenizer, ids, prefix)
 
 
 Scorer = Callable[[str], Awaitable[float | None]]

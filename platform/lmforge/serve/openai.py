@@ -55,7 +55,10 @@ def local_app(args: ServeArgs) -> FastAPI:
 
     backends = {
         m.name: LocalBackend(
-            m.name, load_engine(m), served_model_info(resolve_artifact(m.artifact), m.val_bpb)
+            m.name,
+            load_engine(m),
+            served_model_info(resolve_artifact(m.artifact), m.val_bpb),
+            args.drift,
         )
         for m in args.models
     }

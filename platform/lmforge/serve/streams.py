@@ -10,8 +10,8 @@ from typing import Any, Protocol
 
 from lmforge.model.generate import SamplingParams
 from lmforge.model.special import SpecialTokens
-from lmforge.serve.config import ANONYMOUS, LimitsConfig
-from lmforge.serve.drift import ServedModelInfo, prompt_bits_per_byte
+from lmforge.serve.config import ANONYMOUS, DriftConfig, LimitsConfig
+from lmforge.serve.drift import DriftScorer, ServedModelInfo
 from lmforge.serve.engine import Engine, EngineOverloaded, Output
 from lmforge.serve.protocol import APIError
 
@@ -33,8 +33,11 @@ class Backend(Protocol):
 class LocalBackend:
     """An Engine in this process."""
 
-    def __init__(self, name: str, engine: Engine, info: ServedModelInfo | None = None) -> None:
+    def __init__(
+        self, name: str, engine: Engine, info: ServedModelInfo | None = None, drift=None
+    ) -> None:
         self.name, self.engine = name, engine.start()
+        self.drift = DriftScorer(engine, drift or DriftConfig())
         self.tokenizer, self.max_seq_len = engine.tokenizer, engine.max_seq_len
         self.special = engine.special
         self.info = info or ServedModelInfo()
@@ -44,9 +47,7 @@ class LocalBackend:
 
     async def score(self, text: str) -> float | None:
         """The model's bits per byte on `text` (drift), in a thread beside the engine's."""
-        model = self.engine.model
-        prefix = self.special.prefix_id
-        return await asyncio.to_thread(prompt_bits_per_byte, model, self.tokenizer, text, prefix)
+        return await asyncio.to_thread(self.drift, text, self.special.prefix_id)
 
     async def healthy(self) -> bool:
         return self.engine.healthy()

@@ -364,11 +364,34 @@ class SpecSource(Protocol):
     ) -> LoopSpec: ...
 
 
+# The GPU presets' layout on 8 x 80 GiB GPUs at the data scaffold's seq_len (1b: 2048, 8b: 4096),
+# chosen by `lmforge plan` (tests/train/test_plan_memory.py): the 1b fits without recomputing
+# activations (the faster choice); the 8b needs activation checkpointing and 2 sequences per
+# micro-batch (~35 GiB per GPU; 4 sequences without checkpointing would need ~161 GiB).
+GPU_LAYOUT = {
+    "1b": {"seq_len": 2048, "micro_batch_size": 4, "activation_checkpointing": False},
+    "8b": {"seq_len": 4096, "micro_batch_size": 2, "activation_checkpointing": True},
+}
+GPU_WORKERS = 8
+
+
 def scaffold(preset: str) -> dict:
     """Values `lmforge init --preset` writes into configs/train.yaml."""
-    big = preset in ("1b", "8b")
+    layout = GPU_LAYOUT.get(preset)
+    if layout is None:
+        return {
+            "model": {"preset": preset if preset in PRESETS else "tiny"},
+            "train": {"global_batch_tokens": 16384, "micro_batch_size": 4},
+            "resources": {"num_workers": 2, "gpus_per_worker": 0},
+        }
     return {
-        "model": {"preset": preset if preset in PRESETS else "tiny"},
-        "train": {"global_batch_tokens": 524288 if big else 16384, "micro_batch_size": 4},
-        "resources": {"num_workers": 8 if big else 2, "gpus_per_worker": 1 if big else 0},
+        "model": {"preset": preset},
+        # 524288 tokens per step: 8 accumulation steps at either preset's layout
+        "train": {"global_batch_tokens": 524288, "micro_batch_size": layout["micro_batch_size"]},
+        "parallel": {
+            "activation_checkpointing": layout["activation_checkpointing"],
+            "compile": True,
+        },
+        "resources": {"num_workers": GPU_WORKERS, "gpus_per_worker": 1},
+        "plan": {"gpu_type": "H100"},
     }
