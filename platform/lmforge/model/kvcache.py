@@ -56,6 +56,38 @@ def fit_slots(
     return slots
 
 
+CPU_KV_CACHE_BYTES = 2 * 2**30  # the KV cache budget on a CPU when none is given
+GPU_MARGIN_BYTES = 512 * 2**20  # CUDA graphs' pool, allocator fragmentation, NCCL-free slack
+
+
+def activation_bytes(cfg, dtype: torch.dtype, prefill_tokens: int, slots: int) -> int:
+    """Peak transient memory of a step beside the weights and the cache: a prefill chunk's
+    activations (hidden, q/k/v, the SwiGLU's three F-wide tensors, attention scores if the
+    kernel materialises them) and the sampling of `slots` rows of fp32 logits (logits, sorted
+    values and int64 order, probabilities, noise: ~7 x 4 bytes per vocabulary entry)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_token = (4 * cfg.dim + 2 * cfg.n_heads * cfg.head_dim + 3 * cfg.ffn_dim) * itemsize
+    scores = cfg.n_heads * prefill_tokens * min(prefill_tokens, cfg.max_seq_len) * 4
+    return prefill_tokens * per_token + scores + slots * cfg.vocab_size * 28
+
+
+def kv_budget(
+    device: torch.device,
+    kv_cache_bytes: int | None,
+    gpu_memory_utilization: float,
+    reserve_bytes: int,
+) -> int:
+    """Bytes the KV cache may take: `kv_cache_bytes` when given; on a GPU, the fraction
+    `gpu_memory_utilization` of its memory less what is in use now (the weights, the CUDA
+    context, other processes) and the step's transient peak; on a CPU, CPU_KV_CACHE_BYTES."""
+    if kv_cache_bytes is not None:
+        return kv_cache_bytes
+    if device.type != "cuda":
+        return CPU_KV_CACHE_BYTES
+    free, total = torch.cuda.mem_get_info(device)
+    return int(total * gpu_memory_utilization) - (total - free) - reserve_bytes - GPU_MARGIN_BYTES
+
+
 class LayerCache:
     """One layer's view of the cache for the rows of the current forward pass."""
 

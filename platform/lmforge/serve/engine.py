@@ -23,20 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 import logging
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from lmforge.model.generate import (
     SamplingParams,
     TextTracker,
-    forward,
     make_generator,
     sample_tokens,
     stop_ids,
@@ -45,90 +42,20 @@ from lmforge.model.generate import (
 from lmforge.model.kvcache import (
     DecodeRunner,
     KVCache,
+    activation_bytes,
     fit_slots,
     host_to_device,
+    kv_budget,
     kv_bytes_per_token,
 )
 from lmforge.model.special import LMFORGE, SpecialTokens
+from lmforge.serve.prefill import ChunkedPrefill
+from lmforge.serve.records import EngineOverloaded, Output, Request, TokenLogprob
 
 log = logging.getLogger(__name__)
 
 
-class EngineOverloaded(Exception):
-    """The waiting queue is full: the caller should retry later (HTTP 503 + Retry-After)."""
-
-
-@dataclass
-class TokenLogprob:
-    token: int
-    logprob: float | None  # None for the first prompt token (nothing predicts it)
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
-class Output:
-    """What one step produced for one request (streamed as it comes)."""
-
-    tokens: list[int]  # new completion tokens
-    text: str  # new completion text (stop strings and incomplete characters held back)
-    logprobs: list[TokenLogprob] | None = None  # per new token, when asked
-    prompt_logprobs: list[TokenLogprob] | None = None  # once, first, with echo + logprobs
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    error: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    batch_size: int = 0  # requests running in the step that produced this
-
-
-@dataclass
-class Request:
-    prompt: list[int]
-    params: SamplingParams
-    on_output: Callable[[Output], None]  # called from the engine thread
-    id: int = field(default_factory=itertools.count().__next__)
-    cancelled: bool = False
-    slot: int = -1
-    tokens: list[int] = field(default_factory=list)
-    text: TextTracker | None = None
-    gen: torch.Generator | None = None
-    started_step: int = -1  # the engine step at which it was admitted
-    prefilled: int = 0  # prompt tokens already in the cache
-    prompt_lp: list[TokenLogprob] = field(default_factory=list)  # echo + logprobs, so far
-
-
-CPU_KV_CACHE_BYTES = 2 * 2**30  # the KV cache budget on a CPU when none is given
-GPU_MARGIN_BYTES = 512 * 2**20  # CUDA graphs' pool, allocator fragmentation, NCCL-free slack
-
-
-def activation_bytes(cfg, dtype: torch.dtype, prefill_tokens: int, slots: int) -> int:
-    """Peak transient memory of a step beside the weights and the cache: a prefill chunk's
-    activations (hidden, q/k/v, the SwiGLU's three F-wide tensors, attention scores if the
-    kernel materialises them) and the sampling of `slots` rows of fp32 logits (logits, sorted
-    values and int64 order, probabilities, noise: ~7 x 4 bytes per vocabulary entry)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    per_token = (4 * cfg.dim + 2 * cfg.n_heads * cfg.head_dim + 3 * cfg.ffn_dim) * itemsize
-    scores = cfg.n_heads * prefill_tokens * min(prefill_tokens, cfg.max_seq_len) * 4
-    return prefill_tokens * per_token + scores + slots * cfg.vocab_size * 28
-
-
-def kv_budget(
-    device: torch.device,
-    kv_cache_bytes: int | None,
-    gpu_memory_utilization: float,
-    reserve_bytes: int,
-) -> int:
-    """Bytes the KV cache may take: `kv_cache_bytes` when given; on a GPU, the fraction
-    `gpu_memory_utilization` of its memory less what is in use now (the weights, the CUDA
-    context, other processes) and the step's transient peak; on a CPU, CPU_KV_CACHE_BYTES."""
-    if kv_cache_bytes is not None:
-        return kv_cache_bytes
-    if device.type != "cuda":
-        return CPU_KV_CACHE_BYTES
-    free, total = torch.cuda.mem_get_info(device)
-    return int(total * gpu_memory_utilization) - (total - free) - reserve_bytes - GPU_MARGIN_BYTES
-
-
-class Engine:
+class Engine(ChunkedPrefill):
     def __init__(
         self,
         model,
@@ -293,76 +220,6 @@ class Engine:
             positions[r.slot] = len(r.prompt) + len(r.tokens) - 1
         self.logits = self.decoder(tokens, positions)  # (B, V), row = slot
         self.pending = [(r, r.slot) for r in requests]
-
-    def _prefill_chunks(self) -> list[tuple[Request, torch.Tensor]]:
-        """Prefill up to `max_prefill_tokens` prompt tokens of the admitted requests, in one
-        pass; return (request, last-position logits (V,)) for each prompt now complete."""
-        budget, chunks = self.max_prefill_tokens, []
-        for request in self.running:
-            todo = len(request.prompt) - request.prefilled
-            if todo > 0 and not request.cancelled and budget > 0:
-                chunks.append((request, min(todo, budget)))
-                budget -= chunks[-1][1]
-        if not chunks:
-            return []
-        try:
-            results = self._prefill_pass(chunks)
-        except Exception:  # one prompt may be what breaks the pass: fail only those that do
-            results = []
-            for chunk in chunks:
-                try:
-                    results += self._prefill_pass([chunk])
-                except Exception:
-                    self._fail_one(chunk[0], "prefill")
-        ready = []
-        for request, n, logits in results:
-            got = self._guarded(self._after_prefill, request, n, logits)
-            if got is not None:
-                ready.append((request, got))
-        return ready
-
-    def _prefill_pass(self, chunks: list[tuple[Request, int]]):
-        keep = []
-        for request, n in chunks:
-            complete = request.prefilled + n == len(request.prompt)
-            echo = request.params.echo and request.params.logprobs is not None
-            keep.append(list(range(n)) if echo else [n - 1] if complete else [])
-        logits = forward(
-            self.model,
-            self.cache,
-            [r.slot for r, _ in chunks],
-            [r.prompt[r.prefilled : r.prefilled + n] for r, n in chunks],
-            [r.prefilled for r, _ in chunks],
-            keep=keep,
-        )
-        out, at = [], 0
-        for (request, n), kept in zip(chunks, keep, strict=True):
-            out.append((request, n, logits[at : at + len(kept)]))
-            at += len(kept)
-        return out
-
-    def _after_prefill(self, request: Request, n: int, logits: torch.Tensor):
-        """Book a prefilled chunk: prompt logprobs (echo), and when the prompt is complete the
-        logits to sample its first token from (None while more chunks are to come)."""
-        p, start = request.params, request.prefilled
-        request.prefilled += n
-        complete = request.prefilled == len(request.prompt)
-        if p.echo and p.logprobs is not None:
-            targets = request.prompt[start + 1 : start + n + 1]  # the last position has none
-            chosen = torch.tensor(targets, device=self.device)
-            picked, tops = token_logprobs(logits[: len(targets)], chosen, p.logprobs)
-            request.prompt_lp += [TokenLogprob(*x) for x in zip(targets, picked, tops, strict=True)]
-        if not complete:
-            return None
-        prompt_lp = None
-        if p.echo and p.logprobs is not None:
-            prompt_lp = [TokenLogprob(request.prompt[0], None, []), *request.prompt_lp]
-        if p.max_tokens <= 0:
-            self._finish(request, "length", Output([], "", prompt_logprobs=prompt_lp))
-            return None
-        if prompt_lp is not None:
-            request.on_output(Output([], "", prompt_logprobs=prompt_lp))
-        return logits[-1]
 
     def _sample(self, batch: list[Request], logits: torch.Tensor) -> list[int | None]:
         """One token per request, in one batched call and one host transfer; if that call
