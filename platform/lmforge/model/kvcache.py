@@ -67,7 +67,7 @@ def activation_bytes(cfg, dtype: torch.dtype, prefill_tokens: int, slots: int) -
     values and int64 order, probabilities, noise: ~7 x 4 bytes per vocabulary entry)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     per_token = (4 * cfg.dim + 2 * cfg.n_heads * cfg.head_dim + 3 * cfg.ffn_dim) * itemsize
-    scores = cfg.n_heads * prefill_tokens * min(prefill_tokens, cfg.max_seq_len) * 4
+    scores = cfg.n_heads * prefill_tokens * cfg.max_seq_len * 4  # a chunk against the window
     return prefill_tokens * per_token + scores + slots * cfg.vocab_size * 28
 
 
@@ -238,6 +238,8 @@ class DecodeRunner:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: another thread's CUDA work meanwhile (the drift scorer shares the GPU)
+        # neither breaks the capture nor is captured.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             static_out = self._step(static_in, span)
         return graph, static_in, static_out
