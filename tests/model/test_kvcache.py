@@ -153,3 +153,27 @@ def test_stop_strings_across_multibyte_tokens(tok):
     tracker = TextTracker(tok, stop=["Straß"])
     streamed = "".join(tracker.add(t) for t in ids if not tracker.stopped)
     assert tracker.stopped and streamed == tracker.text == "déjà vu, "
+
+
+def test_cached_attention_folds_query_groups_instead_of_repeating_keys(model, monkeypatch):
+    """With a mask, SDPA's grouped-query path is its math kernel, which copies every cached key
+    H/K times; the cache hands SDPA equal head counts (queries folded), keys as a cache view."""
+    from lmforge.model import kvcache
+
+    calls = []
+    real = kvcache.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        calls.append((q.shape, k.shape, kwargs))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(kvcache.F, "scaled_dot_product_attention", spy)
+    cache = KVCache(CFG, slots=2, dtype=torch.float64)
+    forward(model, cache, [0, 1], [[1, 2, 3], [4, 5, 6]], [0, 0])
+    DecodeRunner(model, cache)([7, 8], [3, 3])
+    G = CFG.n_heads // CFG.n_kv_heads
+    assert len(calls) == 2 * CFG.n_layers
+    (q_prefill, k_prefill, kw), (q_decode, k_decode, _) = calls[0], calls[-1]
+    assert k_decode == (2, CFG.n_kv_heads, 64, CFG.head_dim)
+    assert q_prefill == (2, CFG.n_kv_heads, G * 3, CFG.head_dim) and k_prefill[1] == CFG.n_kv_heads
+    assert q_decode == (2, CFG.n_kv_heads, G, CFG.head_dim) and "enable_gqa" not in kw

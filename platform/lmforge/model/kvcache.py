@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from lmforge.model.llama import LlamaConfig
 
@@ -110,6 +111,22 @@ class LayerCache:
             return keys[:B, :, :S], values[:B, :, :S], c.mask
         return keys[c.rows, :, :S], values[c.rows, :, :S], c.mask
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Store k, v (B, K, T, E) and attend q (B, H, T, E) over the cached keys: (B, H, T, E).
+
+        Grouped-query attention with a mask would make PyTorch's SDPA fall back to its math
+        kernel, which repeats every cached key and value H/K times. Instead each group of H/K
+        query heads is folded into the query length, so one KV head serves (H/K) x T queries
+        and the fused kernels read the cache as it is.
+        """
+        keys, values, _ = self.update(k, v, positions)
+        B, H, T, E = q.shape
+        K = keys.shape[1]
+        y = F.scaled_dot_product_attention(
+            q.reshape(B, K, H // K * T, E), keys, values, attn_mask=self.cache.folded_mask
+        )
+        return y.view(B, H, T, E)
+
 
 class KVCache:
     """Keys and values of every layer for `slots` sequences of up to `max_seq_len` tokens."""
@@ -123,6 +140,7 @@ class KVCache:
         max_seq_len: int | None = None,
     ) -> None:
         self.slots = slots
+        self.groups = cfg.n_heads // cfg.n_kv_heads  # query heads per KV head
         self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
         self.scratch = self.max_seq_len  # the last column: where padding tokens write
         shape = (cfg.n_layers, slots, cfg.n_kv_heads, self.max_seq_len + 1, cfg.head_dim)
@@ -133,6 +151,7 @@ class KVCache:
         self.rows = torch.zeros(0, dtype=torch.long, device=self.device)
         self.write = self.rows[:, None]
         self.mask = torch.zeros(0, 1, 1, 0, dtype=torch.bool, device=self.device)
+        self.folded_mask = self.mask
         self.span, self.prefix = 0, False
 
     def __getitem__(self, layer: int) -> LayerCache:
@@ -148,6 +167,10 @@ class KVCache:
         self.rows, self.write, self.span = rows, write, span
         # A query at position p sees the keys at 0..p of its own row (causal, per row).
         self.mask = torch.arange(span, device=self.device) <= positions[:, None, :, None]
+        B, T = positions.shape
+        self.folded_mask = (
+            self.mask[:, :, None].expand(B, 1, self.groups, T, span).reshape(B, 1, -1, span)
+        )
 
     def window(self, ends: Sequence[int]) -> int:
         """The read window (a bucket) for rows that reach positions up to max(ends) - 1."""
