@@ -234,7 +234,7 @@ class DecodeRunner:
         key = (B, span)
         if key not in self.graphs:
             self.graphs[key] = self._capture(B, span)
-        graph, static_in, static_out = self.graphs[key]
+        graph, static_in, static_out, _ = self.graphs[key]
         static_in.copy_(host, non_blocking=True)
         graph.replay()
         return static_out
@@ -265,4 +265,7 @@ class DecodeRunner:
         # neither breaks the capture nor is captured.
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             static_out = self._step(static_in, span)
-        return graph, static_in, static_out
+        # The per-pass tensors made during capture (rows, write positions, masks) are the
+        # graph's buffers: kept alive, their memory is never handed to another capture.
+        c = self.cache
+        return graph, static_in, static_out, (c.rows, c.write, c.mask, c.folded_mask)
