@@ -105,14 +105,14 @@ def test_a_request_failing_in_the_engine_fails_alone(served, monkeypatch):
 
     app, url = served
     engine = app.state.backends["tiny"].engine
-    sample = engine_module.sample_batch
+    sample = engine_module.sample_tokens
 
     def fragile(logits, params, gens):
         if any(p.top_p == 0.25 for p in params):
             raise RuntimeError("sampling exploded")
         return sample(logits, params, gens)
 
-    monkeypatch.setattr(engine_module, "sample_batch", fragile)
+    monkeypatch.setattr(engine_module, "sample_tokens", fragile)
     bad = {**NORMAL, "top_p": 0.25, "temperature": 1.0}
     longer = {**NORMAL, "max_tokens": 24}
     results = {}
@@ -141,19 +141,16 @@ def test_a_request_failing_in_the_engine_fails_alone(served, monkeypatch):
 def test_a_broken_engine_says_so_on_health_and_in_check_health(artifact, monkeypatch):
     """A failed batched step: /health 503 (so probes and Serve replace the replica), and new
     requests get 503 with Retry-After instead of waiting for their timeout."""
+    from lmforge.model.kvcache import DecodeRunner
     from lmforge.serve import engine as engine_module
     from lmforge.serve.app import ModelServer
 
-    real_forward = engine_module.forward
-
-    def broken(model, cache, slots, tokens, positions):
-        if len(tokens[0]) == 1:  # the batched decode (prefills pass whole prompts)
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real_forward(model, cache, slots, tokens, positions)
+    def broken(self, tokens, positions):  # the batched decode step
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setenv("LMFORGE_TEST_ABUSE_KEYS", KEY)
     app = make_app(artifact)
-    monkeypatch.setattr(engine_module, "forward", broken)
+    monkeypatch.setattr(DecodeRunner, "__call__", broken)
     with live_server(app) as url, httpx2.Client(base_url=url, headers=AUTH, timeout=5) as http:
         assert http.get("/health").status_code == 200
         failed = http.post("/v1/completions", json=NORMAL)

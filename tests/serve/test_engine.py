@@ -152,14 +152,14 @@ def test_a_request_that_fails_alone_fails_alone_and_gives_its_slot_back(parts, m
     from lmforge.serve import engine as engine_module
 
     model, tok = parts
-    sample = engine_module.sample_batch
+    sample = engine_module.sample_tokens
 
     def fragile(logits, params, gens):  # raises whenever the poisoned row is in the call
         if any(p.top_p == 0.5 for p in params):
             raise RuntimeError("sampling exploded")
         return sample(logits, params, gens)
 
-    monkeypatch.setattr(engine_module, "sample_batch", fragile)
+    monkeypatch.setattr(engine_module, "sample_tokens", fragile)
     engine = Engine(model, tok, max_batch_size=4)
     greedy = SamplingParams(max_tokens=5, temperature=0, stop_token_ids=())
     bad_seed = SamplingParams(max_tokens=5, temperature=1.0, seed=2**64, stop_token_ids=())
@@ -184,18 +184,14 @@ def test_a_request_that_fails_alone_fails_alone_and_gives_its_slot_back(parts, m
 
 
 def test_a_broken_batch_step_makes_the_engine_unhealthy(parts, monkeypatch):
-    from lmforge.serve import engine as engine_module
-
     model, tok = parts
-    engine = Engine(model, tok, max_batch_size=2).start()
-    real_forward = engine_module.forward
+    engine = Engine(model, tok, max_batch_size=2)
 
-    def broken(model, cache, slots, tokens, positions):
-        if len(tokens[0]) == 1:  # the batched decode step (prefills pass whole prompts)
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real_forward(model, cache, slots, tokens, positions)
+    def broken(tokens, positions):  # the batched decode step
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(engine_module, "forward", broken)
+    monkeypatch.setattr(engine, "decoder", broken)
+    engine.start()
     params = SamplingParams(max_tokens=6, temperature=0, stop_token_ids=())
 
     async def one():

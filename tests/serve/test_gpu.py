@@ -48,3 +48,19 @@ def test_cuda_bf16_seeded_sampling_is_reproducible_across_batches(artifact):
     others = [(tok.encode("hello").ids, SamplingParams(max_tokens=20, seed=i)) for i in range(3)]
     batched = run(Engine(model, tok, max_batch_size=4), [*others, (prompt, params)])[-1]
     assert len(alone) == 20 and batched == alone
+
+
+def test_cuda_graph_decode_equals_eager_and_is_captured_per_bucket(artifact):
+    model = load_model(artifact, device="cuda")
+    tok = Tokenizer.from_file(f"{artifact}/tokenizer.json")
+    texts = ["hello", "the quick brown fox", "def add(a, b):", "Paris is", "x"]
+    jobs = [
+        (tok.encode(t).ids, SamplingParams(max_tokens=n, temperature=0, stop_token_ids=()))
+        for t, n in zip(texts, [5, 70, 9, 30, 12], strict=True)
+    ]
+    graphs = Engine(model, tok, max_batch_size=8, cuda_graphs=True)
+    eager = Engine(model, tok, max_batch_size=8, cuda_graphs=False)
+    assert run(graphs, jobs) == run(eager, jobs)
+    # Batches of 5 down to 1 row (buckets 8, 4, 2, 1), windows of 64 and 128 positions.
+    assert {span for _, span in graphs.decoder.graphs} == {64, 128}
+    assert not eager.decoder.graphs

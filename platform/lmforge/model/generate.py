@@ -1,13 +1,15 @@
-"""Incremental decoding: a slot-based KV cache, sampling, stop strings and logprobs.
+"""Incremental decoding: forward passes over the KV cache, sampling, stop strings, logprobs.
 
-The cache holds `slots` sequences of up to `max_seq_len` tokens. A forward pass names the slots
-of its rows (`rows`), and each row carries its own positions, so rows at different lengths
-decode together: this is what continuous batching (lmforge.serve.engine) builds on. `generate`
-below is the simple static-batch loop on the same pieces, for evaluation and scripts.
+The cache (lmforge.model.kvcache) holds `slots` sequences of up to `max_seq_len` tokens. A
+forward pass names the slots of its rows (`rows`), and each row carries its own positions, so
+rows at different lengths run together: this is what continuous batching
+(lmforge.serve.engine) builds on. `generate` below is the simple static-batch loop on the same
+pieces, for evaluation and scripts.
 
     cache = KVCache(model.cfg, slots=8)
-    logits = forward(model, cache, rows=[3], tokens=[prompt], start=[0])   # prefill slot 3
-    logits = forward(model, cache, rows=[3, 5], tokens=[[t3], [t5]], start=[n3, n5])  # decode
+    logits = forward(model, cache, rows=[3, 1], tokens=[p3, p1], start=[0, 0],
+                     keep=last_positions([p3, p1]))              # prefill slots 3 and 1: (2, V)
+    logits = forward(model, cache, rows=[3, 1], tokens=[[t3], [t1]], start=[n3, n1])  # decode
 """
 
 from __future__ import annotations
@@ -18,49 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmforge.model.llama import Llama, LlamaConfig
+from lmforge.model.kvcache import KVCache, head, hidden_forward, host_to_device
+from lmforge.model.llama import Llama
 from lmforge.model.special import LMFORGE, SpecialTokens
-
-
-class LayerCache:
-    """One layer's view of the cache for the rows of the current forward pass."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, span: int) -> None:
-        self.k, self.v, self.rows = k, v, rows  # (slots, K, S_max, E) each; rows (B,)
-        self.span = span  # positions 0..span-1 are in use (known on the host: no GPU sync)
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        """Store k, v (B, K, T, E) at `positions` (B, T); return all cached k, v and the mask."""
-        rows = self.rows[:, None]  # (B, 1) broadcast against positions (B, T)
-        self.k[rows, :, positions] = k.transpose(1, 2)  # indexed view is (B, T, K, E)
-        self.v[rows, :, positions] = v.transpose(1, 2)
-        S = self.span
-        keys, values = self.k[self.rows, :, :S], self.v[self.rows, :, :S]  # (B, K, S, E)
-        # A query at position p sees the keys at 0..p of its own row (causal, per row).
-        mask = torch.arange(S, device=k.device) <= positions[:, None, :, None]  # (B, 1, T, S)
-        return keys, values, mask
-
-
-class KVCache:
-    """Keys and values of every layer for `slots` sequences: (layers, slots, K, S_max, E) each."""
-
-    def __init__(
-        self,
-        cfg: LlamaConfig,
-        slots: int,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        max_seq_len: int | None = None,
-    ) -> None:
-        self.slots, self.max_seq_len = slots, max_seq_len or cfg.max_seq_len
-        shape = (cfg.n_layers, slots, cfg.n_kv_heads, self.max_seq_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.rows = torch.zeros(0, dtype=torch.long, device=device)
-        self.span = 0
-
-    def __getitem__(self, layer: int) -> LayerCache:
-        return LayerCache(self.k[layer], self.v[layer], self.rows, self.span)
 
 
 @torch.no_grad()
@@ -70,18 +32,41 @@ def forward(
     rows: Sequence[int],
     tokens: Sequence[Sequence[int]],
     start: Sequence[int],
+    keep: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
-    """Run `tokens` (B rows of equal length T) at positions start..start+T-1 of their cache slots.
+    """Run each row's `tokens` at positions start..start+len-1 of its cache slot `rows[i]`.
 
-    Returns logits (B, T, V) in fp32.
+    Rows may differ in length (a batch of prefill chunks): shorter ones are padded, and their
+    padding writes only to the cache's scratch column. `keep` names, per row, the offsets into
+    its tokens whose logits are wanted; the result is then (N, V) fp32, the kept positions in
+    row order, and the output head runs on those alone (a prefill wants the last position, not
+    a (T, V) block per prompt). Without `keep`: (B, T, V) fp32, every position.
     """
-    device = cache.k.device
-    ids = torch.tensor(tokens, dtype=torch.long, device=device)  # (B, T)
-    offsets = torch.arange(ids.shape[1], device=device)
-    positions = torch.tensor(start, dtype=torch.long, device=device)[:, None] + offsets  # (B, T)
-    cache.rows = torch.tensor(rows, dtype=torch.long, device=device)
-    cache.span = max(start) + ids.shape[1]
-    return model(ids, positions=positions, kv_cache=cache).float()
+    device = cache.device
+    T = max(len(t) for t in tokens)
+    if max(s + len(t) for s, t in zip(start, tokens, strict=True)) > cache.max_seq_len:
+        raise ValueError(f"a row runs past the cache's max_seq_len {cache.max_seq_len}")
+    ids, pos, write = [], [], []
+    for s, t in zip(start, tokens, strict=True):
+        n, last = len(t), cache.max_seq_len - 1
+        ids.append(list(t) + [0] * (T - n))
+        pos.append([min(s + j, last) for j in range(T)])
+        write.append([s + j if j < n else cache.scratch for j in range(T)])
+    host = host_to_device([ids, pos, write], torch.long, device)  # (3, B, T): one copy
+    span = cache.window([s + len(t) for s, t in zip(start, tokens, strict=True)])
+    cache.prefix = list(rows) == list(range(len(rows)))
+    cache.prepare(host_to_device(list(rows), torch.long, device), host[1], host[2], span)
+    hidden = hidden_forward(model, host[0], host[1], cache)  # (B, T, D)
+    if keep is None:
+        return head(model, hidden)
+    index = [(i, j) for i, offsets in enumerate(keep) for j in offsets]
+    picked = host_to_device(index, torch.long, device).reshape(-1, 2)
+    return head(model, hidden[picked[:, 0], picked[:, 1]])
+
+
+def last_positions(tokens: Sequence[Sequence[int]]) -> list[list[int]]:
+    """`keep` for the last token of each row."""
+    return [[len(t) - 1] for t in tokens]
 
 
 # ---------------------------------------------------------------- sampling
@@ -123,7 +108,15 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -
 def sample_batch(
     logits: torch.Tensor, params: Sequence[SamplingParams], gens: Sequence[torch.Generator]
 ) -> list[int]:
-    """Next token of each row of logits (B, V) fp32, with one host sync for the whole batch.
+    """Next token of each row of logits (B, V) fp32, with one host sync for the whole batch."""
+    return sample_tokens(logits, params, gens).tolist()
+
+
+def sample_tokens(
+    logits: torch.Tensor, params: Sequence[SamplingParams], gens: Sequence[torch.Generator]
+) -> torch.Tensor:
+    """Next token of each row of logits (B, V) fp32, as a (B,) tensor on their device: nothing
+    here waits for the device (the per-row settings go over in one pinned copy).
 
     Sampling is the Gumbel-max trick: argmax(logits / T + Gumbel noise) is a draw from
     softmax(logits / T). Each row's noise comes from its own generator and everything else is
@@ -131,9 +124,20 @@ def sample_batch(
     """
     B, V = logits.shape
     device = logits.device
-    temps = torch.tensor([max(p.temperature, 1e-6) for p in params], device=device)
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
+    greedy_rows = [p.temperature <= 0 for p in params]
+    if all(greedy_rows):
+        return logits.argmax(-1)
+    settings = host_to_device(
+        [
+            [max(p.temperature, 1e-6) for p in params],
+            [p.top_k if 0 < p.top_k < V else V for p in params],
+            [p.top_p for p in params],
+            [float(g) for g in greedy_rows],
+        ],
+        torch.float32,
+        device,
+    )
+    temps, top_k, top_p, greedy = settings[0], settings[1], settings[2], settings[3] > 0
     scaled, order = (logits / temps[:, None]).sort(dim=-1, descending=True)  # (B, V) each
     rank = torch.arange(V, device=device)
     probs = torch.softmax(scaled, dim=-1)
@@ -143,8 +147,7 @@ def sample_batch(
     gumbel = -torch.log(-torch.log(noise.clamp_min(1e-20)))  # per vocabulary id
     pick = (scaled.masked_fill(drop, -math.inf) + gumbel.gather(1, order)).argmax(-1)
     sampled = order.gather(1, pick[:, None])[:, 0]
-    greedy = torch.tensor([p.temperature <= 0 for p in params], device=device)
-    return torch.where(greedy, logits.argmax(-1), sampled).tolist()
+    return torch.where(greedy, logits.argmax(-1), sampled)
 
 
 def token_logprobs(
@@ -169,12 +172,18 @@ def token_logprobs(
 class TextTracker:
     """The decoded text of a growing token list: deltas safe to stream, and stop strings.
 
-    Text is withheld while it ends in an incomplete UTF-8 character or could be the start of a
-    stop string, so a streamed answer never shows what the final answer cuts off.
+    Decoding is incremental (the tokenizer's `DecodeStream`: each token decodes a short window,
+    not the whole sequence again, so a long answer costs O(n), not O(n^2)); a token that ends
+    inside a multi-byte UTF-8 character gives no text until the character completes. Text is
+    also withheld while it could be the start of a stop string, so a streamed answer never
+    shows what the final answer cuts off.
     """
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
+        from tokenizers.decoders import DecodeStream
+
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.stream = DecodeStream(skip_special_tokens=True)
         self.ids: list[int] = []
         self.text = ""  # everything decoded so far (cut at a stop string once one is found)
         self.sent = 0  # characters already handed out
@@ -183,16 +192,15 @@ class TextTracker:
     def add(self, token: int) -> str:
         """Append a token; return the new text that is safe to emit (maybe empty)."""
         self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        before = len(self.text)
+        self.text += self.stream.step(self.tokenizer, token) or ""
         for s in self.stop:
-            at = self.text.find(s, max(0, self.sent - len(s)))
+            at = self.text.find(s, max(0, before - len(s) + 1))
             if at >= 0:
                 self.text, self.stopped = self.text[:at], True
         if self.stopped:
             return self.flush()
         safe = len(self.text)
-        if self.text.endswith("\ufffd"):
-            safe -= 1
         for s in self.stop:  # hold back a suffix that a stop string starts with
             for n in range(min(len(s) - 1, safe), 0, -1):
                 if self.text[:safe].endswith(s[:n]):
@@ -201,7 +209,12 @@ class TextTracker:
         return self._emit(safe)
 
     def flush(self) -> str:
-        """Everything not yet emitted (at the end of the sequence)."""
+        """Everything not yet emitted (at the end of the sequence), with the bytes of an
+        incomplete last character decoded as the full decode would (U+FFFD)."""
+        if not self.stopped and self.ids:
+            full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            if full.startswith(self.text):
+                self.text = full
         return self._emit(len(self.text))
 
     def _emit(self, upto: int) -> str:
@@ -227,7 +240,7 @@ def generate(
     unless a request names its own `stop_token_ids`.
 
     Returns per prompt {"tokens": [...], "text": str, "finish_reason": "stop" | "length",
-    "logprobs": [float] (when asked)}. Prefill runs one prompt at a time (no padding needed).
+    "logprobs": [float] (when asked)}. The prompts are prefilled together in one pass.
     """
     plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
     dtype = next(model.parameters()).dtype
@@ -239,21 +252,19 @@ def generate(
         state = {"row": row, "pos": len(prompt), "tokens": [], "logprobs": [], "budget": budget}
         state.update(text=TextTracker(tokenizer, p.stop), gen=make_generator(p.seed, device))
         state["finish"] = "length" if budget <= 0 else None
-        if budget > 0:
-            state["last"] = forward(model, cache, [row], [list(prompt)], [0])[0, -1]
         states.append(state)
-    while True:
-        live = [s for s in states if s["finish"] is None]
-        if not live:
-            break
-        logits = torch.stack([s["last"] for s in live])
-        tokens = sample_batch(logits, [plist[s["row"]] for s in live], [s["gen"] for s in live])
-        for s, token in zip(live, tokens, strict=True):
+    live = [s for s in states if s["finish"] is None]
+    if live:  # every prompt prefilled in one pass, logits of the last positions only
+        chunks = [list(prompts[s["row"]]) for s in live]
+        rows, start = [s["row"] for s in live], [0] * len(live)
+        logits = forward(model, cache, rows, chunks, start, keep=last_positions(chunks))
+    while live:
+        chosen = sample_tokens(logits, [plist[s["row"]] for s in live], [s["gen"] for s in live])
+        tokens = chosen.tolist()
+        for i, (s, token) in enumerate(zip(live, tokens, strict=True)):
             p = plist[s["row"]]
             if p.logprobs is not None:
-                s["logprobs"].append(
-                    token_logprobs(s["last"][None], torch.tensor([token], device=device), 0)[0][0]
-                )
+                s["logprobs"].append(token_logprobs(logits[i : i + 1], chosen[i : i + 1], 0)[0][0])
             s["tokens"].append(token)
             if token in stop_ids(p, special):
                 s["finish"] = "stop"
@@ -272,11 +283,11 @@ def generate(
             [s["row"] for s in live],
             [[s["tokens"][-1]] for s in live],
             [s["pos"] + len(s["tokens"]) - 1 for s in live],
+            keep=[[0]] * len(live),
         )
-        for s, row_logits in zip(live, logits[:, -1], strict=True):
-            s["last"] = row_logits
     out = []
     for s, p in zip(states, plist, strict=True):
+        s["text"].flush()
         result = {"tokens": s["tokens"], "text": s["text"].text, "finish_reason": s["finish"]}
         if p.logprobs is not None:
             result["logprobs"] = s["logprobs"]

@@ -158,9 +158,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope, positions), apply_rope(k, rope, positions)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, E)
         if cache is not None:
-            # Incremental decoding (lmforge.model.generate): the cache stores this step's keys
-            # and values and returns every cached one (B, K, S, E) with a (B, 1, T, S) mask.
-            k, v, mask = cache.update(k, v, positions)
+            # Incremental decoding (lmforge.model.kvcache): the cache stores this step's keys
+            # and values and attends over every cached one, in place.
+            y = cache.attend(q, k, v, positions)  # (B, H, T, E)
+            return self.wo(y.transpose(1, 2).reshape(B, T, -1))
         # `mask` (B, 1, T, T) bool, True = may attend: a packed row's document mask (see
         # `document_mask`); None = plain causal attention.
         # Grouped-query attention: each group of H/K query heads shares one key/value head.

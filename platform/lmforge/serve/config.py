@@ -62,7 +62,36 @@ class ModelServeConfig(StrictModel):
         "to the replica's num_cpus). On a busy CPU host, 1 avoids thread oversubscription",
     )
     max_batch_size: int = Field(
-        16, ge=1, description="sequences decoded together (KV cache slots); 1 turns batching off"
+        64,
+        ge=1,
+        description="most sequences decoded together: the KV cache gets this many slots of "
+        "max_seq_len tokens, or fewer if fewer fit its memory budget; 1 turns batching off",
+    )
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="fraction of the GPU's memory the replica may use: the KV cache gets what "
+        "is left of it after the weights, the CUDA context and a step's activations (a replica "
+        "that cannot fit one max-length sequence refuses to start, saying so)",
+    )
+    kv_cache_gb: float | None = Field(
+        None,
+        gt=0,
+        description="KV cache budget in GiB (None: from gpu_memory_utilization on a GPU, 2 GiB "
+        "on a CPU)",
+    )
+    max_prefill_tokens: int = Field(
+        2048,
+        ge=1,
+        description="prompt tokens prefilled per engine step, all admitted prompts together; a "
+        "longer prompt is prefilled in chunks over several steps, so running requests keep "
+        "getting tokens meanwhile",
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="on a GPU, replay decode steps from CUDA graphs (one per batch and "
+        "context-length bucket, captured on first use); off: eager decode",
     )
     max_waiting: int = Field(
         256, ge=0, description="requests queued for a slot; beyond it the replica answers 503"

@@ -1,105 +1,101 @@
 """Continuous batching: one model, many requests, one decoding step at a time.
 
-Every `step()` first admits waiting requests into free cache slots (each prefilled alone, so no
-padding), then samples one token for every running request and runs one batched forward pass
-of the last tokens. Requests join and leave the running batch at every step: a new request's
-first token does not wait for the batch to finish, and a finished or cancelled one frees its
-slot at once. `start()` runs steps in a background thread; `stream()` is the asyncio side.
+Every `step()` admits waiting requests into free cache slots, prefills prompt chunks of the
+admitted ones together (up to `max_prefill_tokens` prompt tokens per step, so a long prompt is
+spread over steps instead of stalling every running request), samples one token for every
+request whose logits are ready (one batched call, one host transfer of the tokens), launches
+the next decode step, and only then does the host work of the tokens just sampled
+(incremental detokenization, stop strings, streaming), while the device computes. Requests join
+and leave the running batch at every step: a new request's first token does not wait for the
+batch to finish, and a finished or cancelled one frees its slot at once.
 
-No Ray here: the engine runs (and is tested and benchmarked) in one process; lmforge.serve.app
-puts one engine in each Serve replica.
+The KV cache gets the slots that fit in its memory budget (see `kv_budget`), at most
+`max_batch_size`. A decode step runs over the first B slots (B a bucket; new requests take the
+lowest free slot, idle slots in range are padding) and reads the cache in place, so each
+(B, window) shape is captured once in a CUDA graph on a GPU (lmforge.model.kvcache).
+
+`start()` runs steps in a background thread; `stream()` is the asyncio side. No Ray here: the
+engine runs (and is tested and benchmarked) in one process; lmforge.serve.app puts one engine
+in each Serve replica.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import heapq
 import logging
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from lmforge.model.generate import (
-    KVCache,
     SamplingParams,
     TextTracker,
-    forward,
     make_generator,
-    sample_batch,
+    sample_tokens,
     stop_ids,
     token_logprobs,
 )
+from lmforge.model.kvcache import (
+    DecodeRunner,
+    KVCache,
+    activation_bytes,
+    fit_slots,
+    host_to_device,
+    kv_budget,
+    kv_bytes_per_token,
+)
 from lmforge.model.special import LMFORGE, SpecialTokens
+from lmforge.serve.prefill import ChunkedPrefill
+from lmforge.serve.records import EngineOverloaded, Output, Request, TokenLogprob
 
 log = logging.getLogger(__name__)
 
 
-class EngineOverloaded(Exception):
-    """The waiting queue is full: the caller should retry later (HTTP 503 + Retry-After)."""
-
-
-@dataclass
-class TokenLogprob:
-    token: int
-    logprob: float | None  # None for the first prompt token (nothing predicts it)
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
-class Output:
-    """What one step produced for one request (streamed as it comes)."""
-
-    tokens: list[int]  # new completion tokens
-    text: str  # new completion text (stop strings and incomplete characters held back)
-    logprobs: list[TokenLogprob] | None = None  # per new token, when asked
-    prompt_logprobs: list[TokenLogprob] | None = None  # once, first, with echo + logprobs
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    error: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    batch_size: int = 0  # requests running in the step that produced this
-
-
-@dataclass
-class Request:
-    prompt: list[int]
-    params: SamplingParams
-    on_output: Callable[[Output], None]  # called from the engine thread
-    id: int = field(default_factory=itertools.count().__next__)
-    cancelled: bool = False
-    slot: int = -1
-    tokens: list[int] = field(default_factory=list)
-    last_logits: torch.Tensor | None = None
-    text: TextTracker | None = None
-    gen: torch.Generator | None = None
-    started_step: int = -1  # the engine step at which its prefill ran
-
-
-class Engine:
+class Engine(ChunkedPrefill):
     def __init__(
         self,
         model,
         tokenizer,
-        max_batch_size: int = 16,
+        max_batch_size: int = 64,
         max_waiting: int = 256,
         max_seq_len: int | None = None,
         special: SpecialTokens = LMFORGE,
+        *,
+        kv_cache_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        max_prefill_tokens: int = 2048,
+        cuda_graphs: bool = True,
     ) -> None:
         self.model, self.tokenizer, self.special = model, tokenizer, special
         param = next(model.parameters())
         self.device = param.device
         self.max_seq_len = min(max_seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
-        self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
+        self.max_prefill_tokens = max_prefill_tokens
+        reserve = activation_bytes(model.cfg, param.dtype, max_prefill_tokens, max_batch_size)
+        budget = kv_budget(self.device, kv_cache_bytes, gpu_memory_utilization, reserve)
+        slots = fit_slots(model.cfg, param.dtype, self.max_seq_len, budget, max_batch_size)
+        self.max_batch_size, self.max_waiting = slots, max_waiting
         self.cache = KVCache(
-            model.cfg, max_batch_size, self.device, param.dtype, max_seq_len=self.max_seq_len
+            model.cfg, slots, self.device, param.dtype, max_seq_len=self.max_seq_len
         )
-        self.free = list(range(max_batch_size))
+        self.kv_cache_bytes = 2 * self.cache.k.numel() * self.cache.k.element_size()
+        log.info(
+            "KV cache: %d slots x %d tokens, %.2f GiB (%d bytes per token)",
+            slots,
+            self.max_seq_len,
+            self.kv_cache_bytes / 2**30,
+            kv_bytes_per_token(model.cfg, param.dtype),
+        )
+        self.decoder = DecodeRunner(model, self.cache, cuda_graphs=cuda_graphs)
+        self.free = list(range(slots))  # a heap: the lowest free slot first
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.pending: list[tuple[Request, int]] = []  # decoded rows: (request, row) in `logits`
+        self.logits: torch.Tensor | None = None  # the last decode step's (B, V), maybe in flight
         self.steps = 0
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -163,11 +159,12 @@ class Engine:
     # ------------------------------------------------------------ the loop
 
     def step(self) -> int:
-        """Admit, sample one token per running request, decode; return how many still run.
+        """Admit, prefill, sample one token per ready request, launch the next decode, then
+        stream what was sampled; return how many requests still run.
 
-        What can fail for one request alone (its prefill, its sampling params, its text) fails
-        that request only and frees its slot; an exception out of here means the batch itself
-        is broken (the batched forward pass)."""
+        What can fail for one request alone (its setup, its prefill, its sampling params, its
+        text) fails that request only and frees its slot; an exception out of here means the
+        batch itself is broken (the batched decode step)."""
         with self._cond:
             self._drop_cancelled()
             admitted = []
@@ -178,55 +175,77 @@ class Engine:
                 request = min(self.waiting, key=lambda r: running[r.params.tenant])
                 self.waiting.remove(request)
                 running[request.params.tenant] += 1
-                request.slot = self.free.pop()
+                request.slot = heapq.heappop(self.free)
+                request.started_step = self.steps
                 admitted.append(request)
         for request in admitted:
             self._guarded(self._prefill, request)
-        batch = [r for r in self.running if not r.cancelled]
+        batch, parts = [], []
+        decoded = [(r, row) for r, row in self.pending if r.slot >= 0 and not r.cancelled]
+        if decoded:
+            rows = host_to_device([row for _, row in decoded], torch.long, self.device)
+            parts.append(self.logits.index_select(0, rows))
+            batch += [r for r, _ in decoded]
+        self.pending, self.logits = [], None
+        for request, row in self._prefill_chunks():
+            batch.append(request)
+            parts.append(row[None])
+        news = []
         if batch:
-            for request, token in zip(batch, self._sample(batch), strict=True):
+            logits = torch.cat(parts) if len(parts) > 1 else parts[0]  # (N, V)
+            for i, (request, token) in enumerate(
+                zip(batch, self._sample(batch, logits), strict=True)
+            ):
                 if token is not None:
-                    self._guarded(self._next_token, request, token, len(batch))
+                    news.append(self._guarded(self._take, request, token, logits[i], len(batch)))
+        news = [n for n in news if n is not None]
         with self._cond:
             self._drop_cancelled()
-        if self.running:
-            logits = forward(
-                self.model,
-                self.cache,
-                [r.slot for r in self.running],
-                [[r.tokens[-1]] for r in self.running],
-                [len(r.prompt) + len(r.tokens) - 1 for r in self.running],
-            )[:, -1]
-            for request, row in zip(self.running, logits, strict=True):
-                request.last_logits = row
+        self._launch([r for r, _, reason in news if reason is None and not r.cancelled])
+        # Host work of the tokens just sampled, while the device runs the step just launched.
+        for request, out, reason in news:
+            self._guarded(self._emit, request, out, reason)
         self.steps += 1
         return len(self.running)
 
-    def _sample(self, batch: list[Request]) -> list[int | None]:
-        """One token per request, in one batched call; if that call fails, row by row, so
-        that only the rows that fail alone are failed (None)."""
+    def _launch(self, requests: list[Request]) -> None:
+        """Start the decode step of `requests` (their last token), without waiting for it."""
+        if not requests:
+            return
+        width = max(r.slot for r in requests) + 1
+        tokens: list[int | None] = [None] * width
+        positions: list[int | None] = [None] * width
+        for r in requests:
+            tokens[r.slot] = r.tokens[-1]
+            positions[r.slot] = len(r.prompt) + len(r.tokens) - 1
+        self.logits = self.decoder(tokens, positions)  # (B, V), row = slot
+        self.pending = [(r, r.slot) for r in requests]
+
+    def _sample(self, batch: list[Request], logits: torch.Tensor) -> list[int | None]:
+        """One token per request, in one batched call and one host transfer; if that call
+        fails, row by row, so that only the rows that fail alone are failed (None)."""
         try:
-            logits = torch.stack([r.last_logits for r in batch])  # (B, V)
-            return sample_batch(logits, [r.params for r in batch], [r.gen for r in batch])
+            return sample_tokens(logits, [r.params for r in batch], [r.gen for r in batch]).tolist()
         except Exception:
             if len(batch) == 1:
                 self._fail_one(batch[0], "sampling")
                 return [None]
         tokens: list[int | None] = []
-        for request in batch:
+        for i, request in enumerate(batch):
             try:
-                row = request.last_logits[None]
-                tokens.append(sample_batch(row, [request.params], [request.gen])[0])
+                row = logits[i : i + 1]
+                tokens.append(sample_tokens(row, [request.params], [request.gen]).item())
             except Exception:
                 self._fail_one(request, "sampling")
                 tokens.append(None)
         return tokens
 
-    def _guarded(self, fn: Callable, request: Request, *args) -> None:
+    def _guarded(self, fn: Callable, request: Request, *args):
         try:
-            fn(request, *args)
+            return fn(request, *args)
         except Exception:
             self._fail_one(request, fn.__name__.strip("_"))
+            return None
 
     def _fail_one(self, request: Request, stage: str) -> None:
         """Fail one request (logged with its traceback) and give its slot back."""
@@ -239,46 +258,44 @@ class Engine:
             log.warning("request %s: its failure could not be delivered", request.id)
 
     def _prefill(self, request: Request) -> None:
+        """Set up an admitted request: its text tracker and random stream; its prompt is then
+        prefilled in chunks by the following steps' passes."""
         p = request.params
-        request.started_step = self.steps
         request.text = TextTracker(self.tokenizer, p.stop)
         request.gen = make_generator(p.seed, self.device)
-        logits = forward(self.model, self.cache, [request.slot], [request.prompt], [0])[0]
         self.running.append(request)
-        if p.echo and p.logprobs is not None:
-            prompt = torch.tensor(request.prompt, device=logits.device)
-            picked, tops = token_logprobs(logits[:-1], prompt[1:], p.logprobs)
-            first = TokenLogprob(request.prompt[0], None, [])
-            rest = [TokenLogprob(*x) for x in zip(request.prompt[1:], picked, tops, strict=True)]
-            if p.max_tokens > 0:
-                request.on_output(Output([], "", prompt_logprobs=[first, *rest]))
-            else:
-                self._finish(request, "length", Output([], "", prompt_logprobs=[first, *rest]))
-                return
-        if p.max_tokens <= 0:
-            self._finish(request, "length", Output([], ""))
-            return
-        request.last_logits = logits[-1]
 
-    def _next_token(self, request: Request, token: int, batch: int) -> None:
+    def _take(self, request: Request, token: int, logits: torch.Tensor, batch: int):
+        """The sampled token's bookkeeping before the next launch: whether the request goes on
+        (a stop token or the length ends it; stop strings are seen later, in `_emit`)."""
         p = request.params
         request.tokens.append(token)
         out = Output([token], "", batch_size=batch)
         if p.logprobs is not None:
-            picked, tops = token_logprobs(
-                request.last_logits[None], torch.tensor([token], device=self.device), p.logprobs
-            )
+            chosen = torch.tensor([token], device=self.device)
+            picked, tops = token_logprobs(logits[None], chosen, p.logprobs)
             out.logprobs = [TokenLogprob(token, picked[0], tops[0])]
+        reason = None
         if token in stop_ids(p, self.special):
-            out.text = request.text.flush()
-            return self._finish(request, "stop", out)
-        out.text = request.text.add(token)
-        if request.text.stopped:
-            return self._finish(request, "stop", out)
-        if (
+            reason = "stop"
+        elif (
             len(request.tokens) >= p.max_tokens
             or len(request.prompt) + len(request.tokens) >= self.max_seq_len
         ):
+            reason = "length"
+        return request, out, reason
+
+    def _emit(self, request: Request, out: Output, reason: str | None) -> None:
+        """Detokenize the new token (incrementally), check stop strings, stream the output."""
+        if request.slot < 0:  # cancelled or failed meanwhile
+            return
+        if reason == "stop":  # a stop token: not part of the text
+            out.text = request.text.flush()
+            return self._finish(request, "stop", out)
+        out.text = request.text.add(out.tokens[0])
+        if request.text.stopped:
+            return self._finish(request, "stop", out)
+        if reason == "length":
             out.text += request.text.flush()
             return self._finish(request, "length", out)
         out.prompt_tokens, out.completion_tokens = len(request.prompt), len(request.tokens)
@@ -295,9 +312,8 @@ class Engine:
         if request in self.running:
             self.running.remove(request)
         if request.slot >= 0:
-            self.free.append(request.slot)
+            heapq.heappush(self.free, request.slot)
             request.slot = -1
-        request.last_logits = None
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in self.waiting if r.cancelled]:
@@ -385,4 +401,8 @@ def load_engine(cfg) -> Engine:
         max_batch_size=cfg.max_batch_size,
         max_waiting=cfg.max_waiting,
         special=load_special_tokens(directory, tokenizer),
+        kv_cache_bytes=None if cfg.kv_cache_gb is None else int(cfg.kv_cache_gb * 2**30),
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        max_prefill_tokens=cfg.max_prefill_tokens,
+        cuda_graphs=cfg.cuda_graphs,
     )
