@@ -1,4 +1,4 @@
-"""The end of a training run: the model artifact `<run>/model/` and its lineage."""
+"""The end of a training run: the model artifact `<run>/model/`, its lineage, the loss curve."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 from lmforge import storage
 from lmforge.model.artifact import read_version, save_artifact
+from lmforge.plots import write_loss_curve
 from lmforge.train.checkpoint import full_model_state
 from lmforge.train.run import Run, WorkerEnv
 
@@ -32,6 +33,24 @@ def export_model(model, run: Run, env: WorkerEnv, last: dict[str, Any]) -> None:
         spec.config_yaml,
         lineage=lineage(run, last),
     )
+    write_curves(spec.output, env)
+
+
+def write_curves(output: str, env: WorkerEnv) -> None:
+    """`<run>/loss.png` from metrics.jsonl, by rank 0, at each checkpoint and at the end.
+
+    Drawn only there (a few tenths of a second, plus matplotlib's import the first time),
+    never per step.
+    A figure that cannot be drawn is a warning, not a failed run: the weights matter more.
+    """
+    if env.rank != 0:
+        return
+    try:
+        write_loss_curve(output)
+    except Exception as e:  # any plotting error: reported in one line, the run goes on
+        print(
+            f"[train] warning: {output}/loss.png not written: {type(e).__name__}: {e}", flush=True
+        )
 
 
 def lineage(run: Run, last: dict[str, Any]) -> dict[str, Any]:
