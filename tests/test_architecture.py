@@ -37,7 +37,7 @@ LAYERS: dict[str, list[str]] = {
         "lmforge.improve",
         "lmforge.check",
     ],
-    "entry": ["lmforge.cli", "lmforge.cluster", "lmforge.project", "lmforge.runs"],
+    "entry": ["lmforge.cli", "lmforge.cluster", "lmforge.project", "lmforge.comparison"],
 }
 
 # Inside the domain layer a package imports its own modules and only these other packages.

@@ -84,7 +84,7 @@ COMMANDS: dict[str, Command] = {
         "report on served traffic and feedback from the request log (`monitor report --logs`)",
     ),
     "runs": Command(
-        "lmforge.runs.command:runs_command",
+        "lmforge.comparison.command:runs_command",
         "compare runs: config diff, final metrics, overlaid loss curves (`runs compare A B`)",
     ),
     "config": Command(
