@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -129,3 +131,9 @@ def test_data_funnel_follows_the_manifest_steps(tmp_path):
     path = write_data_funnel(str(tmp_path), manifest)
     assert path == str(tmp_path / "funnel.png")
     png_size((tmp_path / "funnel.png").read_bytes())
+
+
+def test_importing_the_module_does_not_import_matplotlib():
+    code = "import sys, lmforge.plots; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -4,6 +4,8 @@ resolved_config.yaml and metrics.jsonl (a train run), report.json (an eval run).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -122,3 +124,14 @@ def test_usage_errors_exit_2_and_help_documents_the_command(cli, two_runs):
     assert e.value.code == 0
     code, stdout, _ = cli("--help")
     assert "runs" in stdout and "runs compare A B" in stdout
+
+
+def test_help_imports_nothing_heavy():
+    code = (
+        "import sys; from lmforge.cli import main\n"
+        "try:\n    main(['runs', 'compare', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print('HEAVY', sorted(m for m in ('pyarrow', 'yaml', 'matplotlib', 'torch', 'ray')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in out.stdout and "RUN [RUN ...]" in out.stdout

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from lmforge.comparison.runs import compare_runs
-
 
 def runs_command(argv: list[str], prog: str) -> int:
     parser = argparse.ArgumentParser(
@@ -53,6 +51,8 @@ def runs_command(argv: list[str], prog: str) -> int:
     args = parser.parse_args(argv)
     if len(args.runs) < 2:
         parser.error("compare needs two or more runs")
+    from lmforge.comparison.runs import compare_runs  # pyarrow, yaml: not for --help
+
     result = compare_runs(args.runs, args.runs_dir, args.out, args.x)
     if args.json:
         print(json.dumps(result, indent=2))
