@@ -1,9 +1,11 @@
-"""loss.png of a training run: drawn by rank 0 at each checkpoint and at the end, from the
-metrics.jsonl lines written up to then; a failure to draw is a warning, not a failed run."""
+"""loss.png of a training run: drawn by rank 0 at each checkpoint (in a background thread) and
+at the end, from the metrics.jsonl lines written up to then; a failure to draw is a warning,
+not a failed run."""
 
 from __future__ import annotations
 
 import json
+import threading
 
 import torch
 
@@ -16,6 +18,19 @@ from tests.train.test_loop import local_config
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+class InlineThread:
+    """A thread that runs its target in start(): the draw happens exactly where it is started."""
+
+    def __init__(self, target, args, daemon):
+        self.target, self.args = target, args
+
+    def start(self):
+        self.target(*self.args)
+
+    def is_alive(self):
+        return False
+
+
 def test_loss_png_at_each_checkpoint_and_the_end(packed_data, tmp_path, monkeypatch):
     drawn: list[int] = []  # the last step in metrics.jsonl each time the curve is drawn
 
@@ -24,6 +39,7 @@ def test_loss_png_at_each_checkpoint_and_the_end(packed_data, tmp_path, monkeypa
         return plots.write_loss_curve(run_dir)
 
     monkeypatch.setattr(export, "write_loss_curve", spy)
+    monkeypatch.setattr(export.threading, "Thread", InlineThread)  # see each draw's step
     cfg = local_config(packed_data, tmp_path, train={"max_steps": 12, "eval_every": 4})
     out = tmp_path / "run"
     run_local(cfg, str(out))
@@ -57,3 +73,21 @@ def test_only_rank_0_draws(tmp_path, monkeypatch):
     assert calls == []
     export.write_curves(str(tmp_path), WorkerEnv(0, 2, torch.device("cpu"), in_ray=False))
     assert calls == [str(tmp_path)]
+
+
+def test_a_checkpoint_draws_in_the_background_and_the_end_waits_for_it(tmp_path, monkeypatch):
+    release, order = threading.Event(), []
+
+    def slow(run_dir: str):
+        order.append("start")
+        release.wait(10)
+        order.append("done")
+
+    monkeypatch.setattr(export, "write_loss_curve", slow)
+    env = WorkerEnv(0, 1, torch.device("cpu"), in_ray=False)
+    export.write_curves(str(tmp_path), env)  # a checkpoint: returns while drawing
+    assert export._drawing.is_alive()
+    export.write_curves(str(tmp_path), env)  # the next checkpoint: still drawing, skipped
+    threading.Timer(0.2, release.set).start()
+    export.write_curves(str(tmp_path), env, wait=True)  # the end: after the pending one
+    assert order == ["start", "done", "start", "done"]

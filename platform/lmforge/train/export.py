@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Any
 
 from lmforge import storage
@@ -33,18 +34,38 @@ def export_model(model, run: Run, env: WorkerEnv, last: dict[str, Any]) -> None:
         spec.config_yaml,
         lineage=lineage(run, last),
     )
-    write_curves(spec.output, env)
+    write_curves(spec.output, env, wait=True)
 
 
-def write_curves(output: str, env: WorkerEnv) -> None:
+# Rank 0's drawing of loss.png at a checkpoint, in progress (one process trains one run).
+_drawing: threading.Thread | None = None
+
+
+def write_curves(output: str, env: WorkerEnv, wait: bool = False) -> None:
     """`<run>/loss.png` from metrics.jsonl, by rank 0, at each checkpoint and at the end.
 
-    Drawn only there (a few tenths of a second, plus matplotlib's import the first time),
-    never per step.
-    A figure that cannot be drawn is a warning, not a failed run: the weights matter more.
+    Parsing and drawing take from a few tenths of a second to seconds for a long run
+    (bench/loss_curve.py): at a checkpoint rank 0 draws in a background thread, so the other
+    ranks do not wait for it at the next collective (a checkpoint whose predecessor is still
+    drawing skips its own: the next one catches up); at the end (`wait`) it draws after that
+    thread, in this one, so the last figure holds every step. A figure that cannot be drawn is
+    a warning, not a failed run: the weights matter more.
     """
+    global _drawing
     if env.rank != 0:
         return
+    if _drawing is not None and _drawing.is_alive():
+        if not wait:
+            return
+        _drawing.join()
+    if wait:
+        _draw_loss_curve(output)
+    else:
+        _drawing = threading.Thread(target=_draw_loss_curve, args=(output,), daemon=True)
+        _drawing.start()
+
+
+def _draw_loss_curve(output: str) -> None:
     try:
         write_loss_curve(output)
     except Exception as e:  # any plotting error: reported in one line, the run goes on
