@@ -3,9 +3,9 @@ the eval report's task scores, the data stage's document funnel, the overlay of 
 compare`; and the one reader of `metrics.jsonl` they share.
 
 matplotlib is imported inside the functions (the CLI's `--help` stays instant) and only through
-its object API on the Agg canvas: no pyplot, so no global figure state, no GUI backend and no
-interference between two threads or two figures. Each function splits into the data it plots
-(plain lists, tested against the files they come from) and the figure drawn from them.
+its object API on the Agg canvas: no pyplot, so no global figure state (a training run draws
+in a background thread, train/export.py) and no GUI backend. Each figure has a function for
+the data it plots (plain lists, tested against the files they come from) and one that draws it.
 """
 
 from __future__ import annotations
