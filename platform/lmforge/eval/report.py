@@ -87,6 +87,9 @@ def write_report(output: str, report: dict[str, Any]) -> None:
     storage.write_text(storage.join(output, "report.md"), "\n".join(parts))
 
 
+SCORES_PNG = "scores.png"
+
+
 def write_score_chart(output: str, tasks: dict[str, dict[str, dict[str, Any]]]) -> str | None:
     """`scores.png`: the task scores as bars with +-1 standard error; None with nothing to plot."""
     bars = score_bars(tasks)
@@ -94,9 +97,6 @@ def write_score_chart(output: str, tasks: dict[str, dict[str, dict[str, Any]]]) 
         return None
     storage.write_bytes(storage.join(output, SCORES_PNG), png_bytes(score_figure(bars)))
     return SCORES_PNG
-
-
-SCORES_PNG = "scores.png"
 
 
 def over_steps(checkpoints: list[dict[str, Any]], metric: str) -> dict[str, list[tuple]]:
