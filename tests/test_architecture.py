@@ -23,7 +23,7 @@ MAX_LINES = 450
 # whatever its package. A module may import
 # its own layer and the layers below it, never one above.
 LAYERS: dict[str, list[str]] = {
-    "core": ["lmforge", "lmforge.console", "lmforge.storage", "lmforge.config"],
+    "core": ["lmforge", "lmforge.console", "lmforge.storage", "lmforge.config", "lmforge.plots"],
     "runtime": ["lmforge.stage", "lmforge.cluster.local"],
     "domain": [
         "lmforge.builtin",
@@ -37,7 +37,7 @@ LAYERS: dict[str, list[str]] = {
         "lmforge.improve",
         "lmforge.check",
     ],
-    "entry": ["lmforge.cli", "lmforge.cluster", "lmforge.project"],
+    "entry": ["lmforge.cli", "lmforge.cluster", "lmforge.project", "lmforge.comparison"],
 }
 
 # Inside the domain layer a package imports its own modules and only these other packages.

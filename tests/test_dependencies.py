@@ -5,7 +5,7 @@ The rule for where an import must be declared:
 - imported when its module is imported (at module level, not under `try: ... except
   ImportError`): in `[project] dependencies`, because `import lmforge.<module>` needs it;
 - imported lazily (inside a function) or guarded by `except ImportError`: in `dependencies` or
-  in an optional extra (`web`, `hf`, `plots`), since lmforge runs without it and says which
+  in an optional extra (`web`, `hf`), since lmforge runs without it and says which
   extra to install when a feature needs it.
 Every third-party import must be declared one way or the other.
 """

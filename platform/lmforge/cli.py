@@ -83,6 +83,10 @@ COMMANDS: dict[str, Command] = {
         "lmforge.monitor.command:monitor_command",
         "report on served traffic and feedback from the request log (`monitor report --logs`)",
     ),
+    "runs": Command(
+        "lmforge.comparison.command:runs_command",
+        "compare runs: config diff, final metrics, overlaid loss curves (`runs compare A B`)",
+    ),
     "config": Command(
         "lmforge.config.command:config_command",
         "show a stage's resolved config, or write the config reference",

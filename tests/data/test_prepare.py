@@ -95,6 +95,14 @@ def test_accounting_and_exact_reject_counts(prepared):
     assert steps["normalize"]["counts"] == {"changed": 0}  # the corpus is normalized already
     assert steps["read"]["docs_out"] == steps["normalize"]["docs_in"]
     assert steps["dedup_near"]["docs_out"] == m["documents_out"]
+    # the funnel figure of these counts is in the run folder
+    from lmforge.plots import funnel_steps
+
+    assert funnel_steps(m)[-2:] == [
+        ("dedup_near", m["documents_out"]),
+        ("packed", m["documents_out"]),
+    ]
+    assert (out / "funnel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_rejects_name_reason_path_and_line(prepared):

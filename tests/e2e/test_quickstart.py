@@ -98,6 +98,18 @@ def test_quickstart_then_the_newcomer_path_from_another_directory(tmp_path):
     # it served the fine-tuned model and asked it through the openai client
     assert "completion  'The os module provides' -> '" in proc.stdout
     assert "chat        'What does os.getcwd do?' -> '" in proc.stdout
+    # every run left its figures, and the summary says where the loss curves are
+    png = b"\x89PNG\r\n\x1a\n"
+    for figure in ("train/quickstart-*/loss.png", "finetune/quickstart-*/loss.png",
+                   "data/quickstart-*/funnel.png", "eval/quickstart-*/scores.png"):  # fmt: skip
+        (path,) = runs.glob(figure)
+        assert path.read_bytes()[:8] == png, figure
+        if path.name == "loss.png":
+            assert str(path.relative_to(project)) in proc.stdout, figure
+    compared = lmforge(project, "runs", "compare", "@train/quickstart", "@finetune/quickstart",
+                       "--runs-dir", "runs/quickstart", "--out", "compare.png")  # fmt: skip
+    assert "config differences:" in compared.stdout and "val_loss" in compared.stdout
+    assert (project / "compare.png").read_bytes()[:8] == png
 
     again = lmforge(project, "quickstart", "--no-serve")
     cacheable = [s for s in steps if s.stage.cacheable]

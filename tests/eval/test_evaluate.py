@@ -147,8 +147,10 @@ def test_eval_stage_end_to_end(tmp_path, ray_local, cli):
     assert "| val | bits_per_byte |" in (out_dir / "report.md").read_text()
     assert len((out_dir / "samples" / "stdlib-module-mc.jsonl").read_text().splitlines()) == 3
     assert [c["step"] for c in rep["checkpoints"]] == [0, 2]
-    pytest.importorskip("matplotlib")
     assert (out_dir / "bits_per_byte_over_steps.png").read_bytes()[:4] == b"\x89PNG"
+    # the task scores as a chart, linked from the report
+    assert (out_dir / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![task scores](scores.png)" in (out_dir / "report.md").read_text()
     # the same report compares equal to itself through the gate
     code, _, _ = cli("eval", "compare", out_dir, out_dir / "report.json")
     assert code == 0

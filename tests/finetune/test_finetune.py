@@ -71,6 +71,11 @@ def test_full_fine_tuning_lowers_the_held_out_loss_and_records_lineage(base, sft
     assert sorted(val) == [0, 6, 12]  # step 0: the base model, before any update
     assert val[12] < val[0] - 0.3, val  # the held-out modules' answers got more likely
     assert summary["val_loss"] == pytest.approx(val[12])
+    # its curve: the base model's val loss at step 0, then the fine-tune's
+    from lmforge.plots import loss_series, read_metrics
+
+    assert loss_series(read_metrics(str(out)))["val_loss"] == sorted(val.items())
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     version = read_version(str(out / "model"))
     assert version["parent"] == read_version(str(base))["version"]
     assert version["stage"] == "finetune" and version["parent_path"] == str(base)

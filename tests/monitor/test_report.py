@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -152,12 +151,18 @@ def test_html_embeds_plots_and_json_has_the_summary(logs, tmp_path, cli):
     assert saved["total"]["negative"] == 4
 
 
-def test_without_matplotlib_tables_stay_with_a_note(logs, tmp_path, cli, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert cli("monitor", "report", "--logs", logs, "--out", tmp_path / "r.md")[0] == 0
-    text = (tmp_path / "r.md").read_text()
-    assert "matplotlib is not installed" in text and "| v-aaa |" in text
-    assert not list(tmp_path.glob("*.png"))
+def test_feedback_plot_shows_each_versions_shares(logs, tmp_path, cli):
+    from lmforge.monitor.report import feedback_shares, load_logs
+    from lmforge.monitor.stats import summarize
+
+    summary = summarize(*load_logs(str(logs), None))
+    shares = {v: (pos, neg) for v, pos, neg in feedback_shares(summary)}
+    assert set(shares) == set(summary["versions"])
+    for version, (pos, neg) in shares.items():
+        s = summary["versions"][version]
+        assert pos == pytest.approx(100 * (s["positive_share"] or 0))
+        assert neg == pytest.approx(100 * (s["negative_share"] or 0))
+    assert any(neg > 0 for _, neg in shares.values())  # the fixture has negative feedback
 
 
 def test_empty_and_missing_logs_are_clear_errors(tmp_path, logs, cli):

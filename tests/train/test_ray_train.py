@@ -100,6 +100,11 @@ def test_injected_worker_fault_recovers_from_the_last_checkpoint(ray_runs):
     assert after == {s: v for s, v in curve(clean).items() if s > 4}  # the same curve, exactly
     assert sorted(curve(faulty)) == [2, 4, 6, 8]  # no duplicate lines from the lost attempt
     assert (faulty / "model" / "model.safetensors").exists()
+    # rank 0 drew the curve of the whole run, the lost attempt's steps once
+    from lmforge.plots import loss_series, read_metrics
+
+    assert loss_series(read_metrics(str(faulty)))["loss"] == sorted(curve(faulty).items())
+    assert (faulty / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_checkpoint_of_two_workers_loads_into_one_process(ray_runs):

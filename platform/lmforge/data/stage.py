@@ -3,7 +3,8 @@ operators are in pipeline.py; this module runs them in order and writes the outp
 
 Output (the data contract): train/*.parquet and val/*.parquet (column `tokens`, fixed-size
 lists of seq_len + 1 uint16/int32), tokenizer.json, rejects/ (JSON lines: every dropped or
-unreadable record with its step, reason, source, path and line), manifest.json; the stage
+unreadable record with its step, reason, source, path and line), manifest.json, funnel.png
+(documents left after each step); the stage
 runner writes _SUCCESS last. Every input document is accounted for:
 documents_in = documents_out + sum(rejected) + duplicates_exact + duplicates_near.
 """
@@ -30,6 +31,7 @@ from lmforge.data.pipeline import (
     write_rejects,
 )
 from lmforge.data.steps import build_steps
+from lmforge.plots import write_data_funnel
 from lmforge.stage import Stage, StageContext
 
 
@@ -112,6 +114,7 @@ def _run(cfg: DataConfig, ctx: StageContext, files, given_tok) -> dict[str, Any]
     if revisions := sources.hub_revisions(cfg.sources, files):
         manifest["hf_revisions"] = revisions  # what an unpinned hf: source read
     storage.write_json(storage.join(ctx.output, "manifest.json"), manifest)
+    write_data_funnel(ctx.output, manifest)  # funnel.png: documents left after each step
     print_summary(cfg, manifest)
     if not manifest["blocks_train"]:
         raise StageFailed(

@@ -1,4 +1,5 @@
-"""Reports: report.json (task -> metric -> value, stderr, n), report.md (a table), a PNG plot.
+"""Reports: report.json (task -> metric -> value, stderr, n), report.md (a table), scores.png
+(a bar per task and metric, +-1 standard error) and, over checkpoints, a PNG of one metric.
 
 report.json:
 
@@ -15,6 +16,7 @@ import math
 from typing import Any
 
 from lmforge import storage
+from lmforge.plots import new_figure, png_bytes, score_bars, score_figure
 
 LOWER_IS_BETTER = {"loss", "perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity"}
 HIGHER_IS_BETTER = {"acc", "acc_norm", "exact_match", "f1", "macro_f1"}
@@ -62,6 +64,8 @@ def text_table(tasks: dict[str, dict[str, dict[str, Any]]]) -> str:
 def write_report(output: str, report: dict[str, Any]) -> None:
     storage.write_json(storage.join(output, "report.json"), report)
     parts = [f"# Evaluation of `{report['model']}`\n", markdown_table(report["tasks"]), ""]
+    if chart := write_score_chart(output, report["tasks"]):
+        parts += [f"![task scores]({chart})", ""]
     problems = {t: p for t, p in report.get("problems", {}).items() if p}
     if problems:
         parts.append("## Skipped items\n")
@@ -83,42 +87,44 @@ def write_report(output: str, report: dict[str, Any]) -> None:
     storage.write_text(storage.join(output, "report.md"), "\n".join(parts))
 
 
-def plot_over_steps(
-    output: str, checkpoints: list[dict[str, Any]], metric: str = "bits_per_byte"
-) -> str | None:
-    """`<metric>_over_steps.png`: one line per task that has the metric; None without matplotlib
-    (an optional extra: pip install 'lmforge[plots]') or without two checkpoints to plot."""
-    series: dict[str, list[tuple[float, float]]] = {}
+SCORES_PNG = "scores.png"
+
+
+def write_score_chart(output: str, tasks: dict[str, dict[str, dict[str, Any]]]) -> str | None:
+    """`scores.png`: the task scores as bars with +-1 standard error; None with nothing to plot."""
+    bars = score_bars(tasks)
+    if not bars:
+        return None
+    storage.write_bytes(storage.join(output, SCORES_PNG), png_bytes(score_figure(bars)))
+    return SCORES_PNG
+
+
+def over_steps(checkpoints: list[dict[str, Any]], metric: str) -> dict[str, list[tuple]]:
+    """task -> [(step, value)], ascending, for every task that has the metric."""
+    series: dict[str, list[tuple]] = {}
     for c in checkpoints:
         for task, metrics in c["tasks"].items():
             if metric in metrics:
                 series.setdefault(task, []).append((c["step"], metrics[metric]["value"]))
+    return {task: sorted(points) for task, points in sorted(series.items())}
+
+
+def plot_over_steps(
+    output: str, checkpoints: list[dict[str, Any]], metric: str = "bits_per_byte"
+) -> str | None:
+    """`<metric>_over_steps.png`: one line per task that has the metric; None without two
+    checkpoints to plot."""
+    series = over_steps(checkpoints, metric)
     if len(checkpoints) < 2 or not series:
         return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(
-            "[eval] matplotlib is not installed: skipping the plot (pip install 'lmforge[plots]')"
-        )
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for task, points in sorted(series.items()):
-        points.sort()
+    fig = new_figure(6, 4)
+    ax = fig.add_subplot()
+    for task, points in series.items():
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=task)
     ax.set_xlabel("training step")
     ax.set_ylabel(metric.replace("_", " "))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
     name = f"{metric}_over_steps.png"
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    storage.write_bytes(storage.join(output, name), buf.getvalue())
+    storage.write_bytes(storage.join(output, name), png_bytes(fig))
     return name

@@ -3,8 +3,8 @@ JSON, from the request log and feedback store that the serving app writes (the c
 `lmforge monitor report`, is in command.py).
 
 The report is a list of blocks (headings, text, tables, plots) rendered to Markdown (plots
-as PNG files next to it) or HTML (plots embedded as base64 PNG). Without matplotlib (the
-`plots` extra) the tables stay and a note says why the plots are missing.
+as PNG files next to it) or HTML (plots embedded as base64 PNG): latency, output length and
+feedback per version, and the daily series.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
-import io
 import os
 import re
 from dataclasses import dataclass
@@ -22,8 +21,7 @@ import pyarrow as pa
 
 from lmforge import LmforgeError, storage
 from lmforge.monitor.stats import UNKNOWN
-
-NO_PLOTS = "Plots skipped: matplotlib is not installed (`pip install 'lmforge[plots]'`)."
+from lmforge.plots import new_figure, png_bytes
 
 
 @dataclass
@@ -163,21 +161,23 @@ def report_blocks(summary: dict[str, Any], logs: str, since: dt.datetime | None)
     return blocks
 
 
-def plot_blocks(summary: dict[str, Any], requests: pa.Table) -> list[Block]:
-    """PNG plots: latency and output length per version, and the daily series."""
-    try:
-        import matplotlib
+def feedback_shares(summary: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """What the feedback plot shows: (version, positive %, negative %) of each version's feedback."""
+    return [
+        (v, 100 * (s["positive_share"] or 0), 100 * (s["negative_share"] or 0))
+        for v, s in summary["versions"].items()
+    ]
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return [Block("text", NO_PLOTS)]
+
+def plot_blocks(summary: dict[str, Any], requests: pa.Table) -> list[Block]:
+    """PNG plots: latency, output length and feedback per version, and the daily series."""
     import numpy as np
 
     versions = [v or UNKNOWN for v in requests["model_version"].to_pylist()]
     latency = requests["latency_s"].to_numpy(zero_copy_only=False).astype(float)
     blocks = [Block("h2", "Plots")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig = new_figure(15, 3.8)
+    axes = fig.subplots(1, 3)
     for version in summary["versions"]:
         mine = latency[[v == version for v in versions]] if versions else latency
         mine = mine[~np.isnan(mine)]
@@ -187,12 +187,20 @@ def plot_blocks(summary: dict[str, Any], requests: pa.Table) -> list[Block]:
         axes[1].plot(list(hist), list(hist.values()), marker="o", label=version)
     axes[0].set(title="latency", xlabel="seconds", ylabel="requests")
     axes[1].set(title="output length", xlabel="completion tokens", ylabel="requests")
+    shares = feedback_shares(summary)
+    x = np.arange(len(shares))
+    axes[2].bar(x - 0.2, [p for _, p, _ in shares], 0.4, color="C2", label="positive")
+    axes[2].bar(x + 0.2, [n for _, _, n in shares], 0.4, color="C3", label="negative")
+    axes[2].set_xticks(x, [v for v, _, _ in shares], rotation=30, ha="right", fontsize="small")
+    axes[2].set(title="feedback", ylabel="% of the version's feedback", ylim=(0, 100))
     for ax in axes:
-        ax.legend(fontsize="small")
-    blocks.append(Block("plot", "per-version", png=_png(fig, plt)))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    blocks.append(Block("plot", "per-version", png=png_bytes(fig, dpi=90)))
     daily = summary["daily"]
     if daily:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+        fig = new_figure(13, 3.5)
+        axes = fig.subplots(1, 3)
         days = [d["date"] for d in daily]
         axes[0].bar(days, [d["requests"] for d in daily])
         axes[0].set(title="requests per day")
@@ -202,16 +210,8 @@ def plot_blocks(summary: dict[str, Any], requests: pa.Table) -> list[Block]:
         axes[2].set(title="negative feedback (%)")
         for ax in axes:
             ax.tick_params(axis="x", labelrotation=45, labelsize="small")
-        blocks.append(Block("plot", "daily", png=_png(fig, plt)))
+        blocks.append(Block("plot", "daily", png=png_bytes(fig, dpi=90)))
     return blocks
-
-
-def _png(fig, plt) -> bytes:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def to_markdown(blocks: list[Block], out: str | None) -> tuple[str, dict[str, bytes]]:

@@ -16,6 +16,7 @@ from lmforge.project.pipeline import plan, run_pipeline
 from lmforge.project.quickstart import (
     newest_artifact,
     print_before_after,
+    print_curves,
     quickstart_pipeline,
     serve_and_ask,
 )
@@ -139,6 +140,7 @@ def quickstart_command(argv: list[str], prog: str) -> int:
     print("\nquickstart outputs:")
     for r in results:
         print(f"  {r.stage:<10} {r.output}")
+    print_curves(results)  # loss.png of the train and finetune runs
     return 0
 
 

@@ -32,6 +32,20 @@ def newest_artifact(results: list[StageResult]) -> str | None:
     return None
 
 
+def print_curves(results: list[StageResult]) -> list[str]:
+    """One line per training or fine-tuning run: where its loss curve is."""
+    from lmforge import storage
+    from lmforge.plots import LOSS_PNG
+
+    curves = []
+    for r in results:
+        path = storage.join(r.output, LOSS_PNG)
+        if r.stage in ("train", "finetune") and storage.exists(path):
+            print(f"  {r.stage + ' loss':<15} {path}")
+            curves.append(path)
+    return curves
+
+
 def print_before_after(finetune_output: str) -> dict[str, tuple[float, float]]:
     """The fine-tuning run's held-out scores before its first step and after its last."""
     from lmforge.finetune.stage import before_after

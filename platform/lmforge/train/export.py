@@ -1,12 +1,14 @@
-"""The end of a training run: the model artifact `<run>/model/` and its lineage."""
+"""The end of a training run: the model artifact `<run>/model/`, its lineage, the loss curve."""
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Any
 
 from lmforge import storage
 from lmforge.model.artifact import read_version, save_artifact
+from lmforge.plots import write_loss_curve
 from lmforge.train.checkpoint import full_model_state
 from lmforge.train.run import Run, WorkerEnv
 
@@ -32,6 +34,44 @@ def export_model(model, run: Run, env: WorkerEnv, last: dict[str, Any]) -> None:
         spec.config_yaml,
         lineage=lineage(run, last),
     )
+    write_curves(spec.output, env, wait=True)
+
+
+# Rank 0's drawing of loss.png at a checkpoint, in progress (one process trains one run).
+_drawing: threading.Thread | None = None
+
+
+def write_curves(output: str, env: WorkerEnv, wait: bool = False) -> None:
+    """`<run>/loss.png` from metrics.jsonl, by rank 0, at each checkpoint and at the end.
+
+    Parsing and drawing take from a few tenths of a second to seconds for a long run
+    (bench/loss_curve.py): at a checkpoint rank 0 draws in a background thread, so the other
+    ranks do not wait for it at the next collective (a checkpoint whose predecessor is still
+    drawing skips its own: the next one catches up); at the end (`wait`) it draws after that
+    thread, in this one, so the last figure holds every step. A figure that cannot be drawn is
+    a warning, not a failed run: the weights matter more.
+    """
+    global _drawing
+    if env.rank != 0:
+        return
+    if _drawing is not None and _drawing.is_alive():
+        if not wait:
+            return
+        _drawing.join()
+    if wait:
+        _draw_loss_curve(output)
+    else:
+        _drawing = threading.Thread(target=_draw_loss_curve, args=(output,), daemon=True)
+        _drawing.start()
+
+
+def _draw_loss_curve(output: str) -> None:
+    try:
+        write_loss_curve(output)
+    except Exception as e:  # any plotting error: reported in one line, the run goes on
+        print(
+            f"[train] warning: {output}/loss.png not written: {type(e).__name__}: {e}", flush=True
+        )
 
 
 def lineage(run: Run, last: dict[str, Any]) -> dict[str, Any]:

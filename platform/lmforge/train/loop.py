@@ -26,7 +26,7 @@ from lmforge.model.llama import cross_entropy
 from lmforge.train.checkpoint import Checkpointer, artifact_state, load_full_state
 from lmforge.train.config import LoopSpec, SpecSource
 from lmforge.train.data import bits_per_byte
-from lmforge.train.export import export_model
+from lmforge.train.export import export_model, write_curves
 from lmforge.train.metrics import MetricsLog
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
 from lmforge.train.parallelize import build_model, set_gradient_sync
@@ -92,6 +92,8 @@ def train_loop(spec: LoopSpec, env: WorkerEnv) -> dict[str, Any]:
         elif metrics:
             report(metrics, env)
         log.write(metrics)
+        if every_ckpt and step % every_ckpt == 0 and not last:  # the end's is export_model's
+            write_curves(spec.output, env)
     export_model(model, run, env, metrics)
     return log.summary(metrics)
 
