@@ -13,6 +13,8 @@ workers. A worker reads only the row groups its rows fall in (Parquet metadata f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +146,56 @@ class BatchPlan:
         per_worker = self.micro_batch_size * self.accum_steps
         first = step * self.global_batch_rows + rank * per_worker + micro * self.micro_batch_size
         return first, self.micro_batch_size
+
+
+class Prefetcher:
+    """The host side of upcoming steps' batches, made by one background thread ahead of use.
+
+    `load(step)` returns any nesting of dicts/lists of numpy arrays; each array becomes a torch
+    tensor, pinned when `pin` (a CUDA run), so the loop's `.to(device, non_blocking=True)` is a
+    DMA that overlaps the compute instead of a blocking copy from pageable memory. Reading the
+    Parquet row groups (pyarrow releases the GIL) and pinning run while the GPU works on the
+    current step. Steps are asked for in order; `depth` steps are kept in flight. An error in
+    `load` is raised by `get` for that step. Steps from `end` on are never read.
+    """
+
+    def __init__(
+        self, load: Callable[[int], Any], pin: bool, end: int | None = None, depth: int = 2
+    ) -> None:
+        self.load, self.pin, self.end, self.depth = load, pin, end, depth
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-prefetch")
+        self.pending: dict[int, Future] = {}
+
+    def get(self, step: int) -> Any:
+        stop = step + self.depth if self.end is None else min(step + self.depth, self.end)
+        for ahead in range(step, max(stop, step + 1)):
+            if ahead not in self.pending:
+                self.pending[ahead] = self.pool.submit(self._host, ahead)
+        for old in [s for s in self.pending if s < step]:  # skipped steps (none in the loop)
+            self.pending.pop(old).cancel()
+        return self.pending.pop(step).result()
+
+    def _host(self, step: int) -> Any:
+        return _to_tensors(self.load(step), self.pin)
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pending.clear()
+        self.pool.shutdown(wait=True)
+
+
+def _to_tensors(value: Any, pin: bool) -> Any:
+    import torch  # here: the driver imports this module for batch_plan and needs no torch
+
+    if isinstance(value, np.ndarray):
+        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        return tensor.pin_memory() if pin else tensor
+    if isinstance(value, dict):
+        return {k: _to_tensors(v, pin) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_tensors(v, pin) for v in value)
+    return value
 
 
 def batch_plan(
