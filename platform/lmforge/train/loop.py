@@ -156,9 +156,9 @@ def train_step(model, optimizer, run: Run, batch: dict, env: WorkerEnv, grad_cli
     for micro, host_rows in enumerate(batch["micro"]):
         rows = to_device(host_rows, env.device)  # (b, T + 1)
         set_gradient_sync(model, micro == accum - 1)
-        with record_function("forward"), autocast(run, env):
-            logits = model(rows[:, :-1])  # (b, T, V)
         with record_function("forward"):
+            with autocast(run, env):
+                logits = model(rows[:, :-1])  # (b, T, V)
             loss = cross_entropy(logits, rows[:, 1:]) / accum
         with record_function("backward"):
             loss.backward()
@@ -183,9 +183,9 @@ def masked_train_step(model, optimizer, run: Run, batch: dict, env: WorkerEnv, g
     for m, host in enumerate(batch["micro"]):
         tokens, targets, segments = masked_batch(host, env.device)
         set_gradient_sync(model, m == accum - 1)
-        with record_function("forward"), autocast(run, env):
-            logits = model(tokens, segments=segments)  # (b, T, V)
         with record_function("forward"):
+            with autocast(run, env):
+                logits = model(tokens, segments=segments)  # (b, T, V)
             loss = (token_losses(logits, targets).sum() * scale).squeeze(0)
         with record_function("backward"):
             loss.backward()
