@@ -86,40 +86,38 @@ def train_loop(
     batches = Prefetcher(
         lambda s: step_batches(run, s, env), pin=env.device.type == "cuda", end=run.total_steps
     )
-    try:
-        while step < run.total_steps:
-            maybe_inject_fault(loop.fault_at_step, step + 1, spec.output, env)
-            lr = lr_at(spec.optim, step, run.total_steps)
-            set_lr(optimizer, lr)
-            start = time.perf_counter()
-            with record_function("data"):
-                micro = batches.get(step)
-            loss, grad_norm = train_step(model, optimizer, run, micro, env, spec.optim.grad_clip)
-            step += 1
-            last = step == run.total_steps
-            logs = step % loop.log_every == 0 or last
-            evals = last or bool(loop.eval_every and step % loop.eval_every == 0)
-            saves = last or bool(every_ckpt and step % every_ckpt == 0)
-            # The device runs ahead of the host between these steps; here the host waits for
-            # it (the only sync), inside the timed step, so step times add up to wall time.
-            if logs or evals or saves:
-                with record_function("sync"):
-                    loss, grad_norm = host_values(loss, grad_norm)
-            log.add_step_time(time.perf_counter() - start)
-            metrics = log.train_metrics(step, loss, lr, grad_norm) if logs else {}
-            if evals:
-                metrics = {"step": step, **metrics, **evaluate(model, run, env)}
-                metrics.update(evaluate_tasks(model, run, env))
-            if saves:
-                rows = step * run.plan.global_batch_rows
-                ckpt.save(step, rows, model, optimizer, metrics or {"step": step})
-            elif metrics:
-                report(metrics, env)
-            log.write(metrics)
-            if on_step:
-                on_step(step)
-    finally:
-        batches.close()
+    while step < run.total_steps:
+        maybe_inject_fault(loop.fault_at_step, step + 1, spec.output, env)
+        lr = lr_at(spec.optim, step, run.total_steps)
+        set_lr(optimizer, lr)
+        start = time.perf_counter()
+        with record_function("data"):
+            batch = batches.get(step)
+        loss, grad_norm = train_step(model, optimizer, run, batch, env, spec.optim.grad_clip)
+        step += 1
+        last = step == run.total_steps
+        logs = step % loop.log_every == 0 or last
+        evals = last or bool(loop.eval_every and step % loop.eval_every == 0)
+        saves = last or bool(every_ckpt and step % every_ckpt == 0)
+        if logs or evals or saves:  # the only host sync, inside the timed step (docs/training.md)
+            with record_function("sync"):
+                loss, grad_norm = host_values(loss, grad_norm)
+        log.add_step_time(time.perf_counter() - start)
+        metrics = {}
+        if logs:
+            metrics = log.train_metrics(step, loss, lr, grad_norm)
+        if evals:
+            metrics = {"step": step, **metrics, **evaluate(model, run, env)}
+            metrics.update(evaluate_tasks(model, run, env))
+        if saves:
+            rows = step * run.plan.global_batch_rows
+            ckpt.save(step, rows, model, optimizer, metrics or {"step": step})
+        elif metrics:
+            report(metrics, env)
+        log.write(metrics)
+        if on_step:
+            on_step(step)
+    batches.close()
     export_model(model, run, env, metrics)
     return log.summary(metrics)
 
