@@ -13,8 +13,9 @@ workers. A worker reads only the row groups its rows fall in (Parquet metadata f
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,34 +156,56 @@ class Prefetcher:
     tensor, pinned when `pin` (a CUDA run), so the loop's `.to(device, non_blocking=True)` is a
     DMA that overlaps the compute instead of a blocking copy from pageable memory. Reading the
     Parquet row groups (pyarrow releases the GIL) and pinning run while the GPU works on the
-    current step. Steps are asked for in order; `depth` steps are kept in flight. An error in
-    `load` is raised by `get` for that step. Steps from `end` on are never read.
+    current step. Steps are asked for in order from the first `get`; up to `depth` wait ready.
+    An error in `load` is raised by `get` for that step. Steps from `end` on are never read.
+    The thread is a daemon: a worker that fails mid-run exits without waiting for it.
     """
 
     def __init__(
         self, load: Callable[[int], Any], pin: bool, end: int | None = None, depth: int = 2
     ) -> None:
-        self.load, self.pin, self.end, self.depth = load, pin, end, depth
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-prefetch")
-        self.pending: dict[int, Future] = {}
+        self.load, self.pin, self.end = load, pin, end
+        self.ready: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.expect: int | None = None
 
     def get(self, step: int) -> Any:
-        stop = step + self.depth if self.end is None else min(step + self.depth, self.end)
-        for ahead in range(step, max(stop, step + 1)):
-            if ahead not in self.pending:
-                self.pending[ahead] = self.pool.submit(self._host, ahead)
-        for old in [s for s in self.pending if s < step]:  # skipped steps (none in the loop)
-            self.pending.pop(old).cancel()
-        return self.pending.pop(step).result()
+        if self.thread is None:
+            self.expect = step
+            self.thread = threading.Thread(
+                target=self._run, args=(step,), name="lmforge-prefetch", daemon=True
+            )
+            self.thread.start()
+        if step != self.expect:
+            raise ValueError(f"prefetcher: step {step} asked for, {self.expect} is next")
+        self.expect = step + 1
+        got, value, error = self.ready.get()
+        assert got == step
+        if error is not None:
+            raise error
+        return value
 
-    def _host(self, step: int) -> Any:
-        return _to_tensors(self.load(step), self.pin)
+    def _run(self, step: int) -> None:
+        while not self.stop.is_set() and (self.end is None or step < self.end):
+            try:
+                item = (step, _to_tensors(self.load(step), self.pin), None)
+            except BaseException as e:  # handed to the training thread, raised there
+                item = (step, None, e)
+            while not self.stop.is_set():
+                try:
+                    self.ready.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+            step += 1
 
     def close(self) -> None:
-        for future in self.pending.values():
-            future.cancel()
-        self.pending.clear()
-        self.pool.shutdown(wait=True)
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
 
 
 def _to_tensors(value: Any, pin: bool) -> Any:
