@@ -87,7 +87,7 @@ def spec_for(args, mode: str, micro_batch: int, data: Path, out: Path):
                 "global_batch_tokens": micro_batch * args.seq_len,
                 "micro_batch_size": micro_batch,
                 "max_steps": total,
-                "log_every": args.log_every,
+                "log_every": log_every(args, mode),
                 "eval_every": 0,
                 "precision": args.precision,
                 "peak_tflops": args.peak_tflops,
@@ -95,13 +95,21 @@ def spec_for(args, mode: str, micro_batch: int, data: Path, out: Path):
             "checkpoint": {"every_steps": 0, "resume": False},
             "parallel": {
                 "fsdp": True,
-                "compile": mode == "compile",
+                "compile": mode.startswith("compile"),
                 "activation_checkpointing": args.activation_checkpointing,
             },
             "resources": {"num_workers": 1},
         }
     )
-    return cfg.loop_spec(str(out / f"run-{mode}-{micro_batch}"), str(data), workers=1)
+    run = f"run-{mode.replace('/', '-')}-{micro_batch}"
+    return cfg.loop_spec(str(out / run), str(data), workers=1)
+
+
+def log_every(args, mode: str) -> int:
+    """`compile/log1`: compile, logging (so syncing) every step, as the loop did before it
+    synced only on logging steps: the cost of a per-step host sync, measured in the same run."""
+    _, _, every = mode.partition("/log")
+    return int(every) if every else args.log_every
 
 
 def run_mode(args, mode: str, device: torch.device, data: Path, out: Path) -> dict:
@@ -229,11 +237,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compiles)")
     parser.add_argument("--profile-steps", type=int, default=5, help="profiled steps after")
     parser.add_argument("--log-every", type=int, default=10, help="the loop's logging steps")
-    parser.add_argument("--modes", default="eager,compile")
+    parser.add_argument(
+        "--modes",
+        default="eager,compile",
+        help="eager, compile; a /logN suffix logs (and syncs) every N steps, e.g. compile/log1",
+    )
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--peak-tflops", type=float, help="override the peak table")
     args = parser.parse_args()
+    if args.warmup < 1 or args.steps < 1 or args.profile_steps < 1:
+        parser.error("--warmup, --steps and --profile-steps must each be at least 1")
+    for mode in args.modes.split(","):
+        if mode.partition("/log")[0] not in ("eager", "compile"):
+            parser.error(f"unknown mode {mode!r}: eager or compile, optionally with /logN")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
