@@ -273,7 +273,11 @@ class Llama(nn.Module):
         if segments is not None:
             mask = document_mask(segments)
             positions = segment_positions(segments) if positions is None else positions
-        T = tokens.shape[1] if positions is None else int(positions.max()) + 1
+        T = (
+            tokens.shape[1]
+            if positions is None or segments is not None
+            else int(positions.max()) + 1
+        )
         if self.cfg.max_seq_len < T:
             raise ValueError(
                 f"sequence of {T} tokens is longer than max_seq_len {self.cfg.max_seq_len}"

@@ -13,6 +13,9 @@ workers. A worker reads only the row groups its rows fall in (Parquet metadata f
 from __future__ import annotations
 
 import math
+import queue
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +147,78 @@ class BatchPlan:
         per_worker = self.micro_batch_size * self.accum_steps
         first = step * self.global_batch_rows + rank * per_worker + micro * self.micro_batch_size
         return first, self.micro_batch_size
+
+
+class Prefetcher:
+    """The host side of upcoming steps' batches, made by one background thread ahead of use.
+
+    `load(step)` returns any nesting of dicts/lists of numpy arrays; each array becomes a torch
+    tensor, pinned when `pin` (a CUDA run), so the loop's `.to(device, non_blocking=True)` is a
+    DMA that overlaps the compute instead of a blocking copy from pageable memory. Reading the
+    Parquet row groups (pyarrow releases the GIL) and pinning run while the GPU works on the
+    current step. Steps are asked for in order from the first `get`; up to `depth` wait ready.
+    An error in `load` is raised by `get` for that step. Steps from `end` on are never read.
+    The thread is a daemon: a worker that fails mid-run exits without waiting for it.
+    """
+
+    def __init__(
+        self, load: Callable[[int], Any], pin: bool, end: int | None = None, depth: int = 2
+    ) -> None:
+        self.load, self.pin, self.end = load, pin, end
+        self.ready: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.expect: int | None = None
+
+    def get(self, step: int) -> Any:
+        if self.thread is None:
+            self.expect = step
+            self.thread = threading.Thread(
+                target=self._run, args=(step,), name="lmforge-prefetch", daemon=True
+            )
+            self.thread.start()
+        if step != self.expect:
+            raise ValueError(f"prefetcher: step {step} asked for, {self.expect} is next")
+        self.expect = step + 1
+        got, value, error = self.ready.get()
+        assert got == step
+        if error is not None:
+            raise error
+        return value
+
+    def _run(self, step: int) -> None:
+        while not self.stop.is_set() and (self.end is None or step < self.end):
+            try:
+                item = (step, _to_tensors(self.load(step), self.pin), None)
+            except BaseException as e:  # handed to the training thread, raised there
+                item = (step, None, e)
+            while not self.stop.is_set():
+                try:
+                    self.ready.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+            step += 1
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
+def _to_tensors(value: Any, pin: bool) -> Any:
+    import torch  # here: the driver imports this module for batch_plan and needs no torch
+
+    if isinstance(value, np.ndarray):
+        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        return tensor.pin_memory() if pin else tensor
+    if isinstance(value, dict):
+        return {k: _to_tensors(v, pin) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_tensors(v, pin) for v in value)
+    return value
 
 
 def batch_plan(

@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from lmforge import storage
 from lmforge.model.llama import cross_entropy
 from lmforge.train.checkpoint import Checkpointer, artifact_state, load_full_state
 from lmforge.train.config import LoopSpec, SpecSource
-from lmforge.train.data import bits_per_byte
+from lmforge.train.data import Prefetcher, bits_per_byte
 from lmforge.train.export import export_model, write_curves
 from lmforge.train.metrics import MetricsLog
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
@@ -33,14 +36,22 @@ from lmforge.train.parallelize import build_model, set_gradient_sync
 from lmforge.train.run import Run, WorkerEnv, autocast, setup_run
 
 
-def train_loop(spec: LoopSpec, env: WorkerEnv) -> dict[str, Any]:
+def train_loop(
+    spec: LoopSpec,
+    env: WorkerEnv,
+    on_step: Callable[[int], None] | None = None,
+    fsdp_on_one: bool = False,
+) -> dict[str, Any]:
+    """Train `spec` on this worker. `on_step(step)` runs after each step (the GPU bench's
+    timer and profiler); `fsdp_on_one` shards with FSDP2 on a process group of one too, so
+    one GPU runs the multi-GPU code path (the bench)."""
     run = setup_run(spec, env)
     loop, parallel = spec.train, spec.parallel
     model = build_model(
         run.arch,
         env.device,
         seed=loop.seed,
-        fsdp=parallel.fsdp and env.world_size > 1,
+        fsdp=parallel.fsdp and (env.world_size > 1 or fsdp_on_one),
         activation_checkpointing=parallel.activation_checkpointing,
         compile=parallel.compile,
         bf16=run.bf16,
@@ -71,22 +82,34 @@ def train_loop(spec: LoopSpec, env: WorkerEnv) -> dict[str, Any]:
         log.write(before)
     metrics: dict[str, Any] = {}
     every_ckpt = spec.checkpoint.every_steps
+    # The next steps' batches are read and pinned in a background thread while this one runs.
+    batches = Prefetcher(
+        lambda s: step_batches(run, s, env), pin=env.device.type == "cuda", end=run.total_steps
+    )
     while step < run.total_steps:
         maybe_inject_fault(loop.fault_at_step, step + 1, spec.output, env)
         lr = lr_at(spec.optim, step, run.total_steps)
         set_lr(optimizer, lr)
         start = time.perf_counter()
-        loss, grad_norm = train_step(model, optimizer, run, step, env, spec.optim.grad_clip)
-        log.add_step_time(time.perf_counter() - start)
+        with record_function("data"):
+            batch = batches.get(step)
+        loss, grad_norm = train_step(model, optimizer, run, batch, env, spec.optim.grad_clip)
         step += 1
         last = step == run.total_steps
+        logs = step % loop.log_every == 0 or last
+        evals = last or bool(loop.eval_every and step % loop.eval_every == 0)
+        saves = last or bool(every_ckpt and step % every_ckpt == 0)
+        if logs or evals or saves:  # the only host sync, inside the timed step (docs/training.md)
+            with record_function("sync"):
+                loss, grad_norm = host_values(loss, grad_norm)
+        log.add_step_time(time.perf_counter() - start)
         metrics = {}
-        if step % loop.log_every == 0 or last:
+        if logs:
             metrics = log.train_metrics(step, loss, lr, grad_norm)
-        if last or (loop.eval_every and step % loop.eval_every == 0):
+        if evals:
             metrics = {"step": step, **metrics, **evaluate(model, run, env)}
             metrics.update(evaluate_tasks(model, run, env))
-        if last or (every_ckpt and step % every_ckpt == 0):
+        if saves:
             rows = step * run.plan.global_batch_rows
             ckpt.save(step, rows, model, optimizer, metrics or {"step": step})
         elif metrics:
@@ -94,6 +117,9 @@ def train_loop(spec: LoopSpec, env: WorkerEnv) -> dict[str, Any]:
         log.write(metrics)
         if every_ckpt and step % every_ckpt == 0 and not last:  # the end's is export_model's
             write_curves(spec.output, env)
+        if on_step:
+            on_step(step)
+    batches.close()
     export_model(model, run, env, metrics)
     return log.summary(metrics)
 
@@ -101,59 +127,82 @@ def train_loop(spec: LoopSpec, env: WorkerEnv) -> dict[str, Any]:
 # ---------------------------------------------------------------- one step, validation
 
 
-def train_step(model, optimizer, run: Run, step: int, env: WorkerEnv, grad_clip: float | None):
-    """One optimizer step over this worker's share of global batch `step`: (mean loss, grad norm)."""
+def step_batches(run: Run, step: int, env: WorkerEnv) -> dict[str, Any]:
+    """Host arrays of this worker's micro-batches of global batch `step` (the prefetch thread):
+    {"micro": [rows (b, T + 1) or the fine-tuning columns, ...]}, and for the masked loss the
+    worker's target-token count, counted here so the loop needs no host read of it."""
+    plan = run.plan
+    spans = [plan.micro_rows(step, env.rank, m) for m in range(plan.accum_steps)]
+    if not run.masked:
+        return {"micro": [run.train.rows(first, count) for first, count in spans]}
+    micro = [run.train.batch(first, count) for first, count in spans]
+    targets = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)
+    return {"micro": micro, "targets": np.array([targets], dtype=np.float32)}
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor (pinned on CUDA) to `device` without waiting: a DMA in stream order."""
+    return t.to(device, non_blocking=True)
+
+
+def train_step(model, optimizer, run: Run, batch: dict, env: WorkerEnv, grad_clip: float | None):
+    """One optimizer step over this worker's share of a global batch (`step_batches`):
+    (mean loss, grad norm), both still on the device (the loop reads them on logging steps)."""
     optimizer.zero_grad(set_to_none=True)
     if run.masked:
-        return masked_train_step(model, optimizer, run, step, env, grad_clip)
+        return masked_train_step(model, optimizer, run, batch, env, grad_clip)
     accum = run.plan.accum_steps
     total = torch.zeros((), device=env.device)
-    for micro in range(accum):
-        first, count = run.plan.micro_rows(step, env.rank, micro)
-        rows = torch.from_numpy(run.train.rows(first, count)).to(env.device)  # (b, T + 1)
+    for micro, host_rows in enumerate(batch["micro"]):
+        rows = to_device(host_rows, env.device)  # (b, T + 1)
         set_gradient_sync(model, micro == accum - 1)
-        with autocast(run, env):
-            logits = model(rows[:, :-1])  # (b, T, V)
-        loss = cross_entropy(logits, rows[:, 1:]) / accum
-        loss.backward()
+        with record_function("forward"):
+            with autocast(run, env):
+                logits = model(rows[:, :-1])  # (b, T, V)
+            loss = cross_entropy(logits, rows[:, 1:]) / accum
+        with record_function("backward"):
+            loss.backward()
         total += loss.detach()
     return finish_step(model, optimizer, total, grad_clip)
 
 
-def masked_train_step(model, optimizer, run: Run, step: int, env: WorkerEnv, grad_clip):
+def masked_train_step(model, optimizer, run: Run, batch: dict, env: WorkerEnv, grad_clip):
     """Fine-tuning: loss on the masked-in target tokens only, packed documents kept apart.
 
     The loss is the mean over every target token of the global batch (not a mean of per-row
     means), whatever the worker count: each worker sums its token losses and divides by the
-    global target count (an all-reduce before the first forward), times the world size that
-    FSDP's gradient averaging divides by again.
+    global target count (an all-reduce before the first forward, on the device: the host never
+    reads it), times the world size that FSDP's gradient averaging divides by again.
     """
     accum = run.plan.accum_steps
-    micro = [run.train.batch(*run.plan.micro_rows(step, env.rank, m)) for m in range(accum)]
-    count = torch.tensor(
-        float(sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)), device=env.device
-    )
+    count = to_device(batch["targets"], env.device)  # (1,) this worker's target tokens
     if dist.is_initialized():
         dist.all_reduce(count)
-    scale = env.world_size / max(float(count), 1.0)
+    scale = env.world_size / count.clamp(min=1.0)
     total = torch.zeros((), device=env.device)
-    for m, batch in enumerate(micro):
-        tokens, targets, segments = masked_batch(batch, env.device)
+    for m, host in enumerate(batch["micro"]):
+        tokens, targets, segments = masked_batch(host, env.device)
         set_gradient_sync(model, m == accum - 1)
-        with autocast(run, env):
-            logits = model(tokens, segments=segments)  # (b, T, V)
-        loss = token_losses(logits, targets).sum() * scale
-        loss.backward()
+        with record_function("forward"):
+            with autocast(run, env):
+                logits = model(tokens, segments=segments)  # (b, T, V)
+            loss = (token_losses(logits, targets).sum() * scale).squeeze(0)
+        with record_function("backward"):
+            loss.backward()
         total += loss.detach()
     return finish_step(model, optimizer, total, grad_clip)
 
 
 def masked_batch(batch: dict, device: torch.device):
-    """(inputs, targets with -100 where no loss, segments of the inputs), each (b, T)."""
-    rows = torch.from_numpy(batch["tokens"]).to(device)  # (b, T + 1)
-    keep = torch.from_numpy(batch["loss_mask"][:, 1:]).to(device).bool()
-    targets = torch.where(keep, rows[:, 1:], torch.full_like(rows[:, 1:], -100))
-    return rows[:, :-1], targets, torch.from_numpy(batch["segments"][:, :-1]).to(device)
+    """(inputs, targets with -100 where no loss, segments of the inputs), each (b, T), from
+    host arrays or tensors (pinned tensors are copied without a host sync)."""
+    # Whole (contiguous) arrays cross, sliced on the device: a strided host view would be
+    # staged through pageable memory first.
+    rows, mask, segments = (
+        to_device(torch.as_tensor(batch[k]), device) for k in ("tokens", "loss_mask", "segments")
+    )  # each (b, T + 1)
+    targets = torch.where(mask[:, 1:].bool(), rows[:, 1:], torch.full_like(rows[:, 1:], -100))
+    return rows[:, :-1], targets, segments[:, :-1]
 
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -164,12 +213,21 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def finish_step(model, optimizer, total: torch.Tensor, grad_clip: float | None):
-    """Clip, step; (mean loss over workers, grad norm)."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    """Clip, step; (this worker's loss, grad norm) as device tensors: no host sync here."""
+    with record_function("optimizer"):
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+        optimizer.step()
+    return total, norm
+
+
+def host_values(loss: torch.Tensor, norm: torch.Tensor) -> tuple[float, float]:
+    """(mean loss over workers, grad norm) as numbers: the host waits for the device here.
+    Every worker calls it at the same steps (collectives)."""
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
         norm = norm.full_tensor()
-    optimizer.step()
-    return all_reduce_mean(total).item(), float(norm)
+    both = torch.stack([all_reduce_mean(loss.detach().float()), norm.detach().float()])
+    mean_loss, grad_norm = both.tolist()  # one device-to-host copy for both
+    return mean_loss, grad_norm
 
 
 @torch.no_grad()

@@ -1,7 +1,11 @@
-"""Model FLOPs utilisation: model FLOPs per second (lmforge.model.flops_per_token) over the peak.
+"""Model FLOPs utilisation: the FLOPs a training step executes per second over the peak.
 
-The peak of a GPU comes from a table of dense (no sparsity) tensor-core throughput by device
-name; on CPU it is measured: a square matmul in the training dtype and thread count, at a size
+The FLOPs are `training_flops_per_token`: lmforge.model.flops_per_token for full training,
+and for LoRA what is executed (frozen weights do a forward and an input-gradient matmul but no
+weight gradient). The peak of a GPU comes from a table by device name, in the math mode the
+matmuls actually run in: dense (no sparsity) tensor-core bf16/fp16, TF32 (half that) for fp32
+matmuls only when TF32 is enabled, else the CUDA-core fp32 peak (the loop leaves torch's
+default, TF32 off, so fp32 training is not silently rounded to a 10-bit mantissa). On CPU it is measured: a square matmul in the training dtype and thread count, at a size
 where the kernel saturates, probed once per node and cached by CPU model (`cpu_peak`), so CPU
 MFU is against what this machine's matmul kernels actually reach, not a datasheet. An MFU over
 1 means the peak is wrong: `mfu` never reports one. Torch only.
@@ -20,35 +24,92 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 tensor-core TFLOP/s by a substring of torch.cuda.get_device_name(), most specific
-# first. fp32 training on these GPUs runs matmuls as TF32: half the bf16 figure.
-GPU_PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
-    ("GB200", 2500.0),
-    ("B200", 2250.0),
-    ("GH200", 989.0),
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),
-    ("H800", 989.0),
-    ("H20", 148.0),
-    ("A100", 312.0),
-    ("A800", 312.0),
-    ("L40S", 362.0),
-    ("L40", 181.0),
-    ("L4", 121.0),
-    ("A10G", 70.0),
-    ("A10", 125.0),
-    ("RTX 4090", 165.0),
+from lmforge.model.llama import LlamaConfig, flops_per_token
+
+# (dense bf16 tensor-core, fp32 CUDA-core) TFLOP/s by a substring of
+# torch.cuda.get_device_name(), most specific first, from the vendors' datasheets. TF32
+# tensor-core throughput is half the bf16 figure on all of these.
+GPU_PEAK_TFLOPS: list[tuple[str, float, float]] = [
+    ("GB200", 2500.0, 80.0),
+    ("B200", 2250.0, 80.0),
+    ("GH200", 989.0, 67.0),
+    ("H200", 989.0, 67.0),
+    ("H100 PCIe", 756.0, 51.0),
+    ("H100 NVL", 835.0, 60.0),
+    ("H100", 989.0, 67.0),
+    ("H800", 989.0, 67.0),
+    ("H20", 148.0, 44.0),
+    ("A100", 312.0, 19.5),
+    ("A800", 312.0, 19.5),
+    ("L40S", 362.0, 91.6),
+    ("L40", 181.0, 90.5),
+    ("L4", 121.0, 30.3),
+    ("A10G", 70.0, 31.2),
+    ("A10", 125.0, 31.2),
+    ("RTX 4090", 165.0, 82.6),
 ]
 
 
-def gpu_peak_tflops(device_name: str, dtype: torch.dtype = torch.bfloat16) -> float | None:
-    """Peak TFLOP/s of a GPU by name in a dtype, or None for a GPU not in the table."""
-    for key, bf16 in GPU_PEAK_BF16_TFLOPS:
+def tf32_enabled() -> bool:
+    """Whether fp32 matmuls on CUDA run on TF32 tensor cores (allow_tf32, or
+    set_float32_matmul_precision("high"), which sets the same flag)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def gpu_peak_tflops(
+    device_name: str, dtype: torch.dtype = torch.bfloat16, tf32: bool | None = None
+) -> float | None:
+    """Peak TFLOP/s of a GPU by name for matmuls in `dtype`, or None for a GPU not in the table.
+
+    fp32: the TF32 tensor-core peak when `tf32` (None: as torch is set now), else CUDA cores'.
+    """
+    for key, bf16, fp32 in GPU_PEAK_TFLOPS:
         if key.lower() in device_name.lower():
-            return bf16 if dtype in (torch.bfloat16, torch.float16) else bf16 / 2
+            if dtype in (torch.bfloat16, torch.float16):
+                return bf16
+            return bf16 / 2 if (tf32_enabled() if tf32 is None else tf32) else fp32
     return None
+
+
+def training_flops_per_token(cfg: LlamaConfig, seq_len: int, lora=None) -> float:
+    """FLOPs one training token executes (forward + backward), the numerator of MFU.
+
+    Full training: `flops_per_token` (6 N_matmul + 12 L D T). LoRA (`lora` with `rank` and
+    `targets`; every other weight frozen): autograd runs a matmul's input gradient only where
+    its input needs a gradient (an adapter upstream), and a frozen weight never gets a weight
+    gradient. So a frozen weight costs 2 FLOPs (forward) + 2 (input gradient, when something
+    below it trains): 4 per weight, not 6, and 2 in the first block ahead of the first
+    adapter; an adapter (A: r x in, B: out x r) costs 6 per weight, less A's input gradient
+    where its input needs none; attention's score matmuls 4 T D per layer forward, x3 once q,
+    k or v needs a gradient. Walked through the blocks in order, as autograd sees them.
+    """
+    if lora is None:
+        return flops_per_token(cfg, seq_len)
+    D, F_, E, r = cfg.dim, cfg.ffn_dim, cfg.head_dim, lora.rank
+    targets = set(lora.targets)
+
+    def linear(name: str, n_in: int, n_out: int, in_grad: bool) -> tuple[float, bool]:
+        """(FLOPs per token, whether the output needs a gradient) of one linear layer."""
+        flops = (4.0 if in_grad else 2.0) * n_in * n_out
+        if name in targets:  # A: forward + weight grad (+ input grad); B: all three
+            flops += (6.0 if in_grad else 4.0) * r * n_in + 6.0 * r * n_out
+        return flops, in_grad or name in targets
+
+    total, stream = 0.0, False  # the frozen embedding's output needs no gradient
+    for _ in range(cfg.n_layers):
+        fq, gq = linear("wq", D, cfg.n_heads * E, stream)
+        fk, gk = linear("wk", D, cfg.n_kv_heads * E, stream)
+        fv, gv = linear("wv", D, cfg.n_kv_heads * E, stream)
+        scores = gq or gk or gv
+        fo, go = linear("wo", cfg.n_heads * E, D, scores)
+        stream = stream or go
+        f1, g1 = linear("w1", D, F_, stream)
+        f3, g3 = linear("w3", D, F_, stream)
+        f2, g2 = linear("w2", F_, D, g1 or g3)
+        stream = stream or g2
+        total += fq + fk + fv + fo + f1 + f3 + f2 + (12.0 if scores else 4.0) * D * seq_len
+    head, _ = linear("output", D, cfg.vocab_size, stream)  # the head: never an adapter target
+    return total + head
 
 
 def cpu_matmul_tflops(
@@ -149,7 +210,10 @@ def peak_tflops(
         name = torch.cuda.get_device_name(device)
         peak = gpu_peak_tflops(name, dtype)
         if peak is not None:
-            return peak, f"table ({name})"
+            mode = "bf16" if dtype in (torch.bfloat16, torch.float16) else "fp32"
+            if mode == "fp32":
+                mode += ", TF32 tensor cores" if tf32_enabled() else ", CUDA cores (TF32 off)"
+            return peak, f"table ({name}, {mode})"
         # An unknown GPU: a probe is better than no MFU at all.
         a = torch.randn(4096, 4096, device=device, dtype=dtype)
         for _ in range(3):

@@ -14,10 +14,11 @@ import torch
 
 from lmforge import LmforgeError, storage
 from lmforge.model.artifact import load_model_config
-from lmforge.model.llama import LlamaConfig, flops_per_token
+from lmforge.model.llama import LlamaConfig
 from lmforge.train.config import LoopSpec, LoraSpec
 from lmforge.train.data import BatchPlan, PackedShards, batch_plan, read_manifest, tokens_per_byte
 from lmforge.train.hardware import for_worker
+from lmforge.train.mfu import training_flops_per_token
 
 
 @dataclass
@@ -127,7 +128,7 @@ def setup_run(spec: LoopSpec, env: WorkerEnv) -> Run:
         total_steps=total,
         bf16=hw.bf16,
         precision_reason=hw.precision_reason,
-        flops_per_token=flops_per_token(arch, train.seq_len),
+        flops_per_token=training_flops_per_token(arch, train.seq_len, spec.lora),
         peak_tflops=hw.peak_tflops,
         peak_source=hw.peak_source,
         val_tokens_per_byte=(
