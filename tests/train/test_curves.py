@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from types import SimpleNamespace
 
 import torch
 
@@ -39,7 +40,8 @@ def test_loss_png_at_each_checkpoint_and_the_end(packed_data, tmp_path, monkeypa
         return plots.write_loss_curve(run_dir)
 
     monkeypatch.setattr(export, "write_loss_curve", spy)
-    monkeypatch.setattr(export.threading, "Thread", InlineThread)  # see each draw's step
+    # Only export's threads run inline (see each draw's step); the data prefetcher's stay real.
+    monkeypatch.setattr(export, "threading", SimpleNamespace(Thread=InlineThread))
     cfg = local_config(packed_data, tmp_path, train={"max_steps": 12, "eval_every": 4})
     out = tmp_path / "run"
     run_local(cfg, str(out))
