@@ -46,7 +46,8 @@ WANDB_HEADER, BLOCK, FULL, FIRST, MIDDLE, LAST = 7, 32768, 1, 2, 3, 4
 def wandb_records(path: str) -> list:
     from wandb.proto import wandb_internal_pb2
 
-    data = open(path, "rb").read()
+    with open(path, "rb") as f:
+        data = f.read()
     assert data[:4] == b":W&B", path
     records, pending, offset = [], b"", WANDB_HEADER
     while offset + 7 <= len(data):
@@ -110,7 +111,8 @@ def tensorboard_events(logdir: str) -> dict[str, Any]:
     texts: dict[str, list] = {}
     paths = glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
     for path in sorted(paths, key=os.path.getmtime):
-        data, offset = open(path, "rb").read(), 0
+        with open(path, "rb") as f:
+            data, offset = f.read(), 0
         while offset < len(data):  # TFRecord: u64 length, u32 crc, data, u32 crc
             (length,) = struct.unpack("<Q", data[offset : offset + 8])
             event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])

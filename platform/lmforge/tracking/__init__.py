@@ -93,26 +93,31 @@ def open_run(
         return Tracker()
     previous = read_info(run_dir) if resume else None
     parent = _PARENT if _PARENT and _PARENT.get("backend") == settings.backend else None
-    try:
-        tracker = cls.open(
-            settings,
-            runs_dir=runs_dir,
-            run_name=f"{stage}/{os.path.basename(run_dir.rstrip('/'))}",
-            default_experiment=(parent or {}).get("experiment") or stage,
-            previous=previous,
-            parent=parent,
-        )
-    except LmforgeError:
-        raise
-    except Exception as e:  # a client that cannot reach its store: say which, before the run
-        raise ConfigError(
-            f"tracking ({settings.backend}): cannot open a run: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}; fix tracking.uri / the backend's "
-            "settings, or --set tracking.backend=none"
-        ) from None
+    tracker = _open(
+        cls,
+        settings,
+        runs_dir=runs_dir,
+        run_name=f"{stage}/{os.path.basename(run_dir.rstrip('/'))}",
+        default_experiment=(parent or {}).get("experiment") or stage,
+        previous=previous,
+        parent=parent,
+    )
     if tracker.backend != "none":
         storage.write_json(storage.join(run_dir, TRACKING_FILE), tracker.info)
     return tracker
+
+
+def _open(cls: type[Tracker], settings: Settings, **kwargs: Any) -> Tracker:
+    try:
+        return cls.open(settings, **kwargs)
+    except LmforgeError:
+        raise
+    except Exception as e:  # a client that cannot reach its store: say which, before the run
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ConfigError(
+            f"tracking ({settings.backend}): cannot open a run: {type(e).__name__}: {first}; "
+            "fix tracking.uri / the backend's settings, or --set tracking.backend=none"
+        ) from None
 
 
 def read_info(run_dir: str) -> dict[str, Any] | None:
@@ -146,7 +151,8 @@ def parent_run(settings: Settings, runs_dir: str, name: str, params: dict[str, A
     if cls is Tracker:
         yield Tracker()
         return
-    tracker = cls.open(
+    tracker = _open(
+        cls,
         settings,
         runs_dir=runs_dir,
         run_name=f"pipeline/{name}",

@@ -40,8 +40,45 @@ def tracking_uri(settings: Settings, runs_dir: str) -> tuple[str, str | None]:
             "store; set tracking.uri (or MLFLOW_TRACKING_URI) to a tracking server, or "
             "--set tracking.backend=none"
         )
-    os.makedirs(os.path.dirname(store[0][len("sqlite:///") :]), exist_ok=True)
+    seed_store(store[0][len("sqlite:///") :])
     return store
+
+
+def seed_store(db: str) -> None:
+    """A new embedded store starts as a copy of an empty one cached per MLflow version:
+    creating one runs every schema migration MLflow has (tens of seconds on a busy machine),
+    once per cache instead of once per runs_dir."""
+    if os.path.exists(db):
+        return
+    import shutil
+    import tempfile
+
+    from mlflow.version import VERSION
+
+    os.makedirs(os.path.dirname(db), exist_ok=True)
+    cache = os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lmforge"
+    )
+    template = os.path.join(cache, f"mlflow-{VERSION}.db")
+    try:
+        if not os.path.exists(template):
+            os.makedirs(cache, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache, suffix=".db")
+            os.close(fd)
+            os.remove(tmp)
+            client(f"sqlite:///{tmp}").search_experiments()  # runs the migrations
+            os.replace(tmp, template)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(db), suffix=".db")
+        os.close(fd)
+        shutil.copyfile(template, tmp)
+        try:
+            os.link(tmp, db)  # not over a store another process made meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            os.remove(tmp)
+    except OSError:  # no writable cache: MLflow creates the store itself
+        return
 
 
 def client(uri: str):

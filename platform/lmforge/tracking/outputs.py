@@ -64,7 +64,7 @@ def log_outputs(tracker: Tracker, run_dir: str, summary: dict[str, Any]) -> None
     """Log what `run_dir` holds after its stage returned `summary`."""
     if tracker.backend == "none":
         return
-    tags = {"output": run_dir}
+    tags = {"output": storage.absolute(run_dir)}
     manifest = _json(storage.join(run_dir, "manifest.json"))
     if manifest and "steps" in manifest:
         totals, funnel = data_metrics(manifest)
@@ -83,7 +83,7 @@ def log_outputs(tracker: Tracker, run_dir: str, summary: dict[str, Any]) -> None
     tracker.log_metrics(metrics)
     version = _json(storage.join(run_dir, "model", "version.json"))
     if version:
-        tags["model.path"] = storage.join(run_dir, "model")
+        tags["model.path"] = storage.absolute(storage.join(run_dir, "model"))
         tags.update(
             {f"model.{k}": str(v) for k, v in version.items() if v is not None and k != "created"}
         )

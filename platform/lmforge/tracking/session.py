@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from lmforge import storage
 from lmforge.tracking import Settings, Tracker, open_run, run_params, say
 from lmforge.tracking.outputs import log_outputs
 
@@ -44,7 +45,7 @@ def stage_run(
     status = "FAILED"
     try:
         tracker.log_params(run_params(config, config_hash) | {"stage": stage})
-        tracker.set_tags({"stage": stage, "run_name": name, "output": run_dir})
+        tracker.set_tags({"stage": stage, "run_name": name, "output": storage.absolute(run_dir)})
         if not quiet and tracker.where():
             say(tracker.where())
         tracker.close()  # the stage's workers may log to the run meanwhile

@@ -56,7 +56,7 @@ class WandbTracker(Tracker):
                 "set tracking.uri to one"
             )
         directory = os.path.abspath(storage.local_path(directory))
-        wandb = sdk()
+        sdk()  # not installed: say which extra, before the run starts
         if previous and previous.get("backend") == "wandb" and previous.get("dir") == directory:
             info = previous
         else:
