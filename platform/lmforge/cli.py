@@ -83,6 +83,10 @@ COMMANDS: dict[str, Command] = {
         "lmforge.monitor.command:monitor_command",
         "report on served traffic and feedback from the request log (`monitor report --logs`)",
     ),
+    "ui": Command(
+        "lmforge.tracking.command:ui_command",
+        "open the MLflow UI on the runs' tracking store (every run's params, curves, artifacts)",
+    ),
     "config": Command(
         "lmforge.config.command:config_command",
         "show a stage's resolved config, or write the config reference",

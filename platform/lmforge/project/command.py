@@ -139,6 +139,7 @@ def quickstart_command(argv: list[str], prog: str) -> int:
     print("\nquickstart outputs:")
     for r in results:
         print(f"  {r.stage:<10} {r.output}")
+    print(f"every run's params, curves and artifacts: lmforge ui --runs-dir {args.workdir}")
     return 0
 
 
