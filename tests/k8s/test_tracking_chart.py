@@ -51,6 +51,7 @@ def test_the_bundled_server_is_restricted_and_the_ray_pods_log_to_it():
         (o["kind"], o["metadata"]["name"]): o for o in objects if "mlflow" in o["metadata"]["name"]
     }
     assert set(mine) == {
+        ("ServiceAccount", "lmforge-mlflow"),
         ("PersistentVolumeClaim", "lmforge-mlflow"),
         ("Deployment", "lmforge-mlflow"),
         ("Service", "lmforge-mlflow"),
@@ -71,8 +72,11 @@ def test_the_bundled_server_is_restricted_and_the_ray_pods_log_to_it():
     envs = ray_container_envs(objects)
     assert envs and {env.get("MLFLOW_TRACKING_URI") for env in envs.values()} == {uri}
     policy = mine[("NetworkPolicy", "lmforge-mlflow")]["spec"]
-    assert policy["ingress"][0]["from"] == [
-        {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "lmforge"}}}
+    assert policy["ingress"] == [
+        {
+            "from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "lmforge"}}}],
+            "ports": [{"protocol": "TCP", "port": 5000}],
+        }
     ]
 
 

@@ -15,6 +15,7 @@ plain `run_local` has no agent to export through.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -151,7 +152,9 @@ class MetricsLog:
             return
         line = json.dumps({"time": round(time.time(), 3), **metrics})
         if storage.is_local(self.path):
-            with open(storage.local_path(self.path), "a") as f:
+            local = storage.local_path(self.path)
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            with open(local, "a") as f:
                 f.write(line + "\n")
         else:  # an object store cannot append: the file is rewritten whole
             self.lines.append(line)
