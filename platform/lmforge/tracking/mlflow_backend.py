@@ -71,6 +71,7 @@ def seed_store(db: str) -> None:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(db), suffix=".db")
         os.close(fd)
         shutil.copyfile(template, tmp)
+        os.chmod(tmp, storage.file_mode())  # mkstemp's 0600: as readable as the umask allows
         try:
             os.link(tmp, db)  # not over a store another process made meanwhile
         except FileExistsError:
