@@ -158,3 +158,21 @@ def test_a_pipeline_nests_its_stage_runs_under_a_parent_run(tmp_path):
     assert parent["status"] == "FINISHED"
     steps = "tests.stages_for_tests:WRITE -> tests.stages_for_tests:DOUBLE"
     assert parent["params"]["steps"] == steps
+
+
+def test_a_stage_that_runs_another_nests_its_run(tmp_path):
+    """As improve runs its fine-tune and evals: the inner run is a child of the outer one."""
+    inner_cfg = OutputsConfig(runs_dir=str(tmp_path / "runs"))
+    inner: list = []
+
+    def outer_run(cfg, ctx):
+        inner.append(run_stage(STAGE, inner_cfg, quiet=True))
+        return {}
+
+    outer = Stage("improve", OutputsConfig, outer_run, "", uses_ray=False)
+    result = run_stage(outer, OutputsConfig(runs_dir=str(tmp_path / "runs")), quiet=True)
+    outer_run_of = run_of(tmp_path / "runs" / "improve" / result.output.rsplit("/", 1)[-1])
+    (child,) = inner
+    child_run = run_of(tmp_path / "runs" / "outputs" / child.output.rsplit("/", 1)[-1])
+    assert child_run["tags"]["mlflow.parentRunId"] == outer_run_of["info"]["run_id"]
+    assert child_run["info"]["experiment"] == "improve"

@@ -146,7 +146,6 @@ def reopen(run_dir: str, say=None) -> Tracker:
 @contextlib.contextmanager
 def parent_run(settings: Settings, runs_dir: str, name: str, params: dict[str, Any]) -> Iterator:
     """A pipeline's parent run: its stage runs (opened inside) nest under it."""
-    global _PARENT
     cls = load_backend(settings.backend)
     if cls is Tracker:
         yield Tracker()
@@ -161,16 +160,30 @@ def parent_run(settings: Settings, runs_dir: str, name: str, params: dict[str, A
         parent=None,
     )
     tracker.log_params(params)
-    _PARENT, status = tracker.info, "FAILED"
+    status = "FAILED"
     try:
-        yield tracker
+        with nested(tracker):
+            yield tracker
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        _PARENT = None
         tracker.finish(status)
+
+
+@contextlib.contextmanager
+def nested(tracker: Tracker) -> Iterator[None]:
+    """Runs opened inside nest under `tracker`'s run: a pipeline's stage runs, and the runs a
+    stage starts itself (improve's fine-tune and evals)."""
+    global _PARENT
+    before = _PARENT
+    if tracker.backend != "none":
+        _PARENT = tracker.info
+    try:
+        yield
+    finally:
+        _PARENT = before
 
 
 # ---------------------------------------------------------------- what a run logs

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from lmforge import storage
-from lmforge.tracking import Settings, Tracker, open_run, run_params, say
+from lmforge.tracking import Settings, Tracker, nested, open_run, run_params, say
 from lmforge.tracking.outputs import log_outputs
 
 
@@ -49,7 +49,8 @@ def stage_run(
         if not quiet and tracker.where():
             say(tracker.where())
         tracker.close()  # the stage's workers may log to the run meanwhile
-        yield tracker
+        with nested(tracker):
+            yield tracker
         log_outputs(tracker, run_dir, tracker.summary)
         status = "FINISHED"
     except KeyboardInterrupt:
