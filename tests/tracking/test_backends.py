@@ -8,9 +8,8 @@ import json
 import os
 
 import numpy as np
-import pytest
 
-from lmforge import ConfigError, tracking
+from lmforge import tracking
 from lmforge.tracking.mlflow_backend import local_store
 from tests.tracking.readers import mlflow_run, tensorboard_events, wandb_run
 
@@ -152,12 +151,14 @@ def test_none_backend_writes_nothing(tmp_path):
     assert tracking.reopen(str(tmp_path / "r")).backend == "none"
 
 
-def test_a_runs_dir_on_an_object_store_needs_a_tracking_uri(tmp_path, monkeypatch):
+def test_a_runs_dir_on_an_object_store_is_untracked_saying_why(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with pytest.raises(ConfigError, match="set tracking.uri .* to a tracking server"):
-        tracking.open_run(
-            tracking.Settings(), "s3://bucket/runs", "s3://bucket/runs/x", "data", "x", False
-        )
+    tracker = tracking.open_run(
+        tracking.Settings(), "s3://bucket/runs", "s3://bucket/runs/x", "data", "x", False
+    )
+    assert tracker.backend == "none"
+    err = capsys.readouterr().err
+    assert "runs_dir s3://bucket/runs is not a local path" in err and "tracking.uri" in err
 
 
 def test_a_worker_whose_tracker_fails_keeps_training(tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ from lmforge.tracking.base import (
     LOCAL_ARTIFACTS,
     LOCAL_DB,
     TRACKING_FILE,
+    NoStore,
     Safe,
     Settings,
     Tracker,
@@ -110,6 +111,9 @@ def open_run(
 def _open(cls: type[Tracker], settings: Settings, **kwargs: Any) -> Tracker:
     try:
         return cls.open(settings, **kwargs)
+    except NoStore as e:
+        say(str(e))
+        return Tracker()
     except LmforgeError:
         raise
     except Exception as e:  # a client that cannot reach its store: say which, before the run

@@ -21,6 +21,11 @@ LOCAL_DB = "mlflow.db"  # the embedded MLflow store: <runs_dir>/mlflow.db ...
 LOCAL_ARTIFACTS = "mlartifacts"  # ... and its artifacts under <runs_dir>/mlartifacts
 
 
+class NoStore(Exception):
+    """The backend has nowhere to write without settings (e.g. runs_dir on an object store):
+    the run goes untracked, saying why, rather than failing."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """The `tracking:` section of a stage config, as plain data (the loop has no pydantic)."""

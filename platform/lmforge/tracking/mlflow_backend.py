@@ -11,8 +11,15 @@ import re
 import time
 from typing import Any
 
-from lmforge import ConfigError, storage
-from lmforge.tracking.base import LOCAL_ARTIFACTS, LOCAL_DB, Settings, Tracker, local_copy
+from lmforge import storage
+from lmforge.tracking.base import (
+    LOCAL_ARTIFACTS,
+    LOCAL_DB,
+    NoStore,
+    Settings,
+    Tracker,
+    local_copy,
+)
 
 # MLflow's per-request limits (mlflow.utils.validation): params and metrics per log_batch.
 MAX_PARAMS, MAX_METRICS, MAX_PARAM_CHARS = 100, 1000, 6000
@@ -35,10 +42,10 @@ def tracking_uri(settings: Settings, runs_dir: str) -> tuple[str, str | None]:
         return uri, None
     store = local_store(runs_dir)
     if store is None:
-        raise ConfigError(
-            f"tracking: runs_dir {runs_dir} is not a local path, so there is no embedded MLflow "
-            "store; set tracking.uri (or MLFLOW_TRACKING_URI) to a tracking server, or "
-            "--set tracking.backend=none"
+        raise NoStore(
+            f"runs_dir {runs_dir} is not a local path, so there is no embedded MLflow store: "
+            "this run is not tracked; set tracking.uri (or MLFLOW_TRACKING_URI) to a tracking "
+            "server, or tracking.backend: none to silence this"
         )
     seed_store(store[0][len("sqlite:///") :])
     return store
