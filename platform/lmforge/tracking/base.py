@@ -107,6 +107,9 @@ class Safe(Tracker):
     def close(self):
         self._call("close")
 
+    def where(self) -> str:
+        return self.inner.where() if self.inner is not None else ""
+
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}; lists are kept whole (as JSON)."""

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from lmforge import storage
-from lmforge.tracking import Settings, Tracker, nested, open_run, run_params, say
+from lmforge.tracking import Safe, Settings, Tracker, nested, open_run, run_params, say
 from lmforge.tracking.outputs import log_outputs
 
 
@@ -41,7 +41,9 @@ def stage_run(
     """Open (or continue) the run, log its params; the caller runs the stage and puts its
     summary in the yielded tracker's `summary`; then the outputs are logged and the run
     finished as FINISHED, FAILED (an error) or KILLED (Ctrl-C)."""
-    tracker = open_run(settings, runs_dir, run_dir, stage, name, resume)
+    # Opening fails the stage (a wrong URI is said before the run); after that, a tracker
+    # error is one line and the stage's work goes on.
+    tracker = Safe(open_run(settings, runs_dir, run_dir, stage, name, resume), say)
     status = "FAILED"
     try:
         tracker.log_params(run_params(config, config_hash) | {"stage": stage})
