@@ -23,7 +23,14 @@ MAX_LINES = 450
 # whatever its package. A module may import
 # its own layer and the layers below it, never one above.
 LAYERS: dict[str, list[str]] = {
-    "core": ["lmforge", "lmforge.console", "lmforge.storage", "lmforge.config", "lmforge.plots"],
+    "core": [
+        "lmforge",
+        "lmforge.console",
+        "lmforge.storage",
+        "lmforge.config",
+        "lmforge.plots",
+        "lmforge.tracking",
+    ],
     "runtime": ["lmforge.stage", "lmforge.cluster.local"],
     "domain": [
         "lmforge.builtin",

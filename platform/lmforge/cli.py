@@ -87,6 +87,10 @@ COMMANDS: dict[str, Command] = {
         "lmforge.comparison.command:runs_command",
         "compare runs: config diff, final metrics, overlaid loss curves (`runs compare A B`)",
     ),
+    "ui": Command(
+        "lmforge.tracking.command:ui_command",
+        "open the MLflow UI on the runs' tracking store (every run's params, curves, artifacts)",
+    ),
     "config": Command(
         "lmforge.config.command:config_command",
         "show a stage's resolved config, or write the config reference",

@@ -36,6 +36,7 @@ from lmforge.config import (
     fields_help,
     load_config,
 )
+from lmforge.tracking.config import TrackingConfig
 
 # name -> "module:attribute" of its Stage: each stage lives in <package>/stage.py.
 STAGES: dict[str, str] = {
@@ -66,6 +67,11 @@ class StageConfig(StrictModel):
     runs_dir: str = Field(
         "runs",
         description="Root of all outputs: a local path or a URI (s3://, gs://, file://). Not part of the config hash.",
+        json_schema_extra=NOT_HASHED,
+    )
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="Experiment tracking of this run (docs/tracking.md). Not part of the config hash.",
         json_schema_extra=NOT_HASHED,
     )
 
@@ -306,15 +312,23 @@ def run_stage(
         print("  " + config_yaml(cfg).rstrip().replace("\n", "\n  "), flush=True)
         print(f"[{stage.name}] output: {out}", flush=True)
     storage.makedirs(out)
+    retry = not storage.is_complete(out)  # an incomplete output: continue its tracked run
     storage.remove(storage.join(out, storage.SUCCESS))  # a forced rerun is incomplete until it ends
     storage.write_text(storage.join(out, RESOLVED_CONFIG), config_yaml(cfg))
-    if stage.uses_ray:
-        from lmforge.cluster.local import connect
+    from lmforge.tracking.session import add_cluster_params, stage_run
 
-        connect(address)
-    start = time.perf_counter()
-    summary = stage.run(cfg, StageContext(output=out, address=address)) or {}
-    seconds = time.perf_counter() - start
+    settings, hashed = cfg.tracking.settings(), config_hash(cfg)
+    args = (settings, cfg.runs_dir, out, stage.name, cfg.name, config_dict(cfg), hashed, retry)
+    with stage_run(*args, quiet=quiet) as tracker:
+        if stage.uses_ray:
+            from lmforge.cluster.local import connect
+
+            connect(address)
+            add_cluster_params(tracker)
+        start = time.perf_counter()
+        summary = stage.run(cfg, StageContext(output=out, address=address)) or {}
+        seconds = time.perf_counter() - start
+        tracker.summary = summary
     storage.mark_success(
         out,
         {

@@ -111,6 +111,17 @@ def test_quickstart_then_the_newcomer_path_from_another_directory(tmp_path):
     assert "config differences:" in compared.stdout and "val_loss" in compared.stdout
     assert (project / "compare.png").read_bytes()[:8] == png
 
+    # every stage run is a run in the MLflow store under runs_dir, nested under the pipeline's
+    # run, and the quickstart says how to open it
+    assert "lmforge ui --runs-dir runs/quickstart" in proc.stdout
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("quickstart")
+    tracked = client.search_runs([experiment.experiment_id])
+    names = {r.info.run_name.split("/")[0] for r in tracked if r.info.status == "FINISHED"}
+    assert names >= {"pipeline", *(s.stage.name for s in steps)}
+
     again = lmforge(project, "quickstart", "--no-serve")
     cacheable = [s for s in steps if s.stage.cacheable]
     assert again.stdout.count("output is complete, skipping") == len(cacheable)

@@ -98,6 +98,7 @@ ALL_ON = (
     "serve.enabled=true",
     "serve.apiKeys.secretName=lmforge-api-keys",
     "serve.models.lmforge-chat.artifact=train/base-0123456789ab",
+    "tracking.server.enabled=true",
 )
 VALUE_SETS = [
     pytest.param((), (), id="default"),

@@ -232,7 +232,8 @@ def test_one_ray_pod_template_for_head_and_workers():
     """The pod spec is written once (lmforge.rayPodTemplate); head and workers differ only where they must."""
     templates = "".join(p.read_text() for p in (CHART / "templates").iterdir())
     assert templates.count('define "lmforge.rayPodTemplate"') == 1
-    assert templates.count("containers:") == 2  # the Ray pod template and the job submitter
+    # the Ray pod template, the job submitter and the bundled MLflow server
+    assert templates.count("containers:") == 3
     job = next(
         o
         for o in render(sets=("stages.pretrain.enabled=true",))

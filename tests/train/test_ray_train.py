@@ -10,16 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lmforge import LmforgeError, storage
 from lmforge.model.artifact import load_model
 from lmforge.stage import get_stage, run_stage
+from lmforge.tracking import flatten, param_text
 from lmforge.train.checkpoint import Checkpointer, latest_checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import run_local
 from lmforge.train.optim import build_optimizer
 from lmforge.train.parallelize import build_model
 from tests.numerics import loss_curve_tolerance
+from tests.tracking.readers import mlflow_run
 from tests.train.conftest import tiny_train_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -105,6 +108,32 @@ def test_injected_worker_fault_recovers_from_the_last_checkpoint(ray_runs):
 
     assert loss_series(read_metrics(str(faulty)))["loss"] == sorted(curve(faulty).items())
     assert (faulty / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_mlflow_run_holds_the_metrics_params_and_artifacts_of_the_faulty_run(ray_runs):
+    """The embedded MLflow store under runs_dir, read back with MlflowClient: one run across
+    the failed attempt and the resumed one, its metric history equal to metrics.jsonl step by
+    step (no step twice), its params the resolved config, its artifacts and model tags."""
+    faulty = Path(ray_runs["faulty"].output)
+    info = json.loads((faulty / "tracking.json").read_text())
+    assert info["backend"] == "mlflow" and info["experiment"] == "train"
+    assert info["uri"] == f"sqlite:///{faulty.parents[1] / 'mlflow.db'}"
+    got = mlflow_run(info["uri"], info["run_id"])
+    assert got["status"] == "FINISHED"
+    lines = metrics(faulty)
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bpb"):
+        want = [(m["step"], m[key]) for m in lines if m.get(key) is not None]
+        assert got["metrics"][key] == want, key
+    resolved = yaml.safe_load((faulty / "resolved_config.yaml").read_text())
+    want_params = {k: param_text(v) for k, v in flatten(resolved).items()}
+    assert {k: got["params"][k] for k in want_params} == want_params
+    assert got["params"]["config_hash"] == ray_runs["faulty"].output.rsplit("-", 1)[-1]
+    assert got["params"]["workers"] == "2" and got["params"]["device"] == "cpu"
+    assert got["params"]["ray.nodes"] == "1"
+    version = json.loads((faulty / "model" / "version.json").read_text())
+    assert got["tags"]["model.version"] == version["version"]
+    assert got["tags"]["output"] == ray_runs["faulty"].output
+    assert {"resolved_config.yaml", "metrics.jsonl", "model/version.json"} <= got["artifacts"]
 
 
 def test_checkpoint_of_two_workers_loads_into_one_process(ray_runs):

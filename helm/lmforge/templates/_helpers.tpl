@@ -356,6 +356,10 @@ spec:
         - {name: CUDA_CACHE_PATH, value: /home/ray/.cache/nv}
         - {name: MPLCONFIGDIR, value: /tmp/matplotlib}
         - {name: RAY_USAGE_STATS_ENABLED, value: "0"}
+        {{- with include "lmforge.trackingUri" $root }}
+        # Where every stage run (driver and training workers) logs: docs/tracking.md.
+        - {name: MLFLOW_TRACKING_URI, value: {{ . | quote }}}
+        {{- end }}
         {{- with $g.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -431,6 +435,16 @@ spec:
   affinity:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+{{- end }}
+
+{{/* The MLflow tracking URI every Ray container gets: tracking.uri, else the bundled server's Service, else "" (each run logs to the embedded store under runs_dir). */}}
+{{- define "lmforge.trackingUri" -}}
+{{- $t := .Values.tracking }}
+{{- if $t.uri }}
+{{- $t.uri }}
+{{- else if $t.server.enabled }}
+{{- printf "http://%s-mlflow.%s.svc:%d" (include "lmforge.fullname" .) .Release.Namespace (int $t.server.port) }}
+{{- end }}
 {{- end }}
 
 {{/* Pod-level securityContext of every pod (restricted profile). The rayproject/ray user is uid 1000, gid 100. */}}

@@ -141,6 +141,7 @@ def quickstart_command(argv: list[str], prog: str) -> int:
     for r in results:
         print(f"  {r.stage:<10} {r.output}")
     print_curves(results)  # loss.png of the train and finetune runs
+    print(f"every run's params, curves and artifacts: lmforge ui --runs-dir {args.workdir}")
     return 0
 
 

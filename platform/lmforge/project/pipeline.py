@@ -167,25 +167,38 @@ def run_pipeline(
         flush=True,
     )
     results: list[StageResult] = []
-    for n, step in enumerate(steps, 1):
-        print(f"\n=== [{n}/{len(steps)}] {step.id} ({step.stage.name}) ===", flush=True)
-        start = time.perf_counter()
-        try:
-            result = run_stage(step.stage, step.config, address=address, force=force)
-        except LmforgeError as e:
-            _print_summary(spec.name, results)
-            raise StageFailed(
-                f"pipeline '{spec.name}' stopped at step '{step.id}' ({step.stage.name}): {e}"
-            ) from None
-        except Exception as e:
-            _print_summary(spec.name, results)
-            raise StageFailed(
-                f"pipeline '{spec.name}' stopped at step '{step.id}' ({step.stage.name}): {type(e).__name__}: {e}"
-            ) from e
-        result.seconds = result.seconds or time.perf_counter() - start
-        results.append(result)
+    with pipeline_run(spec.name, steps):
+        for n, step in enumerate(steps, 1):
+            print(f"\n=== [{n}/{len(steps)}] {step.id} ({step.stage.name}) ===", flush=True)
+            start = time.perf_counter()
+            try:
+                result = run_stage(step.stage, step.config, address=address, force=force)
+            except LmforgeError as e:
+                _print_summary(spec.name, results)
+                raise StageFailed(
+                    f"pipeline '{spec.name}' stopped at step '{step.id}' ({step.stage.name}): {e}"
+                ) from None
+            except Exception as e:
+                _print_summary(spec.name, results)
+                raise StageFailed(
+                    f"pipeline '{spec.name}' stopped at step '{step.id}' ({step.stage.name}): {type(e).__name__}: {e}"
+                ) from e
+            result.seconds = result.seconds or time.perf_counter() - start
+            results.append(result)
     _print_summary(spec.name, results)
     return results
+
+
+def pipeline_run(name: str, steps: list[PlannedStep]):
+    """The pipeline's parent run in the experiment tracker (the first step's `tracking:`); the
+    stage runs nest under it."""
+    from lmforge import tracking
+
+    first = steps[0].config if steps else None
+    if first is None:
+        return tracking.parent_run(tracking.Settings(backend="none"), "", name, {})
+    params = {"pipeline": name, "steps": " -> ".join(s.id for s in steps)}
+    return tracking.parent_run(first.tracking.settings(), first.runs_dir, name, params)
 
 
 def _print_summary(name: str, results: list[StageResult]) -> None:

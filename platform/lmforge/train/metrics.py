@@ -1,6 +1,10 @@
 """Training metrics: rank 0's `metrics.jsonl` and console lines, the run summary, and the same
 metrics as Prometheus gauges for the Grafana dashboard's Training row.
 
+Rank 0 also logs each line to the run's experiment tracker (MLflow by default): the stage
+runner opened the run and left `tracking.json` in the run directory; a resumed run logs only
+the steps its tracker has not seen, so a step is never recorded twice.
+
 Rank 0 sets one gauge per metric of each `metrics.jsonl` line through `ray.util.metrics`, so
 Ray's per-node metrics agent exports them (the chart's PodMonitor scrapes that port). Ray
 prefixes application metrics with `ray_`: the gauge `lmforge_train_loss` is scraped as
@@ -11,6 +15,7 @@ plain `run_local` has no agent to export through.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -18,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lmforge import storage
+from lmforge import storage, tracking
 from lmforge.train.mfu import mfu
 from lmforge.train.run import Run, WorkerEnv
 
@@ -62,15 +67,17 @@ class TrainGauges:
 
 
 class MetricsLog:
-    """Rank 0 keeps `metrics.jsonl` (rewritten whole, so it works on object stores too) and prints."""
+    """Rank 0 appends to `metrics.jsonl`, logs to the tracker, sets the gauges and prints."""
 
     def __init__(self, env: WorkerEnv, run: Run, start_step: int) -> None:
         self.env, self.run = env, run
         self.path = storage.join(run.spec.output, "metrics.jsonl")
-        self.lines: list[str] = []
-        if env.rank == 0 and storage.exists(self.path):  # after a resume: keep the curve up to it
-            old = storage.read_text(self.path).splitlines()
-            self.lines = [ln for ln in old if ln and json.loads(ln).get("step", 0) <= start_step]
+        self.lines: list[str] = []  # what the file holds, for stores that cannot append
+        self.tracker: tracking.Tracker = tracking.Tracker()
+        self.tracked_through = -1  # the last step the tracker has (from an earlier attempt)
+        if env.rank == 0:
+            self._resume_file(start_step)
+            self.tracker = tracking.reopen(run.spec.output, say=self.say)
         self.start_step, self.seconds, self.interval = start_step, 0.0, []
         self.gauges: TrainGauges | None = None
         arch, plan = run.arch, run.plan
@@ -80,7 +87,34 @@ class MetricsLog:
             f"accum = {plan.global_batch_tokens} tokens/step; {run.total_steps} steps; "
             f"peak {run.peak_tflops:.3g} TFLOP/s per device from {run.peak_source}"
         )
-        self.say(f"precision {'bf16' if run.bf16 else 'fp32'} ({run.precision_reason})")
+        precision = "bf16" if run.bf16 else "fp32"
+        self.say(f"precision {precision} ({run.precision_reason})")
+        self.tracker.log_params(
+            {
+                "device": env.device.type,
+                "device_name": device_name(env.device),
+                "precision": precision,
+                "workers": env.world_size,
+                "global_batch_tokens": plan.global_batch_tokens,
+                "total_steps": run.total_steps,
+                "peak_tflops_per_device": f"{run.peak_tflops:.4g}",
+            }
+        )
+
+    def _resume_file(self, start_step: int) -> None:
+        """Keep the lines up to the step the run resumes from (none for a fresh start: a
+        failed attempt without a checkpoint starts over); the lines after it, lost with the
+        attempt that wrote them, are written again by this one."""
+        if not storage.exists(self.path):
+            return
+        old = [ln for ln in storage.read_text(self.path).splitlines() if ln]
+        steps = [json.loads(ln).get("step", 0) for ln in old]
+        self.tracked_through = max(steps, default=-1)
+        self.lines = [
+            ln for ln, s in zip(old, steps, strict=True) if start_step > 0 and s <= start_step
+        ]
+        if len(self.lines) != len(old):
+            storage.write_text(self.path, "".join(ln + "\n" for ln in self.lines))
 
     def say(self, text: str) -> None:
         if self.env.rank == 0:
@@ -116,8 +150,18 @@ class MetricsLog:
     def write(self, metrics: dict[str, Any]) -> None:
         if self.env.rank != 0 or not metrics:
             return
-        self.lines.append(json.dumps({"time": round(time.time(), 3), **metrics}))
-        storage.write_text(self.path, "\n".join(self.lines) + "\n")
+        line = json.dumps({"time": round(time.time(), 3), **metrics})
+        if storage.is_local(self.path):
+            local = storage.local_path(self.path)
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            with open(local, "a") as f:
+                f.write(line + "\n")
+        else:  # an object store cannot append: the file is rewritten whole
+            self.lines.append(line)
+            storage.write_text(self.path, "\n".join(self.lines) + "\n")
+        step = metrics.get("step", 0)
+        if step > self.tracked_through:
+            self.tracker.log_metrics(tracking.numeric(metrics), step=step)
         if self.env.in_ray:  # Prometheus, for the Grafana dashboard
             if self.gauges is None:
                 self.gauges = TrainGauges(self.run.spec.output.rstrip("/").rsplit("/", 1)[-1])
@@ -125,6 +169,7 @@ class MetricsLog:
         self.say(console_line(metrics, self.run.total_steps))
 
     def summary(self, last: dict[str, Any]) -> dict[str, Any]:
+        self.tracker.close()  # the stage runner logs the outputs and finishes the run
         run = self.run
         steps = run.total_steps - self.start_step
         tps = steps * run.plan.global_batch_tokens / max(self.seconds, 1e-9)
@@ -163,6 +208,10 @@ def console_line(metrics: dict[str, Any], total_steps: int) -> str:
     if "eta_s" in metrics:
         parts.append(f"eta {metrics['eta_s']:.0f}s")
     return " | ".join(parts)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def memory_gib(device: torch.device) -> float:
