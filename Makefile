@@ -54,7 +54,8 @@ $(VENV)/bin/helm: scripts/install_k8s_tools.py | $(VENV)/bin/python
 test: $(VENV)/.dev $(VENV)/bin/helm  ## the whole suite (what CI runs): lint, then every test a CPU machine can run
 	$(VENV)/bin/ruff check .
 	sh scripts/install_browser.sh  # headless Chromium for the playground test (skips if it cannot)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	PYTHON=$(PYTHON) sh scripts/install_mlflow_ui.sh $(VENV)-mlflow-ui  # the MLflow UI test's server
+	LMFORGE_MLFLOW=$(CURDIR)/$(VENV)-mlflow-ui/bin/mlflow $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.dev  ## quick edit-test loop: no slow or Ray-cluster tests
 	$(PY) -m pytest -m "not slow and not ray" -x -q $(PYTEST_ARGS)

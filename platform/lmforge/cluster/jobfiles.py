@@ -36,6 +36,7 @@ SECRET_PATTERNS = (
 # Outputs and caches: large, and nothing a job reads.
 BUILD_PATTERNS = (
     ".venv",
+    ".venv-mlflow-ui",
     "runs",
     ".git",
     "**/__pycache__",

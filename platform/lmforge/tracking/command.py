@@ -36,9 +36,14 @@ def store_args(runs_dir: str, uri: str | None) -> list[str]:
 
 def server_command(mlflow: str | None) -> list[str] | None:
     """How to start `mlflow server`: the given executable, this environment's full MLflow,
-    or MLflow of the client's version run by uvx or pipx; None if none of them is here."""
+    or MLflow of the client's version run by uvx or pipx; None if none of them is here.
+    LMFORGE_MLFLOW names an executable when none is given (`make test` installs one with
+    scripts/install_mlflow_ui.sh)."""
     if mlflow:
         return [mlflow, "server"]
+    installed = os.environ.get("LMFORGE_MLFLOW")
+    if installed and os.access(installed, os.X_OK):
+        return [installed, "server"]
     if importlib.util.find_spec("mlflow") and _has_ui():
         return [sys.executable, "-m", "mlflow", "server"]
     spec = f"mlflow=={client_version()}"
