@@ -116,11 +116,21 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def rope_table(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
-    """cos and sin of each position x frequency, stacked: (T, E/2, 2), fp32."""
-    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)  # (T, E/2)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+def rope_table(
+    head_dim: int, max_seq_len: int, theta: float, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """e^(i * angle) of each position x frequency: (T, E/2), complex64 (fp32 cos and sin).
+
+    Complex on purpose: mixed-precision wrappers cast floating-point tensors (FSDP2 casts every
+    forward input to its param dtype, `.to(bfloat16)` every floating buffer) but leave complex
+    ones alone, so the angles stay fp32 on every path (as torchtitan's freqs_cis).
+    """
+    freqs = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    )
+    positions = torch.arange(max_seq_len, dtype=torch.float32, device=device)
+    angles = torch.outer(positions, freqs)  # (T, E/2)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
 def apply_rope(
@@ -129,13 +139,12 @@ def apply_rope(
     """Rotate each (even, odd) pair of x: (B, T, heads, E) by its position's angle.
 
     Positions are 0..T-1 unless `positions` (B, T) gives each row its own (incremental decoding).
+    The pair (x0, x1) as x0 + i x1 times e^(i angle) is (x0 cos - x1 sin, x0 sin + x1 cos).
     """
     T = x.shape[1]
-    pairs = at_least_fp32(x).reshape(*x.shape[:-1], -1, 2)  # (B, T, heads, E/2, 2)
+    pairs = at_least_fp32(x).reshape(*x.shape[:-1], -1, 2).contiguous()  # (B, T, heads, E/2, 2)
     angles = table[:T, None] if positions is None else table[positions].unsqueeze(2)
-    cos, sin = angles[..., 0], angles[..., 1]  # (T or B x T, 1, E/2), broadcast over heads
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    out = torch.view_as_real(torch.view_as_complex(pairs) * angles)  # (T or B x T, 1, E/2) bcast
     return out.flatten(-2).type_as(x)
 
 
@@ -217,8 +226,9 @@ class Llama(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        # Not a parameter and not saved: rebuilt from the config, in fp32 whatever the model dtype.
-        self.register_buffer("rope", torch.empty(0), persistent=False)
+        # Not a parameter and not saved: rebuilt from the config, complex64 (fp32 angles) whatever
+        # the model dtype (see rope_table and _apply).
+        self.register_buffer("rope", torch.empty(0, dtype=torch.complex64), persistent=False)
         if self.tok_embeddings.weight.device.type != "meta":
             self.init_weights()
 
@@ -249,9 +259,28 @@ class Llama(nn.Module):
 
     def reset_rope(self) -> None:
         device = self.tok_embeddings.weight.device
-        self.rope = rope_table(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta).to(
-            device
+        self.rope = rope_table(
+            self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=device
         )
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.bfloat16()`, `.to_empty()`, ...: weights as asked, a tied head still tied;
+        the position table only moves (rebuilt, complex64) to wherever the weights went."""
+        table = self._buffers.pop("rope")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["rope"] = table
+        # Moving across device types (meta -> cuda in `to_empty`) gives each module its own new
+        # Parameter, which would leave the head a separate, never-initialised copy.
+        if self.cfg.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
+            self.output.weight = self.tok_embeddings.weight
+        device = fn(torch.empty(0, device=table.device)).device
+        if device != table.device or table.dtype != torch.complex64:
+            self._buffers["rope"] = rope_table(
+                self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=device
+            )
+        return self
 
     def forward(
         self,

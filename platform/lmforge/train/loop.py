@@ -29,8 +29,8 @@ from lmforge.train.data import bits_per_byte
 from lmforge.train.export import export_model
 from lmforge.train.metrics import MetricsLog
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
-from lmforge.train.parallelize import build_model, set_gradient_sync
-from lmforge.train.run import Run, WorkerEnv, autocast, setup_run
+from lmforge.train.parallelize import build_model, set_gradient_sync, shorten_collective_timeout
+from lmforge.train.run import Run, WorkerEnv, autocast, collect_garbage, manual_gc, setup_run
 
 
 def train_loop(spec: LoopSpec, env: WorkerEnv) -> dict[str, Any]:
@@ -46,6 +46,7 @@ def train_loop(spec: LoopSpec, env: WorkerEnv) -> dict[str, Any]:
         bf16=run.bf16,
         meta_init=parallel.meta_init,
         prepare=run.adapt,
+        ranks_per_node=env.ranks_per_node,
     )
     if spec.base:
         load_full_state(model, artifact_state(spec.base) if env.rank == 0 else {})
@@ -78,7 +79,10 @@ def train_loop(spec: LoopSpec, env: WorkerEnv) -> dict[str, Any]:
         start = time.perf_counter()
         loss, grad_norm = train_step(model, optimizer, run, step, env, spec.optim.grad_clip)
         log.add_step_time(time.perf_counter() - start)
+        if step == (resumed["step"] if resumed else 0):
+            shorten_collective_timeout()  # the first step (compile, warm-up) is behind us
         step += 1
+        collect_garbage(step)
         last = step == run.total_steps
         metrics = {}
         if step % loop.log_every == 0 or last:
@@ -109,10 +113,11 @@ def train_step(model, optimizer, run: Run, step: int, env: WorkerEnv, grad_clip:
     for micro in range(accum):
         first, count = run.plan.micro_rows(step, env.rank, micro)
         rows = torch.from_numpy(run.train.rows(first, count)).to(env.device)  # (b, T + 1)
-        set_gradient_sync(model, micro == accum - 1)
+        set_gradient_sync(model, run.reduce_every_micro_batch or micro == accum - 1)
         with autocast(run, env):
             logits = model(rows[:, :-1])  # (b, T, V)
         loss = cross_entropy(logits, rows[:, 1:]) / accum
+        del logits  # the loss keeps what backward needs; the (b, T, V) logits can go now
         loss.backward()
         total += loss.detach()
     return finish_step(model, optimizer, total, grad_clip)
@@ -137,10 +142,11 @@ def masked_train_step(model, optimizer, run: Run, step: int, env: WorkerEnv, gra
     total = torch.zeros((), device=env.device)
     for m, batch in enumerate(micro):
         tokens, targets, segments = masked_batch(batch, env.device)
-        set_gradient_sync(model, m == accum - 1)
+        set_gradient_sync(model, run.reduce_every_micro_batch or m == accum - 1)
         with autocast(run, env):
             logits = model(tokens, segments=segments)  # (b, T, V)
         loss = token_losses(logits, targets).sum() * scale
+        del logits  # the loss keeps what backward needs; the (b, T, V) logits can go now
         loss.backward()
         total += loss.detach()
     return finish_step(model, optimizer, total, grad_clip)
@@ -264,7 +270,8 @@ def ray_train_worker(config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`: `config` is the driver's LoopSpec as plain data."""
     spec = LoopSpec.model_validate(config)
     env = WorkerEnv.from_ray()
-    summary = train_loop(spec, env)
+    with manual_gc():
+        summary = train_loop(spec, env)
     if env.rank == 0:
         storage.write_json(storage.join(spec.output, "train_summary.json"), summary)
 
@@ -274,4 +281,5 @@ def run_local(
 ) -> dict[str, Any]:
     """The same loop in this process, one worker, no Ray: tests and baselines."""
     env = WorkerEnv(0, 1, torch.device(device), in_ray=False)
-    return train_loop(cfg.loop_spec(output, data_path, workers=1), env)
+    with manual_gc():
+        return train_loop(cfg.loop_spec(output, data_path, workers=1), env)
