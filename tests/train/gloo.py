@@ -7,11 +7,14 @@ fails the caller with that rank's traceback. `fn` must be importable (a module-l
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import socket
 import traceback
 from typing import Any
+
+import torch
 
 
 def _free_port() -> int:
@@ -21,7 +24,6 @@ def _free_port() -> int:
 
 
 def _entry(fn, rank: int, world: int, port: int, env: dict, queue, args) -> None:
-    import torch
     import torch.distributed as dist
 
     os.environ.update(env)
@@ -32,7 +34,10 @@ def _entry(fn, rank: int, world: int, port: int, env: dict, queue, args) -> None
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        queue.put((rank, True, fn(rank, *args)))
+        # Serialised here: a tensor sent as is would be shared memory that dies with this process.
+        buffer = io.BytesIO()
+        torch.save(fn(rank, *args), buffer)
+        queue.put((rank, True, buffer.getvalue()))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -57,7 +62,7 @@ def run_ranks(fn, world: int, *args, env: dict | None = None, timeout: float = 2
             rank, ok, value = queue.get(timeout=timeout)
             if not ok:
                 raise AssertionError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            results[rank] = torch.load(io.BytesIO(value), weights_only=True)
     finally:
         for p in procs:
             p.join(timeout=30)

@@ -10,6 +10,7 @@ V vocabulary, F MLP hidden width.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -171,8 +172,13 @@ class Attention(nn.Module):
             # and values and returns every cached one (B, K, S, E) with a (B, 1, T, S) mask.
             k, v, mask = cache.update(k, v, positions)
         # `mask` (B, 1, T, T) bool, True = may attend: a packed row's document mask (see
-        # `document_mask`); None = plain causal attention.
+        # `document_mask`), or the same as a FlexAttention BlockMask (`document_block_mask`);
+        # None = plain causal attention.
         # Grouped-query attention: each group of H/K query heads shares one key/value head.
+        gqa = self.n_kv_heads != self.n_heads
+        if not isinstance(mask, torch.Tensor | None):  # a BlockMask: packed rows on GPU
+            y = flex(q.device.type)(q, k, v, block_mask=mask, enable_gqa=gqa)
+            return self.wo(y.transpose(1, 2).reshape(B, T, -1))
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -299,7 +305,8 @@ class Llama(nn.Module):
         """
         mask = None
         if segments is not None:
-            mask = document_mask(segments)
+            flexible = segments.device.type in FLEX_DEVICE_TYPES and kv_cache is None
+            mask = document_block_mask(segments) if flexible else document_mask(segments)
             positions = segment_positions(segments) if positions is None else positions
         T = tokens.shape[1] if positions is None else int(positions.max()) + 1
         if self.cfg.max_seq_len < T:
@@ -328,6 +335,36 @@ def document_mask(segments: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
     same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
     return (same & causal).unsqueeze(1)
+
+
+# Packed rows on these devices attend through FlexAttention: a dense (B, 1, T, T) mask rules
+# out SDPA's flash and memory-efficient kernels, while a block mask keeps a fused kernel that
+# also skips the blocks no document reaches. Elsewhere (CPU) the dense mask is exact and cheap.
+FLEX_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+
+
+def document_block_mask(segments: torch.Tensor):
+    """(B, T) document ids -> the `document_mask` rule as a FlexAttention BlockMask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = segments.shape
+
+    def same_document_causal(b, h, q, kv):
+        return (segments[b, q] == segments[b, kv]) & (q >= kv)
+
+    compiled = segments.device.type == "cuda"  # eager builds the (B, T, T) mask it avoids
+    return create_block_mask(
+        same_document_causal, B, None, T, T, device=segments.device, _compile=compiled
+    )
+
+
+@functools.cache
+def flex(device_type: str):
+    """flex_attention, compiled where it runs as a fused kernel; eager (a reference
+    implementation that materialises the scores) elsewhere, for tests on CPU."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
