@@ -7,7 +7,9 @@ Layout, under `<run>/checkpoints/` (Ray Train's run directory when run by Ray):
                     rng_<rank>.pt                              each worker's RNG state (tensors)
                     _COMPLETE                                  written last, after every worker's files
 
-Saving: every worker writes its own shard into a local temp dir; `ray.train.report(checkpoint=...)`
+Saving: every worker copies its shards to host memory (pinned on GPU) and writes them into a
+local temp dir in a background thread (`dcp.async_save`) while training goes on; when the write
+is done (checked at the next save, report, or the end), `ray.train.report(checkpoint=...)`
 uploads and merges them into one checkpoint directory (without Ray: copied there directly);
 after a barrier, rank 0 writes `_COMPLETE`. A checkpoint without the marker (a crash mid-save)
 is never loaded: resume takes the newest complete one. DCP stores each tensor with its global
@@ -31,7 +33,8 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -77,6 +80,15 @@ def latest_checkpoint(root: str) -> tuple[int, str] | None:
 
 
 @dataclass
+class _PendingSave:
+    step: int
+    name: str
+    local: str  # this worker's files, written in the background
+    metrics: dict[str, Any]
+    writing: Future  # dcp.async_save's: done when the shards are on disk
+
+
+@dataclass
 class Checkpointer:
     root: str  # <run>/checkpoints
     keep_last: int
@@ -84,6 +96,9 @@ class Checkpointer:
     world_size: int
     in_ray: bool
     trainable_only: bool = False  # LoRA: only the adapters (and their optimizer state) are saved
+    _pending: _PendingSave | None = field(default=None, init=False, repr=False)
+    _stager: Any = field(default=None, init=False, repr=False)
+    _group: Any = field(default=None, init=False, repr=False)
 
     @property
     def options(self) -> StateDictOptions:
@@ -98,35 +113,98 @@ class Checkpointer:
         return model_sd, optim_sd
 
     def save(self, step: int, rows: int, model, optimizer, metrics: dict[str, Any]) -> str:
-        """Save a sharded checkpoint of step `step` (every worker calls this); returns its path."""
+        """Start saving a sharded checkpoint of step `step` (every worker calls this); its path.
+
+        The state is copied to host memory (pinned on GPU) before this returns, so training may
+        go on and change the weights; the files are written in a background thread while it
+        does. `wait` (called at the next save, report or the end) finishes the checkpoint:
+        upload, barrier, `_COMPLETE`. Only one save is in flight at a time.
+        """
+        self.wait()
         name = step_dir_name(step)
         model_sd, optim_sd = self._state(model, optimizer)
-        with _local_dir(f"lmforge-ckpt-{name}-r{self.rank}-") as local:
+        local = tempfile.mkdtemp(prefix=f"lmforge-ckpt-{name}-r{self.rank}-")
+        torch.save(_rng_state(), os.path.join(local, f"rng_{self.rank}.pt"))
+        if self.rank == 0:
+            state = {"step": step, "rows": rows, "world_size": self.world_size}
+            with open(os.path.join(local, "train_state.json"), "w") as f:
+                json.dump(state, f)
+        with _single_process_ok():
+            writing = dcp.async_save(
+                {"model": model_sd, "optim": optim_sd},
+                checkpoint_id=local,
+                async_stager=self._host_stager(),
+                process_group=self._cpu_group(),
+                no_dist=not dist.is_initialized(),  # one process: nothing to coordinate
+            )
+        self._pending = _PendingSave(step, name, local, metrics, writing)
+        return storage.join(self.root, name)
+
+    def wait(self) -> str | None:
+        """Finish the save in flight, if any (every worker calls this); its path."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        try:
             with _single_process_ok():
-                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=local)
-            torch.save(_rng_state(), os.path.join(local, f"rng_{self.rank}.pt"))
-            if self.rank == 0:
-                state = {"step": step, "rows": rows, "world_size": self.world_size}
-                with open(os.path.join(local, "train_state.json"), "w") as f:
-                    json.dump(state, f)
+                pending.writing.result()
             if self.in_ray:
                 import ray.train
 
                 ray.train.report(
-                    metrics,
-                    checkpoint=ray.train.Checkpoint.from_directory(local),
-                    checkpoint_dir_name=name,
+                    pending.metrics or {"step": pending.step},
+                    checkpoint=ray.train.Checkpoint.from_directory(pending.local),
+                    checkpoint_dir_name=pending.name,
                 )
             else:
-                _upload(local, storage.join(self.root, name))
+                _upload(pending.local, storage.join(self.root, pending.name))
+        finally:
+            shutil.rmtree(pending.local, ignore_errors=True)
         _barrier()  # every worker's files are in place before the marker says so
-        path = storage.join(self.root, name)
+        path = storage.join(self.root, pending.name)
         if self.rank == 0:
-            storage.write_text(storage.join(path, MARKER), f"step {step}\n")
+            storage.write_text(storage.join(path, MARKER), f"step {pending.step}\n")
             if not self.in_ray:  # Ray Train prunes its own (CheckpointConfig.num_to_keep)
                 for _, old in complete_checkpoints(self.root)[: -self.keep_last]:
                     storage.remove(old)
         return path
+
+    def close(self) -> str | None:
+        """Finish the last save and free the host staging memory; its path."""
+        try:
+            return self.wait()
+        finally:
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
+
+    def _host_stager(self):
+        # Reused across saves: its host buffers are allocated once. Pinned memory (fast,
+        # non-blocking device-to-host copies) only exists with CUDA.
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            cuda = torch.cuda.is_available()
+            self._stager = DefaultStager(
+                StagingOptions(
+                    use_pinned_memory=cuda,
+                    use_shared_memory=False,
+                    use_async_staging=False,  # staged before save returns: the next step may run
+                    use_non_blocking_copy=cuda,
+                )
+            )
+        return self._stager
+
+    def _cpu_group(self):
+        # The background write coordinates ranks over a CPU (gloo) group; NCCL cannot carry
+        # its plan exchange from a side thread, and Ray Train's default group is NCCL-only.
+        if not dist.is_initialized():
+            return None
+        if self._group is None:
+            default = dist.distributed_c10d._get_default_group()
+            cpu = torch.device("cpu") in default._device_types
+            self._group = default if cpu else dist.new_group(backend="gloo")
+        return self._group
 
     def restore(self, model, optimizer) -> dict[str, Any] | None:
         """Load the newest complete checkpoint into model and optimizer; its train state, or None."""

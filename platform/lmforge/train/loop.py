@@ -94,8 +94,10 @@ def train_loop(spec: LoopSpec, env: WorkerEnv) -> dict[str, Any]:
             rows = step * run.plan.global_batch_rows
             ckpt.save(step, rows, model, optimizer, metrics or {"step": step})
         elif metrics:
+            ckpt.wait()  # a checkpoint still being written reaches Ray before later metrics
             report(metrics, env)
         log.write(metrics)
+    ckpt.close()  # the last checkpoint's files are written and marked complete
     export_model(model, run, env, metrics)
     return log.summary(metrics)
 
