@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.train.parallelize import mesh_shape
 from tests.numerics import tolerance
 from tests.train.conftest import tiny_train_config
 from tests.train.gloo import run_ranks
@@ -236,21 +235,3 @@ def test_meta_init_under_fsdp_ties_and_initialises_and_the_timeout_is_lowered():
         assert result["max_abs"] <= 6 * 0.02 and abs(result["std"] / 0.02 - 1) < 0.05
         assert result["lowered"] and result["timeout_s"] == result["want_s"]
         assert result["box"] == 0
-
-
-@pytest.mark.parametrize(
-    ("world", "per_node", "shape"),
-    [
-        (1, None, (1, 1)),
-        (8, None, (1, 8)),
-        (8, 8, (1, 8)),
-        (4, 8, (1, 4)),  # fewer workers than a node holds: one node
-        (16, 8, (2, 8)),
-        (64, 8, (8, 8)),
-        (4, 2, (2, 2)),
-        (4, 1, (4, 1)),  # one GPU per node: pure replication
-        (12, 8, (1, 12)),  # uneven nodes cannot form a mesh: plain FSDP
-    ],
-)
-def test_the_mesh_is_fsdp_on_one_node_and_hsdp_across_nodes(world, per_node, shape):
-    assert mesh_shape(world, per_node) == shape
