@@ -46,3 +46,52 @@ def test_one_save_in_flight_and_complete_only_when_written(tmp_path):
     assert ckpt.close() == second
     assert [s for s, _ in complete_checkpoints(str(tmp_path))] == [1, 2]
     assert ckpt.close() is None  # nothing left in flight
+
+
+def test_restore_from_an_object_store_fetches_only_the_bytes_it_reads(tmp_path, monkeypatch):
+    """From a URI a worker downloads the metadata and the byte ranges of its own shards (here:
+    a model that reads one of the two saved tensors), never the whole checkpoint."""
+    from lmforge import storage
+    from lmforge.train import checkpoint
+
+    root = f"memory://bucket/{tmp_path.name}"
+    big, small = torch.nn.Linear(256, 256, bias=False), torch.nn.Linear(4, 4, bias=False)
+    both = torch.nn.Sequential(big, small)
+    optim = torch.optim.SGD(both.parameters(), lr=0.1)
+    ckpt = Checkpointer(root, keep_last=2, rank=0, world_size=1, in_ray=False)
+    ckpt.save(5, 10, both, optim, {})
+    ckpt.close()
+    fetched: list[int] = []
+    fetch = checkpoint._fetch_ranges
+    monkeypatch.setattr(
+        checkpoint, "_fetch_ranges", lambda *a: fetched.append(fetch(*a)) or fetched[-1]
+    )
+    # The whole model comes back, equal, through ranged reads.
+    again = torch.nn.Sequential(
+        torch.nn.Linear(256, 256, bias=False), torch.nn.Linear(4, 4, bias=False)
+    )
+    again_optim = torch.optim.SGD(again.parameters(), lr=0.1)
+    assert Checkpointer(root, 2, 0, 1, False).restore(again, again_optim)["step"] == 5
+    assert torch.equal(again[0].weight, big.weight) and torch.equal(again[1].weight, small.weight)
+    shards = [f for f in storage.list_files(root) if f.endswith(".distcp")]
+    total = sum(len(storage.read_bytes(f)) for f in shards)
+    assert 256 * 256 * 4 <= fetched[-1] <= total
+    # A reader that needs only the small tensor fetches its record (64 bytes serialised), not
+    # the 256 KiB file it shares with the big one.
+    path = checkpoint.latest_checkpoint(root)[1]
+    with checkpoint._readable(path, 0) as (local, remote):
+        state = {"model": {"1.weight": torch.zeros(4, 4)}}
+        reader = checkpoint._SafeReader(local, remote=remote)
+        dcp_load(state, reader)
+    record = [v.length for k, v in reader.storage_data.items() if k.fqn == "model.1.weight"]
+    assert fetched[-1] == sum(record) < 256 * 256 * 4 / 10
+    assert torch.equal(state["model"]["1.weight"], small.weight.detach())
+
+
+def dcp_load(state, reader):
+    import torch.distributed.checkpoint as dcp
+
+    from lmforge.train.checkpoint import _SafeLoadPlanner, _single_process_ok
+
+    with _single_process_ok():
+        dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner())

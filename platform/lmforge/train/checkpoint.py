@@ -174,9 +174,9 @@ class Checkpointer:
         try:
             return self.wait()
         finally:
-            if self._stager is not None:
-                self._stager.close()
-                self._stager = None
+            stager, self._stager = self._stager, None
+            if stager is not None:
+                stager.close()
 
     def _host_stager(self):
         # Reused across saves: its host buffers are allocated once. Pinned memory (fast,
@@ -184,15 +184,10 @@ class Checkpointer:
         if self._stager is None:
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
+            # (pinned, shared memory, async staging, non-blocking copy): staged before save
+            # returns, so the next step may change the weights.
             cuda = torch.cuda.is_available()
-            self._stager = DefaultStager(
-                StagingOptions(
-                    use_pinned_memory=cuda,
-                    use_shared_memory=False,
-                    use_async_staging=False,  # staged before save returns: the next step may run
-                    use_non_blocking_copy=cuda,
-                )
-            )
+            self._stager = DefaultStager(StagingOptions(cuda, False, False, cuda))
         return self._stager
 
     def _cpu_group(self):
@@ -212,13 +207,14 @@ class Checkpointer:
         if found is None:
             return None
         step, path = found
-        with _readable(path) as local:
+        with _readable(path, self.rank) as (local, remote):
             model_sd, optim_sd = self._state(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
             with _single_process_ok(), _refusing_pickles(path):
                 # Read here first: inside dcp.load a refusal would only reach us as text.
                 _SafeReader(local).read_metadata()
-                dcp.load(state, storage_reader=_SafeReader(local), planner=_SafeLoadPlanner())
+                reader = _SafeReader(local, remote=remote)
+                dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner())
             set_state_dict(
                 model,
                 optimizer,
@@ -261,7 +257,21 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class _SafeReader(dcp.FileSystemReader):
-    """DCP's reader, whose metadata unpickler resolves only DCP's own record types."""
+    """DCP's reader, whose metadata unpickler resolves only DCP's own record types.
+
+    With `remote` (the checkpoint on an object store; `path` then holds only its small files),
+    it first fetches the byte ranges this rank's load plan reads, into sparse local files at
+    the same offsets: each worker downloads its share of the shards, not the checkpoint.
+    """
+
+    def __init__(self, path: str, remote: str | None = None) -> None:
+        super().__init__(path)
+        self.remote = remote
+
+    def read_data(self, plan, planner):
+        if self.remote is not None:
+            self.fetched = _fetch_ranges(self.remote, str(self.path), self.storage_data, plan)
+        return super().read_data(plan, planner)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
@@ -361,15 +371,41 @@ def _local_dir(prefix: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _readable(path: str) -> Iterator[str]:
-    """A local directory holding the checkpoint at `path` (downloaded when it is a URI)."""
+def _readable(path: str, rank: int) -> Iterator[tuple[str, str | None]]:
+    """(a local directory holding the checkpoint at `path`, the URI its shards are fetched
+    from or None). From a URI only the metadata, train state and this rank's RNG state are
+    downloaded here; `_SafeReader` fetches the shard bytes this rank reads."""
     if storage.is_local(path):
-        yield storage.local_path(path)
+        yield storage.local_path(path), None
         return
     with _local_dir("lmforge-restore-") as local:
-        fs, inner = storage.resolve(path)
-        pafs.copy_files(inner, local, source_filesystem=fs)
-        yield local
+        for name in (".metadata", "train_state.json", f"rng_{rank}.pt"):
+            if storage.exists(storage.join(path, name)):
+                with open(os.path.join(local, name), "wb") as f:
+                    f.write(storage.read_bytes(storage.join(path, name)))
+        yield local, path
+
+
+def _fetch_ranges(remote: str, local: str, storage_data: dict, plan) -> int:
+    """Copy the byte ranges `plan` reads from the checkpoint at `remote` into `local`, each at
+    its own offset (the other bytes of a file stay a hole); the number of bytes fetched."""
+    wanted: dict[str, set[tuple[int, int]]] = {}
+    for item in plan.items:
+        info = storage_data[item.storage_index]
+        wanted.setdefault(info.relative_path, set()).add((info.offset, info.length))
+    fetched = 0
+    for name, ranges in sorted(wanted.items()):
+        fs, inner = storage.resolve(storage.join(remote, name))
+        target = os.path.join(local, name)
+        with (
+            fs.open_input_file(inner) as src,
+            open(target, "r+b" if os.path.exists(target) else "wb") as dst,
+        ):
+            for offset, length in sorted(ranges):
+                dst.seek(offset)
+                dst.write(src.read_at(length, offset))
+                fetched += length
+    return fetched
 
 
 def _upload(local: str, dest: str) -> None:
