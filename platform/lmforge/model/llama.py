@@ -140,12 +140,16 @@ def apply_rope(
     """Rotate each (even, odd) pair of x: (B, T, heads, E) by its position's angle.
 
     Positions are 0..T-1 unless `positions` (B, T) gives each row its own (incremental decoding).
-    The pair (x0, x1) as x0 + i x1 times e^(i angle) is (x0 cos - x1 sin, x0 sin + x1 cos).
+    The arithmetic is real (cos and sin read as a view of the complex table): compilers fuse it,
+    where complex multiplication would fall back to separate kernels.
     """
     T = x.shape[1]
-    pairs = at_least_fp32(x).reshape(*x.shape[:-1], -1, 2).contiguous()  # (B, T, heads, E/2, 2)
-    angles = table[:T, None] if positions is None else table[positions].unsqueeze(2)
-    out = torch.view_as_real(torch.view_as_complex(pairs) * angles)  # (T or B x T, 1, E/2) bcast
+    pairs = at_least_fp32(x).reshape(*x.shape[:-1], -1, 2)  # (B, T, heads, E/2, 2)
+    angles = torch.view_as_real(table)  # (T_max, E/2, 2): cos, sin in fp32
+    angles = angles[:T, None] if positions is None else angles[positions].unsqueeze(2)
+    cos, sin = angles[..., 0], angles[..., 1]  # (T or B x T, 1, E/2), broadcast over heads
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).type_as(x)
 
 
