@@ -191,14 +191,11 @@ class Checkpointer:
         return self._stager
 
     def _cpu_group(self):
-        # The background write coordinates ranks over a CPU (gloo) group; NCCL cannot carry
-        # its plan exchange from a side thread, and Ray Train's default group is NCCL-only.
-        if not dist.is_initialized():
-            return None
-        if self._group is None:
-            default = dist.distributed_c10d._get_default_group()
-            cpu = torch.device("cpu") in default._device_types
-            self._group = default if cpu else dist.new_group(backend="gloo")
+        # The background write coordinates ranks over a gloo group of its own: its collectives
+        # run in a side thread, and on the default group they would interleave with training's
+        # (differently on each rank); Ray Train's default group on GPUs is NCCL only, anyway.
+        if dist.is_initialized() and self._group is None:
+            self._group = dist.new_group(backend="gloo")
         return self._group
 
     def restore(self, model, optimizer) -> dict[str, Any] | None:
