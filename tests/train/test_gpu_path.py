@@ -235,3 +235,29 @@ def test_meta_init_under_fsdp_ties_and_initialises_and_the_timeout_is_lowered():
         assert result["max_abs"] <= 6 * 0.02 and abs(result["std"] / 0.02 - 1) < 0.05
         assert result["lowered"] and result["timeout_s"] == result["want_s"]
         assert result["box"] == 0
+
+
+def train_with_checkpoints(rank: int, data: str, out: str) -> dict:
+    from lmforge.train.config import TrainConfig
+    from lmforge.train.loop import train_loop
+    from lmforge.train.run import WorkerEnv
+
+    cfg = tiny_train_config(
+        data, out, train={"max_steps": 4, "eval_every": 0}, checkpoint={"every_steps": 2}
+    )
+    spec = TrainConfig.model_validate(cfg).loop_spec(out, workers=2)
+    summary = train_loop(spec, WorkerEnv(rank, 2, torch.device("cpu"), in_ray=False))
+    return {"steps": summary["steps"]}
+
+
+@pytest.mark.timeout(400)
+def test_two_workers_train_while_checkpoints_are_written_in_the_background(packed_data, tmp_path):
+    """Background saves run their collectives beside training's (a group of their own): two
+    gloo workers log every step and save every 2 steps without a hang, and both checkpoints
+    end complete."""
+    from lmforge.train.checkpoint import complete_checkpoints
+
+    assert (
+        run_ranks(train_with_checkpoints, 2, str(packed_data), str(tmp_path)) == [{"steps": 4}] * 2
+    )
+    assert [s for s, _ in complete_checkpoints(str(tmp_path / "checkpoints"))] == [2, 4]
