@@ -9,7 +9,7 @@ Layout, under `<run>/checkpoints/` (Ray Train's run directory when run by Ray):
 
 Saving: every worker copies its shards to host memory (pinned on GPU) and writes them into a
 local temp dir in a background thread (`dcp.async_save`) while training goes on; when the write
-is done (checked at the next save, report, or the end), `ray.train.report(checkpoint=...)`
+is done (after the next step), `ray.train.report(checkpoint=...)`
 uploads and merges them into one checkpoint directory (without Ray: copied there directly);
 after a barrier, rank 0 writes `_COMPLETE`. A checkpoint without the marker (a crash mid-save)
 is never loaded: resume takes the newest complete one. DCP stores each tensor with its global
@@ -117,7 +117,7 @@ class Checkpointer:
 
         The state is copied to host memory (pinned on GPU) before this returns, so training may
         go on and change the weights; the files are written in a background thread while it
-        does. `wait` (called at the next save, report or the end) finishes the checkpoint:
+        does. `wait` (the loop calls it after the next step) finishes the checkpoint:
         upload, barrier, `_COMPLETE`. Only one save is in flight at a time.
         """
         self.wait()

@@ -78,6 +78,7 @@ def train_loop(spec: LoopSpec, env: WorkerEnv) -> dict[str, Any]:
         set_lr(optimizer, lr)
         start = time.perf_counter()
         loss, grad_norm = train_step(model, optimizer, run, step, env, spec.optim.grad_clip)
+        ckpt.wait()  # a checkpoint started last step was written during this one: complete it
         log.add_step_time(time.perf_counter() - start)
         if step == (resumed["step"] if resumed else 0):
             shorten_collective_timeout()  # the first step (compile, warm-up) is behind us
@@ -94,7 +95,6 @@ def train_loop(spec: LoopSpec, env: WorkerEnv) -> dict[str, Any]:
             rows = step * run.plan.global_batch_rows
             ckpt.save(step, rows, model, optimizer, metrics or {"step": step})
         elif metrics:
-            ckpt.wait()  # a checkpoint still being written reaches Ray before later metrics
             report(metrics, env)
         log.write(metrics)
     ckpt.close()  # the last checkpoint's files are written and marked complete
