@@ -37,7 +37,9 @@ def trained():
 def saved(tmp_path) -> tuple[Checkpointer, str]:
     model, optim = trained()
     ckpt = Checkpointer(str(tmp_path / "ckpt"), keep_last=2, rank=0, world_size=1, in_ray=False)
-    return ckpt, ckpt.save(3, 12, model, optim, {})
+    path = ckpt.save(3, 12, model, optim, {})
+    assert ckpt.close() == path  # the background write finished and the marker is there
+    return ckpt, path
 
 
 def test_a_checkpoint_round_trips_without_unpickling(tmp_path):

@@ -10,6 +10,7 @@ V vocabulary, F MLP hidden width.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -116,11 +117,21 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def rope_table(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
-    """cos and sin of each position x frequency, stacked: (T, E/2, 2), fp32."""
-    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)  # (T, E/2)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+def rope_table(
+    head_dim: int, max_seq_len: int, theta: float, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """e^(i * angle) of each position x frequency: (T, E/2), complex64 (fp32 cos and sin).
+
+    Complex on purpose: mixed-precision wrappers cast floating-point tensors (FSDP2 casts every
+    forward input to its param dtype, `.to(bfloat16)` every floating buffer) but leave complex
+    ones alone, so the angles stay fp32 on every path (as torchtitan's freqs_cis).
+    """
+    freqs = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    )
+    positions = torch.arange(max_seq_len, dtype=torch.float32, device=device)
+    angles = torch.outer(positions, freqs)  # (T, E/2)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
 def apply_rope(
@@ -129,10 +140,13 @@ def apply_rope(
     """Rotate each (even, odd) pair of x: (B, T, heads, E) by its position's angle.
 
     Positions are 0..T-1 unless `positions` (B, T) gives each row its own (incremental decoding).
+    The arithmetic is real (cos and sin read as a view of the complex table): compilers fuse it,
+    where complex multiplication would fall back to separate kernels.
     """
     T = x.shape[1]
     pairs = at_least_fp32(x).reshape(*x.shape[:-1], -1, 2)  # (B, T, heads, E/2, 2)
-    angles = table[:T, None] if positions is None else table[positions].unsqueeze(2)
+    angles = torch.view_as_real(table)  # (T_max, E/2, 2): cos, sin in fp32
+    angles = angles[:T, None] if positions is None else angles[positions].unsqueeze(2)
     cos, sin = angles[..., 0], angles[..., 1]  # (T or B x T, 1, E/2), broadcast over heads
     x0, x1 = pairs[..., 0], pairs[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
@@ -163,8 +177,13 @@ class Attention(nn.Module):
             y = cache.attend(q, k, v, positions)  # (B, H, T, E)
             return self.wo(y.transpose(1, 2).reshape(B, T, -1))
         # `mask` (B, 1, T, T) bool, True = may attend: a packed row's document mask (see
-        # `document_mask`); None = plain causal attention.
+        # `document_mask`), or the same as a FlexAttention BlockMask (`document_block_mask`);
+        # None = plain causal attention.
         # Grouped-query attention: each group of H/K query heads shares one key/value head.
+        gqa = self.n_kv_heads != self.n_heads
+        if not isinstance(mask, torch.Tensor | None):  # a BlockMask: packed rows on GPU
+            y = flex(q.device.type)(q, k, v, block_mask=mask, enable_gqa=gqa)
+            return self.wo(y.transpose(1, 2).reshape(B, T, -1))
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -218,8 +237,9 @@ class Llama(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        # Not a parameter and not saved: rebuilt from the config, in fp32 whatever the model dtype.
-        self.register_buffer("rope", torch.empty(0), persistent=False)
+        # Not a parameter and not saved: rebuilt from the config, complex64 (fp32 angles) whatever
+        # the model dtype (see rope_table and _apply).
+        self.register_buffer("rope", torch.empty(0, dtype=torch.complex64), persistent=False)
         if self.tok_embeddings.weight.device.type != "meta":
             self.init_weights()
 
@@ -250,9 +270,28 @@ class Llama(nn.Module):
 
     def reset_rope(self) -> None:
         device = self.tok_embeddings.weight.device
-        self.rope = rope_table(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta).to(
-            device
+        self.rope = rope_table(
+            self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=device
         )
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.bfloat16()`, `.to_empty()`, ...: weights as asked, a tied head still tied;
+        the position table only moves (rebuilt, complex64) to wherever the weights went."""
+        table = self._buffers.pop("rope")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["rope"] = table
+        # Moving across device types (meta -> cuda in `to_empty`) gives each module its own new
+        # Parameter, which would leave the head a separate, never-initialised copy.
+        if self.cfg.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
+            self.output.weight = self.tok_embeddings.weight
+        device = fn(torch.empty(0, device=table.device)).device
+        if device != table.device or table.dtype != torch.complex64:
+            self._buffers["rope"] = rope_table(
+                self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=device
+            )
+        return self
 
     def forward(
         self,
@@ -271,7 +310,8 @@ class Llama(nn.Module):
         """
         mask = None
         if segments is not None:
-            mask = document_mask(segments)
+            flexible = segments.device.type in FLEX_DEVICE_TYPES and kv_cache is None
+            mask = document_block_mask(segments) if flexible else document_mask(segments)
             positions = segment_positions(segments) if positions is None else positions
         T = (
             tokens.shape[1]
@@ -304,6 +344,36 @@ def document_mask(segments: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
     same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
     return (same & causal).unsqueeze(1)
+
+
+# Packed rows on these devices attend through FlexAttention: a dense (B, 1, T, T) mask rules
+# out SDPA's flash and memory-efficient kernels, while a block mask keeps a fused kernel that
+# also skips the blocks no document reaches. Elsewhere (CPU) the dense mask is exact and cheap.
+FLEX_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+
+
+def document_block_mask(segments: torch.Tensor):
+    """(B, T) document ids -> the `document_mask` rule as a FlexAttention BlockMask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = segments.shape
+
+    def same_document_causal(b, h, q, kv):
+        return (segments[b, q] == segments[b, kv]) & (q >= kv)
+
+    compiled = segments.device.type == "cuda"  # eager builds the (B, T, T) mask it avoids
+    return create_block_mask(
+        same_document_causal, B, None, T, T, device=segments.device, _compile=compiled
+    )
+
+
+@functools.cache
+def flex(device_type: str):
+    """flex_attention, compiled where it runs as a fused kernel; eager (a reference
+    implementation that materialises the scores) elsewhere, for tests on CPU."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

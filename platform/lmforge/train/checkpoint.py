@@ -7,7 +7,9 @@ Layout, under `<run>/checkpoints/` (Ray Train's run directory when run by Ray):
                     rng_<rank>.pt                              each worker's RNG state (tensors)
                     _COMPLETE                                  written last, after every worker's files
 
-Saving: every worker writes its own shard into a local temp dir; `ray.train.report(checkpoint=...)`
+Saving: every worker copies its shards to host memory (pinned on GPU) and writes them into a
+local temp dir in a background thread (`dcp.async_save`) while training goes on; when the write
+is done (after the next step), `ray.train.report(checkpoint=...)`
 uploads and merges them into one checkpoint directory (without Ray: copied there directly);
 after a barrier, rank 0 writes `_COMPLETE`. A checkpoint without the marker (a crash mid-save)
 is never loaded: resume takes the newest complete one. DCP stores each tensor with its global
@@ -31,7 +33,8 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -77,6 +80,15 @@ def latest_checkpoint(root: str) -> tuple[int, str] | None:
 
 
 @dataclass
+class _PendingSave:
+    step: int
+    name: str
+    local: str  # this worker's files, written in the background
+    metrics: dict[str, Any]
+    writing: Future  # dcp.async_save's: done when the shards are on disk
+
+
+@dataclass
 class Checkpointer:
     root: str  # <run>/checkpoints
     keep_last: int
@@ -84,6 +96,9 @@ class Checkpointer:
     world_size: int
     in_ray: bool
     trainable_only: bool = False  # LoRA: only the adapters (and their optimizer state) are saved
+    _pending: _PendingSave | None = field(default=None, init=False, repr=False)
+    _stager: Any = field(default=None, init=False, repr=False)
+    _group: Any = field(default=None, init=False, repr=False)
 
     @property
     def options(self) -> StateDictOptions:
@@ -98,35 +113,90 @@ class Checkpointer:
         return model_sd, optim_sd
 
     def save(self, step: int, rows: int, model, optimizer, metrics: dict[str, Any]) -> str:
-        """Save a sharded checkpoint of step `step` (every worker calls this); returns its path."""
+        """Start saving a sharded checkpoint of step `step` (every worker calls this); its path.
+
+        The state is copied to host memory (pinned on GPU) before this returns, so training may
+        go on and change the weights; the files are written in a background thread while it
+        does. `wait` (the loop calls it after the next step) finishes the checkpoint:
+        upload, barrier, `_COMPLETE`. Only one save is in flight at a time.
+        """
+        self.wait()
         name = step_dir_name(step)
         model_sd, optim_sd = self._state(model, optimizer)
-        with _local_dir(f"lmforge-ckpt-{name}-r{self.rank}-") as local:
+        local = tempfile.mkdtemp(prefix=f"lmforge-ckpt-{name}-r{self.rank}-")
+        torch.save(_rng_state(), os.path.join(local, f"rng_{self.rank}.pt"))
+        if self.rank == 0:
+            state = {"step": step, "rows": rows, "world_size": self.world_size}
+            with open(os.path.join(local, "train_state.json"), "w") as f:
+                json.dump(state, f)
+        with _single_process_ok():
+            writing = dcp.async_save(
+                {"model": model_sd, "optim": optim_sd},
+                checkpoint_id=local,
+                async_stager=self._host_stager(),
+                process_group=self._cpu_group(),
+                no_dist=not dist.is_initialized(),  # one process: nothing to coordinate
+            )
+        self._pending = _PendingSave(step, name, local, metrics, writing)
+        return storage.join(self.root, name)
+
+    def wait(self) -> str | None:
+        """Finish the save in flight, if any (every worker calls this); its path."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        try:
             with _single_process_ok():
-                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=local)
-            torch.save(_rng_state(), os.path.join(local, f"rng_{self.rank}.pt"))
-            if self.rank == 0:
-                state = {"step": step, "rows": rows, "world_size": self.world_size}
-                with open(os.path.join(local, "train_state.json"), "w") as f:
-                    json.dump(state, f)
+                pending.writing.result()
             if self.in_ray:
                 import ray.train
 
                 ray.train.report(
-                    metrics,
-                    checkpoint=ray.train.Checkpoint.from_directory(local),
-                    checkpoint_dir_name=name,
+                    pending.metrics or {"step": pending.step},
+                    checkpoint=ray.train.Checkpoint.from_directory(pending.local),
+                    checkpoint_dir_name=pending.name,
                 )
             else:
-                _upload(local, storage.join(self.root, name))
+                _upload(pending.local, storage.join(self.root, pending.name))
+        finally:
+            shutil.rmtree(pending.local, ignore_errors=True)
         _barrier()  # every worker's files are in place before the marker says so
-        path = storage.join(self.root, name)
+        path = storage.join(self.root, pending.name)
         if self.rank == 0:
-            storage.write_text(storage.join(path, MARKER), f"step {step}\n")
+            storage.write_text(storage.join(path, MARKER), f"step {pending.step}\n")
             if not self.in_ray:  # Ray Train prunes its own (CheckpointConfig.num_to_keep)
                 for _, old in complete_checkpoints(self.root)[: -self.keep_last]:
                     storage.remove(old)
         return path
+
+    def close(self) -> str | None:
+        """Finish the last save and free the host staging memory; its path."""
+        try:
+            return self.wait()
+        finally:
+            stager, self._stager = self._stager, None
+            if stager is not None:
+                stager.close()
+
+    def _host_stager(self):
+        # Reused across saves: its host buffers are allocated once. Pinned memory (fast,
+        # non-blocking device-to-host copies) only exists with CUDA.
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            # (pinned, shared memory, async staging, non-blocking copy): staged before save
+            # returns, so the next step may change the weights.
+            cuda = torch.cuda.is_available()
+            self._stager = DefaultStager(StagingOptions(cuda, False, False, cuda))
+        return self._stager
+
+    def _cpu_group(self):
+        # The background write coordinates ranks over a gloo group of its own: its collectives
+        # run in a side thread, and on the default group they would interleave with training's
+        # (differently on each rank); Ray Train's default group on GPUs is NCCL only, anyway.
+        if dist.is_initialized() and self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        return self._group
 
     def restore(self, model, optimizer) -> dict[str, Any] | None:
         """Load the newest complete checkpoint into model and optimizer; its train state, or None."""
@@ -134,13 +204,14 @@ class Checkpointer:
         if found is None:
             return None
         step, path = found
-        with _readable(path) as local:
+        with _readable(path, self.rank) as (local, remote):
             model_sd, optim_sd = self._state(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
             with _single_process_ok(), _refusing_pickles(path):
                 # Read here first: inside dcp.load a refusal would only reach us as text.
                 _SafeReader(local).read_metadata()
-                dcp.load(state, storage_reader=_SafeReader(local), planner=_SafeLoadPlanner())
+                reader = _SafeReader(local, remote=remote)
+                dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner())
             set_state_dict(
                 model,
                 optimizer,
@@ -183,7 +254,21 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class _SafeReader(dcp.FileSystemReader):
-    """DCP's reader, whose metadata unpickler resolves only DCP's own record types."""
+    """DCP's reader, whose metadata unpickler resolves only DCP's own record types.
+
+    With `remote` (the checkpoint on an object store; `path` then holds only its small files),
+    it first fetches the byte ranges this rank's load plan reads, into sparse local files at
+    the same offsets: each worker downloads its share of the shards, not the checkpoint.
+    """
+
+    def __init__(self, path: str, remote: str | None = None) -> None:
+        super().__init__(path)
+        self.remote = remote
+
+    def read_data(self, plan, planner):
+        if self.remote is not None:
+            self.fetched = _fetch_ranges(self.remote, str(self.path), self.storage_data, plan)
+        return super().read_data(plan, planner)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
@@ -283,15 +368,41 @@ def _local_dir(prefix: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _readable(path: str) -> Iterator[str]:
-    """A local directory holding the checkpoint at `path` (downloaded when it is a URI)."""
+def _readable(path: str, rank: int) -> Iterator[tuple[str, str | None]]:
+    """(a local directory holding the checkpoint at `path`, the URI its shards are fetched
+    from or None). From a URI only the metadata, train state and this rank's RNG state are
+    downloaded here; `_SafeReader` fetches the shard bytes this rank reads."""
     if storage.is_local(path):
-        yield storage.local_path(path)
+        yield storage.local_path(path), None
         return
     with _local_dir("lmforge-restore-") as local:
-        fs, inner = storage.resolve(path)
-        pafs.copy_files(inner, local, source_filesystem=fs)
-        yield local
+        for name in (".metadata", "train_state.json", f"rng_{rank}.pt"):
+            if storage.exists(storage.join(path, name)):
+                with open(os.path.join(local, name), "wb") as f:
+                    f.write(storage.read_bytes(storage.join(path, name)))
+        yield local, path
+
+
+def _fetch_ranges(remote: str, local: str, storage_data: dict, plan) -> int:
+    """Copy the byte ranges `plan` reads from the checkpoint at `remote` into `local`, each at
+    its own offset (the other bytes of a file stay a hole); the number of bytes fetched."""
+    wanted: dict[str, set[tuple[int, int]]] = {}
+    for item in plan.items:
+        info = storage_data[item.storage_index]
+        wanted.setdefault(info.relative_path, set()).add((info.offset, info.length))
+    fetched = 0
+    for name, ranges in sorted(wanted.items()):
+        fs, inner = storage.resolve(storage.join(remote, name))
+        target = os.path.join(local, name)
+        with (
+            fs.open_input_file(inner) as src,
+            open(target, "r+b" if os.path.exists(target) else "wb") as dst,
+        ):
+            for offset, length in sorted(ranges):
+                dst.seek(offset)
+                dst.write(src.read_at(length, offset))
+                fetched += length
+    return fetched
 
 
 def _upload(local: str, dest: str) -> None:

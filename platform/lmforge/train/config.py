@@ -192,7 +192,9 @@ class ResourcesConfig(StrictModel):
     )
     cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker reserves.")
     gpus_per_worker: float = Field(
-        0, ge=0, description="GPUs each worker reserves (0: train on CPU)."
+        0,
+        ge=0,
+        description="GPUs each worker reserves: 0 (train on CPU) or 1 (one worker per GPU; more GPUs: more workers).",
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How Ray places the workers across nodes."
@@ -206,6 +208,18 @@ class ResourcesConfig(StrictModel):
         ge=-1,
         description="Worker-group restarts from the last checkpoint before giving up (-1: unlimited).",
     )
+
+    @model_validator(mode="after")
+    def _one_gpu_per_worker(self) -> ResourcesConfig:
+        # Each worker drives exactly one device (FSDP2 shards across workers): a fraction would
+        # share a GPU between workers, several would leave all but one idle.
+        if self.gpus_per_worker not in (0, 1):
+            raise ValueError(
+                f"resources.gpus_per_worker={self.gpus_per_worker:g}: each worker trains on one "
+                f"GPU; set gpus_per_worker: 1 and num_workers to the number of GPUs "
+                f"(e.g. {max(1, round(self.num_workers * self.gpus_per_worker))}), or 0 for CPU"
+            )
+        return self
 
 
 class PlanConfig(StrictModel):

@@ -32,8 +32,8 @@ from lmforge.train.data import Prefetcher, bits_per_byte
 from lmforge.train.export import export_model, write_curves
 from lmforge.train.metrics import MetricsLog
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
-from lmforge.train.parallelize import build_model, set_gradient_sync
-from lmforge.train.run import Run, WorkerEnv, autocast, setup_run
+from lmforge.train.parallelize import build_model, set_gradient_sync, shorten_collective_timeout
+from lmforge.train.run import Run, WorkerEnv, autocast, collect_garbage, manual_gc, setup_run
 
 
 def train_loop(
@@ -57,6 +57,7 @@ def train_loop(
         bf16=run.bf16,
         meta_init=parallel.meta_init,
         prepare=run.adapt,
+        ranks_per_node=env.ranks_per_node,
     )
     if spec.base:
         load_full_state(model, artifact_state(spec.base) if env.rank == 0 else {})
@@ -94,7 +95,11 @@ def train_loop(
         with record_function("data"):
             batch = batches.get(step)
         loss, grad_norm = train_step(model, optimizer, run, batch, env, spec.optim.grad_clip)
+        ckpt.wait()  # a checkpoint started last step was written during this one: complete it
+        if step == (resumed["step"] if resumed else 0):
+            shorten_collective_timeout()  # the first step (compile, warm-up) is behind us
         step += 1
+        collect_garbage(step)
         last = step == run.total_steps
         logs = step % loop.log_every == 0 or last
         evals = last or bool(loop.eval_every and step % loop.eval_every == 0)
@@ -120,6 +125,7 @@ def train_loop(
         if on_step:
             on_step(step)
     batches.close()
+    ckpt.close()  # the last checkpoint's files are written and marked complete
     export_model(model, run, env, metrics)
     return log.summary(metrics)
 
@@ -155,11 +161,12 @@ def train_step(model, optimizer, run: Run, batch: dict, env: WorkerEnv, grad_cli
     total = torch.zeros((), device=env.device)
     for micro, host_rows in enumerate(batch["micro"]):
         rows = to_device(host_rows, env.device)  # (b, T + 1)
-        set_gradient_sync(model, micro == accum - 1)
+        set_gradient_sync(model, run.reduce_every_micro_batch or micro == accum - 1)
         with record_function("forward"):
             with autocast(run, env):
                 logits = model(rows[:, :-1])  # (b, T, V)
             loss = cross_entropy(logits, rows[:, 1:]) / accum
+            del logits  # the loss keeps what backward needs; the (b, T, V) logits can go now
         with record_function("backward"):
             loss.backward()
         total += loss.detach()
@@ -182,11 +189,12 @@ def masked_train_step(model, optimizer, run: Run, batch: dict, env: WorkerEnv, g
     total = torch.zeros((), device=env.device)
     for m, host in enumerate(batch["micro"]):
         tokens, targets, segments = masked_batch(host, env.device)
-        set_gradient_sync(model, m == accum - 1)
+        set_gradient_sync(model, run.reduce_every_micro_batch or m == accum - 1)
         with record_function("forward"):
             with autocast(run, env):
                 logits = model(tokens, segments=segments)  # (b, T, V)
             loss = (token_losses(logits, targets).sum() * scale).squeeze(0)
+            del logits  # the loss keeps what backward needs; the (b, T, V) logits can go now
         with record_function("backward"):
             loss.backward()
         total += loss.detach()
@@ -324,7 +332,8 @@ def ray_train_worker(config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`: `config` is the driver's LoopSpec as plain data."""
     spec = LoopSpec.model_validate(config)
     env = WorkerEnv.from_ray()
-    summary = train_loop(spec, env)
+    with manual_gc():
+        summary = train_loop(spec, env)
     if env.rank == 0:
         storage.write_json(storage.join(spec.output, "train_summary.json"), summary)
 
@@ -334,4 +343,5 @@ def run_local(
 ) -> dict[str, Any]:
     """The same loop in this process, one worker, no Ray: tests and baselines."""
     env = WorkerEnv(0, 1, torch.device(device), in_ray=False)
-    return train_loop(cfg.loop_spec(output, data_path, workers=1), env)
+    with manual_gc():
+        return train_loop(cfg.loop_spec(output, data_path, workers=1), env)

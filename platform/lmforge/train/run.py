@@ -7,7 +7,8 @@ No Ray import at module level: `run_local` and the benchmarks train in one plain
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ class WorkerEnv:
     world_size: int
     device: torch.device
     in_ray: bool
+    ranks_per_node: int | None = None  # None: every rank on one node (plain FSDP, not HSDP)
 
     @classmethod
     def from_ray(cls) -> WorkerEnv:
@@ -37,7 +39,13 @@ class WorkerEnv:
         device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL collectives and object broadcasts use it
-        return cls(ctx.get_world_rank(), ctx.get_world_size(), device, in_ray=True)
+        return cls(
+            ctx.get_world_rank(),
+            ctx.get_world_size(),
+            device,
+            in_ray=True,
+            ranks_per_node=ctx.get_local_world_size(),
+        )
 
 
 @dataclass(kw_only=True)
@@ -66,6 +74,12 @@ class Run:
     def masked(self) -> bool:
         """Loss on the masked-in target tokens only (fine-tuning), else on every next token."""
         return self.spec.loss == "masked"
+
+    @property
+    def reduce_every_micro_batch(self) -> bool:
+        """FSDP2 reduce-scatters each micro-batch's gradients (only the shard is kept between
+        micro-steps), rather than once per step from a full unsharded gradient."""
+        return self.spec.parallel.grad_reduce == "every_micro_batch"
 
     @property
     def adapt(self) -> Callable[[torch.nn.Module], None] | None:
@@ -136,6 +150,30 @@ def setup_run(spec: LoopSpec, env: WorkerEnv) -> Run:
         ),
         tokenizer_json=storage.read_text(tok) if storage.exists(tok) else None,
     )
+
+
+# Python's automatic collector pauses at arbitrary steps, on each rank at different ones, and
+# every collective then waits for the slowest rank: collect at the same steps everywhere
+# instead (as torchtitan does). Young generations only: cheap, and the loop makes few cycles.
+GC_EVERY_STEPS = 50
+
+
+@contextlib.contextmanager
+def manual_gc() -> Iterator[None]:
+    """Automatic garbage collection off for the training loop (`collect_garbage` instead)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    gc.collect(1)
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def collect_garbage(step: int, every: int = GC_EVERY_STEPS) -> None:
+    if step % every == 0:
+        gc.collect(1)
 
 
 def autocast(run: Run, env: WorkerEnv):
