@@ -85,6 +85,14 @@ def unsharded_grads_held(model) -> int:
     return held
 
 
+def host_batch(run, step, env):
+    """Global batch `step` as the loop's prefetcher hands it over: host tensors."""
+    from lmforge.train import loop
+    from lmforge.train.data import _to_tensors
+
+    return _to_tensors(loop.step_batches(run, step, env), pin=False)
+
+
 def one_step(rank: int, world: int, data: str, out: str, mode: str, per_node=None) -> dict:
     """One accumulated optimizer step of the real loop's `train_step`; what the worker held
     between micro-steps, the loss, and the full gradients after the step."""
@@ -116,7 +124,7 @@ def one_step(rank: int, world: int, data: str, out: str, mode: str, per_node=Non
 
     loop.set_gradient_sync = observing
     try:
-        loss, _ = loop.train_step(model, optimizer, run, 0, env, None)
+        loss, _ = loop.train_step(model, optimizer, run, host_batch(run, 0, env), env, None)
     finally:
         loop.set_gradient_sync = set_gradient_sync
     p0 = next(model.parameters())
