@@ -49,7 +49,9 @@ def stage_run(
         tracker.log_params(run_params(config, config_hash) | {"stage": stage})
         tracker.set_tags({"stage": stage, "run_name": name, "output": storage.absolute(run_dir)})
         if not quiet and tracker.where():
-            say(tracker.where())
+            # Where the run is, with the stage's other progress lines (stdout); `say` is for
+            # warnings, on stderr.
+            print(f"[tracking] {tracker.where()}", flush=True)
         tracker.close()  # the stage's workers may log to the run meanwhile
         with nested(tracker):
             yield tracker
