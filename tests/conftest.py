@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,15 @@ os.environ.pop("RAY_ADDRESS", None)
 os.environ["LMFORGE_STRICT_MFU"] = "1"  # an MFU over 100% (a wrong peak) fails the test
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now (the tests' servers, Ray heads, gloo rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 SHARED = REPO.parent / "shared"
 
 

@@ -16,15 +16,9 @@ import pytest
 
 from lmforge.cluster import local as cluster
 from lmforge.cluster.submit import submit
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_status(url: str, token: str | None) -> int:

@@ -9,7 +9,6 @@ longest test for nothing.
 import json
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import pytest
 from lmforge import storage
 from lmforge.project.pipeline import plan
 from lmforge.project.quickstart import quickstart_pipeline
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -38,12 +38,6 @@ def lmforge(cwd: Path, *args: str, timeout: float = 1200, check: bool = True):
 def eval_report(runs: Path) -> dict:
     (report,) = runs.glob("eval/*/report.json")
     return json.loads(report.read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def served_models(cwd: Path, artifact: str) -> list[str]:

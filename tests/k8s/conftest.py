@@ -13,7 +13,6 @@ import functools
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO, SHARED
+from tests.conftest import REPO, SHARED, free_port
 
 CHART = REPO / "helm" / "lmforge"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
@@ -233,12 +232,6 @@ def stage_for_job(script: str):
         if stage.job_script == script:
             return stage
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class EmulatedRayCluster:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from lmforge import ConfigError
 from lmforge.config import load_config
 from lmforge.serve.config import ServeArgs
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.serve.test_live import check_openai_client
 
 
@@ -66,12 +64,6 @@ def test_deployment_options_come_from_the_config():
     assert options["autoscaling_config"]["max_replicas"] == 4
     assert options["autoscaling_config"]["target_ongoing_requests"] == 6
     assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1, "memory": 4 * 2**30}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

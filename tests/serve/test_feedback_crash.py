@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,12 +19,7 @@ from fastapi.testclient import TestClient
 from lmforge.serve.config import ServeArgs
 from lmforge.serve.logreader import read_log
 from lmforge.serve.openai import local_app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 
 def start_server(artifact: str, log_dir: str, port: int) -> subprocess.Popen:

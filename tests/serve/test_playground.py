@@ -31,8 +31,8 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def browser():
+def headless_chromium(page_load_timeout: float):
+    """A selenium driver of headless Chromium at a desktop window size (the caller quits it)."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -40,7 +40,13 @@ def browser():
         options.add_argument(arg)
     options.add_argument("--window-size=1400,900")
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(DRIVER))
-    driver.set_page_load_timeout(30)
+    driver.set_page_load_timeout(page_load_timeout)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = headless_chromium(page_load_timeout=30)
     yield driver
     driver.quit()
 

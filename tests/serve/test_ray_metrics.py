@@ -10,8 +10,7 @@ import pytest
 
 from lmforge.serve.config import ServeArgs
 from lmforge.serve.metrics import ray_series
-from tests.conftest import REPO
-from tests.serve.test_app import free_port
+from tests.conftest import REPO, free_port
 
 CHART = REPO / "helm" / "lmforge"
 

@@ -20,8 +20,8 @@ from pydantic import Field
 from lmforge import storage, tracking
 from lmforge.stage import Stage, StageConfig, run_stage
 from lmforge.tracking.command import server_command
-from tests.conftest import REPO
-from tests.serve.test_playground import CHROMIUM, DRIVER
+from tests.conftest import REPO, free_port
+from tests.serve.test_playground import CHROMIUM, DRIVER, headless_chromium
 
 MLFLOW = os.environ.get("LMFORGE_MLFLOW")
 
@@ -54,14 +54,6 @@ def tiny_run(cfg, ctx):
 
 
 STAGE = Stage("train", TinyConfig, tiny_run, "a tiny tracked run", uses_ray=False)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +91,7 @@ def ui(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(arg)
-    options.add_argument("--window-size=1400,900")
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(DRIVER))
-    driver.set_page_load_timeout(60)
+    driver = headless_chromium(page_load_timeout=60)  # MLflow's UI bundle is large
     yield driver
     driver.quit()
 

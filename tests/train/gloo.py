@@ -10,17 +10,12 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
-import socket
 import traceback
 from typing import Any
 
 import torch
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 
 def _entry(fn, rank: int, world: int, port: int, env: dict, queue, args) -> None:
@@ -49,7 +44,7 @@ def run_ranks(fn, world: int, *args, env: dict | None = None, timeout: float = 2
     """fn(rank, *args) on `world` gloo ranks; their return values, by rank."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_entry, args=(fn, r, world, port, env or {}, queue, args))
         for r in range(world)
