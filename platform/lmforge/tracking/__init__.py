@@ -164,10 +164,16 @@ def parent_run(settings: Settings, runs_dir: str, name: str, params: dict[str, A
         parent=None,
     )
     tracker.log_params(params)
+    with finishing(tracker), nested(tracker):
+        yield tracker
+
+
+@contextlib.contextmanager
+def finishing(tracker: Tracker) -> Iterator[None]:
+    """Finish the run as the block ends: FINISHED, FAILED (an error) or KILLED (Ctrl-C)."""
     status = "FAILED"
     try:
-        with nested(tracker):
-            yield tracker
+        yield
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

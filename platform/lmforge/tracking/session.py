@@ -7,7 +7,16 @@ from collections.abc import Iterator
 from typing import Any
 
 from lmforge import storage
-from lmforge.tracking import Safe, Settings, Tracker, nested, open_run, run_params, say
+from lmforge.tracking import (
+    Safe,
+    Settings,
+    Tracker,
+    finishing,
+    nested,
+    open_run,
+    run_params,
+    say,
+)
 from lmforge.tracking.outputs import log_outputs
 
 
@@ -44,8 +53,7 @@ def stage_run(
     # Opening fails the stage (a wrong URI is said before the run); after that, a tracker
     # error is one line and the stage's work goes on.
     tracker = Safe(open_run(settings, runs_dir, run_dir, stage, name, resume), say)
-    status = "FAILED"
-    try:
+    with finishing(tracker):
         tracker.log_params(run_params(config, config_hash) | {"stage": stage})
         tracker.set_tags({"stage": stage, "run_name": name, "output": storage.absolute(run_dir)})
         if not quiet and tracker.where():
@@ -56,12 +64,6 @@ def stage_run(
         with nested(tracker):
             yield tracker
         log_outputs(tracker, run_dir, tracker.summary)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.finish(status)
 
 
 def add_cluster_params(tracker: Tracker) -> None:
