@@ -12,6 +12,7 @@ from lmforge.model.generate import SamplingParams
 from lmforge.model.kvcache import kv_bytes_per_token
 from lmforge.serve.engine import Engine, Request
 from tests.numerics import model_terms, tolerance
+from tests.serve.test_generate import greedy_by_recompute
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +36,6 @@ def run(engine, jobs, limit=1000):
 
 def tokens(outs):
     return [t for o in outs for t in o.tokens]
-
-
-def greedy_by_recompute(model, prompt, n):
-    ids, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            token = int(model(torch.tensor([ids]))[0, -1].argmax())
-            out.append(token)
-            ids.append(token)
-    return out
 
 
 def greedy(n):
