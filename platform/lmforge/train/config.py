@@ -16,6 +16,7 @@ from lmforge.config import NOT_HASHED, StrictModel, config_hash, config_yaml
 from lmforge.model.llama import LlamaConfig
 from lmforge.model.presets import PRESETS, model_config
 from lmforge.stage import StageConfig
+from lmforge.train.layout import ParallelConfig, check_parallel_layout
 
 PresetName = Literal["debug", "tiny", "small", "1b", "8b"]
 
@@ -166,26 +167,6 @@ class CheckpointConfig(StrictModel):
     )
 
 
-class ParallelConfig(StrictModel):
-    fsdp: bool = Field(
-        True,
-        description="Shard params, grads and optimizer state with FSDP2 (per block, then the root).",
-    )
-    activation_checkpointing: bool = Field(
-        False,
-        description="Recompute each block's activations in backward (less memory, ~30% more compute).",
-    )
-    compile: bool = Field(False, description="torch.compile each transformer block.")
-    meta_init: bool | None = Field(
-        None,
-        description="Build on the meta device and materialise sharded (no full copy on any worker). None: for models over 500M parameters.",
-    )
-    grad_reduce: Literal["every_micro_batch", "last_micro_batch"] = Field(
-        "every_micro_batch",
-        description="When FSDP2 reduce-scatters gradients under accumulation. every_micro_batch: each micro-batch (only the gradient shard is kept; more communication). last_micro_batch: once per step (less communication, but each worker holds a full unsharded fp32 gradient, 4 bytes per parameter, which `lmforge plan` counts).",
-    )
-
-
 class ResourcesConfig(StrictModel):
     num_workers: int = Field(
         2, ge=1, description="Ray Train workers (one per GPU on GPU clusters)."
@@ -254,7 +235,7 @@ class TrainConfig(StageConfig):
     )
     parallel: ParallelConfig = Field(
         default_factory=ParallelConfig,
-        description="FSDP2, activation checkpointing, compile. How to run, not what: not part of the config hash.",
+        description="FSDP2, tensor/pipeline/context parallel degrees, activation checkpointing, compile. How to run, not what: not part of the config hash.",
         json_schema_extra=NOT_HASHED,
     )
     resources: ResourcesConfig = Field(
@@ -300,14 +281,6 @@ class TrainConfig(StageConfig):
 
 
 # ---------------------------------------------------------------- the loop's contract
-
-
-def check_parallel_layout(parallel: ParallelConfig, num_workers: int) -> None:
-    """The one check of the parallel layout: both stages before Ray starts, and every LoopSpec."""
-    if num_workers > 1 and not parallel.fsdp:
-        raise LmforgeError(
-            "parallel.fsdp=false trains on one worker only: set resources.num_workers=1"
-        )
 
 
 class LoraSpec(StrictModel):
