@@ -108,7 +108,7 @@ def one_step(rank: int, world: int, data: str, out: str, mode: str, per_node=Non
     spec = TrainConfig.model_validate(cfg).loop_spec(out, workers=world)
     env = WorkerEnv(rank, world, torch.device("cpu"), in_ray=False, ranks_per_node=per_node)
     run = setup_run(spec, env)
-    model = build_model(run.arch, env.device, seed=0, fsdp=True, ranks_per_node=per_node)
+    model = build_model(run.arch, env.device, seed=0, fsdp=True, mesh=run.device_mesh(env))
     optimizer = build_optimizer(spec.optim, model, env.device)
     between: list[dict] = []
     set_gradient_sync = loop.set_gradient_sync

@@ -9,7 +9,8 @@ import pytest
 
 from lmforge.train import run as run_module
 from lmforge.train.config import TrainConfig
-from lmforge.train.parallelize import mesh_shape, shorten_collective_timeout
+from lmforge.train.layout import ParallelConfig, parallel_dims
+from lmforge.train.parallelize import shorten_collective_timeout
 
 
 @pytest.mark.parametrize(
@@ -27,7 +28,9 @@ from lmforge.train.parallelize import mesh_shape, shorten_collective_timeout
     ],
 )
 def test_the_mesh_is_fsdp_on_one_node_and_hsdp_across_nodes(world, per_node, shape):
-    assert mesh_shape(world, per_node) == shape
+    dims = parallel_dims(ParallelConfig(), world, per_node)
+    assert (dims.dp_replicate, dims.dp_shard) == shape
+    assert dims.dp == dims.world == world
 
 
 @pytest.mark.parametrize("gpus", [0.5, 2, 8])

@@ -166,9 +166,10 @@ class Attention(nn.Module):
         self, x: torch.Tensor, rope: torch.Tensor, positions=None, cache=None, mask=None
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, E)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, E)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        # -1 heads: under tensor parallelism each rank holds H/tp and K/tp of them.
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, E)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, K, E)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
         q, k = apply_rope(q, rope, positions), apply_rope(k, rope, positions)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, E)
         if cache is not None:

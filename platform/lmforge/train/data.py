@@ -127,7 +127,9 @@ class PackedShards:
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """How a global batch splits into workers and micro-batches."""
+    """How a global batch splits into data-parallel ranks and micro-batches. `world_size` is the
+    number of data-parallel ranks (`ParallelDims.dp`): the ranks of one tensor, context or
+    pipeline parallel group read the same rows."""
 
     seq_len: int
     micro_batch_size: int
@@ -143,7 +145,8 @@ class BatchPlan:
         return self.global_batch_rows * self.seq_len
 
     def micro_rows(self, step: int, rank: int, micro: int) -> tuple[int, int]:
-        """(first global row, count) of one worker's micro-batch at an optimizer step."""
+        """(first global row, count) of one data-parallel rank's micro-batch at an optimizer
+        step (`rank`: `ParallelDims.dp_rank`)."""
         per_worker = self.micro_batch_size * self.accum_steps
         first = step * self.global_batch_rows + rank * per_worker + micro * self.micro_batch_size
         return first, self.micro_batch_size
@@ -224,13 +227,14 @@ def _to_tensors(value: Any, pin: bool) -> Any:
 def batch_plan(
     global_batch_tokens: int, micro_batch_size: int, world_size: int, seq_len: int
 ) -> BatchPlan:
-    """The accumulation steps for a global batch in tokens; an uneven split is a clear error."""
+    """The accumulation steps for a global batch in tokens over `world_size` data-parallel
+    ranks (num_workers / (tp x pp x cp)); an uneven split is a clear error."""
     per_micro_step = seq_len * micro_batch_size * world_size
     if global_batch_tokens % per_micro_step:
         lower = max(per_micro_step, global_batch_tokens // per_micro_step * per_micro_step)
         raise LmforgeError(
             f"train.global_batch_tokens={global_batch_tokens} is not a multiple of seq_len ({seq_len}) "
-            f"x micro_batch_size ({micro_batch_size}) x num_workers ({world_size}) = {per_micro_step}; "
+            f"x micro_batch_size ({micro_batch_size}) x data-parallel workers ({world_size}) = {per_micro_step}; "
             f"use e.g. {lower} or {lower + per_micro_step}"
         )
     return BatchPlan(seq_len, micro_batch_size, world_size, global_batch_tokens // per_micro_step)

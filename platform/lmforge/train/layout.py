@@ -142,9 +142,14 @@ def check_parallel_layout(
 ) -> None:
     """The one check of the parallel layout: both stages before Ray starts, and every LoopSpec.
     With the architecture (and the data's seq_len) it also checks what must divide."""
-    if num_workers > 1 and not parallel.fsdp and parallel.model_parallel == 1:
+    if not parallel.fsdp and num_workers > 1 and parallel.model_parallel == 1:
         raise LmforgeError(
             "parallel.fsdp=false trains on one worker only: set resources.num_workers=1"
+        )
+    if not parallel.fsdp and num_workers > parallel.model_parallel:
+        raise LmforgeError(
+            f"parallel.fsdp=false has no data parallelism (nothing averages the gradients): set "
+            f"resources.num_workers={parallel.model_parallel} (tp x pp x cp) or parallel.fsdp=true"
         )
     if num_workers % parallel.model_parallel:
         raise LmforgeError(
@@ -158,6 +163,7 @@ def check_parallel_layout(
             ("model.n_heads", model.n_heads, ("parallel.tp", parallel.tp)),
             ("model.n_kv_heads", model.n_kv_heads, ("parallel.tp", parallel.tp)),
             ("model.ffn_dim", model.ffn_dim, ("parallel.tp", parallel.tp)),
+            ("model.vocab_size", model.vocab_size, ("parallel.tp", parallel.tp)),
             ("model.n_layers", model.n_layers, ("pipeline stages", stages)),
         ):
             if value % by[1]:
@@ -165,6 +171,12 @@ def check_parallel_layout(
                     f"{what}={value} does not divide by {by[0]}={by[1]}: choose a degree that "
                     f"divides it, or change the model"
                 )
+    if seq_len is not None and seq_len % parallel.tp:
+        raise LmforgeError(
+            f"seq_len={seq_len} does not divide by parallel.tp={parallel.tp} (sequence "
+            f"parallelism splits each sequence between the tensor-parallel ranks): change "
+            f"seq_len or tp"
+        )
     if seq_len is not None and parallel.cp > 1 and seq_len % (2 * parallel.cp):
         raise LmforgeError(
             f"seq_len={seq_len} does not divide by 2 x parallel.cp={2 * parallel.cp} (context "

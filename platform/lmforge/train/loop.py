@@ -57,7 +57,7 @@ def train_loop(
         bf16=run.bf16,
         meta_init=parallel.meta_init,
         prepare=run.adapt,
-        ranks_per_node=env.ranks_per_node,
+        mesh=run.device_mesh(env, fsdp_on_one),
     )
     if spec.base:
         load_full_state(model, artifact_state(spec.base) if env.rank == 0 else {})
@@ -138,7 +138,7 @@ def step_batches(run: Run, step: int, env: WorkerEnv) -> dict[str, Any]:
     {"micro": [rows (b, T + 1) or the fine-tuning columns, ...]}, and for the masked loss the
     worker's target-token count, counted here so the loop needs no host read of it."""
     plan = run.plan
-    spans = [plan.micro_rows(step, env.rank, m) for m in range(plan.accum_steps)]
+    spans = [plan.micro_rows(step, run.dp_rank, m) for m in range(plan.accum_steps)]
     if not run.masked:
         return {"micro": [run.train.rows(first, count) for first, count in spans]}
     micro = [run.train.batch(first, count) for first, count in spans]
@@ -244,11 +244,12 @@ def evaluate(model, run: Run, env: WorkerEnv) -> dict[str, Any]:
     if run.val is None:
         return {}
     n = min(run.val.num_rows, run.spec.train.eval_sequences)
-    b, share = run.plan.micro_batch_size, math.ceil(n / env.world_size)
+    rank, ranks = run.dp_rank, run.dims.dp  # a tensor-parallel group reads the same rows
+    b, share = run.plan.micro_batch_size, math.ceil(n / ranks)
     sums = torch.zeros(2, device=env.device, dtype=torch.float64)  # (sum of token losses, tokens)
     # Every worker runs the same number of forwards (FSDP gathers in each); rows past n weigh 0.
-    for first in range(env.rank * share, (env.rank + 1) * share, b):
-        count = min(b, (env.rank + 1) * share - first)
+    for first in range(rank * share, (rank + 1) * share, b):
+        count = min(b, (rank + 1) * share - first)
         if run.masked:  # fine-tuning: only the target tokens count (e.g. assistant turns)
             tokens, targets, segments = masked_batch(run.val.batch(first, count), env.device)
         else:

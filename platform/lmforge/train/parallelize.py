@@ -1,15 +1,20 @@
 """Distribution, applied in one place and one fixed order (as in torchtitan):
 
+0. tensor parallelism on the mesh's "tp" dimension (`apply_tensor_parallel`): each block's
+   q/k/v and gate/up split column-wise, o and down row-wise, the norms sequence-parallel;
 1. activation checkpointing, per transformer block (recompute activations in backward);
 2. torch.compile, per block (`Module.compile` in place, so parameter names do not change);
 3. FSDP2 `fully_shard` on each block, then on the root (embeddings, final norm, head), with a
    `MixedPrecisionPolicy`: bf16 params and fp32 gradient reduction for bf16 training on GPU.
-   On one node the mesh is 1-D (plain FSDP); across nodes 2-D (HSDP: replicate across nodes,
-   shard within one), so parameter all-gathers and gradient reduce-scatters stay on the fast
-   intra-node links and only one gradient all-reduce per step crosses the network.
+   FSDP shards over the mesh's data-parallel dimensions (`fsdp_mesh`): "dp_shard" (plain
+   FSDP), or ("dp_replicate", "dp_shard") across nodes (HSDP: parameter all-gathers and
+   gradient reduce-scatters stay on the fast intra-node links, one gradient all-reduce per step
+   crosses the network); with context parallelism dp_shard and cp flattened into one.
 
-The order matters: checkpointing wraps the block that compile then traces, and FSDP's
-all-gather/reduce-scatter hooks go on the outside of both. Large models are built on the meta
+The order matters: tensor parallelism turns the weights into DTensors on the "tp" mesh that
+FSDP then shards again on its own dimension (2-D parameters), checkpointing wraps the block
+that compile then traces, and FSDP's all-gather/reduce-scatter hooks go on the outside.
+The mesh (train/layout.py `ParallelDims.build_mesh`) is built once per worker. Large models are built on the meta
 device, sharded, and only then materialised (`to_empty` + `init_weights`), so no worker ever
 holds a full copy. The model code (lmforge.model.llama) knows none of this. Torch only.
 """
@@ -54,7 +59,7 @@ def build_model(
     bf16: bool = False,
     meta_init: bool | None = None,
     prepare=None,
-    ranks_per_node: int | None = None,
+    mesh=None,
 ) -> nn.Module:
     """The model, initialised from `seed`, parallelised, on `device`.
 
@@ -62,8 +67,9 @@ def build_model(
     adds LoRA adapters there, so FSDP2 shards the final set of parameters).
 
     Small models are initialised in full on every worker (the same numbers as a 1-process run)
-    and then sharded; large ones (or `meta_init=True`) on the meta device. `ranks_per_node`
-    (None: all on one node) picks plain FSDP or HSDP, see `mesh_shape`.
+    and then sharded; large ones (or `meta_init=True`) on the meta device. `mesh`: the
+    worker's DeviceMesh with every dimension of layout.MESH_DIMS (None: no process group, or
+    FSDP over every rank): tensor parallel on its "tp" dimension, FSDP on the data-parallel ones.
     """
     if meta_init is None:
         meta_init = fsdp and num_params(cfg) >= META_INIT_MIN_PARAMS
@@ -82,7 +88,7 @@ def build_model(
         activation_checkpointing=activation_checkpointing,
         compile=compile,
         param_dtype=torch.bfloat16 if bf16 and device.type == "cuda" else None,
-        mesh=data_parallel_mesh(device, ranks_per_node) if fsdp else None,
+        mesh=mesh,
     )
     if meta_init:
         model.to_empty(device=device)
@@ -105,11 +111,12 @@ def parallelize(
     reshard_after_forward: bool = True,
     mesh=None,
 ) -> Llama:
-    """Apply checkpointing, compile and FSDP2 to `model` in place (see the module docstring).
-
-    `mesh`: FSDP2's DeviceMesh, 1-D (shard) or 2-D (replicate, shard: HSDP); None: every rank
-    of the default group, sharded.
+    """Apply tensor parallelism, checkpointing, compile and FSDP2 to `model` in place (see the
+    module docstring). `mesh`: the worker's named DeviceMesh; None: FSDP over every rank of the
+    default group, no tensor parallelism.
     """
+    if mesh is not None and mesh["tp"].size() > 1:
+        apply_tensor_parallel(model, mesh["tp"])
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -122,6 +129,7 @@ def parallelize(
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        mesh = fsdp_mesh(mesh)
         blocks = list(model.layers.values())
         for i, block in enumerate(blocks):
             # The last block's params are needed again at once by backward: keep them gathered.
@@ -135,31 +143,75 @@ def parallelize(
     return model
 
 
-def mesh_shape(world_size: int, ranks_per_node: int | None) -> tuple[int, int]:
-    """(replicas, shards) of the data-parallel mesh: (1, W) on one node (plain FSDP); across
-    whole nodes (nodes, ranks per node) (HSDP: each node holds one sharded replica).
-
-    Ranks are numbered node by node (Ray Train orders its workers by node, torchrun by
-    node rank), so each row of the mesh is one node. Uneven nodes fall back to plain FSDP.
-    """
-    per_node = ranks_per_node or world_size
-    if per_node >= world_size or world_size % per_node:
-        return 1, world_size
-    return world_size // per_node, per_node
-
-
-def data_parallel_mesh(device: torch.device, ranks_per_node: int | None):
-    """The DeviceMesh `mesh_shape` gives for this process group; None without one."""
-    if not dist.is_initialized():
+def fsdp_mesh(mesh):
+    """The data-parallel submesh FSDP2 shards over: "dp_shard", ("dp_replicate", "dp_shard")
+    for HSDP; with context parallelism "dp_shard" and "cp" flattened into one dimension (the
+    ranks of a cp group hold different tokens of the same rows, so they share gradients as data
+    parallel ranks do, as in torchtitan). None stays None (every rank)."""
+    if mesh is None:
         return None
-    from torch.distributed.device_mesh import init_device_mesh
+    shard = "dp_shard"
+    if mesh["cp"].size() > 1:
+        shard = "dp_shard_cp"
+        mesh[("dp_shard", "cp")]._flatten(shard)
+    if mesh["dp_replicate"].size() > 1:
+        return mesh[("dp_replicate", shard)]
+    return mesh[shard]
 
-    replicas, shards = mesh_shape(dist.get_world_size(), ranks_per_node)
-    if replicas == 1:
-        return init_device_mesh(device.type, (shards,), mesh_dim_names=("dp_shard",))
-    return init_device_mesh(
-        device.type, (replicas, shards), mesh_dim_names=("dp_replicate", "dp_shard")
+
+def apply_tensor_parallel(model: Llama, tp_mesh) -> None:
+    """Megatron-style tensor parallelism with sequence parallelism, in place, on `tp_mesh`.
+
+    Between blocks the residual stream is sharded on the sequence (B, T/tp, D), and so are the
+    norms (SequenceParallel: their weights replicated); before attention and the MLP it is
+    all-gathered to (B, T, D); q/k/v and gate/up are split column-wise (each rank holds whole
+    heads, H/tp and K/tp of them, and F/tp of the FFN width), o and down row-wise, whose partial
+    sums are reduce-scattered back onto the sequence. The embedding is split on the vocab
+    (row-wise), the head column-wise on the vocab and its logits all-gathered: every rank sees
+    the full (B, T, V) logits, so the loss code is unchanged (no loss parallelism).
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
     )
+
+    tied = model.output.weight is model.tok_embeddings.weight
+    parallelize_module(
+        model,
+        tp_mesh,
+        {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+            "norm": SequenceParallel(),
+            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+        },
+    )
+    # Block.forward calls attn(x, rope, positions, cache, mask) and mlp(x): only x is laid out.
+    gather_x = (Shard(1), None, None, None, None)
+    for block in model.layers.values():
+        plan = {
+            "attn_norm": SequenceParallel(),
+            "attn": PrepareModuleInput(
+                input_layouts=gather_x, desired_input_layouts=(Replicate(), None, None, None, None)
+            ),
+            "attn.wq": ColwiseParallel(),
+            "attn.wk": ColwiseParallel(),
+            "attn.wv": ColwiseParallel(),
+            "attn.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "mlp_norm": SequenceParallel(),
+            "mlp": PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+            ),
+            "mlp.w1": ColwiseParallel(),
+            "mlp.w3": ColwiseParallel(),
+            "mlp.w2": RowwiseParallel(output_layouts=Shard(1)),
+        }
+        parallelize_module(block, tp_mesh, plan)
+    if tied:  # both are Shard(0) on the vocab: one parameter again
+        model.output.weight = model.tok_embeddings.weight
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

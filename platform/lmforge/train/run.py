@@ -7,6 +7,7 @@ No Ray import at module level: `run_local` and the benchmarks train in one plain
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from lmforge.model.llama import LlamaConfig
 from lmforge.train.config import LoopSpec, LoraSpec
 from lmforge.train.data import BatchPlan, PackedShards, batch_plan, read_manifest, tokens_per_byte
 from lmforge.train.hardware import for_worker
+from lmforge.train.layout import ParallelDims, check_parallel_layout, parallel_dims
 from lmforge.train.mfu import training_flops_per_token
 
 
@@ -28,10 +30,20 @@ class WorkerEnv:
     world_size: int
     device: torch.device
     in_ray: bool
-    ranks_per_node: int | None = None  # None: every rank on one node (plain FSDP, not HSDP)
+    # None: every rank on one node (plain FSDP, not HSDP). Ray Train and torchrun number ranks
+    # node by node, so with whole nodes the mesh's inner (tp) groups never span two.
+    ranks_per_node: int | None = None
+    node: str = ""  # which machine (Ray's node id; the host name outside Ray): layout.json
+
+    def __post_init__(self) -> None:
+        if not self.node:
+            import socket
+
+            self.node = socket.gethostname()
 
     @classmethod
     def from_ray(cls) -> WorkerEnv:
+        import ray
         import ray.train
         import ray.train.torch
 
@@ -45,6 +57,7 @@ class WorkerEnv:
             device,
             in_ray=True,
             ranks_per_node=ctx.get_local_world_size(),
+            node=ray.get_runtime_context().get_node_id(),
         )
 
 
@@ -54,6 +67,8 @@ class Run:
 
     spec: LoopSpec
     arch: LlamaConfig
+    dims: ParallelDims  # the layout: tp, cp, pp as configured, data parallel the rest
+    dp_rank: int  # which data-parallel slice of each batch this worker reads
     train: PackedShards
     val: PackedShards | None
     plan: BatchPlan
@@ -80,6 +95,41 @@ class Run:
         """FSDP2 reduce-scatters each micro-batch's gradients (only the shard is kept between
         micro-steps), rather than once per step from a full unsharded gradient."""
         return self.spec.parallel.grad_reduce == "every_micro_batch"
+
+    def device_mesh(self, env: WorkerEnv, fsdp_on_one: bool = False):
+        """The worker's DeviceMesh (layout.MESH_DIMS), built once by the loop; None in a plain
+        single process (`fsdp_on_one`: a mesh of one, so one GPU runs the multi-GPU path)."""
+        if env.world_size == 1 and not fsdp_on_one:
+            return None
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise LmforgeError("a device mesh needs a process group: none is initialised")
+        mesh = self.dims.build_mesh(env.device.type)
+        self.record_layout(env)
+        return mesh
+
+    def record_layout(self, env: WorkerEnv) -> dict:
+        """Where each rank runs and its mesh coordinates, gathered to rank 0 and written to
+        `<run>/layout.json` (a collective): whether every tensor-parallel group shares a node."""
+        import torch.distributed as dist
+
+        nodes: list[str] = [""] * env.world_size
+        dist.all_gather_object(nodes, env.node)
+        ranks = [
+            {"rank": r, "node": node, "coords": self.dims.coords(r)} for r, node in enumerate(nodes)
+        ]
+        tp_nodes: dict[int, set[str]] = {}
+        for r in ranks:  # a tp group: the ranks that agree on every coordinate but tp
+            tp_nodes.setdefault(r["rank"] // self.dims.tp, set()).add(r["node"])
+        layout = {
+            "dims": dataclasses.asdict(self.dims),
+            "tp_groups_within_nodes": all(len(n) == 1 for n in tp_nodes.values()),
+            "ranks": ranks,
+        }
+        if env.rank == 0:
+            storage.write_json(storage.join(self.spec.output, "layout.json"), layout)
+        return layout
 
     @property
     def adapt(self) -> Callable[[torch.nn.Module], None] | None:
@@ -125,10 +175,10 @@ def setup_run(spec: LoopSpec, env: WorkerEnv) -> Run:
         raise LmforgeError(
             f"model.vocab_size={arch.vocab_size} is smaller than the tokenizer's {vocab}"
         )
+    check_parallel_layout(spec.parallel, env.world_size, arch, train.seq_len)
+    dims = parallel_dims(spec.parallel, env.world_size, env.ranks_per_node)
     loop = spec.train
-    plan = batch_plan(
-        loop.global_batch_tokens, loop.micro_batch_size, env.world_size, train.seq_len
-    )
+    plan = batch_plan(loop.global_batch_tokens, loop.micro_batch_size, dims.dp, train.seq_len)
     total = loop.max_steps or max(1, (loop.max_tokens or 0) // plan.global_batch_tokens)
     hw = for_worker(spec.hardware, loop, env.device)
     torch.manual_seed(loop.seed)
@@ -136,6 +186,8 @@ def setup_run(spec: LoopSpec, env: WorkerEnv) -> Run:
     return Run(
         spec=spec,
         arch=arch,
+        dims=dims,
+        dp_rank=dims.dp_rank(env.rank),
         train=train,
         val=val,
         plan=plan,

@@ -32,13 +32,14 @@ def validate_inputs(cfg: TrainConfig) -> dict[str, Any]:
     (`Stage.validate`: run_stage calls it before creating the run folder)."""
     manifest = read_manifest(cfg.data.path or "")
     train = PackedShards(storage.join(cfg.data.path, "train"))
+    workers = cfg.resources.num_workers
+    vocab = int(manifest.get("vocab_size") or 0) or None
+    arch = cfg.model.to_llama(vocab_size=vocab, seq_len=train.seq_len)
+    check_parallel_layout(cfg.parallel, workers, arch, train.seq_len)
+    data_parallel = workers // cfg.parallel.model_parallel
     batch_plan(
-        cfg.train.global_batch_tokens,
-        cfg.train.micro_batch_size,
-        cfg.resources.num_workers,
-        train.seq_len,
+        cfg.train.global_batch_tokens, cfg.train.micro_batch_size, data_parallel, train.seq_len
     )
-    check_parallel_layout(cfg.parallel, cfg.resources.num_workers)
     return manifest
 
 

@@ -1,0 +1,257 @@
+"""Tensor parallelism (train/parallelize.py `apply_tensor_parallel`) on CPU: gloo ranks as GPUs.
+
+tp=2 and fsdp x tp (dp_shard=2 x tp=2) learn the same curve as one process; checkpoints saved
+under tp=2 resume into fsdp=2 and into one process (and back) with equal weights; the artifact
+is the one-process artifact; and on Ray Train (one node, and two nodes with tp inside a node).
+
+Tolerance (fp32): a tensor-parallel step computes the same sums as one process, split: the
+row-wise o and down projections add tp partial sums over D/tp and F/tp terms, the data-parallel
+ranks' gradients are added in another order. Each is a reordering of a sum of at most
+max(D, F, T) terms, once per block and once for the head, compounded per optimizer step:
+tests/numerics.loss_curve_tolerance, the bound the FSDP tests use.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge import LmforgeError
+from lmforge.model import model_config
+from lmforge.train.config import TrainConfig
+from lmforge.train.layout import ParallelConfig, check_parallel_layout, parallel_dims
+from lmforge.train.loop import run_local
+from tests.conftest import REPO
+from tests.numerics import loss_curve_tolerance, tolerance
+from tests.train.conftest import tiny_train_config
+from tests.train.gloo import run_ranks
+
+STEPS = 4  # debug preset, 8 rows of 64 tokens a step: seconds per run
+
+
+def curve(out: Path) -> dict[int, float]:
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m["loss"] for m in rows if "loss" in m}
+
+
+def artifact(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from lmforge.model.artifact import WEIGHTS
+
+    return load_file(str(out / "model" / WEIGHTS))
+
+
+def config(data, out, workers: int, steps: int = STEPS, resume: bool = False, **parallel):
+    return tiny_train_config(
+        data,
+        out,
+        train={"max_steps": steps, "log_every": 1, "eval_every": 2},
+        checkpoint={"every_steps": 2, "keep_last": 3, "resume": resume},
+        resources={"num_workers": workers},
+        parallel={"fsdp": workers > 1, **parallel},
+    )
+
+
+def train_ranks(rank: int, world: int, data: str, out: str, steps: int, resume: bool, par: dict):
+    """The real loop on one gloo rank; what the test reads comes from the run folder."""
+    from lmforge.train.loop import train_loop
+    from lmforge.train.run import WorkerEnv
+
+    cfg = TrainConfig.model_validate(config(data, out, world, steps, resume, **par))
+    summary = train_loop(
+        cfg.loop_spec(out, workers=world), WorkerEnv(rank, world, torch.device("cpu"), False)
+    )
+    return {"steps": summary["steps"]}
+
+
+def train(data, out: Path, world: int, steps: int = STEPS, resume: bool = False, **parallel):
+    if world == 1:
+        cfg = TrainConfig.model_validate(config(data, out, 1, steps, resume, **parallel))
+        run_local(cfg, str(out))
+    else:
+        run_ranks(train_ranks, world, world, str(data), str(out), steps, resume, parallel)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(packed_data, tmp_path_factory) -> Path:
+    return train(packed_data, tmp_path_factory.mktemp("tp") / "one", 1)
+
+
+def assert_same_curve(got: dict[int, float], want: dict[int, float]) -> None:
+    assert list(got) == list(want) == list(range(1, STEPS + 1))
+    arch = model_config("debug")
+    for step, loss in got.items():
+        assert loss == pytest.approx(
+            want[step], abs=loss_curve_tolerance(arch, 64, want[step], step)
+        )
+
+
+def assert_same_weights(got: dict, want: dict, steps: int = STEPS) -> None:
+    """Weights after `steps` Adam steps from gradients that differ by summation order only."""
+    assert sorted(got) == sorted(want)
+    arch = model_config("debug")
+    for name, w in want.items():
+        tol = tolerance(
+            torch.float32,
+            terms=max(arch.dim, arch.ffn_dim, 64),
+            magnitude=w.abs().max().item(),
+            depth=(arch.n_layers + 1) * steps,
+        )
+        torch.testing.assert_close(got[name], w, atol=tol, rtol=0, msg=name)
+
+
+# ---------------------------------------------------------------- layout checks (no processes)
+
+
+@pytest.mark.parametrize(
+    ("parallel", "workers", "message"),
+    [
+        ({"tp": 3}, 3, "model.n_heads=4 does not divide by parallel.tp=3"),
+        ({"tp": 4}, 4, "model.n_kv_heads=2 does not divide by parallel.tp=4"),
+        ({"tp": 2}, 3, "resources.num_workers=3 does not divide into parallel.tp=2"),
+        ({"tp": 2, "fsdp": False}, 4, "parallel.fsdp=false has no data parallelism"),
+    ],
+)
+def test_a_layout_that_does_not_divide_is_one_line_naming_it(parallel, workers, message):
+    with pytest.raises(LmforgeError) as raised:
+        check_parallel_layout(ParallelConfig(**parallel), workers, model_config("debug"), 64)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_sequence_parallel_needs_seq_len_to_divide_by_tp():
+    with pytest.raises(LmforgeError, match=r"seq_len=63 does not divide by parallel.tp=2"):
+        check_parallel_layout(ParallelConfig(tp=2), 2, model_config("debug"), 63)
+
+
+def test_tp_ranks_of_a_group_read_the_same_rows_and_dp_ranks_different_ones():
+    dims = parallel_dims(ParallelConfig(tp=2), 4)
+    assert (dims.dp_shard, dims.tp, dims.dp) == (2, 2, 2)
+    assert [dims.dp_rank(r) for r in range(4)] == [0, 0, 1, 1]  # tp innermost: neighbours
+
+
+# ---------------------------------------------------------------- gloo ranks
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_tp2_learns_the_one_process_curve_and_exports_its_model(packed_data, one_process, tmp_path):
+    out = train(packed_data, tmp_path / "tp2", 2, tp=2)
+    assert_same_curve(curve(out), curve(one_process))
+    assert_same_weights(artifact(out), artifact(one_process))
+    layout = json.loads((out / "layout.json").read_text())
+    assert layout["dims"]["tp"] == 2 and layout["dims"]["dp_shard"] == 1
+    assert [r["coords"]["tp"] for r in layout["ranks"]] == [0, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_fsdp_by_tp_on_four_ranks_learns_the_one_process_curve(packed_data, one_process, tmp_path):
+    out = train(packed_data, tmp_path / "fsdp-tp", 4, tp=2)
+    assert_same_curve(curve(out), curve(one_process))
+    assert_same_weights(artifact(out), artifact(one_process))
+    layout = json.loads((out / "layout.json").read_text())
+    assert (layout["dims"]["dp_shard"], layout["dims"]["tp"]) == (2, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_checkpoints_reshard_between_tp_fsdp_and_one_process(packed_data, tmp_path):
+    """The step-4 checkpoint of a tp=2 run, resumed with nothing left to train, exports the
+    tp=2 run's weights exactly (DCP copies the shards, no arithmetic) in fsdp=2 and in one
+    process; an fsdp=2 continuation to step 6, resumed under tp=2, exports its weights exactly."""
+    tp = train(packed_data, tmp_path / "tp2", 2, tp=2)
+    want = artifact(tp)
+
+    def resumed_from(src: Path, name: str) -> Path:
+        dest = tmp_path / name
+        shutil.copytree(src / "checkpoints", dest / "checkpoints")
+        return dest
+
+    one = train(packed_data, resumed_from(tp, "one"), 1, resume=True)
+    torch.testing.assert_close(artifact(one), want, atol=0, rtol=0)
+    fsdp = train(packed_data, resumed_from(tp, "fsdp2"), 2, steps=6, resume=True)
+    assert list(curve(fsdp)) == [5, 6]  # it went on from step 4
+    back = train(packed_data, resumed_from(fsdp, "back"), 2, steps=6, resume=True, tp=2)
+    torch.testing.assert_close(artifact(back), artifact(fsdp), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- Ray Train
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ray_train_with_tp2_learns_the_one_process_curve(
+    ray_local, packed_data, one_process, tmp_path
+):
+    from lmforge.stage import get_stage, run_stage
+
+    cfg = TrainConfig.model_validate(config(packed_data, tmp_path / "runs", 2, tp=2))
+    result = run_stage(get_stage("train"), cfg, quiet=True)
+    out = Path(result.output)
+    assert_same_curve(curve(out), curve(one_process))
+    assert json.loads((out / "layout.json").read_text())["dims"]["tp"] == 2
+
+
+CLUSTER = textwrap.dedent(
+    """
+    import json, sys
+    from ray.cluster_utils import Cluster
+    import ray
+    from lmforge.cluster.local import ensure_token
+    from lmforge.stage import get_stage, run_stage
+    from lmforge.train.config import TrainConfig
+
+    ensure_token()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    cfg = TrainConfig.model_validate(json.loads(sys.argv[1]))
+    result = run_stage(get_stage("train"), cfg, quiet=True)
+    print("RESULT " + json.dumps({"nodes": len(nodes), "output": result.output}))
+    ray.shutdown()
+    cluster.shutdown()
+    """
+)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_nodes_keep_each_tp_group_inside_a_node_and_learn_the_one_process_curve(
+    packed_data, one_process, tmp_path
+):
+    """2 nodes x 2 CPUs, 4 workers: tp=2 inside a node, data parallel across (HSDP: replicate
+    over the 2 nodes). Runs in a subprocess: the session's embedded Ray owns this one."""
+    cfg = config(packed_data, tmp_path / "runs", 4, tp=2)
+    cfg["resources"]["placement_strategy"] = "SPREAD"
+    proc = subprocess.run(
+        [sys.executable, "-c", CLUSTER, json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        cwd=REPO,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[0][len("RESULT ") :])
+    assert result["nodes"] == 2
+    out = Path(result["output"])
+    layout = json.loads((out / "layout.json").read_text())
+    nodes = [r["node"] for r in layout["ranks"]]
+    assert len(set(nodes)) == 2  # both nodes train
+    assert nodes[0] == nodes[1] and nodes[2] == nodes[3]  # each tp group (0,1), (2,3) on one node
+    assert layout["tp_groups_within_nodes"]
+    assert (layout["dims"]["dp_replicate"], layout["dims"]["dp_shard"]) == (2, 1)
+    assert_same_curve(curve(out), curve(one_process))
