@@ -26,7 +26,12 @@ import torch
 from lmforge import LmforgeError
 from lmforge.model import model_config
 from lmforge.train.config import TrainConfig
-from lmforge.train.layout import ParallelConfig, check_parallel_layout, parallel_dims
+from lmforge.train.layout import (
+    ParallelConfig,
+    check_parallel_layout,
+    check_tensor_parallel_use,
+    parallel_dims,
+)
 from lmforge.train.loop import run_local
 from tests.conftest import REPO
 from tests.numerics import loss_curve_tolerance, tolerance
@@ -130,6 +135,31 @@ def test_a_layout_that_does_not_divide_is_one_line_naming_it(parallel, workers, 
 def test_sequence_parallel_needs_seq_len_to_divide_by_tp():
     with pytest.raises(LmforgeError, match=r"seq_len=63 does not divide by parallel.tp=2"):
         check_parallel_layout(ParallelConfig(tp=2), 2, model_config("debug"), 63)
+
+
+def test_the_train_stage_checks_the_layout_against_the_model_before_ray_starts(
+    packed_data, tmp_path
+):
+    from lmforge.train.stage import validate_inputs
+
+    cfg = TrainConfig.model_validate(config(packed_data, tmp_path, 3, tp=3))
+    with pytest.raises(LmforgeError, match=r"^model.n_heads=4 does not divide by parallel.tp=3"):
+        validate_inputs(cfg)
+    cfg = TrainConfig.model_validate(config(packed_data, tmp_path, 4, tp=2))
+    validate_inputs(cfg)  # 2 data-parallel ranks x 2 rows x 2 micro-steps x 64 tokens = 512
+
+
+@pytest.mark.parametrize(
+    ("lora", "eval_tasks", "message"),
+    [
+        (True, False, "parallel.tp=2 with LoRA is not supported"),
+        (False, True, "train.eval_tasks do not run under parallel.tp=2"),
+    ],
+)
+def test_what_tensor_parallelism_does_not_cover_is_refused_in_one_line(lora, eval_tasks, message):
+    with pytest.raises(LmforgeError, match=message):
+        check_tensor_parallel_use(ParallelConfig(tp=2), lora, eval_tasks)
+    check_tensor_parallel_use(ParallelConfig(tp=1), lora, eval_tasks)  # no tp: nothing to refuse
 
 
 def test_tp_ranks_of_a_group_read_the_same_rows_and_dp_ranks_different_ones():

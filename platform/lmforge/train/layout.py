@@ -33,7 +33,7 @@ class ParallelConfig(StrictModel):
     tp: int = Field(
         1,
         ge=1,
-        description="Tensor-parallel degree: each block's matmuls split over this many workers of one node (q/k/v and gate/up column-wise, o and down row-wise, sequence-parallel norms). Must divide the heads, the KV heads and the FFN width.",
+        description="Tensor-parallel degree: each block's matmuls split over this many workers of one node (q/k/v and gate/up column-wise, o and down row-wise, sequence-parallel norms). Must divide the heads, the KV heads, the FFN width, the vocabulary and seq_len.",
     )
     pp: int = Field(
         1,
@@ -182,4 +182,20 @@ def check_parallel_layout(
             f"seq_len={seq_len} does not divide by 2 x parallel.cp={2 * parallel.cp} (context "
             f"parallelism splits each sequence into 2 x cp load-balanced chunks): change seq_len "
             f"or cp"
+        )
+
+
+def check_tensor_parallel_use(parallel: ParallelConfig, lora: bool, eval_tasks: bool) -> None:
+    """What tensor parallelism does not cover yet, refused before training starts."""
+    if parallel.tp == 1:
+        return
+    if lora:
+        raise LmforgeError(
+            f"parallel.tp={parallel.tp} with LoRA is not supported (the adapters wrap the linears "
+            f"tensor parallelism splits): set parallel.tp=1 (LoRA trains few parameters: FSDP is enough)"
+        )
+    if eval_tasks:
+        raise LmforgeError(
+            f"train.eval_tasks do not run under parallel.tp={parallel.tp} (generation's KV cache "
+            f"holds every head): run `lmforge eval` on the exported model, or set parallel.tp=1"
         )

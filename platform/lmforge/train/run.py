@@ -20,7 +20,12 @@ from lmforge.model.llama import LlamaConfig
 from lmforge.train.config import LoopSpec, LoraSpec
 from lmforge.train.data import BatchPlan, PackedShards, batch_plan, read_manifest, tokens_per_byte
 from lmforge.train.hardware import for_worker
-from lmforge.train.layout import ParallelDims, check_parallel_layout, parallel_dims
+from lmforge.train.layout import (
+    ParallelDims,
+    check_parallel_layout,
+    check_tensor_parallel_use,
+    parallel_dims,
+)
 from lmforge.train.mfu import training_flops_per_token
 
 
@@ -176,6 +181,7 @@ def setup_run(spec: LoopSpec, env: WorkerEnv) -> Run:
             f"model.vocab_size={arch.vocab_size} is smaller than the tokenizer's {vocab}"
         )
     check_parallel_layout(spec.parallel, env.world_size, arch, train.seq_len)
+    check_tensor_parallel_use(spec.parallel, spec.lora is not None, bool(spec.train.eval_tasks))
     dims = parallel_dims(spec.parallel, env.world_size, env.ranks_per_node)
     loop = spec.train
     plan = batch_plan(loop.global_batch_tokens, loop.micro_batch_size, dims.dp, train.seq_len)

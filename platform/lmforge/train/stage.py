@@ -25,6 +25,7 @@ from lmforge.train.config import (
     scaffold,
 )
 from lmforge.train.data import PackedShards, batch_plan, read_manifest
+from lmforge.train.layout import check_tensor_parallel_use
 
 
 def validate_inputs(cfg: TrainConfig) -> dict[str, Any]:
@@ -36,6 +37,7 @@ def validate_inputs(cfg: TrainConfig) -> dict[str, Any]:
     vocab = int(manifest.get("vocab_size") or 0) or None
     arch = cfg.model.to_llama(vocab_size=vocab, seq_len=train.seq_len)
     check_parallel_layout(cfg.parallel, workers, arch, train.seq_len)
+    check_tensor_parallel_use(cfg.parallel, False, bool(cfg.train.eval_tasks))
     data_parallel = workers // cfg.parallel.model_parallel
     batch_plan(
         cfg.train.global_batch_tokens, cfg.train.micro_batch_size, data_parallel, train.seq_len
