@@ -1,0 +1,168 @@
+"""Pipeline parallelism (train/pipeline.py) on 2 gloo CPU ranks against 1 process: the same
+loss curve and val loss with 1F1B and interleaved 1F1B, checkpoints that resume across layouts,
+the same exported artifact. A debug-size model (4 layers, untied head) in fp32, 8 steps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge import LmforgeError
+from lmforge.model.artifact import load_model
+from lmforge.train.config import TrainConfig
+from lmforge.train.loop import run_local
+from tests.numerics import loss_curve_tolerance
+from tests.train.conftest import tiny_train_config
+from tests.train.gloo import run_ranks
+
+pytestmark = pytest.mark.slow
+
+MODEL = {"preset": "debug", "n_layers": 4, "tie_embeddings": False}
+SEQ_LEN = 64
+
+
+def config(data, runs, schedule: str | None, **train) -> TrainConfig:
+    """global_batch_tokens 512 = 4 micro-batches of 2 rows: the schedule's 4 micro-batches."""
+    workers = 1 if schedule is None else 2
+    parallel = {"fsdp": False} if schedule is None else {"pp": 2, "pp_schedule": schedule}
+    cfg = tiny_train_config(
+        data, runs, model=MODEL, parallel=parallel, resources={"num_workers": workers},
+        train=train,
+    )  # fmt: skip
+    return TrainConfig.model_validate(cfg)
+
+
+def pp_worker(rank: int, cfg: dict, out: str) -> dict:
+    from lmforge.train.loop import train_loop
+    from lmforge.train.run import WorkerEnv
+
+    spec = TrainConfig.model_validate(cfg).loop_spec(out, workers=2)
+    return train_loop(spec, WorkerEnv(rank, 2, torch.device("cpu"), in_ray=False))
+
+
+def run_pp(cfg: TrainConfig, out: Path) -> None:
+    run_ranks(pp_worker, 2, cfg.model_dump(mode="json"), str(out))
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def series(out: Path, key: str) -> dict[int, float]:
+    return {m["step"]: m[key] for m in metrics(out) if key in m}
+
+
+def arch(runs: Path):
+    return load_model(str(runs / "one" / "model")).cfg
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_model(str(out / "model")).state_dict()
+
+
+def without_last_checkpoint(src: Path, dst: Path) -> None:
+    """dst/checkpoints: src's, the newest (step 8) left out, so a run there resumes at step 4."""
+    shutil.copytree(src / "checkpoints", dst / "checkpoints")
+    newest = sorted((dst / "checkpoints").iterdir())[-1]
+    assert newest.name.endswith("8"), newest
+    shutil.rmtree(newest)
+
+
+@pytest.fixture(scope="module")
+def runs(packed_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pp")
+    run_local(config(packed_data, root, None), str(root / "one"))
+    for schedule in ("1f1b", "interleaved_1f1b"):
+        run_pp(config(packed_data, root, schedule), root / schedule)
+    return root
+
+
+def assert_same_curve(got: dict[int, float], want: dict[int, float], arch, key: str) -> None:
+    """fp32, the same micro-batches summed in another order (the schedule accumulates each
+    stage's gradients and scales them once): tests/numerics.loss_curve_tolerance."""
+    assert sorted(got) == sorted(want), key
+    for step, value in want.items():
+        tol = loss_curve_tolerance(arch, SEQ_LEN, value, step)
+        assert got[step] == pytest.approx(value, abs=tol), (key, step)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b"])
+def test_two_pipeline_stages_match_one_process(runs, schedule):
+    one, pp = runs / "one", runs / schedule
+    for key in ("loss", "val_loss", "grad_norm"):
+        assert_same_curve(series(pp, key), series(one, key), arch(runs), key)
+    assert sorted(series(pp, "loss")) == list(range(1, 9))
+    assert sorted(series(pp, "val_loss")) == [4, 8]
+
+
+def test_pipeline_artifact_is_the_full_model_of_one_process(runs):
+    """The export gathers both stages: every key of the one-process artifact, the same shapes,
+    and the same values up to the rounding the curves allow (8 fp32 Adam steps of lr 3e-3)."""
+    one = weights(runs / "one")
+    for schedule in ("1f1b", "interleaved_1f1b"):
+        got = weights(runs / schedule)
+        assert sorted(got) == sorted(one)
+        for key, want in one.items():
+            assert got[key].shape == want.shape, key
+            torch.testing.assert_close(got[key], want, rtol=0, atol=1e-4, msg=key)
+
+
+def test_a_pipeline_checkpoint_resumes_in_one_process(runs, packed_data, tmp_path):
+    """pp=2's step-4 checkpoint, resumed by one process, trains steps 5..8 as the one-process
+    run did, and ends at its artifact."""
+    out = tmp_path / "resumed"
+    without_last_checkpoint(runs / "1f1b", out)
+    run_local(config(packed_data, tmp_path, None), str(out))
+    want = {s: v for s, v in series(runs / "one", "loss").items() if s > 4}
+    assert_same_curve(series(out, "loss"), want, arch(runs), "loss")
+    assert metrics(out)[0]["step"] == 5
+
+
+def test_a_one_process_checkpoint_resumes_at_two_stages(runs, packed_data, tmp_path):
+    out = tmp_path / "resumed"
+    without_last_checkpoint(runs / "one", out)
+    run_pp(config(packed_data, tmp_path, "interleaved_1f1b"), out)
+    want = {s: v for s, v in series(runs / "one", "loss").items() if s > 4}
+    assert_same_curve(series(out, "loss"), want, arch(runs), "loss")
+
+
+def pipeline_error(data: Path, out: Path, model: dict, schedule: str, accum: int | None = None):
+    """The one-line error build_pipeline raises on rank 0 of 2, before any process group."""
+    import dataclasses
+
+    from lmforge.train.data import BatchPlan
+    from lmforge.train.layout import parallel_dims
+    from lmforge.train.pipeline import build_pipeline, check_pipeline
+    from lmforge.train.run import WorkerEnv, setup_run
+
+    cfg = tiny_train_config(
+        data, out, model={"preset": "debug", **model}, resources={"num_workers": 2},
+        parallel={"pp": 2, "pp_schedule": schedule},
+    )  # fmt: skip
+    spec = TrainConfig.model_validate(cfg).loop_spec(str(out), workers=2)
+    env = WorkerEnv(0, 2, torch.device("cpu"), in_ray=False)
+    run = setup_run(spec, env)
+    with pytest.raises(LmforgeError) as e:
+        if accum is None:
+            build_pipeline(run, env)
+        else:  # fewer micro-batches than a 2-worker data-parallel split would give
+            plan = BatchPlan(SEQ_LEN, 2, 1, accum)
+            check_pipeline(dataclasses.replace(run, plan=plan), parallel_dims(spec.parallel, 2))
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_a_layout_the_pipeline_cannot_take_is_one_line(packed_data, tmp_path):
+    untied = {"tie_embeddings": False}
+    error = pipeline_error(packed_data, tmp_path, {"n_layers": 6, **untied}, "interleaved_1f1b")
+    assert "model.n_layers=6 does not divide by pipeline stages=4" in error
+    error = pipeline_error(packed_data, tmp_path, {"n_layers": 4}, "1f1b")
+    assert "model.tie_embeddings=false" in error
+    error = pipeline_error(packed_data, tmp_path, {"n_layers": 4, **untied}, "1f1b", accum=1)
+    assert "has 1 micro-batches" in error and "at least parallel.pp=2" in error
+    error = pipeline_error(packed_data, tmp_path, {"n_layers": 4, **untied}, "interleaved_1f1b", 3)
+    assert "a multiple of parallel.pp=2" in error
