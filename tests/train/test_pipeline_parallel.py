@@ -15,12 +15,11 @@ from lmforge import LmforgeError
 from lmforge.model.artifact import load_model
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import run_local
-from tests.numerics import loss_curve_tolerance
+from tests.numerics import assert_same_math, loss_curve_tolerance, model_terms
 from tests.train.conftest import tiny_train_config
 from tests.train.gloo import run_ranks
 
-# A run takes ~10 s alone and minutes on the shared 2-core test machine.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+# A pp run (slow) takes ~10 s alone and minutes on the shared 2-core test machine: timeout(900).
 
 MODEL = {"preset": "debug", "n_layers": 4, "tie_embeddings": False}
 SEQ_LEN = 64
@@ -104,6 +103,8 @@ def assert_same_curve(got: dict[int, float], want: dict[int, float], arch, key: 
         assert got[step] == pytest.approx(value, abs=tol), (key, step)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b", "fsdp_x_1f1b"])
 def test_two_pipeline_stages_match_one_process(runs, schedule):
     one, pp = runs("one"), runs(schedule)
@@ -113,6 +114,8 @@ def test_two_pipeline_stages_match_one_process(runs, schedule):
     assert sorted(series(pp, "val_loss")) == [4, 8]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_pipeline_artifact_is_the_full_model_of_one_process(runs):
     """The export gathers both stages: every key of the one-process artifact, the same shapes,
     the same values up to 8 fp32 steps of rounding (loss_curve_tolerance at the weights'
@@ -144,6 +147,8 @@ def checkpoint_weights(out: Path, cfg) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_a_pipeline_checkpoint_resumes_in_one_process(runs, packed_data, tmp_path):
     """pp=2's step-4 checkpoint, resumed by one process, trains steps 5..8 as the one-process
     run did, and ends at its artifact."""
@@ -155,6 +160,8 @@ def test_a_pipeline_checkpoint_resumes_in_one_process(runs, packed_data, tmp_pat
     assert metrics(out)[0]["step"] == 5
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_a_one_process_checkpoint_resumes_at_two_stages(runs, packed_data, tmp_path):
     out = tmp_path / "resumed"
     without_last_checkpoint(runs("one"), out)
@@ -199,3 +206,27 @@ def test_a_layout_the_pipeline_cannot_take_is_one_line(packed_data, tmp_path):
     assert "has 1 micro-batches" in error and "at least parallel.pp=2" in error
     error = pipeline_error(packed_data, tmp_path, {"n_layers": 4, **untied}, "interleaved_1f1b", 3)
     assert "a multiple of parallel.pp=2" in error
+
+
+def test_stages_in_order_are_the_model_and_their_states_partition_it():
+    """float64, so the chain of 4 stages must equal the whole model's forward to ~1e-12; the
+    stages' state dicts hold the model's keys (original names), each once."""
+    from lmforge.model.llama import Llama, LlamaConfig
+    from lmforge.train.pipeline import rank_stages, split_model, stage_layers
+
+    cfg = LlamaConfig(
+        vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32,
+        tie_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Llama(cfg).double()
+    parts = [split_model(model, stage_layers(4, s, 4), s == 0, s == 3) for s in range(4)]
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    x = tokens
+    for part in parts:
+        x = part(x)
+    assert_same_math(x, model(tokens), torch.float64, **model_terms(cfg, 16))
+    keys = [k for part in parts for k in part.state_dict()]
+    assert sorted(keys) == sorted(model.state_dict())
+    assert list(parts[1].state_dict())[0] == "layers.1.attn_norm.weight"
+    assert rank_stages(1, 2, 2) == [1, 3]  # interleaved: loop-style, worker 1 of 2

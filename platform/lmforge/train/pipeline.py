@@ -16,6 +16,7 @@ the masked fine-tuning loss needs each micro-batch's segments on every stage.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -100,14 +101,17 @@ def pipeline_plan(run: Run, dims: ParallelDims) -> BatchPlan:
 def split_model(model: Llama, layers: list[str], first: bool, last: bool) -> Llama:
     """A `Llama` sharing `model`'s modules: the blocks named `layers` (original names), the
     embedding if `first`, the final norm and head if `last`, None for the rest."""
-    part = Llama.__new__(Llama)
-    nn.Module.__init__(part)
-    part.cfg = model.cfg
+    part = type(model).__new__(type(model))
+    # Every attribute of the model (its config, the rope table, whatever its forward reads),
+    # with tables of its own (children, parameters, buffers, hooks): FSDP's hooks on one part
+    # must not land on another.
+    part.__dict__.update(
+        {k: copy.copy(v) if isinstance(v, dict | set) else v for k, v in model.__dict__.items()}
+    )
     part.tok_embeddings = model.tok_embeddings if first else None
     part.layers = nn.ModuleDict({name: model.layers[name] for name in layers})
     part.norm = model.norm if last else None
     part.output = model.output if last else None
-    part.register_buffer("rope", model.rope, persistent=False)
     return part
 
 
