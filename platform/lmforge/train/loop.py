@@ -8,6 +8,8 @@ resume, metrics) is the same code.
 
 `train_loop` reads top to bottom on one screen; setup (train/run.py), one optimizer step and
 validation are below it, metrics in train/metrics.py, the exported artifact in train/export.py.
+Pipeline parallelism (`parallel.pp` > 1) swaps in train/pipeline.py's model, batches, step,
+validation and export gather, at one branch at the top of `train_loop`.
 No Ray import at module level: `run_local` trains in a plain process.
 """
 
