@@ -323,9 +323,13 @@ class Llama(nn.Module):
             raise ValueError(
                 f"sequence of {T} tokens is longer than max_seq_len {self.cfg.max_seq_len}"
             )
-        x = self.tok_embeddings(tokens)  # (B, T, D)
+        # A pipeline stage (train/pipeline.py) holds some of the parts, the others None: after
+        # the first stage `tokens` are the activations (B, T, D); before the last they go on.
+        x = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)  # (B, T, D)
         for i, block in enumerate(self.layers.values()):
             x = block(x, self.rope, positions, None if kv_cache is None else kv_cache[i], mask)
+        if self.output is None:
+            return x
         return self.output(self.norm(x))  # (B, T, V)
 
 

@@ -13,12 +13,13 @@ from lmforge.train.checkpoint import full_model_state
 from lmforge.train.run import Run, WorkerEnv
 
 
-def export_model(model, run: Run, env: WorkerEnv, last: dict[str, Any]) -> None:
+def export_model(model, run: Run, env: WorkerEnv, last: dict[str, Any], full_state=None) -> None:
     """Consolidated weights (gathered to rank 0: every rank calls this), config, tokenizer.
 
     LoRA adapters are merged into their weights, so the artifact is a plain model.
+    `full_state(model)` gathers the weights where `full_model_state` cannot (pipeline stages).
     """
-    state = full_model_state(model)
+    state = (full_state or full_model_state)(model)
     if env.rank != 0:
         return
     if run.lora:

@@ -8,6 +8,8 @@ resume, metrics) is the same code.
 
 `train_loop` reads top to bottom on one screen; setup (train/run.py), one optimizer step and
 validation are below it, metrics in train/metrics.py, the exported artifact in train/export.py.
+Pipeline parallelism (`parallel.pp` > 1) swaps in train/pipeline.py's model, batches, step,
+validation and export gather, at one branch at the top of `train_loop`.
 No Ray import at module level: `run_local` trains in a plain process.
 """
 
@@ -47,18 +49,27 @@ def train_loop(
     one GPU runs the multi-GPU code path (the bench)."""
     run = setup_run(spec, env)
     loop, parallel = spec.train, spec.parallel
-    model = build_model(
-        run.arch,
-        env.device,
-        seed=loop.seed,
-        fsdp=parallel.fsdp and (env.world_size > 1 or fsdp_on_one),
-        activation_checkpointing=parallel.activation_checkpointing,
-        compile=parallel.compile,
-        bf16=run.bf16,
-        meta_init=parallel.meta_init,
-        prepare=run.adapt,
-        mesh=run.device_mesh(env, fsdp_on_one),
-    )
+    read_step, step_fn, evaluate_fn, full_state = step_batches, train_step, evaluate, None
+    if parallel.pp > 1:  # the one pipeline-parallel branch: its parts are train/pipeline.py's
+        from lmforge.train.pipeline import build_pipeline
+
+        pipe = build_pipeline(run, env)
+        run, model = pipe.run, pipe.model
+        read_step, step_fn, evaluate_fn = pipe.step_batches, pipe.train_step, pipe.evaluate
+        full_state = pipe.full_state
+    else:
+        model = build_model(
+            run.arch,
+            env.device,
+            seed=loop.seed,
+            fsdp=parallel.fsdp and (env.world_size > 1 or fsdp_on_one),
+            activation_checkpointing=parallel.activation_checkpointing,
+            compile=parallel.compile,
+            bf16=run.bf16,
+            meta_init=parallel.meta_init,
+            prepare=run.adapt,
+            mesh=run.device_mesh(env, fsdp_on_one),
+        )
     if spec.base:
         load_full_state(model, artifact_state(spec.base) if env.rank == 0 else {})
     optimizer = build_optimizer(spec.optim, model, env.device)
@@ -78,14 +89,14 @@ def train_loop(
             f"resumed from {resumed['path']} (step {step}, saved by {resumed['world_size']} workers)"
         )
     elif spec.eval_at_start:  # the base model's scores, for before/after
-        before = {"step": 0, **evaluate(model, run, env), **evaluate_tasks(model, run, env)}
+        before = {"step": 0, **evaluate_fn(model, run, env), **evaluate_tasks(model, run, env)}
         report(before, env)
         log.write(before)
     metrics: dict[str, Any] = {}
     every_ckpt = spec.checkpoint.every_steps
     # The next steps' batches are read and pinned in a background thread while this one runs.
     batches = Prefetcher(
-        lambda s: step_batches(run, s, env), pin=env.device.type == "cuda", end=run.total_steps
+        lambda s: read_step(run, s, env), pin=env.device.type == "cuda", end=run.total_steps
     )
     while step < run.total_steps:
         maybe_inject_fault(loop.fault_at_step, step + 1, spec.output, env)
@@ -94,7 +105,7 @@ def train_loop(
         start = time.perf_counter()
         with record_function("data"):
             batch = batches.get(step)
-        loss, grad_norm = train_step(model, optimizer, run, batch, env, spec.optim.grad_clip)
+        loss, grad_norm = step_fn(model, optimizer, run, batch, env, spec.optim.grad_clip)
         ckpt.wait()  # a checkpoint started last step was written during this one: complete it
         if step == (resumed["step"] if resumed else 0):
             shorten_collective_timeout()  # the first step (compile, warm-up) is behind us
@@ -112,7 +123,7 @@ def train_loop(
         if logs:
             metrics = log.train_metrics(step, loss, lr, grad_norm)
         if evals:
-            metrics = {"step": step, **metrics, **evaluate(model, run, env)}
+            metrics = {"step": step, **metrics, **evaluate_fn(model, run, env)}
             metrics.update(evaluate_tasks(model, run, env))
         if saves:
             rows = step * run.plan.global_batch_rows
@@ -126,7 +137,7 @@ def train_loop(
             on_step(step)
     batches.close()
     ckpt.close()  # the last checkpoint's files are written and marked complete
-    export_model(model, run, env, metrics)
+    export_model(model, run, env, metrics, full_state)
     return log.summary(metrics)
 
 
