@@ -171,3 +171,17 @@ def check_parallel_layout(
             f"parallelism splits each sequence into 2 x cp load-balanced chunks): change seq_len "
             f"or cp"
         )
+
+
+def check_placement(parallel: ParallelConfig, ranks_per_node: int) -> None:
+    """A tensor-parallel group (with its context-parallel ring) must sit on one node: Ray Train
+    numbers workers node by node and tp x cp are the innermost mesh dimensions, so tp x cp
+    dividing the ranks per node keeps every such group inside one node; pipeline stages and
+    data-parallel replicas may span nodes."""
+    inner = parallel.tp * parallel.cp
+    if ranks_per_node % inner:
+        raise LmforgeError(
+            f"parallel.tp={parallel.tp} x cp={parallel.cp} = {inner} does not divide the "
+            f"{ranks_per_node} workers per node, so a tensor-parallel group would span nodes: "
+            f"use tp x cp dividing {ranks_per_node} (put the rest in parallel.pp or data parallel)"
+        )
