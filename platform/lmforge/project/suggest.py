@@ -4,7 +4,9 @@ Every (tp, cp, pp, pipeline schedule, micro-batch size, activation checkpointing
 divisibility rules allow (`check_parallel_layout`: heads, KV heads, FFN width, layers, seq_len;
 tp x cp within a node; a whole number of micro-batches per step, at least pp of them) is planned
 by the plan's memory model (its worst pipeline stage) and step-time estimate (project/layouts.py);
-those that fit the GPU's memory are ranked by estimated step time, then by memory.
+those that fit the GPU's memory are ranked by estimated step time, then by bytes sent, then by
+memory; the table marks the chosen layout `*` and, when it is not FSDP alone, the best layout of
+FSDP alone `F`.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def _plan_one(arch, seq_len, par, dims, b, m, hw, compute_s) -> Candidate:
 def suggest_layouts(
     arch: LlamaConfig, seq_len: int, global_batch_tokens: int, hw: Hardware, **kw
 ) -> list[Candidate]:
-    """The layouts that fit, fastest first (then the least memory)."""
+    """The layouts that fit, fastest first."""
     planned = enumerate_layouts(arch, seq_len, global_batch_tokens, hw, **kw)
     fitting = [c for c in planned if c.memory_gib <= hw.memory_gib]
     if not fitting:
@@ -131,7 +133,8 @@ def suggest_layouts(
             f"no layout of {hw.gpus} GPUs fits {hw.memory_gib:g} GiB (the least needs "
             f"{least:.1f} GiB, of {len(planned)} valid): use more GPUs or a shorter seq_len"
         )
-    return sorted(fitting, key=lambda c: (c.step_s["total"], c.memory_gib))
+    # equal times (communication hidden under compute): fewer bytes sent, then less memory
+    return sorted(fitting, key=lambda c: (c.step_s["total"], c.sent_gib, c.memory_gib))
 
 
 def format_suggestion(ranked: list[Candidate], hw: Hardware, shown: int = 6) -> str:
@@ -145,4 +148,7 @@ def format_suggestion(ranked: list[Candidate], hw: Hardware, shown: int = 6) -> 
     ]
     lines.append(ROW_HEADER)
     lines += [("* " if i == 0 else "  ") + c.row() for i, c in enumerate(ranked[:shown])]
+    plain = [c for c in ranked if c.parallel.model_parallel == 1]
+    if best.model_parallel > 1:  # what FSDP alone would give, for comparison
+        lines.append(("F " + plain[0].row()) if plain else "F (no layout of FSDP alone fits)")
     return "\n".join(lines)
