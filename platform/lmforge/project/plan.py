@@ -30,6 +30,9 @@ coexist, e.g. the logits and the root's gradient buffers):
                   (log-softmax), its fp32 gradient and that gradient cast back for the head
   cuda_and_nccl   on GPU: 1 GiB for the CUDA context, +1 GiB for NCCL buffers with W > 1
   fragmentation   +10% of everything above, for the caching allocator
+With parallel.tp/pp/cp each term is the worst pipeline stage's, divided as project/layouts.py
+says; the plan adds the layout's bubble and bytes sent, and `--suggest` (project/suggest.py)
+ranks every layout that fits.
 """
 
 from __future__ import annotations
@@ -134,17 +137,18 @@ def memory_per_device(
     """GiB per device by part, as in the module docstring (`total` sums them). With `dims`
     (tp/pp/cp), the worst pipeline stage's (project/layouts.py says how each term divides)."""
     dims = dims or ParallelDims(dp_shard=devices)
-    ranks = [
-        _stage_memory(arch, seq_len, micro_batch, checkpointing, dims, rank, compute_bytes,
-                      fsdp, accumulation, grad_reduce, trainable, on_gpu, schedule)
-        for rank in range(dims.pp)
-    ]  # fmt: skip
+    step = Step(seq_len, micro_batch, accumulation, compute_bytes, checkpointing, grad_reduce,
+                schedule)  # fmt: skip
+    t = trainable or full_training(arch)
+    ranks = [_stage_memory(arch, step, dims, rank, t, fsdp, on_gpu) for rank in range(dims.pp)]
     return max(ranks, key=lambda parts: parts["total"])
 
 
-def _stage_memory(arch, T, b, checkpointing, dims, rank, p, fsdp, accumulation, grad_reduce,
-                  trainable, on_gpu, schedule) -> dict[str, float]:  # fmt: skip
-    t = trainable or full_training(arch)
+def _stage_memory(
+    arch: LlamaConfig, step: Step, dims: ParallelDims, rank: int, t: Trainable, fsdp: bool,
+    on_gpu: bool,
+) -> dict[str, float]:  # fmt: skip
+    T, b, p, checkpointing = step.seq_len, step.micro_batch, step.compute_bytes, step.checkpointing
     D, F, V, tp = arch.dim, arch.ffn_dim, arch.vocab_size, dims.tp
     layers, block, root = stage_params(arch, tp, dims.pp, rank)
     n, last = layers * block + root, rank == dims.pp - 1
@@ -168,14 +172,16 @@ def _stage_memory(arch, T, b, checkpointing, dims, rank, p, fsdp, accumulation, 
     else:
         compute_copy = p * n if p < 4 else 0  # autocast caches one cast of each weight
         grad_buffers = 0
-    in_flight = min(accumulation, micro_batches_in_flight(dims.pp, rank, schedule))
+    in_flight = min(step.micro_batches, micro_batches_in_flight(dims.pp, rank, step.schedule))
     saved = p * b * T * D / tp * layers * in_flight + per_layer_full
     parts = {
         "params": 4 * n / S,
         "grads": 4 * tr / S,
         "optimizer": 8 * tr / S + 4 * tensors,
         "unsharded_grads": (
-            4 * tr if fsdp and accumulation > 1 and grad_reduce == "last_micro_batch" else 0
+            4 * tr
+            if fsdp and step.micro_batches > 1 and step.grad_reduce == "last_micro_batch"
+            else 0
         ),
         "compute_copy": compute_copy,
         "grad_buffers": grad_buffers,
