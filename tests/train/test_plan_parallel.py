@@ -159,3 +159,6 @@ def test_plan_suggest_prints_the_chosen_layout_and_runners_up(cli, tmp_path):
         "cp",
     ]
     assert table[3].startswith("* ") and len(table) == 3 + 6
+    # CPU workers: nothing to suggest, said in one line
+    code, _, err = cli("plan", "-c", config, "--seq-len", "4096", "--suggest")
+    assert code == 2 and err.strip().count("\n") == 0 and "--suggest plans GPU layouts" in err

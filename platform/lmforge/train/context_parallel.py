@@ -53,7 +53,8 @@ def cp_context(
     segments: torch.Tensor | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shard `tokens` and `targets` (B, T) along T over mesh["cp"] for one forward and
-    backward; yields this rank's (tokens, targets), (B, T / cp). A no-op with cp = 1."""
+    backward; yields this rank's (tokens, targets), (B, T / cp) (a contiguous input is sharded
+    in place and stays so; a view, such as rows[:, :-1], is copied first). A no-op with cp = 1."""
     if mesh["cp"].size() == 1:
         yield tokens, targets
         return
