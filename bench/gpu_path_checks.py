@@ -8,6 +8,10 @@
 2. FSDP2 (NCCL, world size 1) with param_dtype=bf16: the RoPE table the attention receives is
    complex64, and the logits equal bf16 weights with the fp32 table.
 3. Async DCP save with pinned host staging: what is saved is the state at the save call.
+4. Context parallel (train/context_parallel.py, GPU only): cp=2 over 2 GPUs (NCCL, ring
+   attention, load-balanced) against one process on the whole sequence, bf16 autocast: the
+   same loss and gradients to bf16 rounding. Needs 2 GPUs: with fewer it is reported as
+   skipped (ok, with the reason), not failed.
 Prints one JSON line per check and exits 1 if any fails.
 """
 
@@ -102,12 +106,76 @@ def async_save_pinned() -> dict:
     return {"check": "async_save_pinned", "ok": torch.equal(back["w"], saved)}
 
 
+def _cp_rank(rank: int, port: int, queue) -> None:
+    import torch.nn.functional as F
+
+    from lmforge.train.context_parallel import cp_context
+    from lmforge.train.layout import ParallelDims
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=2)
+    mesh = ParallelDims(cp=2).build_mesh("cuda")
+    torch.manual_seed(0)  # the same weights and rows on both ranks
+    model = Llama(CFG).cuda()
+    rows = torch.randint(0, CFG.vocab_size, (2, CFG.max_seq_len + 1), device="cuda")
+
+    def loss_and_grads(tokens, targets):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(tokens)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    whole, want = loss_and_grads(rows[:, :-1], rows[:, 1:])
+    with cp_context(model, mesh, rows[:, :-1], rows[:, 1:]) as (tokens, targets):
+        loss, grads = loss_and_grads(tokens, targets)
+    # each rank's loss is the mean over its half of the tokens: the whole mean is their mean
+    for t in (loss, *grads):
+        dist.all_reduce(t, op=dist.ReduceOp.AVG, group=mesh["cp"].get_group())
+    grad_rel = max(
+        ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+        for a, b in zip(grads, want, strict=True)
+    )
+    if rank == 0:
+        queue.put((whole.item(), loss.item(), grad_rel))
+    dist.destroy_process_group()
+
+
+def context_parallel_equality() -> dict:
+    found = 0 if CPU else torch.cuda.device_count()
+    if found < 2:
+        return {"check": "cp2_vs_cp1", "ok": True, "skipped": f"needs 2 GPUs, found {found}"}
+    ctx = torch.multiprocessing.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    torch.multiprocessing.start_processes(
+        _cp_rank, args=(29541, queue), nprocs=2, start_method="spawn"
+    )
+    whole, loss, grad_rel = queue.get()
+    # bf16 logits: the two attention orders (one pass, a ring of two online-softmax chunks)
+    # differ by a few units of 2^-8 relative; a wrong mask or position is off by far more
+    ok = abs(loss - whole) <= 4 * 2**-8 * abs(whole) and grad_rel <= 0.05
+    return {
+        "check": "cp2_vs_cp1",
+        "ok": ok,
+        "loss_cp1": whole,
+        "loss_cp2": loss,
+        "grad_rel": grad_rel,
+    }
+
+
 def main() -> int:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29531")
     dist.init_process_group("gloo" if CPU else "cpu:gloo,cuda:nccl", rank=0, world_size=1)
     failed = 0
-    for check in (flex_against_dense, rope_under_fsdp, async_save_pinned):
+    for check in (
+        flex_against_dense,
+        rope_under_fsdp,
+        async_save_pinned,
+        context_parallel_equality,
+    ):
         try:
             result = check()
         except Exception as e:  # report every check, then fail

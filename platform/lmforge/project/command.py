@@ -178,7 +178,21 @@ def plan_command(argv: list[str], prog: str) -> int:
         "(default: the base artifact's own architecture)",
     )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument(
+        "--suggest",
+        action="store_true",
+        help="also enumerate the parallel layouts (tp, pp, cp, micro-batch, checkpointing) that "
+        "fit the GPUs and print the fastest by estimated step time, with the runners-up",
+    )
+    parser.add_argument(
+        "--gpus", type=int, help="plan for this many GPUs (one per worker) instead of resources.*"
+    )
+    parser.add_argument(
+        "--gpus-per-node", type=int, default=8, help="GPUs per node, for --suggest (default 8)"
+    )
     args = parser.parse_args(argv)
+    if args.gpus:
+        args.overrides += [f"resources.num_workers={args.gpus}", "resources.gpus_per_worker=1"]
     if _is_finetune_config(args.config):
         estimate = make_plan(*_finetune_plan_inputs(args))
         print(json.dumps(asdict(estimate), indent=2) if args.json else format_plan(estimate))
@@ -194,7 +208,37 @@ def plan_command(argv: list[str], prog: str) -> int:
         seq_len, source = data.seq_len, data_config
     estimate = make_plan(cfg, seq_len=seq_len, vocab_size=vocab, seq_len_source=source)
     print(json.dumps(asdict(estimate), indent=2) if args.json else format_plan(estimate))
+    if args.suggest:
+        _print_suggestion(cfg, estimate, vocab or read_manifest(cfg.data.path).get("vocab_size"),
+                          args.gpus_per_node)  # fmt: skip
     return 0
+
+
+def _print_suggestion(cfg, estimate, vocab: int | None, gpus_per_node: int) -> None:
+    from lmforge.project.suggest import Hardware, format_suggestion, suggest_layouts
+
+    if not estimate.device_memory_gib:
+        raise ConfigError(
+            "--suggest plans GPU layouts: give --gpus N (or resources.gpus_per_worker) and a GPU "
+            "the memory table knows (resources.accelerator_type) or plan.gpu_memory_gib"
+        )
+    hw = Hardware(
+        gpus=estimate.devices,
+        memory_gib=estimate.device_memory_gib,
+        peak_tflops=estimate.peak_tflops_per_device,
+        mfu=estimate.assumed_mfu,
+        gpus_per_node=min(gpus_per_node, estimate.devices),
+    )
+    arch = cfg.model.to_llama(vocab_size=vocab, seq_len=estimate.seq_len)
+    ranked = suggest_layouts(
+        arch,
+        estimate.seq_len,
+        cfg.train.global_batch_tokens,
+        hw,
+        grad_reduce=cfg.parallel.grad_reduce,
+    )
+    print()
+    print(format_suggestion(ranked, hw))
 
 
 def _is_finetune_config(config: str | None) -> bool:

@@ -30,6 +30,9 @@ coexist, e.g. the logits and the root's gradient buffers):
                   (log-softmax), its fp32 gradient and that gradient cast back for the head
   cuda_and_nccl   on GPU: 1 GiB for the CUDA context, +1 GiB for NCCL buffers with W > 1
   fragmentation   +10% of everything above, for the caching allocator
+With parallel.tp/pp/cp each term is the worst pipeline stage's, divided as project/layouts.py
+says; the plan adds the layout's bubble and bytes sent, and `--suggest` (project/suggest.py)
+ranks every layout that fits.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from dataclasses import dataclass, field
 
 from lmforge import storage
 from lmforge.model.llama import LlamaConfig, flops_per_token, num_params
+from lmforge.project.layouts import Step, block_params, format_layout, layout_numbers, stage_params
 from lmforge.train.config import PlanConfig, TrainConfig
+from lmforge.train.layout import ParallelDims, check_parallel_layout, parallel_dims
 from lmforge.train.mfu import gpu_peak_tflops
 
 GPU_MEMORY_GIB = {
@@ -77,6 +82,7 @@ class Plan:
     device_memory_gib: float | None = None
     warnings: list[str] = field(default_factory=list)
     seq_len_source: str = ""  # where seq_len came from: --seq-len, the data, a data config
+    layout: dict = field(default_factory=dict)  # degrees, bubble, bytes sent (layouts.py)
 
 
 @dataclass(frozen=True)
@@ -112,14 +118,6 @@ def lora_training(arch: LlamaConfig, rank: int, targets: list[str]) -> Trainable
     return Trainable(per_block * arch.n_layers, 2 * len(targets) * arch.n_layers, per_block, 0)
 
 
-def block_params(arch: LlamaConfig) -> int:
-    return (num_params(arch, embeddings=False) - arch.dim - _head(arch)) // arch.n_layers
-
-
-def _head(arch: LlamaConfig) -> int:
-    return 0 if arch.tie_embeddings else arch.vocab_size * arch.dim
-
-
 def memory_per_device(
     arch: LlamaConfig,
     seq_len: int,
@@ -133,42 +131,81 @@ def memory_per_device(
     grad_reduce: str = "every_micro_batch",
     trainable: Trainable | None = None,
     on_gpu: bool = True,
+    dims: ParallelDims | None = None,
+    schedule: str = "1f1b",
 ) -> dict[str, float]:
-    """GiB per device by part, as in the module docstring (`total` sums them)."""
-    n, p, W = num_params(arch), compute_bytes, devices
+    """GiB per device by part, as in the module docstring (`total` sums them). With `dims`
+    (tp/pp/cp), the worst pipeline stage's (project/layouts.py says how each term divides)."""
+    dims = dims or ParallelDims(dp_shard=devices)
+    step = Step(seq_len, micro_batch, accumulation, compute_bytes, checkpointing, grad_reduce,
+                schedule)  # fmt: skip
     t = trainable or full_training(arch)
-    b, T, D, F, L, V = micro_batch, seq_len, arch.dim, arch.ffn_dim, arch.n_layers, arch.vocab_size
-    block = block_params(arch)
-    root = n - L * block
+    ranks = [_stage_memory(arch, step, dims, rank, t, fsdp, on_gpu) for rank in range(dims.pp)]
+    return max(ranks, key=lambda parts: parts["total"])
+
+
+def _stage_memory(
+    arch: LlamaConfig, step: Step, dims: ParallelDims, rank: int, t: Trainable, fsdp: bool,
+    on_gpu: bool,
+) -> dict[str, float]:  # fmt: skip
+    T, b, p, checkpointing = step.seq_len, step.micro_batch, step.compute_bytes, step.checkpointing
+    D, F, V, tp = arch.dim, arch.ffn_dim, arch.vocab_size, dims.tp
+    layers, block, root = stage_params(arch, tp, dims.pp, rank)
+    n, last = layers * block + root, rank == dims.pp - 1
+    if t.in_root:  # full training: every weight on this GPU trains
+        tr, tr_block, tr_root = n, block, root
+        head = not arch.tie_embeddings or dims.pp > 1
+        tensors = 9 * layers + (rank == 0) + ((1 + head) if last else 0)
+    else:  # LoRA adapters, split over tp with their layer
+        tr, tr_block, tr_root = layers * t.per_block / tp, t.per_block / tp, 0
+        tensors = t.tensors * layers // arch.n_layers
+    S = dims.dp_shard * dims.cp  # FSDP shards over the data and context parallel ranks
+    T = T // dims.cp  # each context-parallel rank holds 1/cp of every sequence
     norm32 = 8 * D if p < 4 else 0  # RMSNorm computes in fp32 whatever the activations' dtype
-    per_layer_full = b * T * (p * (10 * D + 4 * F) + norm32)
-    final_norm = b * T * (p * D + norm32 // 2)
+    per_layer_full = b * T * (p * (10 * D + 4 * F) + norm32) / tp  # sequence parallel: / tp
+    final_norm = b * T * (p * D + norm32 // 2) / tp if last else 0
     # bf16 gradients are cast to fp32 for the reduce-scatter: both exist for a moment
     grad_bytes = p + 4 if p < 4 else 4
     if fsdp:
         compute_copy = p * (2 * block + root)
-        grad_buffers = grad_bytes * (t.per_block + t.in_root)
+        grad_buffers = grad_bytes * (tr_block + tr_root)
     else:
         compute_copy = p * n if p < 4 else 0  # autocast caches one cast of each weight
         grad_buffers = 0
+    in_flight = min(step.micro_batches, micro_batches_in_flight(dims.pp, rank, step.schedule))
+    saved = p * b * T * D / tp * layers * in_flight + per_layer_full
     parts = {
-        "params": 4 * n / W,
-        "grads": 4 * t.params / W,
-        "optimizer": 8 * t.params / W + 4 * t.tensors,
+        "params": 4 * n / S,
+        "grads": 4 * tr / S,
+        "optimizer": 8 * tr / S + 4 * tensors,
         "unsharded_grads": (
-            4 * t.params if fsdp and accumulation > 1 and grad_reduce == "last_micro_batch" else 0
+            4 * tr
+            if fsdp and step.micro_batches > 1 and step.grad_reduce == "last_micro_batch"
+            else 0
         ),
         "compute_copy": compute_copy,
         "grad_buffers": grad_buffers,
         "activations": final_norm
-        + ((p * b * T * D * L + per_layer_full) if checkpointing else per_layer_full * L),
-        "logits": b * T * V * ((2 * p + 8) if p < 4 else 12),
-        "cuda_and_nccl": (GIB + (GIB if W > 1 else 0)) if on_gpu else 0,
+        + (saved if checkpointing else per_layer_full * layers * in_flight),
+        "logits": b * T * V * ((2 * p + 8) if p < 4 else 12) / tp if last else 0,
+        "cuda_and_nccl": (GIB + (GIB if dims.world > 1 else 0)) if on_gpu else 0,
     }
     subtotal = sum(parts.values())
     parts["fragmentation"] = 0.1 * subtotal
     parts["total"] = subtotal + parts["fragmentation"]
     return {k: v / GIB for k, v in parts.items()}
+
+
+def micro_batches_in_flight(pp: int, rank: int, schedule: str) -> float:
+    """Micro-batches whose activations pipeline rank `rank` holds at once, in units of its
+    layers: 1F1B runs pp - rank forwards before its first backward; interleaved 1F1B (v = 2
+    stages per rank) (v - 1) pp + 2 (pp - 1 - rank) + 1 forwards of 1/v of its layers."""
+    if pp == 1:
+        return 1
+    if schedule == "1f1b":
+        return pp - rank
+    v = 2
+    return ((v - 1) * pp + 2 * (pp - 1 - rank) + 1) / v
 
 
 def make_plan(
@@ -227,6 +264,11 @@ def make_plan(
     n = num_params(arch)
     seconds = fpt * tokens / (devices * peak * 1e12 * assume.assumed_mfu)
     mb = cfg.train.micro_batch_size
+    par = cfg.parallel
+    check_parallel_layout(par, devices, arch, seq_len)  # one line naming what does not divide
+    dims = parallel_dims(par, devices) if par.model_parallel > 1 else ParallelDims(dp_shard=devices)
+    step = Step(seq_len, mb, max(1, gbt // (seq_len * mb * dims.dp)), 2 if bf16 else 4,
+                par.activation_checkpointing, par.grad_reduce, par.pp_schedule)  # fmt: skip
     trainable = (
         lora_training(arch, lora.rank, list(lora.targets))
         if lora is not None and lora.enabled
@@ -237,13 +279,15 @@ def make_plan(
         seq_len,
         mb,
         devices,
-        cfg.parallel.activation_checkpointing,
-        compute_bytes=2 if bf16 else 4,
-        fsdp=cfg.parallel.fsdp,
-        accumulation=max(1, gbt // (seq_len * mb * res.num_workers)),
-        grad_reduce=cfg.parallel.grad_reduce,
+        par.activation_checkpointing,
+        compute_bytes=step.compute_bytes,
+        fsdp=par.fsdp,
+        accumulation=step.micro_batches,
+        grad_reduce=par.grad_reduce,
         trainable=trainable,
         on_gpu=on_gpu,
+        dims=dims,
+        schedule=par.pp_schedule,
     )
     capacity = assume.gpu_memory_gib or _gpu_memory(gpu) if on_gpu else None
     plan = Plan(
@@ -265,6 +309,7 @@ def make_plan(
         device_memory_gib=capacity,
         warnings=warnings,
         seq_len_source=seq_len_source,
+        layout=layout_numbers(arch, dims, step),
     )
     if assumed:
         plan.warnings.append(
@@ -293,11 +338,13 @@ def _check(plan: Plan, cfg: TrainConfig, seq_len: int) -> None:
             f"undertrained: {plan.tokens:,} tokens is {ratio:.2f}x the compute-optimal "
             f"{plan.chinchilla_tokens:,} (~{CHINCHILLA_TOKENS_PER_PARAM} tokens/param)"
         )
-    per_step = seq_len * cfg.train.micro_batch_size * cfg.resources.num_workers
+    dp = plan.layout["dp_shard"] * plan.layout["dp_replicate"]
+    per_step = seq_len * cfg.train.micro_batch_size * dp
     if cfg.train.global_batch_tokens % per_step:
         w.append(
             f"train.global_batch_tokens={cfg.train.global_batch_tokens} is not a multiple of "
-            f"seq_len x micro_batch_size x num_workers = {per_step}: training will refuse it"
+            f"seq_len x micro_batch_size x data-parallel workers = {per_step}: training will "
+            "refuse it"
         )
 
 
@@ -330,6 +377,7 @@ def format_plan(plan: Plan) -> str:
             + " = "
             + " + ".join(f"{k} {v:.2f}" for k, v in mem.items() if k != "total" and v),
         ),
+        *format_layout(plan.layout),
         ("wall time", f"{_duration(plan.wall_hours)} at {100 * plan.assumed_mfu:.0f}% MFU"),
         ("device-hours", f"{plan.device_hours:,.2f}"),
     ]

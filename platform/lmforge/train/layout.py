@@ -198,4 +198,15 @@ def check_tensor_parallel_use(parallel: ParallelConfig, lora: bool, eval_tasks: 
         raise LmforgeError(
             f"train.eval_tasks do not run under parallel.tp={parallel.tp} (generation's KV cache "
             f"holds every head): run `lmforge eval` on the exported model, or set parallel.tp=1"
+def check_placement(parallel: ParallelConfig, ranks_per_node: int) -> None:
+    """A tensor-parallel group (with its context-parallel ring) must sit on one node: Ray Train
+    numbers workers node by node and tp x cp are the innermost mesh dimensions, so tp x cp
+    dividing the ranks per node keeps every such group inside one node; pipeline stages and
+    data-parallel replicas may span nodes."""
+    inner = parallel.tp * parallel.cp
+    if ranks_per_node % inner:
+        raise LmforgeError(
+            f"parallel.tp={parallel.tp} x cp={parallel.cp} = {inner} does not divide the "
+            f"{ranks_per_node} workers per node, so a tensor-parallel group would span nodes: "
+            f"use tp x cp dividing {ranks_per_node} (put the rest in parallel.pp or data parallel)"
         )
