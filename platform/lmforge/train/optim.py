@@ -43,6 +43,8 @@ def build_optimizer(
         chosen = {id(p) for p in muon_params}
         for group in adamw_groups:
             group["params"] = [p for p in group["params"] if id(p) not in chosen]
+        # A tied head leaves no decayed matrix to AdamW; DCP cannot restore an empty group.
+        adamw_groups = [group for group in adamw_groups if group["params"]]
     adamw = torch.optim.AdamW(
         adamw_groups,
         lr=cfg.lr,
