@@ -115,3 +115,20 @@ def test_the_options_travel_in_config_json_and_hf_export_refuses_them(tmp_path):
     assert "model.qk_norm, model.logit_softcap, model.mlp cannot be represented" in message
     # zero-init changes only the initial weights: HF Llama holds the trained model.
     check_hf_representable(LlamaConfig(**BASE, zero_init_out=True, tie_embeddings=False), "art")
+
+
+def test_the_race_anchor_imports_no_lmforge_code():
+    """bench/anchor.py is the race's outside baseline: torch, numpy and pyarrow only."""
+    import ast
+    from pathlib import Path
+
+    source = (Path(__file__).parents[2] / "bench" / "anchor.py").read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    assert imported == {"__future__", "argparse", "glob", "json", "math", "os", "time", "numpy",
+                        "pyarrow", "torch"}  # fmt: skip
+    assert len(source.splitlines()) <= 160
