@@ -165,11 +165,28 @@ def hf_config(
     }
 
 
+def check_hf_representable(cfg: LlamaConfig, artifact: str) -> None:
+    """HF Llama has no QK-norm, soft cap or ReLU-squared MLP: refuse rather than export a
+    model that would load and compute something else."""
+    options = {
+        "qk_norm": cfg.qk_norm,
+        "logit_softcap": cfg.logit_softcap is not None,
+        "mlp": cfg.mlp != "swiglu",
+    }
+    unsupported = [name for name, on in options.items() if on]
+    if unsupported:
+        raise LmforgeError(
+            f"{artifact}: model.{', model.'.join(unsupported)} cannot be represented as a "
+            f"Hugging Face Llama; export a model trained without them (serve it with lmforge)"
+        )
+
+
 def export_hf(artifact: str, out: str) -> list[str]:
     """Write `out` as a transformers/vLLM-loadable LlamaForCausalLM folder; returns the files."""
     from safetensors.torch import load, save
 
     cfg = load_model_config(artifact)
+    check_hf_representable(cfg, artifact)
     tensors = load(storage.read_bytes(storage.join(artifact, WEIGHTS)))
     if cfg.tie_embeddings:
         tensors.pop("output.weight", None)

@@ -192,7 +192,7 @@ def hidden_forward(model, tokens: torch.Tensor, positions: torch.Tensor, cache: 
 
 def head(model, hidden: torch.Tensor) -> torch.Tensor:
     """Final norm and output head, logits in fp32."""
-    return model.output(model.norm(hidden)).float()
+    return model.logits(hidden).float()
 
 
 def host_to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

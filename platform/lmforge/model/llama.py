@@ -1,5 +1,9 @@
 """A Llama-style decoder on one device: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention.
 
+Recipe options (all off by default, so the plain model is HF Llama): RMSNorm on each head's
+queries and keys (`qk_norm`), zero-initialised residual outputs (`zero_init_out`), tanh logit
+soft-capping (`logit_softcap`) and a ReLU-squared MLP (`mlp="relu2"`).
+
 Read it top to bottom. Nothing here knows about distribution: FSDP2, activation checkpointing,
 torch.compile and mixed precision are applied from outside, in `lmforge.train.parallelize`.
 Only torch is imported, so a GPU box without Ray or pydantic can run the model (bench/gpu_train.sh).
@@ -18,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+MLP_KINDS = ("swiglu", "relu2")
+
 
 @dataclass
 class LlamaConfig:
@@ -28,13 +34,21 @@ class LlamaConfig:
     n_layers: int = 6
     n_heads: int = 6  # H
     n_kv_heads: int = 2  # K; H % K == 0 (K == H: multi-head, K == 1: multi-query)
-    ffn_dim: int = 1024  # F, the SwiGLU hidden width
+    ffn_dim: int = 1024  # F, the MLP hidden width
     max_seq_len: int = 512  # longest sequence the rotary table is built for
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True  # share the token embedding with the output head
+    mlp: str = "swiglu"  # swiglu: w2(silu(w1 x) * w3 x); relu2: w2(relu(w1 x)^2), no w3
+    qk_norm: bool = False  # RMSNorm (one E-wide weight each) on queries and keys, before RoPE
+    zero_init_out: bool = False  # wo and w2 start at zero: each block starts as the identity
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); None: off
 
     def __post_init__(self) -> None:
+        if self.mlp not in MLP_KINDS:
+            raise ValueError(f"mlp {self.mlp!r} is not one of {', '.join(MLP_KINDS)}")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise ValueError(f"logit_softcap {self.logit_softcap} must be > 0 (or None: off)")
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -69,8 +83,8 @@ def num_params(cfg: LlamaConfig, embeddings: bool = True) -> int:
     """Parameter count from the config (equals `sum(p.numel())` of the built model)."""
     D, F_, E = cfg.dim, cfg.ffn_dim, cfg.head_dim
     attn = D * cfg.n_heads * E * 2 + D * cfg.n_kv_heads * E * 2  # wq, wo, wk, wv
-    mlp = 3 * D * F_  # w1 (gate), w3 (up), w2 (down)
-    per_layer = attn + mlp + 2 * D  # + two RMSNorm weights
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * D * F_  # w1 (gate), w3 (up), w2 (down)
+    per_layer = attn + mlp + _norm_params_per_layer(cfg)
     body = cfg.n_layers * per_layer + D  # + final norm
     emb = cfg.vocab_size * D
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * D
@@ -86,10 +100,15 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
     (QK^T and AV: 2 * 2 * T * D per token per layer forward, x3 for training), counted for the
     full square as in the PaLM paper's MFU definition, not halved for the causal mask.
     """
-    n_matmul = num_params(cfg, embeddings=False) - (2 * cfg.n_layers + 1) * cfg.dim
+    norms = cfg.n_layers * _norm_params_per_layer(cfg) + cfg.dim
+    n_matmul = num_params(cfg, embeddings=False) - norms
     if cfg.tie_embeddings:
         n_matmul += cfg.vocab_size * cfg.dim  # the tied head still does its matmul
     return 6.0 * n_matmul + 12.0 * cfg.n_layers * cfg.dim * seq_len
+
+
+def _norm_params_per_layer(cfg: LlamaConfig) -> int:
+    return 2 * cfg.dim + (2 * cfg.head_dim if cfg.qk_norm else 0)  # (+ the q and k norms)
 
 
 # ---------------------------------------------------------------- layers
@@ -161,6 +180,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # QK-norm: bounded attention logits, so a higher learning rate stays stable.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(
         self, x: torch.Tensor, rope: torch.Tensor, positions=None, cache=None, mask=None
@@ -170,6 +192,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, E)
         k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, K, E)
         v = self.wv(x).view(B, T, -1, self.head_dim)
+        if self.q_norm is not None:  # per head, over E; the cached path gets the same keys
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope, positions), apply_rope(k, rope, positions)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, E)
         if cache is not None:
@@ -197,15 +221,17 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x); or ReLU-squared (`mlp="relu2"`): w2(relu(w1 x)^2)."""
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False) if cfg.mlp == "swiglu" else None
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w3 is None:
+            return self.w2(F.relu(self.w1(x)).square())  # (B, T, F) -> (B, T, D)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, F) -> (B, T, D)
 
 
@@ -257,12 +283,19 @@ class Llama(nn.Module):
         std, depth_std = 0.02, 0.02 / math.sqrt(2 * self.cfg.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=std)
         for block in self.layers.values():
-            for lin in (block.attn.wq, block.attn.wk, block.attn.wv, block.mlp.w1, block.mlp.w3):
+            inputs = (block.attn.wq, block.attn.wk, block.attn.wv, block.mlp.w1, block.mlp.w3)
+            for lin in (lin for lin in inputs if lin is not None):
                 nn.init.trunc_normal_(lin.weight, std=std, a=-3 * std, b=3 * std)
             for lin in (block.attn.wo, block.mlp.w2):
-                nn.init.trunc_normal_(lin.weight, std=depth_std, a=-3 * depth_std, b=3 * depth_std)
-            block.attn_norm.reset_parameters()
-            block.mlp_norm.reset_parameters()
+                if self.cfg.zero_init_out:  # modded-nanoGPT: each block starts as the identity
+                    nn.init.zeros_(lin.weight)
+                else:
+                    nn.init.trunc_normal_(
+                        lin.weight, std=depth_std, a=-3 * depth_std, b=3 * depth_std
+                    )
+            for norm in (block.attn_norm, block.mlp_norm, block.attn.q_norm, block.attn.k_norm):
+                if norm is not None:
+                    norm.reset_parameters()
         self.norm.reset_parameters()
         if not self.cfg.tie_embeddings:
             head_std = self.cfg.dim**-0.5
@@ -330,7 +363,14 @@ class Llama(nn.Module):
             x = block(x, self.rope, positions, None if kv_cache is None else kv_cache[i], mask)
         if self.output is None:
             return x
-        return self.output(self.norm(x))  # (B, T, V)
+        return self.logits(x)  # (B, T, V)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and output head (and the soft cap): hidden (B, T, D) -> logits (B, T, V).
+        The one head every path uses (training, generation's KV-cached decoding)."""
+        logits = self.output(self.norm(hidden))
+        cap = self.cfg.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
 def segment_positions(segments: torch.Tensor) -> torch.Tensor:

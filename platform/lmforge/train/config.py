@@ -35,7 +35,9 @@ class ModelConfig(StrictModel):
     n_kv_heads: int | None = Field(
         None, ge=1, description="Key/value heads (grouped-query attention). None: the preset's."
     )
-    ffn_dim: int | None = Field(None, ge=1, description="SwiGLU hidden width. None: the preset's.")
+    ffn_dim: int | None = Field(
+        None, ge=1, description="MLP hidden width (SwiGLU or ReLU-squared). None: the preset's."
+    )
     max_seq_len: int | None = Field(
         None,
         ge=1,
@@ -44,6 +46,20 @@ class ModelConfig(StrictModel):
     rope_theta: float | None = Field(None, gt=0, description="RoPE base. None: the preset's.")
     tie_embeddings: bool | None = Field(
         None, description="Share the input embedding with the output head. None: the preset's."
+    )
+    mlp: Literal["swiglu", "relu2"] | None = Field(
+        None,
+        description="MLP kind: swiglu (w2(silu(w1 x) * w3 x)) or relu2 (w2(relu(w1 x)^2), two matrices; give it a wider ffn_dim for the same parameters). None: the preset's.",
+    )
+    qk_norm: bool | None = Field(
+        None, description="RMSNorm on each head's queries and keys before RoPE. None: the preset's."
+    )
+    zero_init_out: bool | None = Field(
+        None,
+        description="Initialise the attention and MLP output projections (wo, w2) to zero. None: the preset's.",
+    )
+    logit_softcap: float | None = Field(
+        None, gt=0, description="Soft-cap the logits: cap * tanh(logits / cap). None: no cap."
     )
 
     def to_llama(self, vocab_size: int | None = None, seq_len: int | None = None) -> LlamaConfig:
@@ -77,6 +93,16 @@ class TrainDataConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
+    name: Literal["adamw", "muon"] = Field(
+        "adamw",
+        description="adamw: AdamW on every weight. muon: Muon (orthogonalised momentum) on the blocks' 2-D weight matrices, AdamW (lr, betas, eps) on embeddings, head and norms; one worker or unsharded weights only (fsdp off).",
+    )
+    muon_lr: float = Field(
+        0.02,
+        gt=0,
+        description="muon only: peak learning rate of the Muon matrices (scaled by sqrt(max(1, rows/cols)) per matrix); follows the same schedule as lr.",
+    )
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="muon only: Nesterov momentum.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(
         0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak."

@@ -198,6 +198,9 @@ def check_tensor_parallel_use(parallel: ParallelConfig, lora: bool, eval_tasks: 
         raise LmforgeError(
             f"train.eval_tasks do not run under parallel.tp={parallel.tp} (generation's KV cache "
             f"holds every head): run `lmforge eval` on the exported model, or set parallel.tp=1"
+        )
+
+
 def check_placement(parallel: ParallelConfig, ranks_per_node: int) -> None:
     """A tensor-parallel group (with its context-parallel ring) must sit on one node: Ray Train
     numbers workers node by node and tp x cp are the innermost mesh dimensions, so tp x cp
