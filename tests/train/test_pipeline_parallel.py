@@ -185,8 +185,8 @@ def pipeline_error(data: Path, out: Path, model: dict, schedule: str, accum: int
     )  # fmt: skip
     spec = TrainConfig.model_validate(cfg).loop_spec(str(out), workers=2)
     env = WorkerEnv(0, 2, torch.device("cpu"), in_ray=False)
-    run = setup_run(spec, env)
-    with pytest.raises(LmforgeError) as e:
+    with pytest.raises(LmforgeError) as e:  # setup_run checks the layout against the model too
+        run = setup_run(spec, env)
         if accum is None:
             build_pipeline(run, env)
         else:  # fewer micro-batches than a 2-worker data-parallel split would give

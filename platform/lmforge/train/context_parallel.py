@@ -47,7 +47,7 @@ def check_context_parallel(device_type: str, parallel: ParallelConfig) -> None:
 @contextmanager
 def cp_context(
     model: torch.nn.Module,
-    mesh: DeviceMesh,
+    mesh: DeviceMesh | None,
     tokens: torch.Tensor,
     targets: torch.Tensor,
     segments: torch.Tensor | None = None,
@@ -55,7 +55,7 @@ def cp_context(
     """Shard `tokens` and `targets` (B, T) along T over mesh["cp"] for one forward and
     backward; yields this rank's (tokens, targets), (B, T / cp) (a contiguous input is sharded
     in place and stays so; a view, such as rows[:, :-1], is copied first). A no-op with cp = 1."""
-    if mesh["cp"].size() == 1:
+    if mesh is None or mesh.size(mesh.mesh_dim_names.index("cp")) == 1:
         yield tokens, targets
         return
     from torch.distributed.tensor.experimental import context_parallel

@@ -30,6 +30,7 @@ from lmforge import storage
 from lmforge.model.llama import cross_entropy
 from lmforge.train.checkpoint import Checkpointer, artifact_state, load_full_state
 from lmforge.train.config import LoopSpec, SpecSource
+from lmforge.train.context_parallel import cp_context
 from lmforge.train.data import Prefetcher, bits_per_byte
 from lmforge.train.export import export_model, write_curves
 from lmforge.train.metrics import MetricsLog
@@ -173,13 +174,15 @@ def train_step(model, optimizer, run: Run, batch: dict, env: WorkerEnv, grad_cli
     for micro, host_rows in enumerate(batch["micro"]):
         rows = to_device(host_rows, env.device)  # (b, T + 1)
         set_gradient_sync(model, run.reduce_every_micro_batch or micro == accum - 1)
-        with record_function("forward"):
-            with autocast(run, env):
-                logits = model(rows[:, :-1])  # (b, T, V)
-            loss = cross_entropy(logits, rows[:, 1:]) / accum
-            del logits  # the loss keeps what backward needs; the (b, T, V) logits can go now
-        with record_function("backward"):
-            loss.backward()
+        # cp > 1: each rank takes 2 of the 2 x cp sequence chunks (a no-op context otherwise)
+        with cp_context(model, run.mesh, rows[:, :-1], rows[:, 1:]) as (inputs, targets):
+            with record_function("forward"):
+                with autocast(run, env):
+                    logits = model(inputs)  # (b, T, V)
+                loss = cross_entropy(logits, targets) / accum
+                del logits  # the loss keeps what backward needs; the (b, T, V) logits can go now
+            with record_function("backward"):
+                loss.backward()
         total += loss.detach()
     return finish_step(model, optimizer, total, grad_clip)
 

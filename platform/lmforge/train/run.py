@@ -18,11 +18,13 @@ from lmforge import LmforgeError, storage
 from lmforge.model.artifact import load_model_config
 from lmforge.model.llama import LlamaConfig
 from lmforge.train.config import LoopSpec, LoraSpec
+from lmforge.train.context_parallel import check_context_parallel
 from lmforge.train.data import BatchPlan, PackedShards, batch_plan, read_manifest, tokens_per_byte
 from lmforge.train.hardware import for_worker
 from lmforge.train.layout import (
     ParallelDims,
     check_parallel_layout,
+    check_placement,
     check_tensor_parallel_use,
     parallel_dims,
 )
@@ -74,6 +76,7 @@ class Run:
     arch: LlamaConfig
     dims: ParallelDims  # the layout: tp, cp, pp as configured, data parallel the rest
     dp_rank: int  # which data-parallel slice of each batch this worker reads
+    mesh: object = None  # the DeviceMesh once `device_mesh` built it (context parallel reads it)
     train: PackedShards
     val: PackedShards | None
     plan: BatchPlan
@@ -110,9 +113,9 @@ class Run:
 
         if not dist.is_initialized():
             raise LmforgeError("a device mesh needs a process group: none is initialised")
-        mesh = self.dims.build_mesh(env.device.type)
+        self.mesh = self.dims.build_mesh(env.device.type)
         self.record_layout(env)
-        return mesh
+        return self.mesh
 
     def record_layout(self, env: WorkerEnv) -> dict:
         """Where each rank runs and its mesh coordinates, gathered to rank 0 and written to
@@ -182,6 +185,9 @@ def setup_run(spec: LoopSpec, env: WorkerEnv) -> Run:
         )
     check_parallel_layout(spec.parallel, env.world_size, arch, train.seq_len)
     check_tensor_parallel_use(spec.parallel, spec.lora is not None, bool(spec.train.eval_tasks))
+    check_context_parallel(env.device.type, spec.parallel)
+    if env.ranks_per_node:
+        check_placement(spec.parallel, env.ranks_per_node)
     dims = parallel_dims(spec.parallel, env.world_size, env.ranks_per_node)
     loop = spec.train
     plan = batch_plan(loop.global_batch_tokens, loop.micro_batch_size, dims.dp, train.seq_len)
