@@ -20,7 +20,7 @@ import pytest
 
 from lmforge import storage
 from lmforge.project.pipeline import plan
-from lmforge.project.quickstart import quickstart_pipeline
+from lmforge.project.quickstart import BASELINE_VAL_BPB, final_val_bpb, quickstart_pipeline
 from tests.conftest import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -89,6 +89,15 @@ def test_quickstart_then_the_newcomer_path_from_another_directory(tmp_path):
     line = next(ln for ln in proc.stdout.splitlines() if "answer loss (nats/token)" in ln)
     before, after = (float(x) for x in line.split()[-3::2])
     assert after < before, line
+    # it printed the pretraining's val bpb, read from its own metrics, against the previous
+    # recipe's, and the change between them
+    (trained,) = runs.glob("train/quickstart-*")
+    bpb = final_val_bpb(str(trained))
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("pretraining: val bpb"))
+    change = 100 * (bpb - BASELINE_VAL_BPB) / BASELINE_VAL_BPB
+    assert line == (f"pretraining: val bpb {bpb:.3f} (before: {BASELINE_VAL_BPB:.3f} with the "
+                    f"previous recipe), {change:+.1f}%")  # fmt: skip
+    assert bpb < BASELINE_VAL_BPB, line  # the cpu preset's recipe learns more in the same time
     # it served the fine-tuned model and asked it through the openai client
     assert "completion  'The os module provides' -> '" in proc.stdout
     assert "chat        'What does os.getcwd do?' -> '" in proc.stdout

@@ -17,6 +17,7 @@ from lmforge.project.quickstart import (
     newest_artifact,
     print_before_after,
     print_curves,
+    print_pretraining,
     quickstart_pipeline,
     serve_and_ask,
 )
@@ -131,6 +132,7 @@ def quickstart_command(argv: list[str], prog: str) -> int:
     results = run_pipeline(
         quickstart_pipeline(), args.overrides, args.workdir, args.address, args.force
     )
+    print_pretraining(results)  # the pretraining's val bpb against the previous recipe's
     for r in results:
         if r.stage == "finetune":
             print_before_after(r.output)

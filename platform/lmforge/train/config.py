@@ -18,13 +18,13 @@ from lmforge.model.presets import PRESETS, model_config
 from lmforge.stage import StageConfig
 from lmforge.train.layout import ParallelConfig, check_parallel_layout
 
-PresetName = Literal["debug", "tiny", "small", "1b", "8b"]
+PresetName = Literal["debug", "cpu", "tiny", "small", "1b", "8b"]
 
 
 class ModelConfig(StrictModel):
     preset: PresetName | None = Field(
         "tiny",
-        description="Model size preset (debug, tiny ~10M, small ~125M, 1b, 8b); the fields below override it. None: the LlamaConfig defaults.",
+        description="Model size preset (debug, cpu ~4M for minutes of CPU training, tiny ~10M, small ~125M, 1b, 8b); the fields below override it. None: the LlamaConfig defaults.",
     )
     vocab_size: int | None = Field(
         None, ge=2, description="Vocabulary size. None: the tokenizer's size, from the data."
