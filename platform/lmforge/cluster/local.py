@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -323,12 +324,8 @@ def status() -> int:
     if cluster is None or not cluster.is_alive():
         print("no local Ray head is running (start one with `lmforge cluster up`)")
         return 1
-    nodes = (
-        dashboard_get(
-            cluster.dashboard_url, "/nodes?view=summary", token=read_token(cluster.token_path)
-        )
-        or {}
-    )
+    token = read_token(cluster.token_path)
+    nodes = dashboard_get(cluster.dashboard_url, "/nodes?view=summary", token=token) or {}
     summary = (nodes.get("data") or {}).get("summary") or []
     alive = [n for n in summary if (n.get("raylet") or {}).get("state") == "ALIVE"]
     print(
@@ -339,11 +336,8 @@ def status() -> int:
 
 
 def down(grace_period: float = 10.0) -> int:
-    """Stop the local head this tool started: only the Ray processes of its temp dir.
-
-    Like `ray stop`: SIGTERM, then SIGKILL what is still alive after the grace period. Unlike
-    `ray stop`, other Ray clusters on this machine are left alone.
-    """
+    """Stop the local head this tool started: like `ray stop` (SIGTERM, then SIGKILL after the
+    grace period), but only the Ray processes of its temp dir, not other clusters here."""
     cluster = LocalCluster.load()
     if cluster is None:
         print("no local Ray head is recorded; nothing to stop")
@@ -410,12 +404,9 @@ def _is_loopback(address: str) -> bool:
 
 
 def connect(address: str | None = None) -> None:
-    """Connect this process to Ray: `address`, else RAY_ADDRESS, else start an embedded local Ray.
-
-    An embedded local Ray gets token auth too (Ray generates the token if none exists), no
-    dashboard, and listens on the loopback only; inside a Ray job, RAY_ADDRESS points at the
-    job's cluster.
-    """
+    """Connect this process to Ray: `address`, else RAY_ADDRESS, else start an embedded local
+    Ray, with token auth (Ray generates the token if none exists), no dashboard, on the
+    loopback only; inside a Ray job, RAY_ADDRESS points at the job's cluster."""
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS")
@@ -436,6 +427,8 @@ def connect(address: str | None = None) -> None:
 
     # Our progress lines come from workers too: logs reach the driver, which filters them.
     options = {"log_to_driver": True, "logging_level": logging.INFO if verbose() else logging.ERROR}
+    # Quiet from the start: in connect_in_background's thread Ray warns of its SIGTERM handler.
+    logging.getLogger("ray").setLevel(options["logging_level"])
     if embedded:
         # address="local": a new instance even when a `ray start` head runs on this machine
         # (address=None would silently join that one).
@@ -443,3 +436,14 @@ def connect(address: str | None = None) -> None:
     else:
         ray.init(address=address or None, **options)
     quiet_ray_console()
+
+
+def connect_in_background(address: str | None = None) -> Callable[[], None]:
+    """`connect` in a thread, so Ray's processes start while this one works on (the stage
+    runner opens the tracked run meanwhile); returns the wait for it, which raises its error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="lmforge-ray-start")
+    started = pool.submit(connect, address)
+    pool.shutdown(wait=False)  # the thread ends when connect returns
+    return started.result
