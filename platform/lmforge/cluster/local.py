@@ -13,11 +13,13 @@ import contextlib
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,8 +36,6 @@ DEFAULT_MIN_WORKER_PORT, DEFAULT_MAX_WORKER_PORT = 10002, 19999
 
 def port_or_free(preferred: int) -> int:
     """`preferred` if nothing listens on it here, else a free port."""
-    import socket
-
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", preferred))
@@ -46,8 +46,6 @@ def port_or_free(preferred: int) -> int:
 
 def port_in_use(host: str, port: int) -> str | None:
     """Why `port` on `host` cannot be listened on (e.g. "address already in use"), or None."""
-    import socket
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         # As servers bind: a port whose old connections linger in TIME_WAIT is free.
@@ -264,7 +262,6 @@ def up(
 def _check_host(host: str) -> str:
     """`host` as an IPv4 address of this machine (Ray advertises it: 0.0.0.0 reaches nobody)."""
     import ipaddress
-    import socket
 
     why = "not an IPv4 address"
     try:
@@ -397,8 +394,6 @@ def use_token_auth(token_file: str) -> None:
 
 
 def _is_loopback(address: str) -> bool:
-    import urllib.parse
-
     host = urllib.parse.urlsplit(address if "://" in address else f"ray://{address}").hostname
     return host in ("127.0.0.1", "localhost")
 
@@ -412,9 +407,7 @@ def connect(address: str | None = None) -> None:
     target = address or os.environ.get("RAY_ADDRESS")
     embedded = not target
     if embedded or _is_loopback(target):
-        # A driver of a loopback head must see itself on 127.0.0.1 too, or Ray finds no raylet
-        # of its own address to join.
-        loopback_only()
+        loopback_only()  # a driver of a loopback head is on 127.0.0.1 too, or finds no raylet
     if embedded and os.environ.get("RAY_AUTH_MODE", "token") == "token":
         ensure_token()  # its processes need the token at start
         use_token_auth(str(token_path()))
@@ -439,11 +432,19 @@ def connect(address: str | None = None) -> None:
 
 
 def connect_in_background(address: str | None = None) -> Callable[[], None]:
-    """`connect` in a thread, so Ray's processes start while this one works on (the stage
-    runner opens the tracked run meanwhile); returns the wait for it, which raises its error."""
-    from concurrent.futures import ThreadPoolExecutor
+    """`connect` in a thread (Ray starts while this one works on); returns the wait for it,
+    which raises its error. The thread lives on: Ray's processes die with it (PDEATHSIG)."""
+    import threading
+    from concurrent.futures import Future
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="lmforge-ray-start")
-    started = pool.submit(connect, address)
-    pool.shutdown(wait=False)  # the thread ends when connect returns
+    started: Future = Future()  # connect's outcome
+
+    def start() -> None:
+        try:
+            started.set_result(connect(address))
+        except BaseException as e:  # raised by the wait, in the caller's thread
+            started.set_exception(e)
+        threading.Event().wait()
+
+    threading.Thread(target=start, name="lmforge-ray", daemon=True).start()
     return started.result
