@@ -100,6 +100,51 @@ def plain_loop(cfg: TrainConfig, bf16: bool, threads: int) -> dict:
     }
 
 
+def loop_against_plain(cfg: TrainConfig, work: Path, threads: int, repeats: int) -> dict:
+    """lmforge's loop in this process (`run_local`: one worker, no Ray, no FSDP) against the
+    plain loop, same model, fp32, threads and rows, interleaved; median tokens/s of each."""
+    from lmforge.train.loop import run_local
+
+    one = cfg.model_copy(
+        update={
+            "resources": cfg.resources.model_copy(update={"num_workers": 1}),
+            "parallel": cfg.parallel.model_copy(update={"fsdp": False}),
+            "train": cfg.train.model_copy(update={"precision": "fp32", "peak_tflops": 1.0}),
+        }
+    )
+    plain, ours = [], []
+    for r in range(repeats):
+        torch.set_num_threads(threads)
+        plain.append(plain_loop(one, False, threads)["tokens_per_s"])
+        torch.set_num_threads(threads)
+        ours.append(run_local(one, str(work / f"loop-{r}"))["tokens_per_s"])
+    p, o = sorted(plain)[repeats // 2], sorted(ours)[repeats // 2]
+    return {"plain_tokens_per_s": plain, "loop_tokens_per_s": ours, "ratio": o / p}
+
+
+def optimizer_steps(preset: str, threads: int, repeats: int = 20) -> dict[str, float]:
+    """Seconds per AdamW step (median) of the for-loop, foreach and fused kernels, interleaved."""
+    from lmforge.train.config import ModelConfig
+    from lmforge.train.optim import param_groups
+
+    torch.set_num_threads(threads)
+    model = Llama(ModelConfig(preset=preset).to_llama(vocab_size=2048, seq_len=256))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    kinds = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    opts = {
+        k: torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, **kw) for k, kw in kinds.items()
+    }
+    times: dict[str, list[float]] = {k: [] for k in opts}
+    for r in range(repeats + 2):
+        for k, opt in opts.items():
+            start = time.perf_counter()
+            opt.step()
+            if r >= 2:  # the first two make the state
+                times[k].append(time.perf_counter() - start)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
 def ray_run(cfg: TrainConfig) -> dict:
     from lmforge.stage import get_stage, run_stage
 
@@ -123,6 +168,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--data", help="a data stage output (default: a generated one, seq 256)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train_throughput.json"))
+    parser.add_argument("--repeats", type=int, default=3, help="of the loop-vs-plain pairs")
+    parser.add_argument("--no-ray", action="store_true", help="only the in-process comparisons")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lmforge-bench-train-"))
     os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(work / "ray_auth_token"))
@@ -133,6 +180,19 @@ def main() -> None:
 
         data = str(make_packed_data(work / "data", seq_len=256, vocab_size=2048, rows_per_group=64))
     cores = os.cpu_count() or 2
+    base = train_config(data, str(work / "runs"), args)
+    steps = optimizer_steps(args.preset, 1)
+    print("AdamW step ms (1 thread): " + ", ".join(
+        f"{k} {1e3 * v:.2f} ({v / steps['for-loop']:.2f}x)" for k, v in steps.items()))  # fmt: skip
+    ratio = loop_against_plain(base, work, 1, args.repeats)
+    print(f"lmforge loop / plain loop tokens/s (fp32, 1 thread, 1 worker): {ratio['ratio']:.3f} "
+          f"(plain {ratio['plain_tokens_per_s']}, loop {ratio['loop_tokens_per_s']})")  # fmt: skip
+    if args.no_ray:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        report = {"optimizer_step_s": steps, "loop_vs_plain": ratio, "load": os.getloadavg()}
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
     probe = {
         (dtype, t): cpu_matmul_tflops(getattr(torch, dtype), seconds=1.0)
         for dtype in ("float32", "bfloat16")
@@ -140,7 +200,6 @@ def main() -> None:
         if torch.set_num_threads(t) is None
     }
     print("matmul probe TFLOP/s:", {f"{d}/{t}thr": round(v, 4) for (d, t), v in probe.items()})
-    base = train_config(data, str(work / "runs"), args)
     rows: dict[str, dict] = {}
     plain = [("plain fp32", False, cores), ("plain bf16", True, cores)]
     if cores > 1:  # on a busy machine OpenMP threads can lose to one thread: show both
@@ -221,6 +280,8 @@ def main() -> None:
         "matmul_probe_tflops": {f"{d}/{t}": v for (d, t), v in probe.items()},
         "runs": rows,
         "plan": estimate,
+        "optimizer_step_s": steps,
+        "loop_vs_plain": ratio,
         "load_average": os.getloadavg(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

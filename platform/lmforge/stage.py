@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import re
 import sys
@@ -53,6 +54,7 @@ STAGES: dict[str, str] = {
 DEFAULT_PIPELINE: list[str] = ["check", "data", "train", "finetune", "eval"]
 
 RESOLVED_CONFIG = "resolved_config.yaml"
+TIMINGS = "timings.jsonl"  # a run's phases with their wall-clock times (record_phase)
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -291,6 +293,15 @@ def print_resolved(stage: Stage, cfg: StageConfig) -> None:
     print(f"# config hash: {config_hash(cfg)}\n# output: {output_dir(stage, cfg)}")
 
 
+def record_phase(run_dir: str, phase: str, who: str = "driver", t: float | None = None) -> None:
+    """Append `{"phase", "who", "t"}` (wall clock: comparable across processes) to the run's
+    timings.jsonl, where its start and end go (bench/train_startup.py). Local folders only."""
+    if not storage.is_uri(run_dir):
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, TIMINGS), "a") as f:
+            f.write(json.dumps({"phase": phase, "who": who, "t": t or time.time()}) + "\n")
+
+
 def run_stage(
     stage: Stage,
     cfg: StageConfig,
@@ -299,7 +310,7 @@ def run_stage(
     quiet: bool = False,
 ) -> StageResult:
     """Run one stage end to end (see the module docstring); returns what happened."""
-    out = output_dir(stage, cfg)
+    called, out = time.time(), output_dir(stage, cfg)
     if stage.cacheable and not force and storage.is_complete(out):
         if not quiet:
             print(f"[{stage.name}] output is complete, skipping: {out}", flush=True)
@@ -315,20 +326,27 @@ def run_stage(
     retry = not storage.is_complete(out)  # an incomplete output: continue its tracked run
     storage.remove(storage.join(out, storage.SUCCESS))  # a forced rerun is incomplete until it ends
     storage.write_text(storage.join(out, RESOLVED_CONFIG), config_yaml(cfg))
+    storage.remove(storage.join(out, TIMINGS))
+    record_phase(out, "config", t=called)
     from lmforge.tracking.session import add_cluster_params, stage_run
 
     settings, hashed = cfg.tracking.settings(), config_hash(cfg)
     args = (settings, cfg.runs_dir, out, stage.name, cfg.name, config_dict(cfg), hashed, retry)
-    with stage_run(*args, quiet=quiet) as tracker:
-        if stage.uses_ray:
-            from lmforge.cluster.local import connect
+    if stage.uses_ray:  # Ray's processes start while the tracked run opens
+        from lmforge.cluster.local import connect_in_background
 
-            connect(address)
+        ray_started = connect_in_background(address)
+    with stage_run(*args, quiet=quiet) as tracker:
+        record_phase(out, "tracking")
+        if stage.uses_ray:
+            ray_started()
+            record_phase(out, "ray")
             add_cluster_params(tracker)
         start = time.perf_counter()
         summary = stage.run(cfg, StageContext(output=out, address=address)) or {}
         seconds = time.perf_counter() - start
         tracker.summary = summary
+        record_phase(out, "stage_run")
     storage.mark_success(
         out,
         {
@@ -339,6 +357,7 @@ def run_stage(
         },
     )
     write_latest_pointer(cfg.runs_dir, stage.name, cfg.name, out)
+    record_phase(out, "done")
     if not quiet:
         print(f"[{stage.name}] done in {seconds:.1f}s: {out}", flush=True)
     return StageResult(stage.name, out, "ran", seconds, summary)

@@ -31,6 +31,9 @@ class InlineThread:
     def is_alive(self):
         return False
 
+    def join(self):
+        pass
+
 
 def test_loss_png_at_each_checkpoint_and_the_end(packed_data, tmp_path, monkeypatch):
     drawn: list[int] = []  # the last step in metrics.jsonl each time the curve is drawn
@@ -74,6 +77,7 @@ def test_only_rank_0_draws(tmp_path, monkeypatch):
     export.write_curves(str(tmp_path), WorkerEnv(1, 2, torch.device("cpu"), in_ray=False))
     assert calls == []
     export.write_curves(str(tmp_path), WorkerEnv(0, 2, torch.device("cpu"), in_ray=False))
+    export.wait_for_curves()
     assert calls == [str(tmp_path)]
 
 
@@ -91,5 +95,6 @@ def test_a_checkpoint_draws_in_the_background_and_the_end_waits_for_it(tmp_path,
     assert export._drawing.is_alive()
     export.write_curves(str(tmp_path), env)  # the next checkpoint: still drawing, skipped
     threading.Timer(0.2, release.set).start()
-    export.write_curves(str(tmp_path), env, wait=True)  # the end: after the pending one
+    export.write_curves(str(tmp_path), env, final=True)  # the end: after the pending one
+    export.wait_for_curves()
     assert order == ["start", "done", "start", "done"]

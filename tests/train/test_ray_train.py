@@ -136,6 +136,18 @@ def test_the_mlflow_run_holds_the_metrics_params_and_artifacts_of_the_faulty_run
     assert {"resolved_config.yaml", "metrics.jsonl", "model/version.json"} <= got["artifacts"]
 
 
+def test_the_run_records_its_phases_in_order(ray_runs):
+    """timings.jsonl (bench/train_startup.py's breakdown): the driver's and rank 0's phases."""
+    rows = [json.loads(ln) for ln in (Path(ray_runs["clean"].output) / "timings.jsonl").open()]
+    assert [(r["who"], r["phase"]) for r in rows] == [
+        *(("driver", p) for p in ("config", "tracking", "ray", "trainer")),
+        *(("rank0", p) for p in ("worker", "data", "model", "first_step", "last_step")),
+        *(("rank0", p) for p in ("final_checkpoint", "artifact")),
+        *(("driver", p) for p in ("stage_run", "done")),
+    ]
+    assert [r["t"] for r in rows] == sorted(r["t"] for r in rows)
+
+
 def test_checkpoint_of_two_workers_loads_into_one_process(ray_runs):
     """Resharding 2 -> 1: the FSDP2 checkpoint loads into a plain model and optimizer."""
     out = ray_runs["clean"].output

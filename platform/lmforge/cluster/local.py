@@ -13,12 +13,15 @@ import contextlib
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,8 +36,6 @@ DEFAULT_MIN_WORKER_PORT, DEFAULT_MAX_WORKER_PORT = 10002, 19999
 
 def port_or_free(preferred: int) -> int:
     """`preferred` if nothing listens on it here, else a free port."""
-    import socket
-
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", preferred))
@@ -45,8 +46,6 @@ def port_or_free(preferred: int) -> int:
 
 def port_in_use(host: str, port: int) -> str | None:
     """Why `port` on `host` cannot be listened on (e.g. "address already in use"), or None."""
-    import socket
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         # As servers bind: a port whose old connections linger in TIME_WAIT is free.
@@ -263,7 +262,6 @@ def up(
 def _check_host(host: str) -> str:
     """`host` as an IPv4 address of this machine (Ray advertises it: 0.0.0.0 reaches nobody)."""
     import ipaddress
-    import socket
 
     why = "not an IPv4 address"
     try:
@@ -323,12 +321,8 @@ def status() -> int:
     if cluster is None or not cluster.is_alive():
         print("no local Ray head is running (start one with `lmforge cluster up`)")
         return 1
-    nodes = (
-        dashboard_get(
-            cluster.dashboard_url, "/nodes?view=summary", token=read_token(cluster.token_path)
-        )
-        or {}
-    )
+    token = read_token(cluster.token_path)
+    nodes = dashboard_get(cluster.dashboard_url, "/nodes?view=summary", token=token) or {}
     summary = (nodes.get("data") or {}).get("summary") or []
     alive = [n for n in summary if (n.get("raylet") or {}).get("state") == "ALIVE"]
     print(
@@ -339,11 +333,8 @@ def status() -> int:
 
 
 def down(grace_period: float = 10.0) -> int:
-    """Stop the local head this tool started: only the Ray processes of its temp dir.
-
-    Like `ray stop`: SIGTERM, then SIGKILL what is still alive after the grace period. Unlike
-    `ray stop`, other Ray clusters on this machine are left alone.
-    """
+    """Stop the local head this tool started: like `ray stop` (SIGTERM, then SIGKILL after the
+    grace period), but only the Ray processes of its temp dir, not other clusters here."""
     cluster = LocalCluster.load()
     if cluster is None:
         print("no local Ray head is recorded; nothing to stop")
@@ -403,27 +394,20 @@ def use_token_auth(token_file: str) -> None:
 
 
 def _is_loopback(address: str) -> bool:
-    import urllib.parse
-
     host = urllib.parse.urlsplit(address if "://" in address else f"ray://{address}").hostname
     return host in ("127.0.0.1", "localhost")
 
 
 def connect(address: str | None = None) -> None:
-    """Connect this process to Ray: `address`, else RAY_ADDRESS, else start an embedded local Ray.
-
-    An embedded local Ray gets token auth too (Ray generates the token if none exists), no
-    dashboard, and listens on the loopback only; inside a Ray job, RAY_ADDRESS points at the
-    job's cluster.
-    """
+    """Connect this process to Ray: `address`, else RAY_ADDRESS, else start an embedded local
+    Ray, with token auth (Ray generates the token if none exists), no dashboard, on the
+    loopback only; inside a Ray job, RAY_ADDRESS points at the job's cluster."""
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS")
     embedded = not target
     if embedded or _is_loopback(target):
-        # A driver of a loopback head must see itself on 127.0.0.1 too, or Ray finds no raylet
-        # of its own address to join.
-        loopback_only()
+        loopback_only()  # a driver of a loopback head is on 127.0.0.1 too, or finds no raylet
     if embedded and os.environ.get("RAY_AUTH_MODE", "token") == "token":
         ensure_token()  # its processes need the token at start
         use_token_auth(str(token_path()))
@@ -436,6 +420,8 @@ def connect(address: str | None = None) -> None:
 
     # Our progress lines come from workers too: logs reach the driver, which filters them.
     options = {"log_to_driver": True, "logging_level": logging.INFO if verbose() else logging.ERROR}
+    # Quiet from the start: in connect_in_background's thread Ray warns of its SIGTERM handler.
+    logging.getLogger("ray").setLevel(options["logging_level"])
     if embedded:
         # address="local": a new instance even when a `ray start` head runs on this machine
         # (address=None would silently join that one).
@@ -443,3 +429,22 @@ def connect(address: str | None = None) -> None:
     else:
         ray.init(address=address or None, **options)
     quiet_ray_console()
+
+
+def connect_in_background(address: str | None = None) -> Callable[[], None]:
+    """`connect` in a thread (Ray starts while this one works on); returns the wait for it,
+    which raises its error. The thread lives on: Ray's processes die with it (PDEATHSIG)."""
+    import threading
+    from concurrent.futures import Future
+
+    started: Future = Future()  # connect's outcome
+
+    def start() -> None:
+        try:
+            started.set_result(connect(address))
+        except BaseException as e:  # raised by the wait, in the caller's thread
+            started.set_exception(e)
+        threading.Event().wait()
+
+    threading.Thread(target=start, name="lmforge-ray", daemon=True).start()
+    return started.result

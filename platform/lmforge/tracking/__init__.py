@@ -26,6 +26,7 @@ from lmforge.tracking.base import (
     LOCAL_DB,
     TRACKING_FILE,
     NoStore,
+    Opening,
     Safe,
     Settings,
     Tracker,
@@ -47,10 +48,12 @@ __all__ = [
     "flatten",
     "local_copy",
     "numeric",
+    "Opening",
     "open_run",
     "param_text",
     "parent_run",
     "reopen",
+    "reopen_in_background",
     "run_params",
     "say",
 ]
@@ -145,6 +148,15 @@ def reopen(run_dir: str, say=None) -> Tracker:
         if say:
             say(f"tracking off for this worker: cannot reopen the {info['backend']} run: {e}")
         return Tracker()
+
+
+def reopen_in_background(run_dir: str, say=None) -> Tracker:
+    """`reopen` in a background thread (`Opening`): the training loop starts while the
+    tracking client is imported and the run reopened."""
+    info = read_info(run_dir)
+    if not info or info.get("backend", "none") == "none":
+        return Tracker()
+    return Opening(lambda: reopen(run_dir, say), info)
 
 
 @contextlib.contextmanager

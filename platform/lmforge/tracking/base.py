@@ -9,7 +9,8 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +110,53 @@ class Safe(Tracker):
 
     def where(self) -> str:
         return self.inner.where() if self.inner is not None else ""
+
+
+class Opening(Tracker):
+    """A tracker that `make` opens in a background thread (importing a client such as mlflow
+    takes seconds, which a training run's first step should not wait for). Params and tags
+    wait in order until it is open; metrics, artifacts, finish and close wait for it (so a
+    metric is in the store when the call returns, as with the tracker itself)."""
+
+    def __init__(self, make: Callable[[], Tracker], info: dict[str, Any]) -> None:
+        super().__init__(info)
+        self.backend = info.get("backend", "none")
+        self.inner: Tracker | None = None
+        self.waiting: list[tuple[str, tuple]] = []
+        self.thread = threading.Thread(target=self._open, args=(make,), daemon=True)
+        self.thread.start()
+
+    def _open(self, make: Callable[[], Tracker]) -> None:
+        try:
+            self.inner = make()
+        finally:
+            self.inner = self.inner or Tracker()
+
+    def _call(self, method: str, *args, wait: bool = True) -> None:
+        self.waiting.append((method, args))
+        if wait or not self.thread.is_alive():
+            self.thread.join()
+            calls, self.waiting = self.waiting, []
+            for name, call_args in calls:
+                getattr(self.inner, name)(*call_args)
+
+    def log_params(self, params):
+        self._call("log_params", params, wait=False)
+
+    def set_tags(self, tags):
+        self._call("set_tags", tags, wait=False)
+
+    def log_metrics(self, metrics, step=None):
+        self._call("log_metrics", metrics, step)
+
+    def log_artifact(self, path, folder=None):
+        self._call("log_artifact", path, folder)
+
+    def finish(self, status="FINISHED"):
+        self._call("finish", status)
+
+    def close(self):
+        self._call("close")
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

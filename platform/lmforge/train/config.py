@@ -184,7 +184,12 @@ class CheckpointConfig(StrictModel):
     every_steps: int = Field(
         50,
         ge=0,
-        description="Steps between sharded checkpoints (and one at the end); 0: only at the end.",
+        description="Steps between sharded checkpoints; 0: none during the run (see at_end).",
+    )
+    at_end: bool = Field(
+        False,
+        description="Also checkpoint the last step: only to continue training past it, since the "
+        "model artifact is written from the same state and a finished run is never resumed.",
     )
     keep_last: int = Field(2, ge=1, description="Keep the newest K checkpoints.")
     resume: bool = Field(

@@ -22,6 +22,7 @@ def export_model(model, run: Run, env: WorkerEnv, last: dict[str, Any], full_sta
     state = (full_state or full_model_state)(model)
     if env.rank != 0:
         return
+    write_curves(run.spec.output, env, final=True)  # drawn while the weights are written
     if run.lora:
         from lmforge.model.lora import merge_lora_state
 
@@ -35,35 +36,38 @@ def export_model(model, run: Run, env: WorkerEnv, last: dict[str, Any], full_sta
         spec.config_yaml,
         lineage=lineage(run, last),
     )
-    write_curves(spec.output, env, wait=True)
+    wait_for_curves()  # the run's outputs are complete when its stage returns
 
 
 # Rank 0's drawing of loss.png at a checkpoint, in progress (one process trains one run).
 _drawing: threading.Thread | None = None
 
 
-def write_curves(output: str, env: WorkerEnv, wait: bool = False) -> None:
+def write_curves(output: str, env: WorkerEnv, final: bool = False) -> None:
     """`<run>/loss.png` from metrics.jsonl, by rank 0, at each checkpoint and at the end.
 
     Parsing and drawing take from a few tenths of a second to seconds for a long run
-    (bench/loss_curve.py): at a checkpoint rank 0 draws in a background thread, so the other
-    ranks do not wait for it at the next collective (a checkpoint whose predecessor is still
-    drawing skips its own: the next one catches up); at the end (`wait`) it draws after that
-    thread, in this one, so the last figure holds every step. A figure that cannot be drawn is
-    a warning, not a failed run: the weights matter more.
+    (bench/loss_curve.py): rank 0 draws in a background thread, so the other ranks do not
+    wait for it at the next collective (a checkpoint whose predecessor is still drawing skips
+    its own: the next one catches up) and the end's figure is drawn while the artifact is
+    written (`export_model` waits for it). The `final` figure waits for the one in progress,
+    so it holds every step. A figure that cannot be drawn is a warning, not a failed run: the
+    weights matter more.
     """
     global _drawing
     if env.rank != 0:
         return
     if _drawing is not None and _drawing.is_alive():
-        if not wait:
+        if not final:
             return
         _drawing.join()
-    if wait:
-        _draw_loss_curve(output)
-    else:
-        _drawing = threading.Thread(target=_draw_loss_curve, args=(output,), daemon=True)
-        _drawing.start()
+    _drawing = threading.Thread(target=_draw_loss_curve, args=(output,), daemon=True)
+    _drawing.start()
+
+
+def wait_for_curves() -> None:
+    if _drawing is not None:
+        _drawing.join()
 
 
 def _draw_loss_curve(output: str) -> None:

@@ -33,7 +33,7 @@ from lmforge.train.config import LoopSpec, SpecSource
 from lmforge.train.context_parallel import cp_context
 from lmforge.train.data import Prefetcher, bits_per_byte
 from lmforge.train.export import export_model, write_curves
-from lmforge.train.metrics import MetricsLog
+from lmforge.train.metrics import MetricsLog, phase
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
 from lmforge.train.parallelize import build_model, set_gradient_sync, shorten_collective_timeout
 from lmforge.train.run import Run, WorkerEnv, autocast, collect_garbage, manual_gc, setup_run
@@ -49,6 +49,7 @@ def train_loop(
     timer and profiler); `fsdp_on_one` shards with FSDP2 on a process group of one too, so
     one GPU runs the multi-GPU code path (the bench)."""
     run = setup_run(spec, env)
+    phase(env, spec.output, "data")
     loop, parallel = spec.train, spec.parallel
     read_step, step_fn, evaluate_fn, full_state = step_batches, train_step, evaluate, None
     if parallel.pp > 1:  # the one pipeline-parallel branch: its parts are train/pipeline.py's
@@ -74,6 +75,7 @@ def train_loop(
     if spec.base:
         load_full_state(model, artifact_state(spec.base) if env.rank == 0 else {})
     optimizer = build_optimizer(spec.optim, model, env.device)
+    phase(env, spec.output, "model")
     ckpt = Checkpointer(
         storage.join(spec.output, "checkpoints"),
         spec.checkpoint.keep_last,
@@ -110,12 +112,13 @@ def train_loop(
         ckpt.wait()  # a checkpoint started last step was written during this one: complete it
         if step == (resumed["step"] if resumed else 0):
             shorten_collective_timeout()  # the first step (compile, warm-up) is behind us
+            phase(env, spec.output, "first_step")
         step += 1
         collect_garbage(step)
         last = step == run.total_steps
         logs = step % loop.log_every == 0 or last
         evals = last or bool(loop.eval_every and step % loop.eval_every == 0)
-        saves = last or bool(every_ckpt and step % every_ckpt == 0)
+        saves = (last and spec.checkpoint.at_end) or bool(every_ckpt and step % every_ckpt == 0)
         if logs or evals or saves:  # the only host sync, inside the timed step (docs/training.md)
             with record_function("sync"):
                 loss, grad_norm = host_values(loss, grad_norm)
@@ -136,9 +139,12 @@ def train_loop(
             write_curves(spec.output, env)
         if on_step:
             on_step(step)
+    phase(env, spec.output, "last_step")
     batches.close()
     ckpt.close()  # the last checkpoint's files are written and marked complete
+    phase(env, spec.output, "final_checkpoint")
     export_model(model, run, env, metrics, full_state)
+    phase(env, spec.output, "artifact")
     return log.summary(metrics)
 
 
@@ -347,6 +353,7 @@ def ray_train_worker(config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`: `config` is the driver's LoopSpec as plain data."""
     spec = LoopSpec.model_validate(config)
     env = WorkerEnv.from_ray()
+    phase(env, spec.output, "worker")
     with manual_gc():
         summary = train_loop(spec, env)
     if env.rank == 0:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from lmforge import storage, tracking
+from lmforge.stage import record_phase
 from lmforge.train.mfu import mfu
 from lmforge.train.run import Run, WorkerEnv
 
@@ -66,6 +67,12 @@ class TrainGauges:
             self.gauges[key].set(float(value), tags={"run": self.run})
 
 
+def phase(env: WorkerEnv, output: str, name: str) -> None:
+    """Rank 0's progress through a run, in its timings.jsonl (`stage.record_phase`)."""
+    if env.rank == 0:
+        record_phase(output, name, who="rank0")
+
+
 class MetricsLog:
     """Rank 0 appends to `metrics.jsonl`, logs to the tracker, sets the gauges and prints."""
 
@@ -77,7 +84,7 @@ class MetricsLog:
         self.tracked_through = -1  # the last step the tracker has (from an earlier attempt)
         if env.rank == 0:
             self._resume_file(start_step)
-            self.tracker = tracking.reopen(run.spec.output, say=self.say)
+            self.tracker = tracking.reopen_in_background(run.spec.output, say=self.say)
         self.start_step, self.seconds, self.interval = start_step, 0.0, []
         self.gauges: TrainGauges | None = None
         arch, plan = run.arch, run.plan

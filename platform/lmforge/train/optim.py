@@ -50,7 +50,9 @@ def build_optimizer(
         lr=cfg.lr,
         betas=cfg.betas,
         eps=cfg.eps,
-        fused=device.type == "cuda",
+        # Fused kernels on CPU too: 3-10x faster steps than foreach or the for-loop
+        # (bench/train_throughput.py --optimizers; docs/training.md, Startup and throughput).
+        fused=device.type in ("cuda", "cpu"),
     )
     if cfg.name == "adamw":
         return adamw

@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 from lmforge import LmforgeError, StageFailed, storage
-from lmforge.stage import Stage, StageContext
+from lmforge.stage import Stage, StageContext, record_phase
 from lmforge.train.config import (
     LoopConfig,
     LoopSpec,
@@ -143,9 +143,9 @@ def run(cfg: TrainConfig, ctx: StageContext) -> dict[str, Any]:
     import ray
 
     validate_resources(cfg.resources, ray.nodes())  # inputs: validate_inputs, before Ray
-    return fit(
-        build_trainer(worker_spec(cfg, ctx.output, cfg.data.path or ""), cfg.resources), ctx.output
-    )
+    trainer = build_trainer(worker_spec(cfg, ctx.output, cfg.data.path or ""), cfg.resources)
+    record_phase(ctx.output, "trainer")
+    return fit(trainer, ctx.output)
 
 
 def fit(trainer, output: str) -> dict[str, Any]:
