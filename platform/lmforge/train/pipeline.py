@@ -295,7 +295,7 @@ def build_pipeline(run: Run, env: WorkerEnv) -> Pipeline:
             activation_checkpointing=parallel.activation_checkpointing,
             compile=parallel.compile,
             param_dtype=torch.bfloat16 if bf16_params else None,
-            mesh=mesh["dp_shard"] if fsdp else None,
+            mesh=mesh if fsdp else None,  # parallelize takes FSDP2's submesh (dp_shard) itself
         )
     stages = [
         PipelineStage(module, s, n_stages, env.device, group=group)
