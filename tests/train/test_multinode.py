@@ -22,7 +22,7 @@ from tests.train.conftest import tiny_train_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
-SCRIPT = textwrap.dedent(
+CLUSTER_SCRIPT = textwrap.dedent(
     """
     import json, sys
     from ray.cluster_utils import Cluster
@@ -32,8 +32,8 @@ SCRIPT = textwrap.dedent(
     from lmforge.train.config import TrainConfig
 
     ensure_token()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": CPUS, "include_dashboard": False})
+    cluster.add_node(num_cpus=CPUS)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     nodes = [n for n in ray.nodes() if n["Alive"]]
@@ -44,6 +44,16 @@ SCRIPT = textwrap.dedent(
     cluster.shutdown()
     """
 )
+
+
+def cluster_script(cpus_per_node: int) -> str:
+    """A driver that starts a 2-node `ray.cluster_utils.Cluster` (head + 1 node, each with
+    `cpus_per_node` CPUs), runs the train stage of the JSON config in argv[1] on it, and prints
+    RESULT {"nodes": ..., "output": ...}."""
+    return CLUSTER_SCRIPT.replace("CPUS", str(cpus_per_node))
+
+
+SCRIPT = cluster_script(1)
 
 
 def losses(path: Path) -> dict[int, float]:

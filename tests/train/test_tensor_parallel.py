@@ -17,7 +17,6 @@ import json
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -37,6 +36,7 @@ from tests.conftest import REPO
 from tests.numerics import loss_curve_tolerance, tolerance
 from tests.train.conftest import tiny_train_config
 from tests.train.gloo import run_ranks
+from tests.train.test_multinode import cluster_script
 
 STEPS = 4  # debug preset, 8 rows of 64 tokens a step: seconds per run
 
@@ -234,28 +234,7 @@ def test_ray_train_with_tp2_learns_the_one_process_curve(
     assert json.loads((out / "layout.json").read_text())["dims"]["tp"] == 2
 
 
-CLUSTER = textwrap.dedent(
-    """
-    import json, sys
-    from ray.cluster_utils import Cluster
-    import ray
-    from lmforge.cluster.local import ensure_token
-    from lmforge.stage import get_stage, run_stage
-    from lmforge.train.config import TrainConfig
-
-    ensure_token()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    cluster.add_node(num_cpus=2)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    cfg = TrainConfig.model_validate(json.loads(sys.argv[1]))
-    result = run_stage(get_stage("train"), cfg, quiet=True)
-    print("RESULT " + json.dumps({"nodes": len(nodes), "output": result.output}))
-    ray.shutdown()
-    cluster.shutdown()
-    """
-)
+CLUSTER = cluster_script(2)  # 2 nodes x 2 CPUs: 4 workers, a tp=2 group per node
 
 
 @pytest.mark.ray

@@ -73,31 +73,22 @@ class Tracker:
         return ""
 
 
-class Safe(Tracker):
-    """Wraps a worker's tracker: the first error is reported and ends tracking, not training."""
+class Wrapper(Tracker):
+    """A tracker around another (`inner`): every call goes through `_call(method, *args)`."""
 
-    def __init__(self, inner: Tracker, say=None) -> None:
-        super().__init__(inner.info)
-        self.inner, self.say, self.backend = inner, say, inner.backend
+    inner: Tracker | None
 
-    def _call(self, method: str, *args, **kwargs) -> None:
-        if self.inner is None:
-            return
-        try:
-            getattr(self.inner, method)(*args, **kwargs)
-        except Exception as e:
-            if self.say:
-                self.say(f"tracking off: {self.backend} {method} failed: {type(e).__name__}: {e}")
-            self.inner = None
+    def _call(self, method: str, *args) -> None:
+        raise NotImplementedError
 
     def log_params(self, params):
         self._call("log_params", params)
 
-    def log_metrics(self, metrics, step=None):
-        self._call("log_metrics", metrics, step=step)
-
     def set_tags(self, tags):
         self._call("set_tags", tags)
+
+    def log_metrics(self, metrics, step=None):
+        self._call("log_metrics", metrics, step)
 
     def log_artifact(self, path, folder=None):
         self._call("log_artifact", path, folder)
@@ -112,7 +103,25 @@ class Safe(Tracker):
         return self.inner.where() if self.inner is not None else ""
 
 
-class Opening(Tracker):
+class Safe(Wrapper):
+    """Wraps a worker's tracker: the first error is reported and ends tracking, not training."""
+
+    def __init__(self, inner: Tracker, say=None) -> None:
+        super().__init__(inner.info)
+        self.inner, self.say, self.backend = inner, say, inner.backend
+
+    def _call(self, method: str, *args) -> None:
+        if self.inner is None:
+            return
+        try:
+            getattr(self.inner, method)(*args)
+        except Exception as e:
+            if self.say:
+                self.say(f"tracking off: {self.backend} {method} failed: {type(e).__name__}: {e}")
+            self.inner = None
+
+
+class Opening(Wrapper):
     """A tracker that `make` opens in a background thread (importing a client such as mlflow
     takes seconds, which a training run's first step should not wait for). Params and tags
     wait in order until it is open; metrics, artifacts, finish and close wait for it (so a
@@ -140,23 +149,11 @@ class Opening(Tracker):
             for name, call_args in calls:
                 getattr(self.inner, name)(*call_args)
 
-    def log_params(self, params):
+    def log_params(self, params):  # queued: the first step does not wait for the store
         self._call("log_params", params, wait=False)
 
     def set_tags(self, tags):
         self._call("set_tags", tags, wait=False)
-
-    def log_metrics(self, metrics, step=None):
-        self._call("log_metrics", metrics, step)
-
-    def log_artifact(self, path, folder=None):
-        self._call("log_artifact", path, folder)
-
-    def finish(self, status="FINISHED"):
-        self._call("finish", status)
-
-    def close(self):
-        self._call("close")
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
