@@ -65,6 +65,15 @@ def test_plan_command_prints_a_table_and_json(cli, tmp_path):
     assert code == 2 and "unknown key 'model.presett'" in err
 
 
+def test_plan_on_a_missing_or_broken_config_is_one_line(cli, tmp_path):
+    code, out, err = cli("plan", "-c", str(tmp_path / "nope.yaml"))
+    assert code == 2 and "config file not found" in err and "Traceback" not in err + out
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [\n")
+    code, out, err = cli("plan", "-c", str(broken))
+    assert code == 2 and "invalid YAML" in err and len(err.strip().splitlines()) == 1
+
+
 def test_plan_takes_seq_len_from_the_data_then_the_data_config_and_says_so(cli, tmp_path):
     configs = tmp_path / "configs"
     configs.mkdir()

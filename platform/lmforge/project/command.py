@@ -245,11 +245,14 @@ def _print_suggestion(cfg, estimate, vocab: int | None, gpus_per_node: int) -> N
 
 def _is_finetune_config(config: str | None) -> bool:
     """A fine-tuning config names its base model; a training config does not."""
-    if not config:
-        return False
+    if not config or not storage.exists(config):
+        return False  # load_config says what is wrong with it, in one line
     import yaml
 
-    data = yaml.safe_load(storage.read_text(config))
+    try:
+        data = yaml.safe_load(storage.read_text(config))
+    except yaml.YAMLError:
+        return False
     return isinstance(data, dict) and "base" in data
 
 
