@@ -46,14 +46,21 @@ CLUSTER_SCRIPT = textwrap.dedent(
 )
 
 
-def cluster_script(cpus_per_node: int) -> str:
-    """A driver that starts a 2-node `ray.cluster_utils.Cluster` (head + 1 node, each with
-    `cpus_per_node` CPUs), runs the train stage of the JSON config in argv[1] on it, and prints
-    RESULT {"nodes": ..., "output": ...}."""
-    return CLUSTER_SCRIPT.replace("CPUS", str(cpus_per_node))
-
-
-SCRIPT = cluster_script(1)
+def train_on_two_nodes(cfg: dict, cpus_per_node: int) -> Path:
+    """The train stage of `cfg` on a 2-node `ray.cluster_utils.Cluster` (head + 1 node, each
+    with `cpus_per_node` CPUs), in a subprocess; its output folder."""
+    proc = subprocess.run(
+        [sys.executable, "-c", CLUSTER_SCRIPT.replace("CPUS", str(cpus_per_node)), json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        cwd=REPO,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[0][len("RESULT ") :])
+    assert result["nodes"] == 2
+    return Path(result["output"])
 
 
 def losses(path: Path) -> dict[int, float]:
@@ -68,18 +75,7 @@ def test_two_node_cluster_trains_one_worker_per_node(packed_data, tmp_path):
         train={"log_every": 4, "eval_every": 0},
         resources={"num_workers": 2, "placement_strategy": "STRICT_SPREAD"},
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=540,
-        cwd=REPO,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    result = json.loads(lines[0][len("RESULT ") :])
-    assert result["nodes"] == 2
-    two_nodes = losses(Path(result["output"]) / "metrics.jsonl")
+    two_nodes = losses(train_on_two_nodes(cfg, cpus_per_node=1) / "metrics.jsonl")
     single = TrainConfig.model_validate(
         tiny_train_config(
             packed_data,

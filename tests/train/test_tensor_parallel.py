@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,11 +30,10 @@ from lmforge.train.layout import (
     parallel_dims,
 )
 from lmforge.train.loop import run_local
-from tests.conftest import REPO
 from tests.numerics import loss_curve_tolerance, tolerance
 from tests.train.conftest import tiny_train_config
 from tests.train.gloo import run_ranks
-from tests.train.test_multinode import cluster_script
+from tests.train.test_multinode import train_on_two_nodes
 
 STEPS = 4  # debug preset, 8 rows of 64 tokens a step: seconds per run
 
@@ -234,9 +231,6 @@ def test_ray_train_with_tp2_learns_the_one_process_curve(
     assert json.loads((out / "layout.json").read_text())["dims"]["tp"] == 2
 
 
-CLUSTER = cluster_script(2)  # 2 nodes x 2 CPUs: 4 workers, a tp=2 group per node
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(600)
@@ -246,18 +240,7 @@ def test_two_nodes_keep_each_tp_group_inside_a_node_and_learn_the_one_process_cu
     """2 nodes x 2 CPUs, 4 workers: tp=2 inside a node, data parallel across. Runs in a subprocess: the session's embedded Ray owns this one."""
     cfg = config(packed_data, tmp_path / "runs", 4, tp=2)
     cfg["resources"]["placement_strategy"] = "SPREAD"
-    proc = subprocess.run(
-        [sys.executable, "-c", CLUSTER, json.dumps(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=540,
-        cwd=REPO,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    result = json.loads(lines[0][len("RESULT ") :])
-    assert result["nodes"] == 2
-    out = Path(result["output"])
+    out = train_on_two_nodes(cfg, cpus_per_node=2)  # 4 workers, a tp=2 group per node
     layout = json.loads((out / "layout.json").read_text())
     nodes = [r["node"] for r in layout["ranks"]]
     assert len(set(nodes)) == 2  # both nodes train
