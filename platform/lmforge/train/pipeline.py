@@ -17,7 +17,6 @@ the masked fine-tuning loss needs each micro-batch's segments on every stage.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +29,8 @@ from torch import nn
 
 from lmforge import LmforgeError
 from lmforge.model.llama import Llama, cross_entropy
-from lmforge.train.data import BatchPlan, batch_plan, bits_per_byte
-from lmforge.train.layout import ParallelDims, check_parallel_layout, parallel_dims
+from lmforge.train.data import bits_per_byte
+from lmforge.train.layout import ParallelDims, check_parallel_layout
 from lmforge.train.parallelize import parallelize
 from lmforge.train.run import Run, WorkerEnv, autocast
 
@@ -89,13 +88,6 @@ def check_pipeline(run: Run, dims: ParallelDims) -> None:
             f"{parallel.pp_schedule} needs {need} parallel.pp={pp}: raise global_batch_tokens "
             "or lower micro_batch_size"
         )
-
-
-def pipeline_plan(run: Run, dims: ParallelDims) -> BatchPlan:
-    """The batch plan over the data-parallel workers only: the ranks of one pipeline read the
-    same rows, and its micro-batches are the schedule's."""
-    loop = run.spec.train
-    return batch_plan(loop.global_batch_tokens, loop.micro_batch_size, dims.dp, run.train.seq_len)
 
 
 def split_model(model: Llama, layers: list[str], first: bool, last: bool) -> Llama:
@@ -256,7 +248,7 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float | None, group) ->
 
 def build_pipeline(run: Run, env: WorkerEnv) -> Pipeline:
     """This worker's stages, parallelised (checkpointing, compile, FSDP2 per stage on the
-    data-parallel mesh), and the schedule over them; `run` with the pipeline's batch plan."""
+    data-parallel mesh), and the schedule over them; `run` as setup_run made it."""
     from torch.distributed.pipelining import (
         PipelineStage,
         Schedule1F1B,
@@ -264,10 +256,9 @@ def build_pipeline(run: Run, env: WorkerEnv) -> Pipeline:
     )
 
     parallel = run.spec.parallel
-    dims = parallel_dims(parallel, env.world_size, env.ranks_per_node)
-    run = dataclasses.replace(run, plan=pipeline_plan(run, dims))
+    dims = run.dims  # setup_run's layout and batch plan (over the data-parallel ranks)
     check_pipeline(run, dims)
-    mesh = dims.build_mesh(env.device.type)
+    mesh = run.device_mesh(env)
     group = mesh["pp"].get_group()
     per_rank = stages_per_rank(parallel.pp_schedule)
     n_stages = dims.pp * per_rank
