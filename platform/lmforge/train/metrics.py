@@ -87,10 +87,15 @@ class MetricsLog:
             self.tracker = tracking.reopen_in_background(run.spec.output, say=self.say)
         self.start_step, self.seconds, self.interval = start_step, 0.0, []
         self.gauges: TrainGauges | None = None
-        arch, plan = run.arch, run.plan
+        arch, plan, dims = run.arch, run.plan, run.dims
+        # the rows of a step are split over the data-parallel ranks only (tp/pp/cp share theirs)
+        workers = f"{env.world_size} worker(s)"
+        if dims.dp != env.world_size:
+            model_parallel = f"tp {dims.tp} x pp {dims.pp} x cp {dims.cp}"
+            workers = f"{dims.dp} data-parallel worker(s) (of {env.world_size}: {model_parallel})"
         self.say(
             f"{arch.n_layers} layers, D={arch.dim}, {run.flops_per_token / 1e6:.1f} MFLOP/token; "
-            f"{env.world_size} worker(s) x {plan.micro_batch_size} seqs x {plan.accum_steps} "
+            f"{workers} x {plan.micro_batch_size} seqs x {plan.accum_steps} "
             f"accum = {plan.global_batch_tokens} tokens/step; {run.total_steps} steps; "
             f"peak {run.peak_tflops:.3g} TFLOP/s per device from {run.peak_source}"
         )
