@@ -11,15 +11,18 @@ from types import SimpleNamespace
 import torch
 
 from lmforge import tracking
+from lmforge.train.layout import ParallelDims
 from lmforge.train.metrics import MetricsLog
 from tests.tracking.readers import mlflow_run
 
 
-def fake_run(output) -> tuple[SimpleNamespace, SimpleNamespace]:
-    env = SimpleNamespace(rank=0, in_ray=False, world_size=1, device=torch.device("cpu"))
+def fake_run(output, dims: ParallelDims | None = None) -> tuple[SimpleNamespace, SimpleNamespace]:
+    dims = dims or ParallelDims()
+    env = SimpleNamespace(rank=0, in_ray=False, world_size=dims.world, device=torch.device("cpu"))
     run = SimpleNamespace(
         spec=SimpleNamespace(output=str(output)),
         arch=SimpleNamespace(n_layers=2, dim=64),
+        dims=dims,
         flops_per_token=1e6,
         plan=SimpleNamespace(micro_batch_size=2, accum_steps=1, global_batch_tokens=512),
         total_steps=8,
@@ -73,3 +76,12 @@ def test_without_a_tracked_run_nothing_is_tracked(tmp_path):
     assert log.tracker.backend == "none"
     log.write({"step": 1, "loss": 1.0})
     assert not (tmp_path / "tracking.json").exists()
+
+
+def test_the_first_line_counts_the_data_parallel_workers(tmp_path, capsys):
+    """4 ranks as tp 2 x dp 2: the step's rows are split over 2 workers, not 4."""
+    MetricsLog(*fake_run(tmp_path / "a"), start_step=0)
+    assert "; 1 worker(s) x 2 seqs x 1 accum = 512 tokens/step" in capsys.readouterr().out
+    MetricsLog(*fake_run(tmp_path / "b", ParallelDims(dp_shard=2, tp=2)), start_step=0)
+    out = capsys.readouterr().out
+    assert "; 2 data-parallel worker(s) (of 4: tp 2 x pp 1 x cp 1) x 2 seqs x 1 accum" in out
