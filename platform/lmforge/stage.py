@@ -104,7 +104,9 @@ class Stage:
     help: str
     # Dotted config key that a pipeline fills with the previous stage's output directory.
     input_field: str | None = None
-    uses_ray: bool = True
+    # Whether `run` needs Ray (started in the background while the tracked run opens); a
+    # function of the config where it depends on it (training in process needs none).
+    uses_ray: bool | Callable[[Any], bool] = True
     # False for stages whose value is the state of the world now (e.g. a cluster check).
     cacheable: bool = True
     # `lmforge init` calls this with the preset name for the config it writes.
@@ -332,13 +334,14 @@ def run_stage(
 
     settings, hashed = cfg.tracking.settings(), config_hash(cfg)
     args = (settings, cfg.runs_dir, out, stage.name, cfg.name, config_dict(cfg), hashed, retry)
-    if stage.uses_ray:  # Ray's processes start while the tracked run opens
+    uses_ray = stage.uses_ray(cfg) if callable(stage.uses_ray) else stage.uses_ray
+    if uses_ray:  # Ray's processes start while the tracked run opens
         from lmforge.cluster.local import connect_in_background
 
         ray_started = connect_in_background(address)
     with stage_run(*args, quiet=quiet) as tracker:
         record_phase(out, "tracking")
-        if stage.uses_ray:
+        if uses_ray:
             ray_started()
             record_phase(out, "ray")
             add_cluster_params(tracker)

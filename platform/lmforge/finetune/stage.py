@@ -70,10 +70,8 @@ def prepare_data(cfg: FinetuneConfig, base: str, output: str) -> tuple[str, dict
 
 
 def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
-    import ray
-
     from lmforge.train.data import PackedShards, batch_plan
-    from lmforge.train.stage import build_trainer, fit, validate_resources, worker_spec
+    from lmforge.train.stage import train_workers, worker_spec
 
     base = storage.absolute(base_artifact(cfg))
     data_dir, manifest = prepare_data(cfg, base, ctx.output)
@@ -84,10 +82,9 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
         cfg.resources.num_workers,
         seq_len,
     )
-    validate_resources(cfg.resources, ray.nodes())
     # The workers start from the resolved base path.
     spec = worker_spec(cfg.model_copy(update={"base": base}), ctx.output, data_dir)
-    summary = fit(build_trainer(spec, cfg.resources), ctx.output)
+    summary = train_workers(spec, cfg.resources)
     # The fine-tuned model keeps the base's special tokens and chat template.
     copy_special_files(base, storage.join(ctx.output, "model"))
     summary.update(drift_baseline(storage.join(ctx.output, "model"), base))

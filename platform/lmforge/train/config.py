@@ -220,6 +220,10 @@ class ResourcesConfig(StrictModel):
         ge=-1,
         description="Worker-group restarts from the last checkpoint before giving up (-1: unlimited).",
     )
+    in_process: bool = Field(
+        False,
+        description="Train in the `lmforge` process itself instead of on Ray Train workers (like Ray Train's local mode, num_workers=0): no Ray processes start for training, so the first step comes seconds after the command rather than after Ray Train's worker group is up. One worker only (num_workers: 1) with cpus_per_worker threads, or one GPU with gpus_per_worker: 1; no restarts (max_failures does not apply: rerun the command to resume from the last checkpoint). For quick runs on one machine.",
+    )
 
     @model_validator(mode="after")
     def _one_gpu_per_worker(self) -> ResourcesConfig:
@@ -230,6 +234,11 @@ class ResourcesConfig(StrictModel):
                 f"resources.gpus_per_worker={self.gpus_per_worker:g}: each worker trains on one "
                 f"GPU; set gpus_per_worker: 1 and num_workers to the number of GPUs "
                 f"(e.g. {max(1, round(self.num_workers * self.gpus_per_worker))}), or 0 for CPU"
+            )
+        if self.in_process and self.num_workers != 1:
+            raise ValueError(
+                f"resources.in_process=true trains in one process, not {self.num_workers} workers: "
+                f"set resources.num_workers=1, or in_process=false to train on Ray Train workers"
             )
         return self
 

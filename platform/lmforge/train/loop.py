@@ -32,7 +32,7 @@ from lmforge.train.checkpoint import Checkpointer, artifact_state, load_full_sta
 from lmforge.train.config import LoopSpec, SpecSource
 from lmforge.train.context_parallel import cp_context
 from lmforge.train.data import Prefetcher, bits_per_byte
-from lmforge.train.export import export_model, write_curves
+from lmforge.train.export import export_model, warm_curves, write_curves
 from lmforge.train.metrics import MetricsLog, phase
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
 from lmforge.train.parallelize import build_model, set_gradient_sync, shorten_collective_timeout
@@ -113,6 +113,7 @@ def train_loop(
         if step == (resumed["step"] if resumed else 0):
             shorten_collective_timeout()  # the first step (compile, warm-up) is behind us
             phase(env, spec.output, "first_step")
+            warm_curves(env)
         step += 1
         collect_garbage(step)
         last = step == run.total_steps
@@ -351,8 +352,21 @@ def maybe_inject_fault(fault_at_step: int | None, step: int, output: str, env: W
 
 def ray_train_worker(config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`: `config` is the driver's LoopSpec as plain data."""
-    spec = LoopSpec.model_validate(config)
-    env = WorkerEnv.from_ray()
+    work(LoopSpec.model_validate(config), WorkerEnv.from_ray())
+
+
+def in_process_worker(spec: LoopSpec, threads: int, gpu: bool) -> None:
+    """The one worker of `resources.in_process`, in the calling process: `threads` CPU threads
+    (what Ray sets for a worker's `cpus_per_worker`), on GPU 0 when `gpu`."""
+    torch.set_num_threads(threads)
+    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    work(spec, WorkerEnv(0, 1, device, in_ray=False))
+
+
+def work(spec: LoopSpec, env: WorkerEnv) -> None:
+    """One worker's whole run; rank 0 leaves the summary the driver reads (train_summary.json)."""
     phase(env, spec.output, "worker")
     with manual_gc():
         summary = train_loop(spec, env)

@@ -11,6 +11,7 @@ newest checkpoint up to `resources.max_failures` times, and keeps the last
 from __future__ import annotations
 
 import math
+import traceback
 from typing import Any
 
 from lmforge import LmforgeError, StageFailed, storage
@@ -140,27 +141,49 @@ def build_trainer(spec: LoopSpec, resources: ResourcesConfig):
 
 
 def run(cfg: TrainConfig, ctx: StageContext) -> dict[str, Any]:
-    import ray
-
-    validate_resources(cfg.resources, ray.nodes())  # inputs: validate_inputs, before Ray
-    trainer = build_trainer(worker_spec(cfg, ctx.output, cfg.data.path or ""), cfg.resources)
-    record_phase(ctx.output, "trainer")
-    return fit(trainer, ctx.output)
+    # inputs: validate_inputs, before Ray
+    return train_workers(worker_spec(cfg, ctx.output, cfg.data.path or ""), cfg.resources)
 
 
-def fit(trainer, output: str) -> dict[str, Any]:
-    """Run the trainer; its summary, or one line naming the worker's error and how to resume."""
+def train_workers(spec: LoopSpec, resources: ResourcesConfig) -> dict[str, Any]:
+    """Run `spec` on Ray Train's workers, or in this process (`resources.in_process`); the
+    summary, or one line naming the worker's error and how to resume."""
+    if resources.in_process:
+        import torch
+
+        from lmforge.train.loop import in_process_worker
+
+        if resources.gpus_per_worker and not torch.cuda.is_available():
+            raise LmforgeError(
+                "resources.in_process=true with gpus_per_worker=1 trains on this machine's GPU, "
+                "and it has none: set resources.gpus_per_worker=0, or in_process=false"
+            )
+        record_phase(spec.output, "trainer")
+        threads = max(1, int(resources.cpus_per_worker))
+        run = lambda: in_process_worker(spec, threads, bool(resources.gpus_per_worker))  # noqa: E731
+        where = "traceback above"
+    else:
+        import ray
+
+        validate_resources(resources, ray.nodes())
+        trainer = build_trainer(spec, resources)
+        record_phase(spec.output, "trainer")
+        run, where = trainer.fit, "worker logs: the Ray dashboard"
     try:
-        trainer.fit()
+        run()
+    except LmforgeError:
+        raise  # already one line that says what to change
     except Exception as e:  # Ray wraps the worker's error; one line names it
+        if resources.in_process:  # what Ray shows of a worker's error: its traceback
+            traceback.print_exc()
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise StageFailed(
             f"training failed: {lines[-1] if lines else type(e).__name__} "
-            f"(worker logs: the Ray dashboard; checkpoints so far: "
-            f"{storage.join(output, 'checkpoints')}; rerun the same command to resume)"
+            f"({where}; checkpoints so far: {storage.join(spec.output, 'checkpoints')}; "
+            "rerun the same command to resume)"
         ) from e
-    summary = storage.read_json(storage.join(output, "train_summary.json"))
-    summary["model"] = storage.join(output, "model")
+    summary = storage.read_json(storage.join(spec.output, "train_summary.json"))
+    summary["model"] = storage.join(spec.output, "model")
     return summary
 
 
@@ -173,4 +196,5 @@ STAGE = Stage(
     input_field="data.path",
     scaffold=scaffold,
     validate=validate_inputs,
+    uses_ray=lambda cfg: not cfg.resources.in_process,
 )
