@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from typing import Any
@@ -63,6 +64,19 @@ def write_curves(output: str, env: WorkerEnv, final: bool = False) -> None:
         _drawing.join()
     _drawing = threading.Thread(target=_draw_loss_curve, args=(output,), daemon=True)
     _drawing.start()
+
+
+def warm_curves(env: WorkerEnv) -> None:
+    """Rank 0 imports matplotlib in the background while training runs, so the end's loss.png
+    is only drawn, not imported and drawn, between the last step and the artifact."""
+    if env.rank == 0:
+        threading.Thread(target=_import_matplotlib, name="lmforge-warm-plots", daemon=True).start()
+
+
+def _import_matplotlib() -> None:
+    with contextlib.suppress(Exception):  # the drawing reports its own failure
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
 
 
 def wait_for_curves() -> None:
