@@ -1,10 +1,12 @@
 """Where `lmforge train`'s time goes before its first step and after its last, beside a plain loop.
 
-In one run, interleaved (lmforge, plain, lmforge, plain, ...), `--repeats` times each:
+In one run, interleaved (lmforge, in process, plain, lmforge, ...), `--repeats` times each:
 
   lmforge   `python -m lmforge.cli train` as a subprocess on an embedded local Ray, a small
-            model (debug preset, fp32, 1 worker); its phases from the timestamps the driver
-            and rank 0 write to <run>/timings.jsonl (lmforge.stage.record_phase)
+            model (debug preset, fp32, 1 Ray Train worker); its phases from the timestamps the
+            driver and rank 0 write to <run>/timings.jsonl (lmforge.stage.record_phase)
+  in process  the same command and config with `resources.in_process: true`: the loop runs in
+            the command's process and no Ray starts
   plain     a subprocess: python, import torch, build the same model, AdamW, one step
 
 Phases (medians, seconds): imports (the process start to the resolved config), tracking (the
@@ -69,10 +71,12 @@ print(json.dumps({"model": built, "first_step": time.time()}))
 """
 
 
-def config_yaml(data: str, runs: str, steps: int, rows: int, seq_len: int) -> str:
+def config_yaml(
+    data: str, runs: str, steps: int, rows: int, seq_len: int, in_process: bool = False
+) -> str:
     return json.dumps(
         {
-            "name": "startup",
+            "name": "in-process" if in_process else "ray-train",
             "runs_dir": runs,
             "model": {"preset": "debug"},
             "data": {"path": data},
@@ -86,23 +90,25 @@ def config_yaml(data: str, runs: str, steps: int, rows: int, seq_len: int) -> st
                 "precision": "fp32",
             },
             "checkpoint": {"every_steps": 0},
-            "resources": {"num_workers": 1, "cpus_per_worker": 1},
+            "resources": {"num_workers": 1, "cpus_per_worker": 1, "in_process": in_process},
         }
     )  # JSON is YAML
 
 
 def run_lmforge(cfg: Path, runs: Path, env: dict) -> dict[str, float]:
+    name = json.loads(cfg.read_text())["name"]
     cmd = [sys.executable, "-m", "lmforge.cli", "train", "-c", str(cfg), "--force"]
     launch = time.time()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     end = time.time()
     if done.returncode:
         sys.exit(f"lmforge train failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    (timings,) = runs.glob("train/startup-*/timings.jsonl")
+    (timings,) = runs.glob(f"train/{name}-*/timings.jsonl")
     marks = {"launch": launch, "exit": end}
     for line in timings.read_text().splitlines():
         row = json.loads(line)
         marks.setdefault(row["phase"], row["t"])
+    marks.setdefault("ray", marks["tracking"])  # in process: no Ray to start
     return {name: marks[b] - marks[a] for name, a, b in SPANS if a in marks and b in marks}
 
 
@@ -136,8 +142,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lmforge-bench-startup-"))
     seq_len = 128
     data = make_packed_data(work / "data", seq_len=seq_len, vocab_size=512, rows_per_group=64)
-    cfg = work / "train.yaml"
-    cfg.write_text(config_yaml(str(data), str(work / "runs"), args.steps, args.rows, seq_len))
+    runs = work / "runs"
+    cfgs = {}
+    for key, in_process in (("lmforge", False), ("in process", True)):
+        cfgs[key] = work / f"{key.replace(' ', '-')}.yaml"
+        cfgs[key].write_text(
+            config_yaml(str(data), str(runs), args.steps, args.rows, seq_len, in_process)
+        )
     platform = args.cli or str(REPO / "platform")
     env = {**os.environ, "PYTHONPATH": platform, "LMFORGE_HOME": str(work / "home")}
     env.setdefault("RAY_AUTH_TOKEN_PATH", str(work / "ray_auth_token"))
@@ -145,32 +156,36 @@ def main() -> None:
 
     vocab = json.loads((data / "manifest.json").read_text())["vocab_size"]
     arch = vars(ModelConfig(preset="debug").to_llama(vocab_size=vocab, seq_len=seq_len))
-    print("[bench] warm-up run (caches the CPU peak and MLflow's store) ...", flush=True)
-    run_lmforge(cfg, work / "runs", env)
-    lm, plain, load = [], [], []
+    print("[bench] warm-up runs (cache the CPU peak and MLflow's store) ...", flush=True)
+    for cfg in cfgs.values():
+        run_lmforge(cfg, runs, env)
+    timed: dict[str, list[dict[str, float]]] = {key: [] for key in (*cfgs, "plain")}
+    load = []
     for r in range(args.repeats):
         load.append(os.getloadavg()[0])
-        lm.append(run_lmforge(cfg, work / "runs", env))
-        plain.append(run_plain(arch, args.rows, env))
-        print(
-            f"[bench] repeat {r + 1}: lmforge first step {lm[-1]['LAUNCH -> FIRST STEP']:.2f} s, "
-            f"plain {plain[-1]['LAUNCH -> FIRST STEP']:.2f} s (load {load[-1]:.1f})",
-            flush=True,
-        )
-    lm_med, plain_med = medians(lm), medians(plain)
-    print(f"\n| phase (median of {args.repeats}) | lmforge s |")
-    print("|---|---|")
-    for name, seconds in lm_med.items():
-        print(f"| {name} | {seconds:.2f} |")
+        for key, cfg in cfgs.items():
+            timed[key].append(run_lmforge(cfg, runs, env))
+        timed["plain"].append(run_plain(arch, args.rows, env))
+        firsts = ", ".join(f"{k} {v[-1]['LAUNCH -> FIRST STEP']:.2f} s" for k, v in timed.items())
+        print(f"[bench] repeat {r + 1}: first step: {firsts} (load {load[-1]:.1f})", flush=True)
+    med = {key: medians(runs_) for key, runs_ in timed.items()}
+    print(f"\n| phase (median of {args.repeats}), s | lmforge (Ray Train) | in process |")
+    print("|---|---|---|")
+    for name in med["lmforge"]:
+        cells = " | ".join(f"{med[k][name]:.2f}" if name in med[k] else "-" for k in cfgs)
+        print(f"| {name} | {cells} |")
     print("\n| plain loop | s |\n|---|---|")
-    for name, seconds in plain_med.items():
+    for name, seconds in med["plain"].items():
         print(f"| {name} | {seconds:.2f} |")
-    ratio = lm_med["LAUNCH -> FIRST STEP"] / plain_med["LAUNCH -> FIRST STEP"]
-    print(
-        f"\nlaunch -> first step: lmforge {lm_med['LAUNCH -> FIRST STEP']:.2f} s (target <= 5), "
-        f"plain {plain_med['LAUNCH -> FIRST STEP']:.2f} s: {ratio:.2f}x; last step -> return "
-        f"{lm_med['LAST STEP -> RETURN']:.2f} s (target <= 2); load average {load}"
-    )
+    first = {k: m["LAUNCH -> FIRST STEP"] for k, m in med.items()}
+    ratios = {k: first[k] / first["plain"] for k in cfgs}
+    for key in cfgs:
+        print(
+            f"\n{key}: launch -> first step {first[key]:.2f} s (target <= 5), "
+            f"{ratios[key]:.2f}x the plain loop's {first['plain']:.2f} s; last step -> return "
+            f"{med[key]['LAST STEP -> RETURN']:.2f} s (target <= 2)"
+        )
+    print(f"load average at each repeat: {load}")
     report = {
         "repeats": args.repeats,
         "steps": args.steps,
@@ -178,11 +193,9 @@ def main() -> None:
         "seq_len": seq_len,
         "cores": os.cpu_count(),
         "load_average": load,
-        "lmforge_median": lm_med,
-        "plain_median": plain_med,
-        "first_step_ratio_to_plain": ratio,
-        "lmforge_runs": lm,
-        "plain_runs": plain,
+        "median": med,
+        "first_step_ratio_to_plain": ratios,
+        "runs": timed,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
