@@ -1,6 +1,8 @@
 """Tensor parallelism (train/parallelize.py `apply_tensor_parallel`) on CPU: gloo ranks as GPUs.
 
-tp=2 and fsdp x tp (dp_shard=2 x tp=2) learn the same curve as one process; checkpoints saved
+The head's logits stay sharded on the vocab and the loss is computed on the shards (loss
+parallelism): equal to the full-logits loss and gradients. tp=2 and fsdp x tp (dp_shard=2 x
+tp=2) learn the same curve as one process; checkpoints saved
 under tp=2 resume into fsdp=2 and into one process (and back) with equal weights; the artifact
 is the one-process artifact; and on Ray Train (one node, and two nodes with tp inside a node).
 
@@ -8,13 +10,18 @@ Tolerance (fp32): a tensor-parallel step computes the same sums as one process, 
 row-wise o and down projections add tp partial sums over D/tp and F/tp terms, the data-parallel
 ranks' gradients are added in another order. Each is a reordering of a sum of at most
 max(D, F, T) terms, once per block and once for the head, compounded per optimizer step:
-tests/numerics.loss_curve_tolerance, the bound the FSDP tests use.
+tests/numerics.loss_curve_tolerance, the bound the FSDP tests use. (The loss-parallel
+log-sum-exp adds tp partial sums over V/tp terms each: one more reordering per step, inside that
+bound's compounding.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,7 +37,8 @@ from lmforge.train.layout import (
     parallel_dims,
 )
 from lmforge.train.loop import run_local
-from tests.numerics import loss_curve_tolerance, tolerance
+from lmforge.train.parallelize import loss_context
+from tests.numerics import assert_same_math, loss_curve_tolerance, model_terms, tolerance
 from tests.train.conftest import tiny_train_config
 from tests.train.gloo import run_ranks
 from tests.train.test_multinode import train_on_two_nodes
@@ -167,7 +175,103 @@ def test_tp_ranks_of_a_group_read_the_same_rows_and_dp_ranks_different_ones():
     assert (across.dp_replicate, across.dp_shard, across.tp) == (2, 1, 2)  # tp in, dp across
 
 
+def test_without_tensor_parallelism_the_loss_has_no_context():
+    """tp=1 (no mesh, as in one process) computes the loss as before: a null context."""
+    assert isinstance(loss_context(None), contextlib.nullcontext)
+
+
 # ---------------------------------------------------------------- gloo ranks
+
+
+HEADS = {  # the debug preset's tied head; an untied one with a soft cap that bends the logits
+    "tied": model_config("debug"),
+    "untied_softcap": replace(model_config("debug"), tie_embeddings=False, logit_softcap=1.0),
+}
+
+
+def loss_parallel_ranks(rank: int, world: int) -> dict:
+    """On each tp rank: a float64 debug model under tp=2 and its one-process copy, the same
+    tokens through both; the tp head's output, and both losses and gradients."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from lmforge.model.llama import Llama, cross_entropy
+    from lmforge.train.loop import token_losses
+    from lmforge.train.parallelize import local_loss, parallelize
+
+    mesh = parallel_dims(ParallelConfig(tp=2), world).build_mesh("cpu")
+    results = {}
+    for name, arch in HEADS.items():
+        torch.manual_seed(0)
+        full = Llama(arch).double()
+        model = parallelize(copy.deepcopy(full), fsdp=False, mesh=mesh)
+        g = torch.Generator().manual_seed(1)
+        tokens = torch.randint(arch.vocab_size, (2, 16), generator=g)  # (B, T)
+        targets = torch.randint(arch.vocab_size, (2, 16), generator=g)
+        targets[0, :5] = -100  # ignored, as the masked fine-tuning loss has them
+        logits = model(tokens)
+        with loss_context(mesh):
+            with CommDebugMode() as comm:  # what the loss alone sends
+                losses = token_losses(logits, targets)  # (B, T)
+                loss = local_loss(cross_entropy(logits, targets))
+            loss.backward()
+        want_logits = full(tokens)
+        want = cross_entropy(want_logits, targets)
+        want.backward()
+        results[name] = {
+            "dtensor": isinstance(logits, DTensor),
+            "loss_collectives": {str(op): n for op, n in comm.get_comm_counts().items()},
+            "shard_dims": [p.dim if p.is_shard() else None for p in logits.placements],
+            "local_logits": logits.to_local().detach(),
+            "full_logits": want_logits.detach(),
+            "plain_losses": type(losses) is torch.Tensor and type(loss) is torch.Tensor,
+            "token_losses": losses.detach(),
+            "want_token_losses": token_losses(want_logits, targets).detach(),
+            "loss": loss.detach(),
+            "want": want.detach(),
+            "grads": {n: p.grad.full_tensor() for n, p in model.named_parameters()},
+            "want_grads": {n: p.grad for n, p in full.named_parameters()},
+        }
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_tp_head_keeps_logits_sharded_on_the_vocab_and_the_loss_parallel_loss_is_exact():
+    """No tp rank holds the full logits (each has V/tp columns, its slice of the vocab), and
+    the loss, the per-token losses and every gradient equal the full-logits ones (float64:
+    equal math, tests/numerics.py), for a tied head and for an untied soft-capped one."""
+    by_rank = run_ranks(loss_parallel_ranks, 2, 2)
+    for rank, results in enumerate(by_rank):
+        for name, got in results.items():
+            arch = HEADS[name]
+            V, T = arch.vocab_size, 16
+            assert got["dtensor"] and got["shard_dims"] == [2], name  # (B, T, V) on V
+            local = got["local_logits"]
+            assert local.shape == (2, T, V // 2), name
+            # this rank's columns of the vocab; the log-softmax adds V terms split in two
+            bound = model_terms(arch, T)
+            forward = {"terms": max(bound["terms"], V), "depth": bound["depth"]}
+            want_local = got["full_logits"][..., rank * V // 2 : (rank + 1) * V // 2]
+            assert_same_math(local, want_local, torch.float64, **forward)
+            assert got["plain_losses"], name  # the loop adds them to plain tensors
+            # the loss gathers no logits: per-token max, sum of exponentials, target logit
+            assert set(got["loss_collectives"]) == {"c10d_functional.all_reduce"}, name
+            assert_same_math(got["loss"], got["want"], torch.float64, **forward)
+            assert (got["token_losses"][0, :5] == 0).all()  # ignored targets cost nothing
+            # token_losses computes in fp32 (`.float()`): the same logits, rounded to fp32 once
+            assert_same_math(
+                got["token_losses"],
+                got["want_token_losses"],
+                torch.float32,
+                terms=V,
+                stored_as=torch.float32,
+            )
+            assert sorted(got["grads"]) == sorted(got["want_grads"])
+            for param, grad in got["grads"].items():
+                # backward runs the forward's reductions again, in reverse
+                backward = {**forward, "depth": 2 * forward["depth"]}
+                assert_same_math(grad, got["want_grads"][param], torch.float64, **backward)
 
 
 @pytest.mark.slow

@@ -35,7 +35,13 @@ from lmforge.train.data import Prefetcher, bits_per_byte
 from lmforge.train.export import export_model, warm_curves, write_curves
 from lmforge.train.metrics import MetricsLog, phase
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
-from lmforge.train.parallelize import build_model, set_gradient_sync, shorten_collective_timeout
+from lmforge.train.parallelize import (
+    build_model,
+    local_loss,
+    loss_context,
+    set_gradient_sync,
+    shorten_collective_timeout,
+)
 from lmforge.train.run import Run, WorkerEnv, autocast, collect_garbage, manual_gc, setup_run
 
 
@@ -181,12 +187,16 @@ def train_step(model, optimizer, run: Run, batch: dict, env: WorkerEnv, grad_cli
     for micro, host_rows in enumerate(batch["micro"]):
         rows = to_device(host_rows, env.device)  # (b, T + 1)
         set_gradient_sync(model, run.reduce_every_micro_batch or micro == accum - 1)
-        # cp > 1: each rank takes 2 of the 2 x cp sequence chunks (a no-op context otherwise)
-        with cp_context(model, run.mesh, rows[:, :-1], rows[:, 1:]) as (inputs, targets):
+        # cp > 1: each rank takes 2 of the 2 x cp sequence chunks; tp > 1: the loss on the
+        # vocab shards of the logits (both no-op contexts otherwise)
+        with (
+            cp_context(model, run.mesh, rows[:, :-1], rows[:, 1:]) as (inputs, targets),
+            loss_context(run.mesh),
+        ):
             with record_function("forward"):
                 with autocast(run, env):
                     logits = model(inputs)  # (b, T, V)
-                loss = cross_entropy(logits, targets) / accum
+                loss = local_loss(cross_entropy(logits, targets)) / accum
                 del logits  # the loss keeps what backward needs; the (b, T, V) logits can go now
             with record_function("backward"):
                 loss.backward()
@@ -211,13 +221,14 @@ def masked_train_step(model, optimizer, run: Run, batch: dict, env: WorkerEnv, g
     for m, host in enumerate(batch["micro"]):
         tokens, targets, segments = masked_batch(host, env.device)
         set_gradient_sync(model, run.reduce_every_micro_batch or m == accum - 1)
-        with record_function("forward"):
-            with autocast(run, env):
-                logits = model(tokens, segments=segments)  # (b, T, V)
-            loss = (token_losses(logits, targets).sum() * scale).squeeze(0)
-            del logits  # the loss keeps what backward needs; the (b, T, V) logits can go now
-        with record_function("backward"):
-            loss.backward()
+        with loss_context(run.mesh):  # tp > 1: the loss on the logits' vocab shards
+            with record_function("forward"):
+                with autocast(run, env):
+                    logits = model(tokens, segments=segments)  # (b, T, V)
+                loss = (token_losses(logits, targets).sum() * scale).squeeze(0)
+                del logits  # the loss keeps what backward needs; the (b, T, V) logits can go now
+            with record_function("backward"):
+                loss.backward()
         total += loss.detach()
     return finish_step(model, optimizer, total, grad_clip)
 
@@ -235,10 +246,12 @@ def masked_batch(batch: dict, device: torch.device):
 
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token next-token loss (fp32), 0 where the target is -100: (b, T)."""
-    return F.cross_entropy(
+    """Per-token next-token loss (fp32), 0 where the target is -100: (b, T), a plain tensor
+    (under `loss_context`, from the logits' vocab shards)."""
+    losses = F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
-    ).view(targets.shape)
+    )
+    return local_loss(losses).view(targets.shape)
 
 
 def finish_step(model, optimizer, total: torch.Tensor, grad_clip: float | None):
@@ -276,9 +289,10 @@ def evaluate(model, run: Run, env: WorkerEnv) -> dict[str, Any]:
         else:
             rows = torch.from_numpy(run.val.rows(first, count)).to(env.device)  # (b, T + 1)
             tokens, targets, segments = rows[:, :-1], rows[:, 1:], None
-        with autocast(run, env):
-            logits = model(tokens, segments=segments)
-        losses = token_losses(logits, targets)  # (b, T)
+        with loss_context(run.mesh):  # tp > 1: the loss on the logits' vocab shards
+            with autocast(run, env):
+                logits = model(tokens, segments=segments)
+            losses = token_losses(logits, targets)  # (b, T)
         keep = (torch.arange(first, first + count, device=env.device) < n).double()  # (b,)
         sums[0] += (losses.double().sum(1) * keep).sum()
         sums[1] += ((targets != -100).double().sum(1) * keep).sum()

@@ -1,7 +1,8 @@
 """Distribution, applied in one place and one fixed order (as in torchtitan):
 
 0. tensor parallelism on the mesh's "tp" dimension (`apply_tensor_parallel`): each block's
-   q/k/v and gate/up split column-wise, o and down row-wise, the norms sequence-parallel;
+   q/k/v and gate/up split column-wise, o and down row-wise, the norms sequence-parallel, the
+   head's logits left sharded on the vocabulary for a loss-parallel loss (`loss_context`);
 1. activation checkpointing, per transformer block (recompute activations in backward);
 2. torch.compile, per block (`Module.compile` in place, so parameter names do not change);
 3. FSDP2 `fully_shard` on each block, then on the root (embeddings, final norm, head), with a
@@ -21,6 +22,7 @@ holds a full copy. The model code (lmforge.model.llama) knows none of this. Torc
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 
@@ -167,8 +169,11 @@ def apply_tensor_parallel(model: Llama, tp_mesh) -> None:
     all-gathered to (B, T, D); q/k/v and gate/up are split column-wise (each rank holds whole
     heads, H/tp and K/tp of them, and F/tp of the FFN width), o and down row-wise, whose partial
     sums are reduce-scattered back onto the sequence. The embedding is split on the vocab
-    (row-wise), the head column-wise on the vocab and its logits all-gathered: every rank sees
-    the full (B, T, V) logits, so the loss code is unchanged (no loss parallelism).
+    (row-wise), the head column-wise on the vocab, and its logits stay sharded on the vocab: a
+    DTensor whose local part is (B, T, V/tp) (loss parallelism, as in torchtitan). No rank ever
+    holds the full (B, T, V) logits: the loss is computed on the shards under `loss_context`.
+    A tied head shares the embedding's weight (both Shard(0) on the vocab) and works the same.
+    The soft cap (`logit_softcap`) is elementwise, so it runs on the shards as they are.
     """
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
@@ -186,7 +191,10 @@ def apply_tensor_parallel(model: Llama, tp_mesh) -> None:
         {
             "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
             "norm": SequenceParallel(),
-            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+            # Shard(-1), kept a DTensor: the loss (loss_parallel) needs the layout to see it.
+            "output": ColwiseParallel(
+                input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False
+            ),
         },
     )
     # Block.forward calls attn(x, rope, positions, cache, mask) and mlp(x): only x is laid out.
@@ -212,6 +220,31 @@ def apply_tensor_parallel(model: Llama, tp_mesh) -> None:
         parallelize_module(block, tp_mesh, plan)
     if tied:  # both are Shard(0) on the vocab: one parameter again
         model.output.weight = model.tok_embeddings.weight
+
+
+def loss_context(mesh) -> contextlib.AbstractContextManager:
+    """Where a loss is computed from the model's logits, forward and backward.
+
+    Under tensor parallelism (`mesh`'s "tp" > 1) the logits are sharded on the vocab
+    (`apply_tensor_parallel`) and `loss_parallel` makes F.cross_entropy work on the shards: the
+    max and the sum of exponentials of each token's row are all-reduced over tp, the target's
+    logit is read on the rank that holds it, and the gradient comes back sharded. Without it
+    (no mesh, tp=1) nothing changes: a null context, plain tensors.
+    """
+    if mesh is None or mesh["tp"].size() == 1:
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel()
+
+
+def local_loss(loss: torch.Tensor) -> torch.Tensor:
+    """A loss computed under `loss_context` is a DTensor replicated over the tp ranks: its
+    value as a plain tensor (gradients flow back through it), so the loop adds and scales it
+    as any other; a plain tensor comes back as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
