@@ -2,9 +2,10 @@
 
 The head's logits stay sharded on the vocab and the loss is computed on the shards (loss
 parallelism): equal to the full-logits loss and gradients. tp=2 and fsdp x tp (dp_shard=2 x
-tp=2) learn the same curve as one process; checkpoints saved
-under tp=2 resume into fsdp=2 and into one process (and back) with equal weights; the artifact
-is the one-process artifact; and on Ray Train (one node, and two nodes with tp inside a node).
+tp=2) learn the same curve as one process, and so does full fine-tuning (the masked loss) under
+tp=2; checkpoints saved under tp=2 resume into fsdp=2 and into one process (and back) with equal
+weights; the artifact is the one-process artifact; and on Ray Train (one node, and two nodes
+with tp inside a node).
 
 Tolerance (fp32): a tensor-parallel step computes the same sums as one process, split: the
 row-wise o and down projections add tp partial sums over D/tp and F/tp terms, the data-parallel
@@ -293,6 +294,64 @@ def test_fsdp_by_tp_on_four_ranks_learns_the_one_process_curve(packed_data, one_
     assert_same_weights(artifact(out), artifact(one_process))
     layout = json.loads((out / "layout.json").read_text())
     assert (layout["dims"]["dp_shard"], layout["dims"]["tp"]) == (2, 2)
+
+
+def finetune_spec(base: str, data: str, out: str, workers: int):
+    """Full fine-tuning (the masked loss over packed chat documents) of `base` for STEPS steps:
+    tp=2 on 2 workers, or one process."""
+    from tests.finetune.test_finetune import ft_config
+
+    cfg = ft_config(
+        Path(base),
+        Path(out).parent,
+        train={"max_steps": STEPS, "eval_every": 2, "micro_batch_size": 2},
+        checkpoint={"every_steps": 0},
+        resources={"num_workers": workers},
+        parallel={"fsdp": True, "tp": 2} if workers > 1 else {},
+    )
+    return cfg.loop_spec(out, data, workers=workers)
+
+
+def finetune_ranks(rank: int, world: int, base: str, data: str, out: str) -> dict:
+    from lmforge.train.loop import train_loop
+    from lmforge.train.run import WorkerEnv
+
+    train_loop(
+        finetune_spec(base, data, out, world), WorkerEnv(rank, world, torch.device("cpu"), False)
+    )
+    return {}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_full_fine_tuning_under_tp2_learns_the_one_process_curve(tmp_path):
+    """The masked loss (a sum over target tokens, scaled by the global count) and the masked
+    validation loss, both loss-parallel under tp=2, follow the one-process run: train loss at
+    every step, val loss before training (step 0) and at steps 2 and 4."""
+    from lmforge.finetune.data import SftDataConfig, prepare_sft
+    from lmforge.train.loop import train_loop
+    from lmforge.train.run import WorkerEnv
+    from tests.train.conftest import pretrained_base
+
+    base = pretrained_base(tmp_path / "base", steps=2)
+    data = str(tmp_path / "sft")
+    tokenizer = (base / "tokenizer.json").read_text()
+    prepare_sft(SftDataConfig(max_examples=200, seq_len=128), tokenizer, data, 128, use_ray=False)
+    one, tp = str(tmp_path / "one"), str(tmp_path / "tp")
+    train_loop(finetune_spec(str(base), data, one, 1), WorkerEnv(0, 1, torch.device("cpu"), False))
+    run_ranks(finetune_ranks, 2, 2, str(base), data, tp)
+    arch = model_config("debug")
+
+    def rows(out: str, key: str) -> dict[int, float]:
+        lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+        return {m["step"]: m[key] for m in map(json.loads, lines) if key in m}
+
+    for key, steps in (("loss", [1, 2, 3, 4]), ("val_loss", [0, 2, 4])):
+        got, want = rows(tp, key), rows(one, key)
+        assert list(got) == list(want) == steps, key
+        for step, value in want.items():
+            tol = loss_curve_tolerance(arch, 128, value, step)
+            assert got[step] == pytest.approx(value, abs=tol), (key, step)
 
 
 @pytest.mark.slow
