@@ -227,9 +227,9 @@ def loss_context(mesh) -> contextlib.AbstractContextManager:
 
     Under tensor parallelism (`mesh`'s "tp" > 1) the logits are sharded on the vocab
     (`apply_tensor_parallel`) and `loss_parallel` makes F.cross_entropy work on the shards: the
-    max and the sum of exponentials of each token's row are all-reduced over tp, the target's
-    logit is read on the rank that holds it, and the gradient comes back sharded. Without it
-    (no mesh, tp=1) nothing changes: a null context, plain tensors.
+    max and the sum of exponentials of each token's row, and the target's logit (on the rank
+    that holds it, 0 elsewhere), are all-reduced over tp; the gradient comes back sharded.
+    Without it (no mesh, tp=1) nothing changes: a null context, plain tensors.
     """
     if mesh is None or mesh["tp"].size() == 1:
         return contextlib.nullcontext()
