@@ -42,9 +42,11 @@ def tolerance(
 
 
 def model_terms(cfg, seq_len: int) -> dict[str, int]:
-    """The longest reduction (the widest matmul, or attention over `seq_len` keys) and the
+    """The longest reduction (the widest matmul, attention over `seq_len` keys, or the loss's
+    log-sum-exp over the vocabulary, which loss parallelism sums in another order) and the
     depth (one per block, one for the head) of a Llama forward pass, as `tolerance` takes them."""
-    return {"terms": max(cfg.dim, cfg.ffn_dim, seq_len), "depth": cfg.n_layers + 1}
+    terms = max(cfg.dim, cfg.ffn_dim, seq_len, getattr(cfg, "vocab_size", 0))
+    return {"terms": terms, "depth": cfg.n_layers + 1}
 
 
 def assert_same_math(
