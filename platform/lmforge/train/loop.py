@@ -372,11 +372,15 @@ def ray_train_worker(config: dict[str, Any]) -> None:
 def in_process_worker(spec: LoopSpec, threads: int, gpu: bool) -> None:
     """The one worker of `resources.in_process`, in the calling process: `threads` CPU threads
     (what Ray sets for a worker's `cpus_per_worker`), on GPU 0 when `gpu`."""
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
     if gpu:
         torch.cuda.set_device(device)
-    work(spec, WorkerEnv(0, 1, device, in_ray=False))
+    try:
+        work(spec, WorkerEnv(0, 1, device, in_ray=False))
+    finally:
+        torch.set_num_threads(before)
 
 
 def work(spec: LoopSpec, env: WorkerEnv) -> None:
