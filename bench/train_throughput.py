@@ -122,6 +122,59 @@ def loop_against_plain(cfg: TrainConfig, work: Path, threads: int, repeats: int)
     return {"plain_tokens_per_s": plain, "loop_tokens_per_s": ours, "ratio": o / p}
 
 
+def compile_against_eager(cfg: TrainConfig, work: Path, threads: int, repeats: int) -> dict:
+    """`parallel.compile` (torch.compile, inductor on CPU) against eager, lmforge's loop in this
+    process, fp32, interleaved: steady tokens/s (the median of the log intervals after the
+    first, which holds the compilation) and the first interval's extra seconds (compile time)."""
+    import json as _json
+
+    from lmforge.train.loop import run_local
+
+    steps = cfg.train.max_steps
+    every = max(1, steps // 5)
+    runs: dict[str, list[dict]] = {"eager": [], "compiled": []}
+    for r in range(repeats):
+        for name, compiled in (("eager", False), ("compiled", True)):
+            one = cfg.model_copy(
+                update={
+                    "resources": cfg.resources.model_copy(update={"num_workers": 1}),
+                    "parallel": cfg.parallel.model_copy(
+                        update={"fsdp": False, "compile": compiled}
+                    ),
+                    "train": cfg.train.model_copy(
+                        update={"precision": "fp32", "peak_tflops": 1.0, "log_every": every}
+                    ),
+                }
+            )
+            torch.set_num_threads(threads)
+            out = work / f"{name}-{r}"
+            run_local(one, str(out))
+            rows = [_json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+            tps = [m["tokens_per_s"] for m in rows if "tokens_per_s" in m]
+            steady = sorted(tps[1:])[len(tps[1:]) // 2]
+            per_token = 1 / steady
+            first_extra = every * cfg.train.global_batch_tokens * (1 / tps[0] - per_token)
+            runs[name].append(
+                {"steady_tokens_per_s": steady, "first_interval_extra_s": first_extra}
+            )
+    med = {
+        name: {k: sorted(r[k] for r in rs)[repeats // 2] for k in rs[0]}
+        for name, rs in runs.items()
+    }
+    pairs = sorted(
+        c["steady_tokens_per_s"] / e["steady_tokens_per_s"]
+        for c, e in zip(runs["compiled"], runs["eager"], strict=True)
+    )
+    return {
+        "runs": runs,
+        "median": med,
+        "pair_ratios": pairs,
+        "steady_ratio_compiled_to_eager": pairs[repeats // 2],
+        # the first compiled run fills inductor's on-disk cache; the later ones read it
+        "cold_compile_s": runs["compiled"][0]["first_interval_extra_s"],
+    }
+
+
 def optimizer_steps(preset: str, threads: int, repeats: int = 20) -> dict[str, float]:
     """Seconds per AdamW step (median) of the for-loop, foreach and fused kernels, interleaved."""
     from lmforge.train.config import ModelConfig
@@ -170,6 +223,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train_throughput.json"))
     parser.add_argument("--repeats", type=int, default=3, help="of the loop-vs-plain pairs")
     parser.add_argument("--no-ray", action="store_true", help="only the in-process comparisons")
+    parser.add_argument(
+        "--compile", action="store_true", help="also parallel.compile against eager, in process"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lmforge-bench-train-"))
     os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(work / "ray_auth_token"))
@@ -187,9 +243,21 @@ def main() -> None:
     ratio = loop_against_plain(base, work, 1, args.repeats)
     print(f"lmforge loop / plain loop tokens/s (fp32, 1 thread, 1 worker): {ratio['ratio']:.3f} "
           f"(plain {ratio['plain_tokens_per_s']}, loop {ratio['loop_tokens_per_s']})")  # fmt: skip
+    compiled = None
+    if args.compile:
+        compiled = compile_against_eager(base, work, 1, args.repeats)
+        med = compiled["median"]
+        print(f"torch.compile (inductor, fp32, 1 thread) / eager steady tokens/s: median pair "
+              f"ratio {compiled['steady_ratio_compiled_to_eager']:.3f} (pairs "
+              f"{', '.join(f'{r:.2f}' for r in compiled['pair_ratios'])}; eager "
+              f"{med['eager']['steady_tokens_per_s']:,.0f}, compiled "
+              f"{med['compiled']['steady_tokens_per_s']:,.0f}); compiling costs "
+              f"{compiled['cold_compile_s']:.1f} s cold (the first run; later runs read "
+              "inductor's cache)")  # fmt: skip
     if args.no_ray:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        report = {"optimizer_step_s": steps, "loop_vs_plain": ratio, "load": os.getloadavg()}
+        report = {"optimizer_step_s": steps, "loop_vs_plain": ratio, "load": os.getloadavg(),
+                  "compile_vs_eager": compiled, "command": " ".join(sys.argv)}  # fmt: skip
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.out}")
         return
