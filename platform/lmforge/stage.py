@@ -104,8 +104,7 @@ class Stage:
     help: str
     # Dotted config key that a pipeline fills with the previous stage's output directory.
     input_field: str | None = None
-    # Whether `run` needs Ray (started in the background while the tracked run opens); a
-    # function of the config where it depends on it (training in process needs none).
+    # Whether `run` needs Ray, or a function of the config that says (in-process training: no)
     uses_ray: bool | Callable[[Any], bool] = True
     # False for stages whose value is the state of the world now (e.g. a cluster check).
     cacheable: bool = True
@@ -334,8 +333,7 @@ def run_stage(
 
     settings, hashed = cfg.tracking.settings(), config_hash(cfg)
     args = (settings, cfg.runs_dir, out, stage.name, cfg.name, config_dict(cfg), hashed, retry)
-    uses_ray = stage.uses_ray(cfg) if callable(stage.uses_ray) else stage.uses_ray
-    if uses_ray:  # Ray's processes start while the tracked run opens
+    if uses_ray := (stage.uses_ray(cfg) if callable(stage.uses_ray) else stage.uses_ray):
         from lmforge.cluster.local import connect_in_background
 
         ray_started = connect_in_background(address)

@@ -70,7 +70,7 @@ def warm_curves(env: WorkerEnv) -> None:
     """Rank 0 imports matplotlib in the background while training runs, so the end's loss.png
     is only drawn, not imported and drawn, between the last step and the artifact."""
     if env.rank == 0:
-        threading.Thread(target=_import_matplotlib, name="lmforge-warm-plots", daemon=True).start()
+        threading.Thread(target=_import_matplotlib, args=(), daemon=True).start()
 
 
 def _import_matplotlib() -> None:
