@@ -75,6 +75,7 @@ def test_in_process_takes_one_worker_and_a_gpu_only_where_there_is_one(packed_da
         pytest.skip("this machine has a GPU: gpus_per_worker=1 in process is valid here")
     with pytest.raises(LmforgeError, match="has none: set resources.gpus_per_worker=0"):
         run_stage(get_stage("train"), on_gpu, quiet=True)
+    assert not (tmp_path / "train").exists()  # refused before the run folder is made
 
 
 def test_the_lmforge_command_runs_atexit_handlers_and_flushes_before_its_fast_exit():

@@ -20,6 +20,7 @@ from lmforge.finetune.config import FinetuneConfig, scaffold
 from lmforge.model.special import copy_special_files
 from lmforge.stage import Stage, StageContext
 from lmforge.train.config import check_parallel_layout
+from lmforge.train.stage import check_in_process
 
 
 def base_artifact(cfg: FinetuneConfig) -> str:
@@ -48,6 +49,7 @@ def validate(cfg: FinetuneConfig) -> None:
     base_artifact(cfg)
     plan_inputs(cfg.data)
     check_parallel_layout(cfg.parallel, cfg.resources.num_workers)
+    check_in_process(cfg.resources)
 
 
 def prepare_data(cfg: FinetuneConfig, base: str, output: str) -> tuple[str, dict[str, Any]]:

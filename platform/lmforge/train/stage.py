@@ -39,11 +39,24 @@ def validate_inputs(cfg: TrainConfig) -> dict[str, Any]:
     arch = cfg.model.to_llama(vocab_size=vocab, seq_len=train.seq_len)
     check_parallel_layout(cfg.parallel, workers, arch, train.seq_len)
     check_tensor_parallel_use(cfg.parallel, False, bool(cfg.train.eval_tasks))
+    check_in_process(cfg.resources)
     data_parallel = workers // cfg.parallel.model_parallel
     batch_plan(
         cfg.train.global_batch_tokens, cfg.train.micro_batch_size, data_parallel, train.seq_len
     )
     return manifest
+
+
+def check_in_process(resources: ResourcesConfig) -> None:
+    """`resources.in_process` with a GPU needs one here (`Stage.validate`: before the run)."""
+    if resources.in_process and resources.gpus_per_worker:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LmforgeError(
+                "resources.in_process=true with gpus_per_worker=1 trains on this machine's GPU, "
+                "and it has none: set resources.gpus_per_worker=0, or in_process=false"
+            )
 
 
 def worker_slots(resources: ResourcesConfig, nodes: list[dict[str, Any]]) -> list[int]:
@@ -149,15 +162,9 @@ def train_workers(spec: LoopSpec, resources: ResourcesConfig) -> dict[str, Any]:
     """Run `spec` on Ray Train's workers, or in this process (`resources.in_process`); the
     summary, or one line naming the worker's error and how to resume."""
     if resources.in_process:
-        import torch
-
         from lmforge.train.loop import in_process_worker
 
-        if resources.gpus_per_worker and not torch.cuda.is_available():
-            raise LmforgeError(
-                "resources.in_process=true with gpus_per_worker=1 trains on this machine's GPU, "
-                "and it has none: set resources.gpus_per_worker=0, or in_process=false"
-            )
+        check_in_process(resources)
         record_phase(spec.output, "trainer")
         threads = max(1, int(resources.cpus_per_worker))
         run = lambda: in_process_worker(spec, threads, bool(resources.gpus_per_worker))  # noqa: E731
