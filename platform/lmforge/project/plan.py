@@ -243,7 +243,7 @@ def make_plan(
     if cfg.train.precision == "auto" and not on_gpu:
         from lmforge.train.hardware import choose_precision
 
-        bf16, _ = choose_precision("auto", "cpu", max(1, int(res.cpus_per_worker)))
+        bf16, _ = choose_precision("auto", "cpu", res.threads_per_worker)
     if on_gpu:
         import torch
 

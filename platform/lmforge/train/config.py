@@ -225,6 +225,11 @@ class ResourcesConfig(StrictModel):
         description="Train in the `lmforge` process itself instead of on Ray Train workers (like Ray Train's local mode, num_workers=0): no Ray processes start for training, so the first step comes seconds after the command rather than after Ray Train's worker group is up. One worker only (num_workers: 1) with cpus_per_worker threads, or one GPU with gpus_per_worker: 1; no restarts (max_failures does not apply: rerun the command to resume from the last checkpoint). For quick runs on one machine.",
     )
 
+    @property
+    def threads_per_worker(self) -> int:
+        """The torch threads of one worker: its whole CPUs (at least one), as Ray gives it."""
+        return max(1, int(self.cpus_per_worker))
+
     @model_validator(mode="after")
     def _one_gpu_per_worker(self) -> ResourcesConfig:
         # Each worker drives exactly one device (FSDP2 shards across workers): a fraction would

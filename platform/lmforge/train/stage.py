@@ -111,8 +111,7 @@ def decide_hardware(loop: LoopConfig, resources: ResourcesConfig) -> dict[str, A
 
     if resources.gpus_per_worker:
         return None
-    threads = max(1, int(resources.cpus_per_worker))
-    return decide(loop, torch.device("cpu"), threads).as_dict()
+    return decide(loop, torch.device("cpu"), resources.threads_per_worker).as_dict()
 
 
 def worker_spec(cfg: SpecSource, output: str, data_dir: str) -> LoopSpec:
@@ -164,10 +163,9 @@ def train_workers(spec: LoopSpec, resources: ResourcesConfig) -> dict[str, Any]:
     if resources.in_process:
         from lmforge.train.loop import in_process_worker
 
-        check_in_process(resources)
-        record_phase(spec.output, "trainer")
-        threads = max(1, int(resources.cpus_per_worker))
-        run = lambda: in_process_worker(spec, threads, bool(resources.gpus_per_worker))  # noqa: E731
+        record_phase(spec.output, "trainer")  # check_in_process: the stage's validate
+        threads, gpu = resources.threads_per_worker, bool(resources.gpus_per_worker)
+        run = lambda: in_process_worker(spec, threads, gpu)  # noqa: E731
         where = "traceback above"
     else:
         import ray
