@@ -9,7 +9,8 @@ another, interleaved by seed (seed 0: all, then seed 1: all, ...), in this one p
 
 - `anchor`: bench/anchor.py, our single-file nanoGPT-style trainer (no Ray, no lmforge).
 - `baseline`: lmforge's plain AdamW Llama (model/llama.py, train/optim.py) in a loop here.
-- one contender per recipe change, alone on top of the baseline (see CONTENDERS).
+- one contender per recipe change, alone on top of the baseline (see CONTENDERS); `a+b` stacks
+  contenders (the later one's overrides win: `untied_lr_3e-3+qk_norm`, `untied_head+lr_5e-3`).
 - `lmforge-train` (`--e2e`): the `lmforge train` command in process (`resources.in_process`,
   one thread, no Ray start) with the `--e2e-recipe` contender's changes, run for the steps that
   contender had made at its first checkpoint at or below the anchor's final bpb (else at half
@@ -59,6 +60,9 @@ CONTENDERS: dict[str, tuple[int, dict, dict]] = {
     "wsd": (1024, {}, {"schedule": "wsd"}),
     "lr_3e-3": (1024, {}, {"lr": 3e-3}),
     "lr_3e-4": (1024, {}, {"lr": 3e-4}),
+    "lr_2e-3": (1024, {}, {"lr": 2e-3}),
+    "lr_5e-3": (1024, {}, {"lr": 5e-3}),
+    "lr_1e-2": (1024, {}, {"lr": 1e-2}),
     "untied_lr_3e-3": (1024, {"tie_embeddings": False}, {"lr": 3e-3}),  # the two wins together
     "vocab_2048": (2048, {}, {}),
     "vocab_512": (512, {}, {}),
@@ -79,9 +83,23 @@ WARMUPS = {
 }
 
 
+def contender(name: str) -> tuple[int, dict, dict]:
+    """(vocabulary, model overrides, optimizer overrides) of a contender or of `a+b+...`."""
+    vocab, model, optim = 1024, {}, {}
+    for part in name.split("+"):
+        if part not in CONTENDERS:
+            raise SystemExit(f"race.py: unknown contender {part!r} in {name!r}; one of: "
+                             + ", ".join(sorted(CONTENDERS)))  # fmt: skip
+        part_vocab, part_model, part_optim = CONTENDERS[part]
+        vocab = part_vocab if part_vocab != 1024 else vocab
+        model, optim = model | part_model, optim | part_optim
+    return vocab, model, optim
+
+
 def step_shape(name: str, fraction: float) -> tuple[int, int]:
     """(sequence length, rows) of a step taken at `fraction` of the budget."""
-    for until, seq, rows in WARMUPS.get(name, []):
+    warmup = next((WARMUPS[p] for p in name.split("+") if p in WARMUPS), [])
+    for until, seq, rows in warmup:
         if fraction < until:
             return seq, rows
     return SEQ_LEN, BATCH_ROWS
@@ -251,8 +269,10 @@ def main() -> None:
     parser.add_argument(
         "--e2e-recipe",
         default="untied_lr_3e-3",
-        choices=sorted(CONTENDERS),
-        help="the contender whose changes `lmforge train` runs with (it races too)",
+        help="the contender (or `a+b`) whose changes `lmforge train` runs with (it races too)",
+    )
+    parser.add_argument(
+        "--base", default="baseline", help="the contender the ratio column divides by"
     )
     parser.add_argument("--runs-dir", default=os.path.join(tempfile.gettempdir(), "lmforge-race"))
     args = parser.parse_args()
@@ -266,7 +286,7 @@ def main() -> None:
     if args.e2e:  # the recipe's steps at half the budget are the command's
         checkpoints = sorted(set(checkpoints) | {args.seconds / 2})
         names += [args.e2e_recipe] if args.e2e_recipe not in names else []
-    vocabs = {CONTENDERS[n][0] for n in names if n in CONTENDERS} | {1024}
+    vocabs = {contender(n)[0] for n in names if n != "anchor"} | {1024}
     data = {v: prepare_data(v, args.runs_dir) for v in sorted(vocabs)}
     curves: dict[str, list[list]] = {n: [] for n in names}
     e2e: list[dict] = []
@@ -276,15 +296,15 @@ def main() -> None:
                 curve = anchor.train(data[1024], args.seconds, seed, tuple(checkpoints),
                                      eval_rows=args.eval_rows, clock=clock)  # fmt: skip
             else:
-                vocab, model_over, optim_over = CONTENDERS[name]
+                vocab, model_over, optim_over = contender(name)
                 curve = lmforge_contender(data[vocab], args.seconds, seed, checkpoints,
                                           model_over, optim_over, args.eval_rows, clock, name)  # fmt: skip
             curves[name].append(curve)
-            print(f"seed {seed} {name:<14} " + "  ".join(f"{t:g}s:{b:.4f}" for t, _, b in curve),
+            print(f"seed {seed} {name:<30} " + "  ".join(f"{t:g}s:{b:.4f}" for t, _, b in curve),
                   flush=True)  # fmt: skip
         if args.e2e and seed == 0:
             steps = e2e_steps(curves, args.e2e_recipe, args.seconds)
-            vocab, model_over, optim_over = CONTENDERS[args.e2e_recipe]
+            vocab, model_over, optim_over = contender(args.e2e_recipe)
             wall, bpb = e2e_contender(data[vocab], steps, seed, args.eval_rows,
                                       args.runs_dir + "/e2e", model_over, optim_over)  # fmt: skip
             e2e.append({"seed": seed, "steps": steps, "wall_s": wall, "val_bpb": bpb})
@@ -298,9 +318,11 @@ def report(args, checkpoints, curves, e2e) -> None:
     budgets = sorted(c for c in checkpoints if c < args.seconds) + [args.seconds]
     med = {n: [statistics.median(c[i][2] for c in cs) for i in range(len(budgets))]
            for n, cs in curves.items() if cs}  # fmt: skip
-    base = med.get("baseline")
-    print(f"\nheld-out bits per byte, median of {args.seeds} seeds (1 thread; ratio: to baseline)")
-    print(f"{'contender':<15}" + "".join(f"{f'{b:g} s':>9}" for b in budgets)
+    base = med.get(args.base)
+    print(
+        f"\nheld-out bits per byte, median of {args.seeds} seeds (1 thread; ratio: to {args.base})"
+    )
+    print(f"{'contender':<31}" + "".join(f"{f'{b:g} s':>9}" for b in budgets)
           + f"{'ratio':>8}{'spread':>8}{'steps':>7}")  # fmt: skip
     rows = []
     for name, values in med.items():
@@ -308,10 +330,10 @@ def report(args, checkpoints, curves, e2e) -> None:
         ratio = values[-1] / base[-1] if base else float("nan")
         steps = statistics.median(c[-1][1] for c in curves[name])
         spread = (max(finals) - min(finals)) / values[-1]
-        print(f"{name:<15}" + "".join(f"{v:9.4f}" for v in values)
+        print(f"{name:<31}" + "".join(f"{v:9.4f}" for v in values)
               + f"{ratio:8.3f}{spread:8.3f}{steps:7.0f}")  # fmt: skip
         rows.append({"contender": name, "bpb": dict(zip(map(str, budgets), values, strict=True)),
-                     "ratio_to_baseline": ratio, "seed_spread": spread, "steps": steps,
+                     "ratio_to": args.base, "ratio": ratio, "seed_spread": spread, "steps": steps,
                      "per_seed": curves[name]})  # fmt: skip
     if e2e:
         wall = statistics.median(r["wall_s"] for r in e2e)
