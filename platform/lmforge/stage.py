@@ -337,7 +337,7 @@ def run_stage(
         from lmforge.cluster.local import connect_in_background
 
         ray_started = connect_in_background(address)
-    with stage_run(*args, quiet=quiet) as tracker:
+    with stage_run(*args, quiet=quiet, defer=not uses_ray) as tracker:
         record_phase(out, "tracking")
         if uses_ray:
             ray_started()

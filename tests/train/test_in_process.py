@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from lmforge import LmforgeError, StageFailed
+from lmforge import LmforgeError, StageFailed, tracking
 from lmforge.cluster import local
 from lmforge.stage import TIMINGS, get_stage, run_stage
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import run_local
+from tests.tracking.readers import mlflow_run
 from tests.train.conftest import tiny_train_config
 
 IN_PROCESS = {"num_workers": 1, "cpus_per_worker": 1, "in_process": True}
@@ -47,9 +48,16 @@ def test_in_process_training_is_run_locals_loop_and_starts_no_ray(
     assert curve(out) == curve(tmp_path / "ref-out")
     assert len(curve(out)) == 8 and result.summary["steps"] == 8
     assert (out / "model" / "model.safetensors").exists() and (out / "_SUCCESS").exists()
-    phases = [json.loads(ln)["phase"] for ln in (out / TIMINGS).read_text().splitlines()]
+    rows = [json.loads(ln) for ln in (out / TIMINGS).read_text().splitlines()]
+    phases = [row["phase"] for row in rows]
     assert "ray" not in phases  # no Ray was started for it
     assert phases.index("trainer") < phases.index("worker") < phases.index("first_step")
+    # The tracked run opened after the first step (not before it), and has every step's loss.
+    first_step = next(row["t"] for row in rows if row["phase"] == "first_step")
+    assert (out / tracking.TRACKING_FILE).stat().st_mtime >= first_step
+    info = json.loads((out / tracking.TRACKING_FILE).read_text())
+    tracked = mlflow_run(info["uri"], info["run_id"])
+    assert dict(tracked["metrics"]["loss"]) == curve(out) and tracked["status"] == "FINISHED"
 
 
 def test_a_crash_in_process_is_one_line_and_the_rerun_resumes_from_the_last_checkpoint(

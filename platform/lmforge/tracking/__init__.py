@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,6 +46,7 @@ __all__ = [
     "Safe",
     "Settings",
     "Tracker",
+    "first_step_done",
     "flatten",
     "local_copy",
     "numeric",
@@ -78,7 +80,18 @@ def load_backend(backend: str) -> type[Tracker]:
 
 
 # The pipeline's parent run while its stages run (set by `parent_run`).
-_PARENT: dict[str, Any] | None = None
+_PARENT: Tracker | None = None
+# The stage run that opens once this process's training loop has taken its first step
+# (`open_run(defer=True)`), and the event the loop sets then (`first_step_done`).
+_DEFERRED: Opening | None = None
+_FIRST_STEP = threading.Event()
+
+
+def first_step_done() -> None:
+    """The training loop's first step is done: a deferred stage run opens now, while the loop
+    goes on (importing mlflow and opening its store take ~2.5 s on 2 cores, which would
+    otherwise come before the first step of in-process training)."""
+    _FIRST_STEP.set()
 
 
 def open_run(
@@ -88,15 +101,30 @@ def open_run(
     stage: str,
     name: str,
     resume: bool,
+    defer: bool = False,
 ) -> Tracker:
     """The tracker of one stage run. `resume`: continue the run recorded in the run dir's
     tracking.json (a retry of an incomplete output) when it was made by the same backend and
-    store; otherwise a new run (nested under the pipeline's parent run, if any)."""
+    store; otherwise a new run (nested under the pipeline's parent run, if any). `defer`: open
+    it after this process's first training step (`first_step_done`), when nothing about the
+    store can be wrong (MLflow's embedded store under a local runs_dir; any other store is
+    opened now, so a wrong URI is one line before the run)."""
+    global _DEFERRED
     cls = load_backend(settings.backend)
     if cls is Tracker:
         return Tracker()
+    parent = _parent_info(settings.backend)
+    args = (cls, settings, runs_dir, run_dir, stage, name, resume, parent)
+    embedded = not (settings.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    if defer and settings.backend == "mlflow" and embedded and storage.is_local(runs_dir):
+        _FIRST_STEP.clear()
+        _DEFERRED = Opening(lambda: _open_or_say(*args), {"backend": settings.backend}, _FIRST_STEP)
+        return _DEFERRED
+    return _open_run(*args)
+
+
+def _open_run(cls, settings, runs_dir, run_dir, stage, name, resume, parent) -> Tracker:
     previous = read_info(run_dir) if resume else None
-    parent = _PARENT if _PARENT and _PARENT.get("backend") == settings.backend else None
     tracker = _open(
         cls,
         settings,
@@ -109,6 +137,25 @@ def open_run(
     if tracker.backend != "none":
         storage.write_json(storage.join(run_dir, TRACKING_FILE), tracker.info)
     return tracker
+
+
+def _parent_info(backend: str) -> dict[str, Any] | None:
+    """What a run opened now nests under: the enclosing run of the same backend (opened now
+    if it was deferred), or None."""
+    if _PARENT is None or _PARENT.backend != backend:
+        return None
+    if isinstance(_PARENT, Opening):
+        _PARENT.join()
+    return _PARENT.info if _PARENT.info.get("run_id") else None
+
+
+def _open_or_say(*args: Any) -> Tracker:
+    """A deferred run's opening: a failure is one line, and training goes on untracked."""
+    try:
+        return _open_run(*args)
+    except Exception as e:
+        say(f"tracking off: cannot open the run: {type(e).__name__}: {e}")
+        return Tracker()
 
 
 def _open(cls: type[Tracker], settings: Settings, **kwargs: Any) -> Tracker:
@@ -152,7 +199,13 @@ def reopen(run_dir: str, say=None) -> Tracker:
 
 def reopen_in_background(run_dir: str, say=None) -> Tracker:
     """`reopen` in a background thread (`Opening`): the training loop starts while the
-    tracking client is imported and the run reopened."""
+    tracking client is imported and the run reopened (once this process's deferred stage run
+    is open, when it has one: in-process training)."""
+    if _DEFERRED is not None and _DEFERRED.thread.is_alive():
+        deferred = _DEFERRED
+        return Opening(
+            lambda: (deferred.join(), reopen(run_dir, say))[1], deferred.info, _FIRST_STEP
+        )
     info = read_info(run_dir)
     if not info or info.get("backend", "none") == "none":
         return Tracker()
@@ -201,7 +254,7 @@ def nested(tracker: Tracker) -> Iterator[None]:
     global _PARENT
     before = _PARENT
     if tracker.backend != "none":
-        _PARENT = tracker.info
+        _PARENT = tracker
     try:
         yield
     finally:

@@ -123,28 +123,45 @@ class Safe(Wrapper):
 
 class Opening(Wrapper):
     """A tracker that `make` opens in a background thread (importing a client such as mlflow
-    takes seconds, which a training run's first step should not wait for). Params and tags
-    wait in order until it is open; metrics, artifacts, finish and close wait for it (so a
-    metric is in the store when the call returns, as with the tracker itself)."""
+    takes seconds, which a training run's first step should not wait for), once `gate` is set
+    when there is one (`tracking.first_step_done`). Params, tags and metrics queue in order
+    while it opens (the loop's own metrics.jsonl has every line meanwhile) and are sent with
+    the next call after it is open; artifacts, finish and close wait for it, and open it now
+    if its gate is still shut (a run that fails before its first step is still recorded)."""
 
-    def __init__(self, make: Callable[[], Tracker], info: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        make: Callable[[], Tracker],
+        info: dict[str, Any],
+        gate: threading.Event | None = None,
+    ) -> None:
         super().__init__(info)
         self.backend = info.get("backend", "none")
         self.inner: Tracker | None = None
         self.waiting: list[tuple[str, tuple]] = []
+        self.gate = gate
         self.thread = threading.Thread(target=self._open, args=(make,), daemon=True)
         self.thread.start()
 
     def _open(self, make: Callable[[], Tracker]) -> None:
+        if self.gate is not None:
+            self.gate.wait()
         try:
             self.inner = make()
+            self.info = self.inner.info
         finally:
             self.inner = self.inner or Tracker()
+
+    def join(self) -> None:
+        """Until it is open (now, if its gate is shut)."""
+        if self.gate is not None:
+            self.gate.set()
+        self.thread.join()
 
     def _call(self, method: str, *args, wait: bool = True) -> None:
         self.waiting.append((method, args))
         if wait or not self.thread.is_alive():
-            self.thread.join()
+            self.join()
             calls, self.waiting = self.waiting, []
             for name, call_args in calls:
                 getattr(self.inner, name)(*call_args)
@@ -154,6 +171,9 @@ class Opening(Wrapper):
 
     def set_tags(self, tags):
         self._call("set_tags", tags, wait=False)
+
+    def log_metrics(self, metrics, step=None):
+        self._call("log_metrics", metrics, step, wait=False)
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

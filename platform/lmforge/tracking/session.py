@@ -8,6 +8,7 @@ from typing import Any
 
 from lmforge import storage
 from lmforge.tracking import (
+    Opening,
     Safe,
     Settings,
     Tracker,
@@ -46,24 +47,30 @@ def stage_run(
     config_hash: str,
     resume: bool,
     quiet: bool = False,
+    defer: bool = False,
 ) -> Iterator[Tracker]:
     """Open (or continue) the run, log its params; the caller runs the stage and puts its
     summary in the yielded tracker's `summary`; then the outputs are logged and the run
-    finished as FINISHED, FAILED (an error) or KILLED (Ctrl-C)."""
+    finished as FINISHED, FAILED (an error) or KILLED (Ctrl-C). `defer`: the stage trains in
+    this process, and the run may open after its first step (`tracking.open_run`)."""
     # Opening fails the stage (a wrong URI is said before the run); after that, a tracker
     # error is one line and the stage's work goes on.
-    tracker = Safe(open_run(settings, runs_dir, run_dir, stage, name, resume), say)
+    opened = open_run(settings, runs_dir, run_dir, stage, name, resume, defer=defer)
+    deferred, tracker = isinstance(opened, Opening), Safe(opened, say)
     with finishing(tracker):
         tracker.log_params(run_params(config, config_hash) | {"stage": stage})
         tracker.set_tags({"stage": stage, "run_name": name, "output": storage.absolute(run_dir)})
-        if not quiet and tracker.where():
+        if not quiet and not deferred and tracker.where():
             # Where the run is, with the stage's other progress lines (stdout); `say` is for
             # warnings, on stderr.
             print(f"[tracking] {tracker.where()}", flush=True)
-        tracker.close()  # the stage's workers may log to the run meanwhile
-        with nested(tracker):
+        if not deferred:  # (a deferred run opens at the loop's first step, or when needed)
+            tracker.close()  # the stage's workers may log to the run meanwhile
+        with nested(opened):  # runs the stage opens nest under it
             yield tracker
         log_outputs(tracker, run_dir, tracker.summary)
+        if not quiet and deferred and tracker.where():
+            print(f"[tracking] {tracker.where()}", flush=True)
 
 
 def add_cluster_params(tracker: Tracker) -> None:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from lmforge import storage
+from lmforge import storage, tracking
 from lmforge.model.llama import cross_entropy
 from lmforge.train.checkpoint import Checkpointer, artifact_state, load_full_state
 from lmforge.train.config import LoopSpec, SpecSource
@@ -119,6 +119,7 @@ def train_loop(
         if step == (resumed["step"] if resumed else 0):
             shorten_collective_timeout()  # the first step (compile, warm-up) is behind us
             phase(env, spec.output, "first_step")
+            tracking.first_step_done()  # an in-process stage run opens now (open_run(defer))
             warm_curves(env)
         step += 1
         collect_garbage(step)
