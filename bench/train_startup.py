@@ -136,6 +136,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8, help="sequences per step")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train_startup.json"))
     parser.add_argument("--cli", help="a different `lmforge` checkout's platform/ to time")
+    parser.add_argument(
+        "--no-ray-train", action="store_true", help="time in process and the plain loop only"
+    )
     args = parser.parse_args()
     from tests.train.conftest import make_packed_data
 
@@ -144,7 +147,8 @@ def main() -> None:
     data = make_packed_data(work / "data", seq_len=seq_len, vocab_size=512, rows_per_group=64)
     runs = work / "runs"
     cfgs = {}
-    for key, in_process in (("lmforge", False), ("in process", True)):
+    kinds = (("lmforge", False), ("in process", True))[1 if args.no_ray_train else 0 :]
+    for key, in_process in kinds:
         cfgs[key] = work / f"{key.replace(' ', '-')}.yaml"
         cfgs[key].write_text(
             config_yaml(str(data), str(runs), args.steps, args.rows, seq_len, in_process)
@@ -169,9 +173,9 @@ def main() -> None:
         firsts = ", ".join(f"{k} {v[-1]['LAUNCH -> FIRST STEP']:.2f} s" for k, v in timed.items())
         print(f"[bench] repeat {r + 1}: first step: {firsts} (load {load[-1]:.1f})", flush=True)
     med = {key: medians(runs_) for key, runs_ in timed.items()}
-    print(f"\n| phase (median of {args.repeats}), s | lmforge (Ray Train) | in process |")
-    print("|---|---|---|")
-    for name in med["lmforge"]:
+    print(f"\n| phase (median of {args.repeats}), s | " + " | ".join(cfgs) + " |")
+    print("|---|" + "---|" * len(cfgs))
+    for name in [n for n, _, _ in SPANS if any(n in med[k] for k in cfgs)]:
         cells = " | ".join(f"{med[k][name]:.2f}" if name in med[k] else "-" for k in cfgs)
         print(f"| {name} | {cells} |")
     print("\n| plain loop | s |\n|---|---|")

@@ -124,10 +124,11 @@ class Safe(Wrapper):
 class Opening(Wrapper):
     """A tracker that `make` opens in a background thread (importing a client such as mlflow
     takes seconds, which a training run's first step should not wait for), once `gate` is set
-    when there is one (`tracking.first_step_done`). Params, tags and metrics queue in order
-    while it opens (the loop's own metrics.jsonl has every line meanwhile) and are sent with
-    the next call after it is open; artifacts, finish and close wait for it, and open it now
-    if its gate is still shut (a run that fails before its first step is still recorded)."""
+    when there is one (`tracking.first_step_done`). Params and tags queue in order while it
+    opens; metrics, artifacts, finish and close wait for it (so a metric is in the store when
+    the call returns, as with the tracker itself: a resumed attempt logs only the steps after
+    those in metrics.jsonl), and open it now if its gate is still shut (a run that fails before
+    its first step is still recorded)."""
 
     def __init__(
         self,
@@ -171,9 +172,6 @@ class Opening(Wrapper):
 
     def set_tags(self, tags):
         self._call("set_tags", tags, wait=False)
-
-    def log_metrics(self, metrics, step=None):
-        self._call("log_metrics", metrics, step, wait=False)
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

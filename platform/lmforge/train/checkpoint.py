@@ -413,11 +413,12 @@ def _upload(local: str, dest: str) -> None:
 
 @contextlib.contextmanager
 def _single_process_ok() -> Iterator[None]:
-    """DCP warns when it runs without a process group; for a 1-process run that is the intent."""
-    with warnings.catch_warnings():
-        if not dist.is_initialized():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+    """DCP warns when it runs without a process group; for a 1-process run (in process, or
+    run_local) that is the intent. The filter stays: `async_save` warns from its own thread,
+    after a `catch_warnings` block here would have ended."""
+    if not dist.is_initialized():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+    yield
 
 
 def _barrier() -> None:
