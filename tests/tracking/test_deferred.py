@@ -80,3 +80,16 @@ def test_a_store_named_by_uri_is_opened_at_once(tmp_path):
     )
     assert not isinstance(tracker, Opening)
     assert json.loads((out / tracking.TRACKING_FILE).read_text())["run_id"] == tracker.run_id
+
+
+def test_reopening_a_deferred_run_opens_it_now(tmp_path):
+    """A stage that runs no loop but reopens its run itself (`tracking.reopen`, synchronous)
+    logs into it: the deferred run opens for it instead of after a first step never taken."""
+    runs, out = tmp_path / "runs", tmp_path / "runs" / "train" / "t-abc"
+    out.mkdir(parents=True)
+    driver = tracking.open_run(tracking.Settings(), str(runs), str(out), "train", "t", False, True)
+    worker = tracking.reopen(str(out))
+    worker.log_metrics({"loss": 1.0}, step=1)
+    driver.finish("FINISHED")
+    assert worker.backend == "mlflow"
+    assert mlflow_run(driver.info["uri"], driver.info["run_id"])["metrics"]["loss"] == [(1, 1.0)]

@@ -185,7 +185,10 @@ def read_info(run_dir: str) -> dict[str, Any] | None:
 def reopen(run_dir: str, say=None) -> Tracker:
     """The run the stage runner opened for `run_dir` (a training worker's rank 0), or a no-op
     when there is none (a bare `run_local`). A tracker that cannot be reopened is reported
-    once through `say` and replaced by the no-op: tracking never stops a training run."""
+    once through `say` and replaced by the no-op: tracking never stops a training run. A
+    deferred stage run of this process (`open_run(defer=True)`) is opened first."""
+    if _DEFERRED is not None and _DEFERRED.thread.is_alive():
+        _DEFERRED.join()
     info = read_info(run_dir)
     if not info or info.get("backend", "none") == "none":
         return Tracker()
