@@ -139,6 +139,11 @@ def _open_run(cls, settings, runs_dir, run_dir, stage, name, resume, parent) -> 
     return tracker
 
 
+def _pending() -> Opening | None:
+    """This process's deferred stage run while it is still to open, else None."""
+    return _DEFERRED if _DEFERRED is not None and _DEFERRED.thread.is_alive() else None
+
+
 def _parent_info(backend: str) -> dict[str, Any] | None:
     """What a run opened now nests under: the enclosing run of the same backend (opened now
     if it was deferred), or None."""
@@ -187,8 +192,8 @@ def reopen(run_dir: str, say=None) -> Tracker:
     when there is none (a bare `run_local`). A tracker that cannot be reopened is reported
     once through `say` and replaced by the no-op: tracking never stops a training run. A
     deferred stage run of this process (`open_run(defer=True)`) is opened first."""
-    if _DEFERRED is not None and _DEFERRED.thread.is_alive():
-        _DEFERRED.join()
+    if (deferred := _pending()) is not None:
+        deferred.join()
     info = read_info(run_dir)
     if not info or info.get("backend", "none") == "none":
         return Tracker()
@@ -204,8 +209,7 @@ def reopen_in_background(run_dir: str, say=None) -> Tracker:
     """`reopen` in a background thread (`Opening`): the training loop starts while the
     tracking client is imported and the run reopened (once this process's deferred stage run
     is open, when it has one: in-process training)."""
-    if _DEFERRED is not None and _DEFERRED.thread.is_alive():
-        deferred = _DEFERRED
+    if (deferred := _pending()) is not None:
         return Opening(
             lambda: (deferred.join(), reopen(run_dir, say))[1], deferred.info, _FIRST_STEP
         )
