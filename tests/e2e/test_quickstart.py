@@ -101,6 +101,9 @@ def test_quickstart_then_the_newcomer_path_from_another_directory(tmp_path):
     # it served the fine-tuned model and asked it through the openai client
     assert "completion  'The os module provides' -> '" in proc.stdout
     assert "chat        'What does os.getcwd do?' -> '" in proc.stdout
+    # Serve's INFO lines stay in Ray's files, as with `lmforge serve` (-v shows them)
+    assert "Started Serve" not in proc.stdout + proc.stderr
+    assert "is ready at" not in proc.stdout + proc.stderr
     # every run left its figures, and the summary says where the loss curves are
     png = b"\x89PNG\r\n\x1a\n"
     for figure in ("train/quickstart-*/loss.png", "finetune/quickstart-*/loss.png",

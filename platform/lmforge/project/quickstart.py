@@ -9,6 +9,7 @@ commands to serve and query the model yourself.
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 
 from lmforge.stage import StageResult
@@ -94,10 +95,12 @@ def serve_and_ask(artifact: str, port: int, keep_serving: bool) -> dict[str, str
     from ray import serve
 
     from lmforge.cluster.local import connect, port_or_free
+    from lmforge.console import quiet_loggers
     from lmforge.serve.app import application
     from lmforge.serve.config import ServeArgs
 
     connect(None)
+    quiet_loggers("ray.serve")  # "Started Serve ...", as `lmforge serve` does (-v shows them)
     port = port_or_free(port)
     args = ServeArgs.model_validate(
         {"models": [{"name": MODEL_NAME, "artifact": artifact}], "port": port}
@@ -144,4 +147,9 @@ def serve_and_ask(artifact: str, port: int, keep_serving: bool) -> dict[str, str
                 time.sleep(3600)
         return answers
     finally:
-        serve.shutdown()
+        # The app goes; on a cluster (RAY_ADDRESS) Serve itself goes too. An embedded Ray takes
+        # Serve down with it at exit: serve.shutdown() there only added a "(raylet) Task
+        # ServeController.graceful_shutdown failed" line after the answers.
+        serve.delete("lmforge-quickstart")
+        if os.environ.get("RAY_ADDRESS"):
+            serve.shutdown()
