@@ -322,8 +322,8 @@ def prepare_sft(
         out, {k: manifest[k] for k in ("examples_train", "examples_val", "rows_train")}
     )
     print(
-        f"sft data: {manifest['examples_train']} train / {manifest['examples_val']} val examples "
-        f"in {manifest['rows_train']} / {manifest['rows_val']} rows of {block} "
+        f"[finetune] data: {manifest['examples_train']} train / {manifest['examples_val']} val "
+        f"examples in {manifest['rows_train']} / {manifest['rows_val']} rows of {block} "
         f"(packing efficiency {manifest['packing_efficiency_train']:.1%}); skipped "
         f"{manifest['skipped']} bad lines, dropped {manifest['dropped_too_long']} too long, "
         f"truncated {manifest['truncated']} -> {out}"
