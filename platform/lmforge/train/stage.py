@@ -11,6 +11,7 @@ newest checkpoint up to `resources.max_failures` times, and keeps the last
 from __future__ import annotations
 
 import math
+import os
 import traceback
 from typing import Any
 
@@ -128,6 +129,11 @@ def build_trainer(spec: LoopSpec, resources: ResourcesConfig):
 
     from lmforge.train.loop import ray_train_worker
 
+    # Ray Train's controller looks at its workers every 2 s by default, so a run whose workers
+    # have finished waited ~1 s (up to 2) more to end; a poll is one small actor call per
+    # worker, and a missed one is not a failure (only 10 min of them are). Ray Train passes
+    # the variable on to its controller; one set by the user wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     res = resources
     return TorchTrainer(
         ray_train_worker,
