@@ -138,7 +138,7 @@ def quickstart_command(argv: list[str], prog: str) -> int:
             print_before_after(r.output)
     artifact = newest_artifact(results)
     if artifact and not args.no_serve:
-        serve_and_ask(artifact, args.port, args.keep_serving)
+        serve_and_ask(artifact, args.port, args.keep_serving, args.address)
     print("\nquickstart outputs:")
     for r in results:
         print(f"  {r.stage:<10} {r.output}")

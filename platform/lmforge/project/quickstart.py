@@ -89,8 +89,11 @@ def print_before_after(finetune_output: str) -> dict[str, tuple[float, float]]:
     return changes
 
 
-def serve_and_ask(artifact: str, port: int, keep_serving: bool) -> dict[str, str]:
-    """Deploy `artifact` on Ray Serve, send one completion and one chat request, print both."""
+def serve_and_ask(
+    artifact: str, port: int, keep_serving: bool, address: str | None = None
+) -> dict[str, str]:
+    """Deploy `artifact` on Ray Serve (the Ray at `address`, else RAY_ADDRESS, else an embedded
+    one), send one completion and one chat request, print both."""
     from openai import OpenAI
     from ray import serve
 
@@ -99,7 +102,7 @@ def serve_and_ask(artifact: str, port: int, keep_serving: bool) -> dict[str, str
     from lmforge.serve.app import application
     from lmforge.serve.config import ServeArgs
 
-    connect(None)
+    connect(address)
     quiet_loggers("ray.serve")  # "Started Serve ...", as `lmforge serve` does (-v shows them)
     port = port_or_free(port)
     args = ServeArgs.model_validate(
@@ -147,9 +150,9 @@ def serve_and_ask(artifact: str, port: int, keep_serving: bool) -> dict[str, str
                 time.sleep(3600)
         return answers
     finally:
-        # The app goes; on a cluster (RAY_ADDRESS) Serve itself goes too. An embedded Ray takes
-        # Serve down with it at exit: serve.shutdown() there only added a "(raylet) Task
+        # The app goes; on a cluster Serve itself goes too. An embedded Ray takes Serve down
+        # with it at exit: serve.shutdown() there only added a "(raylet) Task
         # ServeController.graceful_shutdown failed" line after the answers.
         serve.delete("lmforge-quickstart")
-        if os.environ.get("RAY_ADDRESS"):
+        if address or os.environ.get("RAY_ADDRESS"):
             serve.shutdown()
