@@ -48,6 +48,23 @@ def test_only_our_worker_lines_are_forwarded(capsys):
     assert err.splitlines() == ["[x] y"]
 
 
+def test_raylet_messages_are_dropped_unless_verbose(capsys, monkeypatch):
+    """Ray's driver prints errors published to it past the dispatcher; one came after
+    `lmforge serve: stopped` (a CI failure of stop 27)."""
+    import ray._private.worker as ray_worker
+
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    console.drop_raylet_messages()
+    console.drop_raylet_messages()  # idempotent: one wrapper, not two
+    message = "Task ServeController.graceful_shutdown failed. There are infinite retries remaining"
+    batch = {"lines": [message], "pid": "raylet", "is_err": False}
+    ray_worker.print_to_stdstream(batch, ignore_prefix=False)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv(console.VERBOSE_ENV, "1")
+    ray_worker.print_to_stdstream(batch, ignore_prefix=False)
+    assert message in capsys.readouterr().out
+
+
 def test_dash_v_before_the_command_turns_verbose_on(monkeypatch, cli):
     monkeypatch.setenv(console.VERBOSE_ENV, "0")  # recorded, so the test's "1" is undone
     assert not console.verbose()

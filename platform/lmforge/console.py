@@ -6,7 +6,10 @@ Ray Train's `Reporting training result N: TrainingReport(...)` dumps, Serve's IN
 core-worker warnings and tracebacks of things that recovered, some of them arriving after the
 run's summary. Unless verbose (`lmforge -v ...` or LMFORGE_VERBOSE=1), the driver prints only
 the forwarded lines that are ours; every line is still in the session's log files
-(`<temp dir>/session_latest/logs`, the dashboard).
+(`<temp dir>/session_latest/logs`, the dashboard). The same holds for the error messages Ray
+publishes to drivers, printed with a `(raylet)` prefix (`Task ServeController.graceful_shutdown
+failed ... will be retried` while Serve stops): a failure that matters reaches us as the
+exception of the task or actor call that failed.
 """
 
 from __future__ import annotations
@@ -52,6 +55,27 @@ def quiet_ray_console() -> None:
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.remove_handler("lmforge_print_logs")
     dispatcher.add_handler("lmforge_print_logs", print_our_worker_lines)
+    drop_raylet_messages()
+
+
+def drop_raylet_messages() -> None:
+    """Ray's driver prints the error messages published to it (`pid: "raylet"` batches) from
+    a thread of its own, past the dispatcher, through `ray._private.worker.print_to_stdstream`;
+    wrap that function so those batches are dropped. Idempotent."""
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        return
+    ray_print = ray_worker.print_to_stdstream
+    if getattr(ray_print, "lmforge_quiet", False):
+        return
+
+    def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet" or verbose():
+            ray_print(data, ignore_prefix)
+
+    print_to_stdstream.lmforge_quiet = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 def quiet_loggers(*names: str) -> None:
