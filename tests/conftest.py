@@ -4,6 +4,7 @@ temp dir for the whole session, before Ray is imported anywhere."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import tempfile
@@ -22,9 +23,30 @@ os.environ["LMFORGE_STRICT_MFU"] = "1"  # an MFU over 100% (a wrong peak) fails 
 REPO = Path(__file__).resolve().parent.parent
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on the loopback now (the tests' servers, Ray heads, gloo rendezvous)."""
-    with socket.socket() as s:
+    """A TCP port free on the loopback now (the tests' servers, Ray heads, gloo rendezvous),
+    not one given before in this session. It is drawn below the kernel's ephemeral range and
+    above Ray's worker ports: a port the kernel hands out (`bind(("", 0))`, the local end of a
+    connection) could go, before the test's server binds it, to one of the processes Ray
+    starts meanwhile (stop 27's CI: Serve's proxy "Failed to bind" a port drawn that way)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    candidates = [p for p in range(20000, ephemeral_low) if p not in _PORTS_GIVEN]
+    for port in random.sample(candidates, min(200, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    with socket.socket() as s:  # a machine whose ephemeral range starts low
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

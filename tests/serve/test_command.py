@@ -27,6 +27,39 @@ def test_a_port_in_use_is_one_line_and_exit_2_before_the_banner(cli, artifact, n
     assert "--port" in err
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_port_taken_after_the_check_is_one_line_and_exit_2(artifact):
+    """The port is free when checked, then taken before Serve's proxy binds it (a process Ray
+    starts meanwhile may take it): one line, exit 2, no proxy traceback."""
+    import os
+    import sys
+
+    from tests.conftest import REPO
+
+    child = (
+        "import sys, lmforge.serve.command as c; c.check_port_free = lambda host, port: None; "
+        "from lmforge.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LMFORGE_VERBOSE")}
+    env["PYTHONPATH"] = str(REPO / "platform")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-c", child, "serve", "--model", artifact, "--port", str(port)],
+            env=env, capture_output=True, text=True, timeout=280,
+        )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"lmforge: error: cannot serve on 127.0.0.1:{port}: Serve's proxy could not bind it "
+        "(taken while Ray started?); pick another port with --port N"
+    ], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
 def test_the_banners_curl_line_sends_the_key_when_pasted_into_a_shell(monkeypatch, tmp_path):
     monkeypatch.setenv("LMFORGE_TEST_BANNER_KEYS", "sk-1")
     args = ServeArgs(
@@ -73,11 +106,9 @@ def test_sigterm_stops_serve_with_one_line_and_exit_0(artifact):
     import sys
     import time
 
-    from tests.conftest import REPO
+    from tests.conftest import REPO, free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LMFORGE_VERBOSE")}
     env["PYTHONPATH"] = str(REPO / "platform")
     proc = subprocess.Popen(
@@ -98,5 +129,5 @@ def test_sigterm_stops_serve_with_one_line_and_exit_0(artifact):
         proc.kill()
     lines = seen + out.splitlines()
     assert proc.returncode == 0, err[-3000:]
-    assert lines[-1] == "lmforge serve: stopped"
+    assert lines[-1] == "lmforge serve: stopped", (out[-3000:], err[-3000:])
     assert "Traceback" not in err and "pid=" not in out + err, err[-3000:]

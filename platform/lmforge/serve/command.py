@@ -111,7 +111,7 @@ def run_on_ray(args: ServeArgs, address: str | None) -> int:
 
     quiet_loggers("ray.serve")  # "Started Serve ...", "Application ... is ready" (-v shows them)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        start_serve(args)
         serve.run(application(args), name="lmforge", route_prefix=args.route_prefix)
         print("serving until Ctrl-C or SIGTERM", flush=True)
         while True:
@@ -122,6 +122,23 @@ def run_on_ray(args: ServeArgs, address: str | None) -> int:
         serve.shutdown()
     print("lmforge serve: stopped", flush=True)
     return 0
+
+
+def start_serve(args: ServeArgs) -> None:
+    """Serve's controller and HTTP proxy on `args.host:args.port`. A port taken after
+    `check_port_free` (by a process Ray started meanwhile, or another server) is one line."""
+    from ray import serve
+    from ray.exceptions import RayTaskError
+
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+    except RayTaskError as e:
+        if "Failed to bind to address" not in str(e):
+            raise
+        raise ConfigError(
+            f"cannot serve on {args.host}:{args.port}: Serve's proxy could not bind it (taken "
+            "while Ray started?); pick another port with --port N"
+        ) from None
 
 
 class Stopped(Exception):
