@@ -28,16 +28,17 @@ _PORTS_GIVEN: set[int] = set()
 
 def free_port() -> int:
     """A TCP port free on the loopback now (the tests' servers, Ray heads, gloo rendezvous),
-    not one given before in this session. It is drawn below the kernel's ephemeral range and
-    above Ray's worker ports: a port the kernel hands out (`bind(("", 0))`, the local end of a
-    connection) could go, before the test's server binds it, to one of the processes Ray
-    starts meanwhile (stop 27's CI: Serve's proxy "Failed to bind" a port drawn that way)."""
+    not one given before in this session. It is drawn from 30000 up to the kernel's
+    ephemeral range: above Ray's worker ports (10002-19999, and 20002-29999 where test_cluster
+    moves them), and not from the ephemeral range itself, where a port the kernel hands out
+    (`bind(("", 0))`, a connection's local end) could go to one of the processes Ray starts
+    before the test's server binds it (stop 27's CI: Serve's proxy "Failed to bind")."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             ephemeral_low = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         ephemeral_low = 32768
-    candidates = [p for p in range(20000, ephemeral_low) if p not in _PORTS_GIVEN]
+    candidates = [p for p in range(30000, ephemeral_low) if p not in _PORTS_GIVEN]
     for port in random.sample(candidates, min(200, len(candidates))):
         with socket.socket() as s:
             try:
