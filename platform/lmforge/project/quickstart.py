@@ -9,13 +9,11 @@ commands to serve and query the model yourself.
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 
 from lmforge.stage import StageResult
 
 MODEL_NAME = "quickstart"
-APP_NAME = "lmforge-quickstart"  # the Serve application it runs, and deletes at the end
 
 # The held-out (val split) bits-per-byte of the previous quickstart recipe (the `tiny` preset,
 # 40 steps x 4096 tokens at lr 3e-3 on 2 FSDP workers), measured on the same data stage on a
@@ -113,7 +111,7 @@ def serve_and_ask(
     print(f"\n=== serving {artifact} as '{MODEL_NAME}' at {base}/v1 ===", flush=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(application(args), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(application(args), name="lmforge-quickstart", route_prefix="/", blocking=False)
         client = OpenAI(
             base_url=f"{base}/v1", api_key="not-needed-locally", max_retries=2, timeout=120
         )
@@ -151,9 +149,4 @@ def serve_and_ask(
                 time.sleep(3600)
         return answers
     finally:
-        # The app goes; on a cluster Serve itself goes too. An embedded Ray takes Serve down
-        # with it at exit: serve.shutdown() there only added a "(raylet) Task
-        # ServeController.graceful_shutdown failed" line after the answers.
-        serve.delete(APP_NAME)
-        if address or os.environ.get("RAY_ADDRESS"):
-            serve.shutdown()
+        serve.shutdown()  # its "(raylet) ... graceful_shutdown failed" line: console.py drops it
