@@ -27,23 +27,30 @@ def test_a_port_in_use_is_one_line_and_exit_2_before_the_banner(cli, artifact, n
     assert "--port" in err
 
 
+def serve_child_env() -> dict[str, str]:
+    """The environment of an `lmforge serve` child: embedded Ray, not verbose, this checkout."""
+    import os
+
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LMFORGE_VERBOSE")}
+    env["PYTHONPATH"] = str(REPO / "platform")
+    return env
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_port_taken_after_the_check_is_one_line_and_exit_2(artifact):
     """The port is free when checked, then taken before Serve's proxy binds it (a process Ray
     starts meanwhile may take it): one line, exit 2, no proxy traceback."""
-    import os
     import sys
-
-    from tests.conftest import REPO
 
     child = (
         "import sys, lmforge.serve.command as c; c.check_port_free = lambda host, port: None; "
         "from lmforge.cli import main; sys.exit(main(sys.argv[1:]))"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LMFORGE_VERBOSE")}
-    env["PYTHONPATH"] = str(REPO / "platform")
+    env = serve_child_env()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -101,16 +108,14 @@ def test_the_port_is_checked_only_where_serve_will_listen(monkeypatch):
 @pytest.mark.timeout(600)
 def test_sigterm_stops_serve_with_one_line_and_exit_0(artifact):
     """A pod's stop or `kill`: Serve shuts down, no stack dump, no Ray log lines on the console."""
-    import os
     import signal
     import sys
     import time
 
-    from tests.conftest import REPO, free_port
+    from tests.conftest import free_port
 
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LMFORGE_VERBOSE")}
-    env["PYTHONPATH"] = str(REPO / "platform")
+    env = serve_child_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmforge.cli", "serve", "--model", artifact, "--port", str(port)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
